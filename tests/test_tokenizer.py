@@ -1,0 +1,86 @@
+"""The WordLevel tokenizer: one token a name, deterministic order, offline loading, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from tokenizer import (
+    PREFIX,
+    SPECIAL_TOKENS,
+    build_from_dataset,
+    build_tokenizer,
+    check_vocabulary,
+    feature_token_ranges,
+    save_tokenizer,
+)
+from tokenizer.__main__ import main as tokenizer_cli
+
+from .conftest import shared_file
+
+
+def _mop_names_and_sentence():
+    import anndata as ad
+
+    rna = ad.read_h5ad(shared_file("mop_snareseq/mop_snare_rna.h5ad"))
+    atac = ad.read_h5ad(shared_file("mop_snareseq/mop_snare_atac.h5ad"), backed="r")
+    genes = list(map(str, rna.var_names))
+    peaks = list(map(str, atac.var_names))
+    row = rna.X[0]
+    order = np.lexsort((row.indices, -row.data))  # descending count, ties in feature order
+    sentence = " ".join(genes[i] for i in row.indices[order])
+    return genes, peaks, sentence, len(row.indices)
+
+
+def test_real_gene_sentence_is_one_id_per_name(tmp_path):
+    genes, peaks, sentence, n_detected = _mop_names_and_sentence()
+    meta = {"genes": genes, "peaks": peaks}
+    save_tokenizer(build_tokenizer(genes, peaks), tmp_path / "tok", meta)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    ids = tok(f"{PREFIX['gex2atac']} {sentence}").input_ids
+    assert len(ids) == n_detected + 2  # prefix + one per gene + </s>
+    assert tok.unk_token_id not in ids
+    assert ids[0] == tok.convert_tokens_to_ids(PREFIX["gex2atac"]) and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == sentence
+    ranges = feature_token_ranges(tok)
+    assert ranges["gex"] == (len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(genes))
+    assert ranges["atac"][1] == len(tok) == len(SPECIAL_TOKENS) + len(genes) + len(peaks)
+    assert all(ranges["gex"][0] <= i < ranges["gex"][1] for i in ids[1:-1])
+    check_vocabulary(tok, meta)
+
+
+def test_vocabulary_order_is_deterministic_and_unknown_names_are_unk():
+    a = build_tokenizer(["G1", "G2"], ["chr1-10-20", "chr2-5-9"])
+    b = build_tokenizer(["G1", "G2"], ["chr1-10-20", "chr2-5-9"])
+    assert a.get_vocab() == b.get_vocab()
+    assert [a.convert_ids_to_tokens(i) for i in range(len(a))] == [*SPECIAL_TOKENS, "G1", "G2", "chr1-10-20", "chr2-5-9"]
+    assert a("G2 NOPE").input_ids == [6, a.unk_token_id, a.eos_token_id]
+
+
+def test_duplicate_names_are_refused():
+    with pytest.raises(ValueError, match="occurs twice"):
+        build_tokenizer(["G1", "G1"], ["chr1-10-20"])
+
+
+def test_vocabulary_mismatch_is_reported(tmp_path):
+    tok = build_tokenizer(["G1", "G2"], ["chr1-10-20"])
+    with pytest.raises(ValueError, match="another vocabulary"):
+        check_vocabulary(tok, {"genes": ["G1", "G3"], "peaks": ["chr1-10-20"]})
+
+
+def test_cli_builds_from_dataset_metadata_and_refuses_existing_output(tmp_path, capsys):
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    meta = {"genes": ["G1", "G2", "G3"], "peaks": ["chr1-10-20", "chr1-30-40"]}
+    (ds / "cell_sentences.json").write_text(json.dumps(meta))
+    assert tokenizer_cli(["--dataset", str(ds), "--output_dir", str(tmp_path / "tok")]) == 0
+    tok = build_from_dataset(ds, tmp_path / "tok2")
+    assert feature_token_ranges(tok) == {"gex": (5, 8), "atac": (8, 10)}
+    assert tokenizer_cli(["--dataset", str(ds), "--output_dir", str(tmp_path / "tok")]) == 2
+    err = capsys.readouterr().err
+    assert "exists" in err and "--overwrite_output_dir" in err and len(err.strip().splitlines()) == 1
+    assert tokenizer_cli(["--dataset", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "t3")]) == 2
+    assert not (tmp_path / "t3").exists()

@@ -1,0 +1,144 @@
+"""WordLevel tokenizer over gene and peak names: every name is exactly one token.
+
+Vocabulary order is deterministic: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, one prefix token per
+direction (``<gex2atac>`` 3, ``<atac2gex>`` 4), then the genes in the dataset's feature order,
+then the peaks in genomic order. Gene and peak tokens therefore form two contiguous id ranges,
+which the model uses to restrict its output layer to the target modality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+DIRECTIONS = ("gex2atac", "atac2gex")
+PREFIX = {"gex2atac": "<gex2atac>", "atac2gex": "<atac2gex>"}
+SPECIAL_TOKENS = (PAD, EOS, UNK, PREFIX["gex2atac"], PREFIX["atac2gex"])
+META_FILE = "cell_sentences.json"
+
+__all__ = [
+    "DIRECTIONS",
+    "PREFIX",
+    "SPECIAL_TOKENS",
+    "META_FILE",
+    "build_tokenizer",
+    "feature_token_ranges",
+    "check_vocabulary",
+    "load_tokenizer",
+    "save_tokenizer",
+    "build_from_dataset",
+]
+
+
+def build_tokenizer(genes: Sequence[str], peaks: Sequence[str]) -> PreTrainedTokenizerFast:
+    """Make the WordLevel tokenizer for one gene list and one (genomically ordered) peak list.
+
+    Parameters
+    ----------
+    genes, peaks
+        Feature names, in the order of the dataset's ``cell_sentences.json``.
+
+    Returns
+    -------
+    A ``PreTrainedTokenizerFast`` that splits on whitespace, maps each name to one id and
+    appends ``</s>``.
+    """
+    names = [*SPECIAL_TOKENS, *genes, *peaks]
+    vocab = {name: i for i, name in enumerate(names)}
+    if len(vocab) != len(names):
+        seen: set[str] = set()
+        dup = next(n for n in names if n in seen or seen.add(n))
+        raise ValueError(f"feature name {dup!r} occurs twice among the genes, peaks and special tokens; names must be unique")
+    if any(not n or any(c.isspace() for c in n) for n in names):
+        raise ValueError("a gene or peak name is empty or holds whitespace; names must be single words")
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, vocab[EOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
+        additional_special_tokens=[PREFIX[d] for d in DIRECTIONS],
+        model_max_length=100_000,
+        padding_side="right",
+    )
+
+
+def feature_token_ranges(tokenizer: PreTrainedTokenizerFast, n_genes: int | None = None) -> dict[str, tuple[int, int]]:
+    """Half-open token-id ranges of the gene and peak names: ``{"gex": (a, b), "atac": (b, c)}``.
+
+    ``n_genes`` is read from the tokenizer's ``init_kwargs`` when it was saved by :func:`save_tokenizer`.
+    """
+    if n_genes is None:
+        n_genes = tokenizer.init_kwargs.get("n_genes")
+        if n_genes is None:
+            raise ValueError("the tokenizer does not record n_genes; save it with tokenizer.save_tokenizer or pass n_genes")
+    start = len(SPECIAL_TOKENS)
+    return {"gex": (start, start + int(n_genes)), "atac": (start + int(n_genes), len(tokenizer))}
+
+
+def check_vocabulary(tokenizer: PreTrainedTokenizerFast, meta: dict, what: str = "dataset") -> None:
+    """Raise a clear error when ``meta`` (a dataset's ``cell_sentences.json``) lists other features than ``tokenizer``."""
+    expected = [*SPECIAL_TOKENS, *meta["genes"], *meta["peaks"]]
+    vocab = tokenizer.get_vocab()
+    if len(vocab) != len(expected) or any(vocab.get(name) != i for i, name in enumerate(expected)):
+        missing = sum(name not in vocab for name in expected)
+        raise ValueError(
+            f"the {what} was built for another vocabulary ({len(expected)} names, {missing} unknown to the tokenizer "
+            f"of {len(vocab)}); rebuild the tokenizer with `python -m tokenizer --dataset DIR --output_dir TOK`"
+        )
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, output_dir: str | os.PathLike, meta: dict) -> None:
+    """Save ``tokenizer`` and a copy of the dataset metadata so ``AutoTokenizer.from_pretrained`` loads it offline."""
+    tokenizer.init_kwargs["n_genes"] = len(meta["genes"])
+    tokenizer.save_pretrained(output_dir)
+    with open(Path(output_dir) / META_FILE, "w") as fh:
+        json.dump(meta, fh)
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """Load a saved tokenizer folder (offline)."""
+    if not (Path(path) / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{path}: no tokenizer.json; build one with `python -m tokenizer --dataset DIR --output_dir {path}`")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def read_meta(dataset_dir: str | os.PathLike) -> dict:
+    """Read a dataset folder's ``cell_sentences.json``."""
+    path = Path(dataset_dir) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: build the dataset with `python -m dataset_builder --output_dir {dataset_dir}`")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def build_from_dataset(dataset_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> PreTrainedTokenizerFast:
+    """Build and save the tokenizer for a dataset folder; the folder appears whole or not at all."""
+    meta = read_meta(dataset_dir)
+    out = Path(output_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose another --output_dir or pass --overwrite_output_dir")
+    tokenizer = build_tokenizer(meta["genes"], meta["peaks"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_tokenizer(tokenizer, tmp, meta)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_tokenizer(out)
