@@ -1,0 +1,270 @@
+"""Bad input to `python -m dataset_builder` (issue 7): one-line error, exit code 2, no output left behind.
+
+Every case of the builder's rows in docs/bad_input.md is tried here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import anndata as ad
+import mudata as md
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from dataset_builder import META_FILE
+from dataset_builder.__main__ import main
+from dataset_builder.simulate import simulate_paired
+from tests.conftest import REPO
+
+md.set_options(pull_on_update=False)
+
+
+@pytest.fixture
+def pair():
+    """A small valid (rna, atac) pair to damage."""
+    return simulate_paired(n_cells=40, n_genes=12, peaks_per_gene=2, n_batches=2)
+
+
+def _write(tmp_path, rna: ad.AnnData, atac: ad.AnnData) -> list[str]:
+    rna.write_h5ad(tmp_path / "rna.h5ad")
+    atac.write_h5ad(tmp_path / "atac.h5ad")
+    return [str(tmp_path / "rna.h5ad"), str(tmp_path / "atac.h5ad")]
+
+
+def _fails(tmp_path, capsys, inputs: list[str] | None, *extra: str, match: str) -> str:
+    """Run the CLI; assert exit 2, one stderr line matching ``match``, and no output or temp folder."""
+    out = tmp_path / "out"
+    argv = [a for path in inputs or [] for a in ("--input", path)] + ["--output_dir", str(out), *extra]
+    before = {p.name for p in tmp_path.iterdir()}
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "error:" in line]
+    assert len(errors) == 1, err
+    assert "Traceback" not in "\n".join(err)
+    assert re.search(match, errors[0]), errors[0]
+    assert not out.exists()
+    assert {p.name for p in tmp_path.iterdir()} == before  # no partial or temporary folder
+    return errors[0]
+
+
+def test_missing_file(tmp_path, capsys):
+    _fails(tmp_path, capsys, [str(tmp_path / "nope.h5ad")], match=r"nope\.h5ad does not exist.*--input")
+
+
+def test_not_hdf5(tmp_path, capsys):
+    (tmp_path / "table.h5ad").write_text("cell,gene\nA,1\n")
+    _fails(tmp_path, capsys, [str(tmp_path / "table.h5ad")], match=r"table\.h5ad is not an HDF5 file")
+
+
+def test_truncated_h5ad(tmp_path, capsys, pair):
+    rna, atac = pair
+    rna.write_h5ad(tmp_path / "rna.h5ad")
+    data = (tmp_path / "rna.h5ad").read_bytes()
+    (tmp_path / "cut.h5ad").write_bytes(data[: len(data) // 2])
+    (tmp_path / "rna.h5ad").unlink()
+    atac.write_h5ad(tmp_path / "atac.h5ad")
+    _fails(
+        tmp_path,
+        capsys,
+        [str(tmp_path / "cut.h5ad"), str(tmp_path / "atac.h5ad")],
+        match=r"cut\.h5ad.*(truncated|not an HDF5)",
+    )
+
+
+def test_h5mu_without_atac_modality(tmp_path, capsys, pair):
+    md.MuData({"rna": pair[0]}).write(tmp_path / "only_rna.h5mu")
+    _fails(tmp_path, capsys, [str(tmp_path / "only_rna.h5mu")], match=r"no 'atac' modality.*--atac_modality")
+
+
+def test_h5mu_modality_names_are_overridable(tmp_path, capsys, pair):
+    md.MuData({"GEX": pair[0], "peaks": pair[1]}).write(tmp_path / "renamed.h5mu")
+    argv = ["--input", str(tmp_path / "renamed.h5mu"), "--gex_modality", "GEX", "--atac_modality", "peaks"]
+    assert main([*argv, "--output_dir", str(tmp_path / "out")]) == 0
+
+
+def _combined(pair, labels=True) -> ad.AnnData:
+    rna, atac = pair
+    combined = ad.concat([rna, atac], axis=1, merge="first")
+    combined.obs = rna.obs.copy()
+    if labels:
+        combined.var["feature_types"] = ["GEX"] * rna.n_vars + ["ATAC"] * atac.n_vars
+    else:
+        combined.var = combined.var.drop(columns=[c for c in combined.var.columns])
+    return combined
+
+
+def test_combined_without_feature_types(tmp_path, capsys, pair):
+    _combined(pair, labels=False).write_h5ad(tmp_path / "both.h5ad")
+    _fails(tmp_path, capsys, [str(tmp_path / "both.h5ad")], match=r"both\.h5ad .*without var\['feature_types'\]")
+
+
+def test_combined_with_unknown_labels(tmp_path, capsys, pair):
+    combined = _combined(pair)
+    combined.var["feature_types"] = ["GEX"] * pair[0].n_vars + ["Antibody Capture"] * pair[1].n_vars
+    combined.write_h5ad(tmp_path / "both.h5ad")
+    _fails(tmp_path, capsys, [str(tmp_path / "both.h5ad")], match=r"unknown labels \['Antibody Capture'\]")
+
+
+def test_no_shared_barcodes(tmp_path, capsys, pair):
+    rna, atac = pair
+    atac.obs_names = [f"other-{i}" for i in range(atac.n_obs)]
+    _fails(tmp_path, capsys, _write(tmp_path, rna, atac), match=r"no shared cell barcodes between .*rna\.h5ad")
+
+
+def test_duplicate_barcodes(tmp_path, capsys, pair):
+    rna, atac = pair
+    names = list(rna.obs_names)
+    names[5] = names[4]
+    rna.obs_names = names
+    _fails(tmp_path, capsys, _write(tmp_path, rna, atac), match=r"duplicate cell barcodes in .*rna\.h5ad")
+
+
+def test_duplicate_gene_names(tmp_path, capsys, pair):
+    rna, atac = pair
+    genes = list(rna.var_names)
+    genes[3] = genes[2]
+    rna.var_names = genes
+    _fails(
+        tmp_path,
+        capsys,
+        _write(tmp_path, rna, atac),
+        match=r"duplicate gene names in .*rna\.h5ad.*var_names_make_unique",
+    )
+
+
+def test_malformed_peak_names(tmp_path, capsys, pair):
+    rna, atac = pair
+    atac.var["feature_types"] = "ATAC"
+    peaks = list(atac.var_names)
+    peaks[0] = "peak_one"
+    atac.var_names = peaks
+    _fails(tmp_path, capsys, _write(tmp_path, rna, atac), match=r"not genomic intervals \(e\.g\. 'peak_one'\)")
+
+
+@pytest.mark.parametrize("bad, match", [(-1.0, "negative"), (np.nan, "NaN or infinite"), (np.inf, "NaN or infinite")])
+def test_negative_nan_inf_values(tmp_path, capsys, pair, bad, match):
+    rna, atac = pair
+    rna.X = rna.X.astype(np.float32)
+    rna.X.data[0] = bad
+    _fails(tmp_path, capsys, _write(tmp_path, rna, atac), match=rf"GEX values \(X\) in .*rna\.h5ad contain {match}")
+
+
+def test_non_integer_counts_say_how_to_pass_normalized_data(tmp_path, capsys, pair):
+    rna, atac = pair
+    rna.X = rna.X.astype(np.float32)
+    rna.X.data = np.log1p(rna.X.data)
+    _fails(tmp_path, capsys, _write(tmp_path, rna, atac), match=r"not integers .*store them in layers\['counts'\]")
+    # ...and the fix works: normalized X beside raw counts in layers['counts'].
+    rna.layers["counts"] = sp.csr_matrix(np.expm1(rna.X.toarray()).round())
+    inputs = _write(tmp_path, rna, atac)
+    assert main(["--input", inputs[0], "--input", inputs[1], "--output_dir", str(tmp_path / "ok")]) == 0
+    assert json.loads((tmp_path / "ok" / META_FILE).read_text())["normalization"]["counts_source"] == "layers/counts"
+
+
+def test_modality_with_zero_features(tmp_path, capsys, pair):
+    rna, atac = pair
+    empty = ad.AnnData(sp.csr_matrix((atac.n_obs, 0), dtype=np.float32), obs=atac.obs.copy())
+    empty.var["feature_types"] = np.array([], dtype=object)
+    rna.var["feature_types"] = "GEX"
+    combined = _combined((rna, empty))
+    combined.write_h5ad(tmp_path / "both.h5ad")
+    _fails(tmp_path, capsys, [str(tmp_path / "both.h5ad")], match=r"ATAC modality in .*both\.h5ad has zero features")
+
+
+def test_all_cells_empty_in_a_modality(tmp_path, capsys, pair):
+    rna, atac = pair
+    atac.X = sp.csr_matrix(atac.shape, dtype=np.float32)
+    _fails(
+        tmp_path, capsys, _write(tmp_path, rna, atac), match=r"all cells are empty in the ATAC modality of .*atac\.h5ad"
+    )
+
+
+def test_unknown_test_batch(tmp_path, capsys, pair):
+    inputs = _write(tmp_path, *pair)
+    _fails(tmp_path, capsys, inputs, "--test_batches", "sim9", match=r"--test_batches names batches \['sim9'\].*sim1")
+
+
+def test_output_folder_exists(tmp_path, capsys, pair):
+    inputs = _write(tmp_path, *pair)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["--input", inputs[0], "--input", inputs[1], "--output_dir", str(out)]) == 2
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["--input", inputs[0], "--input", inputs[1], "--output_dir", str(out), "--overwrite_output_dir"]) == 0
+    assert not (out / "keep.txt").exists() and (out / META_FILE).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atac.h5ad", "out", "rna.h5ad"]
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--top_peaks", "-3"], r"--top_peaks: must be a positive number, not -3"),
+        (["--chunk_size", "0"], r"--chunk_size: must be a positive number"),
+        (["--gex_encoding", "counts"], r"--gex_encoding: invalid choice"),
+        (["--push_to_hub"], r"--push_to_hub needs --hub_dataset_id"),
+    ],
+)
+def test_invalid_cli_values(tmp_path, capsys, pair, extra, match):
+    _fails(tmp_path, capsys, _write(tmp_path, *pair), *extra, match=match)
+
+
+def test_cells_in_only_one_file_are_dropped_and_counted(tmp_path, caplog, pair):
+    rna, atac = pair
+    inputs = _write(tmp_path, rna, atac[:-7].copy())
+    assert main(["--input", inputs[0], "--input", inputs[1], "--output_dir", str(tmp_path / "out")]) == 0
+    meta = json.loads((tmp_path / "out" / META_FILE).read_text())
+    assert meta["dropped_cells"] == 7 and sum(meta["splits"].values()) == rna.n_obs - 7
+    assert "dropped 7 cells present in only one modality" in caplog.text
+
+
+def test_all_zero_cells_are_kept_with_empty_sentences(tmp_path, caplog, pair):
+    rna, atac = pair
+    gex = rna.X.toarray()
+    gex[[0, 1]] = 0
+    rna.X = sp.csr_matrix(gex)
+    peaks = atac.X.toarray()
+    peaks[[1, 2]] = 0
+    atac.X = sp.csr_matrix(peaks)
+    inputs = _write(tmp_path, rna, atac)
+    assert main(["--input", inputs[0], "--input", inputs[1], "--output_dir", str(tmp_path / "out")]) == 0
+    import datasets
+
+    ds = datasets.load_from_disk(str(tmp_path / "out"))
+    rows = {r["cell"]: r for split in ds.values() for r in split}
+    cells = list(rna.obs_names)
+    assert rows[cells[0]]["gex_text"] == "" and rows[cells[0]]["atac_text"] != "" and rows[cells[0]]["n_genes"] == 0
+    assert rows[cells[1]]["gex_text"] == "" and rows[cells[1]]["atac_text"] == ""
+    assert rows[cells[2]]["atac_text"] == "" and rows[cells[2]]["n_peaks"] == 0
+    empty = {"gex": int((gex.sum(axis=1) == 0).sum()), "atac": int((peaks.sum(axis=1) == 0).sum())}
+    assert empty["gex"] == 2 and empty["atac"] >= 2
+    assert sum(r["atac_text"] == "" for r in rows.values()) == empty["atac"]
+    assert json.loads((tmp_path / "out" / META_FILE).read_text())["empty_cells"] == empty
+    assert (
+        f"kept all-zero cells with empty sentences: 2 without GEX counts, {empty['atac']} without ATAC counts"
+        in caplog.text
+    )
+
+
+def test_module_exit_code_and_debug_traceback(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "dataset_builder",
+        "--input",
+        str(tmp_path / "missing.h5mu"),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("python -m dataset_builder: error: ")
+    debug = subprocess.run([*cmd, "--debug"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    assert not (tmp_path / "o").exists()
