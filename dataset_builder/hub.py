@@ -69,6 +69,11 @@ def render_dataset_card(meta: dict, repo_id: str = "user/cell-sentences") -> str
             f"held out by batch: test = {', '.join(meta.get('test_batches') or []) or 'none'}, "
             f"validation = {', '.join(meta.get('validation_batches') or []) or 'none'}, train = the other batches"
         )
+    elif meta["split_by"] == "batch+hash":
+        split_text = (
+            f"test held out by batch ({', '.join(meta.get('test_batches') or [])}); validation = a deterministic "
+            "10% barcode-hash sample of the other batches' cells; train = the rest"
+        )
     else:
         split_text = "by a deterministic hash of the cell barcode (80 / 10 / 10)"
     rows = "\n".join(f"| {name} | {n:,} |" for name, n in splits.items())

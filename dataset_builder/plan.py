@@ -22,6 +22,8 @@ SPLITS = ("train", "validation", "test")
 # Hash split: 80 / 10 / 10 by a stable hash of the barcode.
 _HASH_BUCKETS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
 _STATS_CHUNK = 4096
+# Percent of the train batches' cells held out as validation when only --test_batches is given.
+_VALIDATION_FROM_TRAIN = 10
 
 
 @dataclass
@@ -58,7 +60,8 @@ def split_cells(
     Returns
     -------
     rows, split_by
-        ``{"train": rows, "validation": rows, "test": rows}`` (input order) and ``"batch"`` or ``"hash"``.
+        ``{"train": rows, "validation": rows, "test": rows}`` (input order) and ``"batch"``, ``"hash"``, or
+        ``"batch+hash"`` (test by batch, validation a 10% barcode-hash sample of the other batches' cells).
     """
     test_batches, validation_batches = list(test_batches or []), list(validation_batches or [])
     if not test_batches and not validation_batches:
@@ -93,6 +96,12 @@ def split_cells(
         raise ValueError(
             "--test_batches and --validation_batches cover every batch: leave at least one batch for train"
         )
+    if not validation_batches:
+        # Settings are chosen on validation, never on test: without validation batches, hold out a
+        # deterministic 10% of the train batches' cells (by barcode hash) as validation.
+        held = _hash_bucket(paired.cells[rows["train"]]) < _VALIDATION_FROM_TRAIN
+        rows["validation"], rows["train"] = rows["train"][held], rows["train"][~held]
+        return rows, "batch+hash"
     return rows, "batch"
 
 
