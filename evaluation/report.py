@@ -1,0 +1,176 @@
+"""Write evaluation results: ``eval_results.json``, the Markdown table, and ``model-index`` in a model card."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from evaluation.metrics_core import METRIC_KEYS
+
+DIRECTION_NAMES = {"gex2atac": "GEX to ATAC", "atac2gex": "ATAC to GEX"}
+TABLE_KEYS = METRIC_KEYS + ("accuracy_binary_all_zeros",)
+HEADERS = {
+    "rmse": "RMSE",
+    "mae": "MAE",
+    "pearson_cell": "Pearson cell",
+    "pearson_feature": "Pearson feature",
+    "spearman_cell": "Spearman cell",
+    "spearman_feature": "Spearman feature",
+    "auroc_cell": "AUROC cell",
+    "ap_cell": "AP cell",
+    "auroc_all": "AUROC all",
+    "ap_all": "AP all",
+    "token_f1": "token F1",
+    "token_jaccard": "token Jaccard",
+    "accuracy_binary": "accuracy (binary)",
+    "accuracy_binary_all_zeros": "accuracy of all zeros",
+}
+LOWER_IS_BETTER = {"rmse", "mae"}
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item"):
+        return _json_safe(value.item())
+    return value
+
+
+def results_json(results: dict) -> str:
+    """``eval_results.json`` text (NaN written as null, keys in insertion order)."""
+    return json.dumps(_json_safe(results), indent=2) + "\n"
+
+
+def _methods(block: dict) -> list[tuple[str, dict]]:
+    rows = []
+    if isinstance(block.get("model"), dict):
+        rows.append(("model", block["model"]))
+    rows += [(name, values) for name, values in block.get("baselines", {}).items()]
+    return rows
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    # small values (RMSE of sparse ATAC) differ in the fourth decimal: keep four significant digits
+    return f"{value:.4f}" if value == 0 or abs(value) >= 0.1 else f"{value:.5f}"
+
+
+def markdown_table(results: dict) -> str:
+    """Method x metric table for each direction; the best value of each column is in bold."""
+    lines = [
+        f"Dataset `{results.get('dataset')}`, split `{results.get('split')}`, {results.get('n_cells')} cells. "
+        "RMSE and MAE: lower is better; all other columns: higher is better. "
+        "accuracy (binary): share of cell x feature entries right after binarizing (ATAC prediction >= 0.5, "
+        "GEX prediction > 0, against accessible / detected); an all-zeros guess scores the last column.",
+        "",
+    ]
+    for direction, block in results.get("directions", {}).items():
+        rows = _methods(block)
+        if not rows:
+            continue
+        keys = [k for k in TABLE_KEYS if any(k in values for _, values in rows)]
+        lines.append(f"**{DIRECTION_NAMES.get(direction, direction)}**")
+        lines.append("")
+        lines.append("| method | " + " | ".join(HEADERS[k] for k in keys) + " |")
+        lines.append("|---|" + "---|" * len(keys))
+        best = {}
+        for key in keys:
+            if key == "accuracy_binary_all_zeros":
+                continue
+            values = [v.get(key) for _, v in rows if isinstance(v.get(key), int | float) and math.isfinite(v.get(key))]
+            if values:
+                best[key] = min(values) if key in LOWER_IS_BETTER else max(values)
+        for name, values in rows:
+            cells = []
+            for key in keys:
+                text = _fmt(values.get(key))
+                cells.append(f"**{text}**" if key in best and values.get(key) == best[key] else text)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def model_index(results: dict, model_name: str) -> list[dict]:
+    """Hub ``model-index`` entries of the model's metrics (one result per direction)."""
+    entries = []
+    for direction, block in results.get("directions", {}).items():
+        values = block.get("model")
+        if not isinstance(values, dict):
+            continue
+        metrics = [
+            {"type": key, "name": f"{key} ({direction})", "value": round(float(values[key]), 6)}
+            for key in METRIC_KEYS
+            if isinstance(values.get(key), int | float) and math.isfinite(values[key])
+        ]
+        entries.append(
+            {
+                "task": {"type": "text2text-generation", "name": f"Cell translation {DIRECTION_NAMES.get(direction, direction)}"},
+                "dataset": {"type": results.get("dataset"), "name": results.get("dataset"), "split": results.get("split")},
+                "metrics": metrics,
+            }
+        )
+    return [{"name": model_name, "results": entries}] if entries else []
+
+
+def merge_model_index(readme_path: str | Path, results: dict, model_name: str | None = None) -> bool:
+    """Set the ``model-index`` key of a model card's YAML front matter; keep everything else as is.
+
+    Parameters
+    ----------
+    readme_path
+        ``README.md`` of a model folder (created with only front matter when absent).
+    results
+        The ``eval_results.json`` dict.
+    model_name
+        Name of the model in the index (default: the folder name).
+
+    Returns
+    -------
+    bool
+        False when the results hold no model metrics (nothing written).
+    """
+    readme_path = Path(readme_path)
+    index = model_index(results, model_name or readme_path.parent.resolve().name)
+    if not index:
+        return False
+    text = readme_path.read_text(encoding="utf-8") if readme_path.exists() else ""
+    front, body = {}, text
+    if text.startswith("---\n"):
+        end = text.find("\n---", 4)
+        if end < 0:
+            raise ValueError(f"{readme_path} opens YAML front matter with '---' but never closes it")
+        front = yaml.safe_load(text[4:end]) or {}
+        if not isinstance(front, dict):
+            raise ValueError(f"the YAML front matter of {readme_path} is not a mapping")
+        body = text[end + 4 :].lstrip("\n")
+        body = "\n" + body if body else ""
+    elif text:
+        body = "\n" + text
+    front["model-index"] = index
+    write_text_atomic(readme_path, "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n" + body)
+    return True
