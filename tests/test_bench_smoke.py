@@ -1,0 +1,109 @@
+"""Smoke runs of every benchmark in bench/ at tiny sizes (--quick): they run, agree with themselves, write JSON.
+
+No timing is asserted: the figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, shared_file
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import bench_build  # noqa: E402
+import bench_growth  # noqa: E402
+import bench_predict  # noqa: E402
+import bench_tokenize  # noqa: E402
+import bench_train  # noqa: E402
+import make_large  # noqa: E402
+import paper_reference  # noqa: E402
+
+
+def _results(tmp_path: Path, name: str) -> dict:
+    data = json.loads((tmp_path / f"{name}.quick.json").read_text())
+    assert data["quick"] is True and data["benchmark"] == name
+    assert len(data["load_average_at_end"]) == 3 and "numpy" in data["versions"]
+    return data
+
+
+def test_paper_reference_matches_its_description(tmp_path):
+    import numpy as np
+    import scipy.sparse as sp
+
+    gex = sp.csr_matrix(np.array([[0, 30, 1, 0], [5, 0, 0, 5], [0, 0, 0, 0]], dtype=np.float32))
+    atac = sp.csr_matrix(np.array([[1, 0, 2], [0, 0, 0], [0, 3, 0]], dtype=np.float32))
+    out = paper_reference.paper_preprocess(gex, atac, ["g0", "g1", "g2", "g3"], ["p0", "p1", "p2"], tmp_path / "cells.txt")
+    # Library sizes 31, 10, 0 -> median 10; log1p(30 / 3.1) >= 2 keeps g1 only; log1p(5 / 1) = 1.79 < 2 keeps none.
+    assert out["cells"] == [{"gex": "g1", "atac": "p0 p2"}, {"gex": "", "atac": ""}, {"gex": "", "atac": "p1"}]
+    lines = (tmp_path / "cells.txt").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == out["cells"]
+
+
+def test_make_large_writes_a_combined_h5ad_like_gse194122(tmp_path):
+    import anndata as ad
+
+    spec = make_large.LargeSpec(n_cells=300, n_genes=400, n_peaks=2_000, genes_per_cell=60.0, peaks_per_cell=150.0, chunk_cells=128)
+    path = make_large.write_large(tmp_path / "large.h5ad", spec)
+    adata = ad.read_h5ad(path)
+    assert adata.shape == (300, 2_400)
+    assert set(adata.var["feature_types"]) == {"GEX", "ATAC"}
+    counts = adata.layers["counts"]
+    assert counts.has_sorted_indices and counts.data.min() >= 1 and float(counts.data.max()).is_integer()
+    gex = counts[:, : spec.n_genes]
+    assert 40 < (gex > 0).sum(axis=1).mean() < 90
+    assert adata.X.nnz == counts.nnz
+    # Cached: the same spec reuses the file, another spec rebuilds it.
+    mtime = path.stat().st_mtime_ns
+    assert make_large.write_large(path, spec).stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="outside the repository"):
+        make_large.main(["--quick", "--output", str(REPO / "bench" / "x.h5ad")])
+
+
+def test_bench_build_quick(tmp_path):
+    shared_file("mop_snareseq/mop_snare.h5mu")
+    figures = bench_build.main(["--quick", "--results_dir", str(tmp_path)])
+    data = _results(tmp_path, "build")
+    side = data["mop_side_by_side"]
+    assert side["cells"] == 300 and side["binary_output_mismatching_cells"] == {"gex": 0, "atac": 0}
+    assert side["ratio_binary_like_for_like"] > 1
+    large = figures["large"]
+    assert large["build"]["cells"] == make_large.LargeSpec.quick().n_cells and large["build"]["peak_rss_mb"] > 0
+    assert large["arrow_bytes"] > 0 and large["io_floor"]["write_arrow"]["bytes"] >= large["arrow_bytes"]
+    assert large["paper_dense_float64_bytes"] == 1_200 * 14_000 * 8
+
+
+def test_bench_tokenize_quick(tmp_path):
+    shared_file("mop_snareseq/mop_snare.h5mu")
+    bench_tokenize.main(["--quick", "--results_dir", str(tmp_path)])
+    data = _results(tmp_path, "tokenize")
+    for column in ("gex_text", "atac_text"):
+        variants = data["texts"][column]["variants"]
+        unpadded = {v["tokens"] for k, v in variants.items() if "padded" not in k}
+        assert len(unpadded) == 1, f"every unpadded variant must count the same tokens: {variants}"
+
+
+def test_bench_growth_quick(tmp_path):
+    bench_growth.main(["--quick", "--results_dir", str(tmp_path)])
+    data = _results(tmp_path, "growth")
+    assert [row["cells"] for row in data["cells"]] == [200, 800]
+    lengths = [row["nonzeros_per_cell"] for row in data["length"]]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+
+
+def test_bench_train_quick(tmp_path):
+    shared_file("mop_snareseq/mop_snare.h5mu")
+    bench_train.main(["--quick", "--steps", "1", "--n_cells", "16", "--max_length", "64", "--results_dir", str(tmp_path)])
+    run = _results(tmp_path, "train_cpu")["runs"][0]
+    assert run["shape"] == "tiny" and run["tokens"] > 0 and 0 <= run["padding_fraction"] < 1
+
+
+def test_bench_predict_quick(tmp_path):
+    bench_predict.main(["--quick", "--cells", "4", "--results_dir", str(tmp_path)])
+    rows = _results(tmp_path, "predict_cpu")["predict_matrix"]
+    assert [r["direction"] for r in rows] == ["gex2atac", "atac2gex"]
+    assert all(r["cells"] == 4 and r["output_shape"][0] == 4 for r in rows)
