@@ -1,0 +1,84 @@
+"""Predict the other modality of cells: AnnData in, AnnData out.
+
+    python predict.py --model outputs/simulated --input cells.h5ad --direction gex2atac --output pred.h5ad
+    python predict.py --model DIR --input rna.h5ad --input atac.h5ad --direction atac2gex --output pred.h5ad --text
+
+The output holds one row per input cell and one column per target feature of the model (the
+training data's feature names): accessibility probabilities (gex2atac) or expected log-normalized
+expression (atac2gex). ``--text`` also stores each cell's translated sentence in ``obs['translation']``.
+The file is written to a temporary name beside the output and renamed, so it appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from tokenizer import DIRECTIONS
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = _OneLineParser(prog="python predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder written by train.py, or a Hub id")
+    parser.add_argument("--input", required=True, action="append", help="input file (h5ad / h5mu / 10x h5); twice for one file per modality")
+    parser.add_argument("--direction", required=True, choices=DIRECTIONS, help="gex2atac or atac2gex")
+    parser.add_argument("--output", required=True, help="output .h5ad")
+    parser.add_argument("--text", action="store_true", help="also store the translated sentences in obs['translation']")
+    parser.add_argument("--batch_size", type=int, default=64, help="cells decoded together")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if not args.output.endswith(".h5ad"):
+        parser.error(f"--output {args.output} must end in .h5ad")
+    return args
+
+
+def run(args: argparse.Namespace) -> Path:
+    from translator import CellTranslator
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"--output {output} exists; choose another name or pass --overwrite")
+    translator = CellTranslator.from_pretrained(args.model)
+    inputs = args.input[0] if len(args.input) == 1 else args.input
+    adata = translator.predict_anndata(inputs, args.direction, batch_size=args.batch_size, return_sentences=args.text)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".h5ad", dir=output.parent)
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    stats = adata.uns["cell_translation"]
+    logging.getLogger("predict").info("wrote %s: %d cells x %d features (%s)", output, adata.n_obs, adata.n_vars, stats)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(name)s: %(message)s", level=logging.INFO)
+    try:
+        run(args)
+    except (OSError, ValueError, KeyError) as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

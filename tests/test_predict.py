@@ -1,0 +1,131 @@
+"""predict.py and CellTranslator.predict_anndata on the bmmc_starter competition split."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from tests.conftest import REPO, shared_file
+from tests.test_train import ENV
+from tests.translator_fixtures import BMMC_COMBINED, build_real, tiny_args
+
+TEST_MOD1 = "bmmc_starter/openproblems_bmmc_multiome_starter.test_mod1.h5ad"  # GEX of donor s1d2
+TEST_MOD2 = "bmmc_starter/openproblems_bmmc_multiome_starter.test_mod2.h5ad"  # ATAC of donor s1d2
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny model trained on the competition's train donor (s1d1) only."""
+    import train
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bmmc_split")
+    data, tok = build_real(root, shared_file(BMMC_COMBINED), test_batches=["s1d2"])
+    out = root / "model"
+    assert train.main(tiny_args(data, tok, out, "--max_steps", "8", "--checkpointing_steps", "0")) == 0
+    return out
+
+
+def test_predict_cli_matches_the_held_out_truth(model_dir, tmp_path):
+    output = tmp_path / "pred.h5ad"
+    cmd = [sys.executable, "predict.py", "--model", str(model_dir), "--input", str(shared_file(TEST_MOD1)),
+           "--direction", "gex2atac", "--output", str(output), "--text"]
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    pred, truth = ad.read_h5ad(output), ad.read_h5ad(shared_file(TEST_MOD2))
+    assert pred.shape == truth.shape
+    assert list(pred.obs_names) == list(truth.obs_names)
+    assert sorted(pred.var_names) == sorted(truth.var_names)
+    assert (pred.var["feature_types"] == "ATAC").all()
+    x = np.asarray(pred.X)
+    assert x.dtype == np.float32 and np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
+    peaks = set(pred.var_names)
+    first = pred.obs["translation"].iloc[0].split()
+    assert first and set(first) <= peaks
+    assert pred.uns["cell_translation"]["unknown_genes"] == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_atac_to_gex_from_another_peak_set_is_mapped_by_overlap(model_dir, tmp_path):
+    from translator import CellTranslator
+
+    tr = CellTranslator.from_pretrained(model_dir)
+    atac = ad.read_h5ad(shared_file(TEST_MOD2))[:20].copy()
+    # Another peak caller: the same regions shifted by 50 bp and named chr:start-end, plus one peak the model lacks.
+    names = [f"{c}:{int(s) + 50}-{int(e) + 50}" for c, s, e in (n.split("-") for n in atac.var_names)]
+    counts = sp.hstack([sp.csr_matrix(atac.layers["counts"]), sp.csr_matrix(np.ones((20, 1)))]).tocsr()
+    other = ad.AnnData(X=counts, obs=pd.DataFrame(index=atac.obs_names), var=pd.DataFrame(index=[*names, "chr1-1-20"]))
+    shifted = tr.predict_anndata(other, "atac2gex")
+    stats = shifted.uns["cell_translation"]
+    assert stats["mapped_peaks"] == atac.n_vars and stats["unmapped_peaks"] == 1
+    reference = tr.predict_anndata(atac, "atac2gex")
+    np.testing.assert_allclose(np.asarray(shifted.X), np.asarray(reference.X), rtol=1e-5, atol=1e-6)
+    assert shifted.shape == (20, len(tr.meta["genes"])) and list(shifted.var_names) == tr.meta["genes"]
+
+
+def test_unknown_genes_are_ignored_and_counted(model_dir):
+    from translator import CellTranslator
+
+    tr = CellTranslator.from_pretrained(model_dir)
+    gex = ad.read_h5ad(shared_file(TEST_MOD1))[:10].copy()
+    extra = ad.AnnData(X=sp.csr_matrix(np.full((10, 2), 3.0)), obs=pd.DataFrame(index=gex.obs_names), var=pd.DataFrame(index=["NotAGene1", "NotAGene2"]))
+    gex_plus = ad.concat([ad.AnnData(X=sp.csr_matrix(gex.layers["counts"]), obs=gex.obs[[]], var=gex.var[[]]), extra], axis=1)
+    out = tr.predict_anndata(gex_plus, "gex2atac")
+    assert out.uns["cell_translation"]["unknown_genes"] == 2 and out.n_obs == 10
+
+
+def test_predict_refuses_bad_input_with_one_line(model_dir, tmp_path, capsys):
+    import predict
+
+    def run(*args):
+        try:
+            code = predict.main(list(args))
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+        return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    cases = [
+        (["--model", str(broken), "--input", str(shared_file(TEST_MOD1)), "--direction", "gex2atac", "--output", str(tmp_path / "a.h5ad")], "lacks"),
+        (["--model", str(model_dir), "--input", str(tmp_path / "missing.h5ad"), "--direction", "gex2atac", "--output", str(tmp_path / "b.h5ad")], "does not exist"),
+        (["--model", str(model_dir), "--input", str(shared_file(TEST_MOD1)), "--direction", "rna2atac", "--output", str(tmp_path / "c.h5ad")], "invalid choice"),
+        (["--model", str(model_dir), "--input", str(shared_file(TEST_MOD1)), "--direction", "atac2gex", "--output", str(tmp_path / "d.h5ad")], "not the ATAC modality"),
+    ]
+    for args, message in cases:
+        result = run(*args)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr
+    assert not list(tmp_path.glob("*.h5ad"))
+
+
+def test_pickle_weights_are_refused(model_dir, tmp_path):
+    from translator import CellTranslator
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for p in model_dir.iterdir():
+        if p.is_file() and p.name != "model.safetensors":
+            (folder / p.name).write_bytes(p.read_bytes())
+    torch.save({}, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        CellTranslator.from_pretrained(folder)
+
+
+def test_api_rejects_empty_sentences_and_unknown_directions(model_dir):
+    from translator import CellTranslator
+
+    tr = CellTranslator.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="empty"):
+        tr.translate([""], "gex2atac")
+    with pytest.raises(ValueError, match="direction"):
+        tr.translate(["CD74"], "rna2atac")

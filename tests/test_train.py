@@ -1,0 +1,185 @@
+"""train.py on real data: learning, the model folder, resume (clean and after SIGKILL), DDP on CPU, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from tests.conftest import REPO, shared_file
+from tests.translator_fixtures import BMMC_COMBINED, build_real, tiny_args
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def bmmc(tmp_path_factory):
+    torch.set_num_threads(1)  # tiny steps: thread hand-offs cost more than they save on 2 shared cores
+    return build_real(tmp_path_factory.mktemp("bmmc"), shared_file(BMMC_COMBINED))
+
+
+def _train(argv: list[str]) -> None:
+    import train
+
+    assert train.main(argv) == 0
+
+
+def _weights(folder: Path) -> dict[str, np.ndarray]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert np.array_equal(wa[key], wb[key]), key
+
+
+@pytest.fixture(scope="module")
+def straight_run(bmmc, tmp_path_factory):
+    """A 12-step run with checkpoints every 4 steps (the reference for the resume tests)."""
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    _train(tiny_args(*bmmc, out, "--max_steps", "12", "--checkpointing_steps", "4", "--eval_steps", "6", "--calibration_cells", "0"))
+    return out
+
+
+def test_tiny_model_learns_and_the_folder_loads_offline(bmmc, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from translator import CellTranslator
+
+    out = tmp_path / "model"
+    _train(tiny_args(*bmmc, out, "--max_steps", "40", "--eval_steps", "10", "--checkpointing_steps", "0"))
+    args = json.loads((out / "training_args.json").read_text())
+    losses = [h["validation_loss"] for h in args["validation_history"]]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.1
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "cell_sentences.json",
+            "readout.json", "README.md", "training_args.json"} <= {p.name for p in out.iterdir()}
+    text = (out / "training_args.json").read_text() + (out / "README.md").read_text()
+    assert str(tmp_path) not in text and "/work/" not in text  # no absolute paths
+    readout = json.loads((out / "readout.json").read_text())
+    assert set(readout["calibration"]) == {"gex2atac", "atac2gex"}
+
+    import datasets
+
+    cells = datasets.load_from_disk(str(bmmc[0]))["validation"].select(range(6))
+    first = CellTranslator.from_pretrained(out)
+    atac, sentences = first.predict_matrix(cells["gex_text"], "gex2atac", return_sentences=True)
+    gex = first.predict_matrix(cells["atac_text"], "atac2gex")
+    assert atac.shape == (6, len(first.meta["peaks"])) and gex.shape == (6, len(first.meta["genes"]))
+    assert 0 <= atac.min() and atac.max() <= 1 and gex.min() >= 0
+    # Save the loaded model again beside the other files: same predictions.
+    copy = tmp_path / "copy"
+    first.model.save_pretrained(copy)
+    for name in ("tokenizer.json", "tokenizer_config.json", "cell_sentences.json", "readout.json"):
+        (copy / name).write_bytes((out / name).read_bytes())
+    second = CellTranslator.from_pretrained(copy)
+    np.testing.assert_array_equal(second.predict_matrix(cells["gex_text"], "gex2atac"), atac)
+    np.testing.assert_array_equal(second.predict_matrix(cells["atac_text"], "atac2gex"), gex)
+    assert second.translate(cells["gex_text"], "gex2atac") == sentences
+    # Plain transformers, offline: a generate() gives names without repeats.
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(out))
+    ids = tok(["<atac2gex> " + cells["atac_text"][0]], return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=20)[0].tolist()
+    body = [t for t in generated if t > 1]
+    assert len(body) == len(set(body))
+
+
+def test_resume_ends_with_the_same_weights(bmmc, straight_run, tmp_path):
+    out = tmp_path / "resumed"
+    base = tiny_args(*bmmc, out, "--max_steps", "12", "--checkpointing_steps", "4", "--eval_steps", "6", "--calibration_cells", "0")
+    _train([*base, "--stop_after_steps", "6"])  # stops between checkpoints 4 and 8
+    assert not (out / "model.safetensors").exists()
+    _train([*base, "--resume_from_checkpoint", "latest"])
+    _assert_same_weights(straight_run, out)
+
+
+def test_interrupted_checkpoint_save_leaves_the_previous_one_usable(bmmc, straight_run, tmp_path):
+    from translator.training import resolve_checkpoint
+
+    out = tmp_path / "torn"
+    base = tiny_args(*bmmc, out, "--max_steps", "12", "--checkpointing_steps", "4", "--eval_steps", "6", "--calibration_cells", "0")
+    _train([*base, "--stop_after_steps", "8"])
+    # What a kill during the save of step 12 leaves behind: a half-written temporary folder.
+    torn = out / "checkpoints" / ".tmp-step_12"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
+    assert resolve_checkpoint(out, "latest").name == "step_8"
+    _train([*base, "--resume_from_checkpoint", "latest"])
+    _assert_same_weights(straight_run, out)
+
+
+def test_sigkill_during_training_then_resume_matches(bmmc, straight_run, tmp_path):
+    out = tmp_path / "killed"
+    base = tiny_args(*bmmc, out, "--max_steps", "12", "--checkpointing_steps", "4", "--eval_steps", "6", "--calibration_cells", "0")
+    proc = subprocess.Popen([sys.executable, "train.py", *base], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "step_4").exists():
+            assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL and not (out / "model.safetensors").exists()
+    _train([*base, "--resume_from_checkpoint", "latest"])
+    _assert_same_weights(straight_run, out)
+
+
+def test_second_run_on_the_same_output_dir_refuses(bmmc, straight_run):
+    result = subprocess.run([sys.executable, "train.py", *tiny_args(*bmmc, straight_run, "--max_steps", "2")],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "exists" in result.stderr and "--overwrite_output_dir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_flags_get_one_line_errors(bmmc, tmp_path):
+    import train
+
+    with pytest.raises(ValueError, match="--model_size"):
+        train.main(tiny_args(*bmmc, tmp_path / "x", "--model_size", "huge", "--max_steps", "2"))
+    with pytest.raises(ValueError, match="--per_device_train_batch_size"):
+        train.main(tiny_args(*bmmc, tmp_path / "x", "--per_device_train_batch_size", "0", "--max_steps", "2"))
+    with pytest.raises(ValueError, match="--directions"):
+        train.main(tiny_args(*bmmc, tmp_path / "x", "--directions", "gex2rna", "--max_steps", "2"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_on_two_cpu_processes_stays_in_step(bmmc, tmp_path):
+    # accelerate 1.15: `launch --num_processes 2 --cpu` starts one process; --multi_gpu with ACCELERATE_USE_CPU=1 starts two.
+    out = tmp_path / "ddp"
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "train.py",
+           *tiny_args(*bmmc, out, "--max_steps", "4", "--checkpointing_steps", "0", "--calibration_cells", "0")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**ENV, "ACCELERATE_USE_CPU": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:  # never leave launcher or workers behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stdout[-1000:] + stderr[-3000:]
+    sums = dict(re.findall(r"rank (\d) parameter checksum (\w+)", stdout))
+    assert set(sums) == {"0", "1"} and sums["0"] == sums["1"]
+    assert json.loads((out / "training_args.json").read_text())["num_processes"] == 2

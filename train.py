@@ -1,0 +1,340 @@
+"""Train the cell translator: one T5 for both directions, with accelerate.
+
+    python train.py                                    # the main job on the simulated default data
+    accelerate launch train.py --dataset_dir DATA --tokenizer_dir TOK --output_dir OUT --model_size small
+    python train.py config.yaml                        # the same arguments from a JSON/YAML file
+
+The run: arguments -> Accelerator -> examples (both directions, capped, length-grouped) -> model ->
+AdamW with warmup and linear decay -> loop with validation loss and checkpoints -> readout
+calibration on validation -> the Hub-ready model folder -> evaluation (when eval.py is present)
+-> optional push. ``--resume_from_checkpoint latest`` continues a killed run to the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_linear_schedule_with_warmup
+
+from tokenizer import DIRECTIONS, check_vocabulary, load_tokenizer, read_meta
+from translator.data import LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
+from translator.modeling import MODEL_SHAPES, TranslationLoss, make_config, make_model
+from translator.training import (
+    calibrate,
+    parameter_checksum,
+    resolve_checkpoint,
+    save_checkpoint,
+    widget_examples,
+    write_model_folder,
+)
+
+logger = logging.getLogger("train")
+
+
+@dataclass
+class ModelArguments:
+    model_size: str = field(default="t5-small", metadata={"help": f"model shape: {' | '.join(MODEL_SHAPES)}"})
+    dropout_rate: float = field(default=0.1, metadata={"help": "dropout of the T5 layers"})
+    n_negatives: int = field(default=256, metadata={"help": "off-modality names scored per batch by the restricted loss"})
+
+
+@dataclass
+class DataArguments:
+    dataset_dir: str | None = field(default=None, metadata={"help": "dataset folder from `python -m dataset_builder`"})
+    tokenizer_dir: str | None = field(default=None, metadata={"help": "tokenizer folder from `python -m tokenizer` (default: build it into OUTPUT_DIR/.tokenizer)"})
+    directions: list[str] = field(default_factory=lambda: list(DIRECTIONS), metadata={"help": "directions to train: gex2atac atac2gex"})
+    max_source_length: int = field(default=512, metadata={"help": "source cap in tokens (GEX keeps top-ranked genes; ATAC an even subsample; prefer --top_peaks at build time)"})
+    max_target_length: int = field(default=512, metadata={"help": "target cap in tokens, also the decoding length"})
+    max_eval_cells: int = field(default=1000, metadata={"help": "validation cells used for the validation loss"})
+    calibration_cells: int = field(default=500, metadata={"help": "validation cells used to fit the readout calibration"})
+
+
+@dataclass
+class RunArguments:
+    output_dir: str | None = field(default=None, metadata={"help": "model folder to write (= the Hub repository)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an existing --output_dir"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --num_train_epochs when > 0"})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "epochs over the train split"})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "examples per device and micro-batch"})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "examples per device for validation and decoding"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on norms)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the loss"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    seed: int = field(default=42, metadata={"help": "random seed (weights, batches, dropout)"})
+    eval_steps: int = field(default=200, metadata={"help": "validation loss every N steps (0: only at the end)"})
+    checkpointing_steps: int = field(default=200, metadata={"help": "checkpoint every N steps (0: none)"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint folder, or `latest` in --output_dir"})
+    logging_steps: int = field(default=20, metadata={"help": "log the train loss every N steps"})
+    evaluate: bool = field(default=True, metadata={"help": "run eval.py's evaluation on the test split at the end when available"})
+    push_to_hub: bool = field(default=False, metadata={"help": "upload the model folder to --hub_model_id (token: HF_TOKEN or cached login)"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id, e.g. user/cell-translator"})
+    report_to: str = field(default="none", metadata={"help": "tracker: none | tensorboard | all"})
+    cpu_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default); 1 is fastest for tiny/small models on busy cores"})
+    stop_after_steps: int = field(default=0, metadata={"help": "stop after N steps without writing the model folder, as an interruption would (resume with --resume_from_checkpoint latest)"})
+    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, RunArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments))
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        return loader(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArguments) -> None:
+    if not data_args.dataset_dir or not run.output_dir:
+        raise ValueError("--dataset_dir and --output_dir are required (run `python train.py` alone for the simulated demo)")
+    if model_args.model_size not in MODEL_SHAPES:
+        raise ValueError(f"--model_size {model_args.model_size!r} is unknown; choose one of {', '.join(MODEL_SHAPES)}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(run, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(run, name)}")
+    if run.max_steps <= 0 and run.num_train_epochs <= 0:
+        raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
+    if not set(data_args.directions) <= set(DIRECTIONS) or not data_args.directions:
+        raise ValueError(f"--directions {data_args.directions} must be a non-empty subset of {DIRECTIONS}")
+    if run.push_to_hub and not run.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id user/name")
+    out = Path(run.output_dir)
+    if out.exists() and any(out.iterdir()) and not (run.overwrite_output_dir or run.resume_from_checkpoint):
+        raise FileExistsError(f"--output_dir {out} exists and is not empty; pass --overwrite_output_dir or --resume_from_checkpoint latest")
+
+
+def demo_arguments() -> list[str]:
+    """The main job: simulated dataset and tokenizer under ./outputs, a small CPU model, the folder ./outputs/simulated."""
+    from dataset_builder import build_dataset  # noqa: F401  (fails clearly when the builder is missing)
+
+    data, tok = Path("outputs/simulated_data"), Path("outputs/simulated_tokenizer")
+    if not (data / "cell_sentences.json").exists():
+        import subprocess
+
+        subprocess.run([sys.executable, "-m", "dataset_builder", "--output_dir", str(data), "--overwrite_output_dir"], check=True)
+    if not (tok / "tokenizer.json").exists():
+        from tokenizer import build_from_dataset
+
+        build_from_dataset(data, tok, overwrite=True)
+    return ["--dataset_dir", str(data), "--tokenizer_dir", str(tok), "--output_dir", "outputs/simulated", "--overwrite_output_dir",
+            "--model_size", "tiny", "--max_steps", "400", "--learning_rate", "2e-3", "--warmup_steps", "40",
+            "--eval_steps", "100", "--checkpointing_steps", "100", "--max_source_length", "256", "--max_target_length", "256",
+            "--cpu_threads", "1"]
+
+
+def validation_loss(loss_module, loader, accelerator) -> float:
+    """Token-weighted mean validation loss over all processes (the unwrapped module: ranks may see unequal batches)."""
+    loss_module = accelerator.unwrap_model(loss_module)
+    loss_module.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    with torch.no_grad():
+        for batch in loader:
+            n = (batch["labels"] != -100).sum()
+            total += torch.stack([loss_module(**batch).double() * n, n.double()])
+    loss_module.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = demo_arguments()
+    model_args, data_args, run = parse_args(argv)
+    check_args(model_args, data_args, run)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        mixed_precision=run.mixed_precision,
+        # Batches must stay whole (one direction each); the sampler makes their count a multiple of the processes.
+        dataloader_config=DataLoaderConfiguration(even_batches=False),
+        log_with=None if run.report_to == "none" else run.report_to,
+        project_config=ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    datasets.utils.logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "removed shared tensor": T5's tied embeddings
+    out = Path(run.output_dir)
+    if accelerator.is_main_process:
+        if run.overwrite_output_dir and not run.resume_from_checkpoint and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    set_seed(run.seed)
+    if run.cpu_threads > 0:
+        torch.set_num_threads(run.cpu_threads)
+
+    # Data: tokenizer, both directions of each cell, length-grouped batches.
+    meta = read_meta(data_args.dataset_dir)
+    tokenizer = load_tokenizer(data_args.tokenizer_dir) if data_args.tokenizer_dir else None
+    if tokenizer is None:
+        raise ValueError("--tokenizer_dir is required; build one with `python -m tokenizer --dataset DIR --output_dir TOK`")
+    check_vocabulary(tokenizer, meta)
+    splits = datasets.load_from_disk(data_args.dataset_dir)
+    caps = (data_args.max_source_length, data_args.max_target_length)
+    train_examples = TranslationExamples(splits["train"], tokenizer, data_args.directions, *caps)
+    validation = splits["validation"].select(range(min(len(splits["validation"]), data_args.max_eval_cells)))
+    eval_examples = TranslationExamples(validation, tokenizer, data_args.directions, *caps)
+    collator = TranslationCollator(train_examples.ranges)
+    sampler = LengthGroupedBatchSampler(train_examples.lengths, train_examples.directions, run.per_device_train_batch_size, run.seed, num_shards=accelerator.num_processes)
+    train_loader = DataLoader(train_examples, batch_sampler=sampler, collate_fn=collator)
+    eval_sampler = LengthGroupedBatchSampler(eval_examples.lengths, eval_examples.directions, run.per_device_eval_batch_size, shuffle=False)
+    eval_loader = DataLoader(eval_examples, batch_sampler=eval_sampler, collate_fn=collator)
+    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
+
+    # Model, optimizer, schedule.
+    config = make_config(model_args.model_size, len(tokenizer), model_args.dropout_rate, data_args.max_target_length)
+    model = make_model(config, seed=run.seed)
+    loss_module = TranslationLoss(model, model_args.n_negatives, run.label_smoothing)
+    decay = [p for n, p in loss_module.named_parameters() if "layer_norm" not in n and not n.endswith("bias")]
+    no_decay = [p for n, p in loss_module.named_parameters() if "layer_norm" in n or n.endswith("bias")]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=run.learning_rate)
+    steps_per_epoch = math.ceil(len(train_loader) / run.gradient_accumulation_steps)
+    max_steps = run.max_steps if run.max_steps > 0 else math.ceil(run.num_train_epochs * steps_per_epoch)
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    scheduler = get_linear_schedule_with_warmup(optimizer, run.warmup_steps * accelerator.num_processes, max_steps * accelerator.num_processes)
+    loss_module, optimizer, scheduler = accelerator.prepare(loss_module, optimizer, scheduler)
+    if run.report_to != "none":
+        accelerator.init_trackers("cell_translator", config={k: v for k, v in {**asdict(model_args), **asdict(run)}.items() if isinstance(v, int | float | str | bool)})
+
+    # Resume: model, optimizer, scheduler and RNG from the checkpoint; the data position from the step count.
+    completed_steps, starting_epoch, resume_batches = 0, 0, 0
+    if run.resume_from_checkpoint:
+        path = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+        accelerator.load_state(str(path))
+        state = json.loads((path / "trainer_state.json").read_text())
+        completed_steps = state["completed_steps"]
+        starting_epoch, resume_batches = divmod(state["batches_seen"], len(train_loader))
+        accelerator.print(f"resumed from {path.name} at step {completed_steps}")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("%d train examples, %d steps (%d epochs), %.1fM parameters, %d processes", len(train_examples), max_steps, num_epochs, n_params / 1e6, accelerator.num_processes)
+    progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process, desc="train")
+    history, tokens, started, running = [], 0, time.perf_counter(), []
+    micro_step = starting_epoch * len(train_loader) + resume_batches  # batches seen by this process
+    loss_module.train()
+    for epoch in range(starting_epoch, num_epochs):
+        loader = accelerator.skip_first_batches(train_loader, resume_batches) if epoch == starting_epoch and resume_batches else train_loader
+        loader.set_epoch(epoch)  # the batch order depends only on (seed, epoch)
+        for batch in loader:
+            # Dropout and negative sampling depend only on (seed, micro-step, rank): a resumed run repeats them exactly.
+            torch.manual_seed(run.seed * 1_000_003 + micro_step * 101 + accelerator.process_index)
+            micro_step += 1
+            with accelerator.accumulate(loss_module):
+                loss = loss_module(**batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(loss_module.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            tokens += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+            running.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress.update(1)
+            if completed_steps % run.logging_steps == 0 or completed_steps == max_steps:
+                train_loss = float(torch.stack(running).mean())
+                running = []
+                progress.set_postfix(loss=f"{train_loss:.3f}")
+                accelerator.log({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}, step=completed_steps)
+                logger.info("step %d train_loss %.4f", completed_steps, train_loss)
+            if len(eval_examples) and ((run.eval_steps > 0 and completed_steps % run.eval_steps == 0) or completed_steps == max_steps):
+                val = validation_loss(loss_module, eval_loader, accelerator)
+                history.append({"step": completed_steps, "validation_loss": val})
+                accelerator.log({"validation_loss": val}, step=completed_steps)
+                logger.info("step %d validation_loss %.4f", completed_steps, val)
+            if run.checkpointing_steps > 0 and completed_steps % run.checkpointing_steps == 0:
+                save_checkpoint(accelerator, run.output_dir, completed_steps, {"completed_steps": completed_steps, "epoch": epoch, "batches_seen": micro_step})
+            if completed_steps >= max_steps or completed_steps == run.stop_after_steps:
+                break
+        if completed_steps >= max_steps or completed_steps == run.stop_after_steps:
+            break
+    progress.close()
+    if completed_steps < max_steps:
+        accelerator.print(f"stopped after step {completed_steps} of {max_steps}; resume with --resume_from_checkpoint latest")
+        accelerator.end_training()
+        return 0
+    elapsed = time.perf_counter() - started
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(loss_module).model
+    # Every rank prints its own checksum: equal lines prove the ranks ended in step.
+    print(f"rank {accelerator.process_index} parameter checksum {parameter_checksum(model)}", flush=True)
+    tokens_total = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), reduction="sum").item()
+    accelerator.wait_for_everyone()
+    # The process group ends here for every rank together; what follows runs on the main process alone.
+    accelerator.end_training()
+
+    if accelerator.is_main_process:
+        model = model.cpu().eval()
+        calibration = {}
+        if not len(splits["validation"]):
+            logger.warning("the validation split is empty: no validation loss, and the readout stays uncalibrated")
+        elif data_args.calibration_cells > 0:
+            logger.info("calibrating the readout on %s validation cells", min(len(splits["validation"]), data_args.calibration_cells))
+            calibration = calibrate(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, data_args.calibration_cells, run.per_device_eval_batch_size, run.seed)
+        examples_split = splits["validation"] if len(splits["validation"]) else splits["train"]
+        readout = {"max_source_length": caps[0], "max_target_length": caps[1], "calibration": calibration,
+                   "examples": widget_examples(tokenizer, examples_split, data_args.directions)}
+        saved = {**asdict(model_args), **asdict(data_args), **asdict(run)}
+        for key in ("dataset_dir", "tokenizer_dir", "output_dir", "resume_from_checkpoint"):
+            saved[key] = Path(saved[key]).name if saved[key] else None
+        saved.update(dataset_name=Path(data_args.dataset_dir).name, n_parameters=n_params, completed_steps=completed_steps,
+                     num_processes=accelerator.num_processes, train_tokens_per_second=round(tokens_total / max(elapsed, 1e-9), 1),
+                     validation_history=history, train_seconds=round(elapsed, 1))
+        write_model_folder(run.output_dir, model, tokenizer, meta, readout, saved, caps[1])
+        evaluate_folder(run, data_args)
+        from translator.card import render_model_card
+
+        render_model_card(run.output_dir, repo_id=run.hub_model_id)
+        logger.info("model folder written to %s (%.0f train tokens/s)", run.output_dir, tokens_total / max(elapsed, 1e-9))
+        if run.push_to_hub:
+            from translator.hub import push_model_folder
+
+            files = push_model_folder(run.output_dir, run.hub_model_id)
+            logger.info("pushed %d files to %s", len(files), run.hub_model_id)
+    return 0
+
+
+def evaluate_folder(run: RunArguments, data_args: DataArguments) -> None:
+    """Evaluate the finished folder on the test split with eval.py's ``run_evaluation`` when it is importable."""
+    if not run.evaluate:
+        return
+    try:
+        from eval import run_evaluation
+    except ImportError:
+        logger.info("eval.py not available: skipping evaluation")
+        return
+    try:
+        # eval.py copies eval_results.json/.md into the model folder; its plots stay in OUT/eval (not pushed).
+        run_evaluation(model=run.output_dir, dataset_dir=data_args.dataset_dir, split="test", output_dir=str(Path(run.output_dir) / "eval"),
+                       directions=data_args.directions, dataset_name=Path(data_args.dataset_dir).name, batch_size=run.per_device_eval_batch_size)
+    except Exception as err:  # the model folder is complete and usable; a failed evaluation must not lose it
+        logger.warning("evaluation failed (%s: %s); run eval.py on %s later", type(err).__name__, err, run.output_dir)
+
+
+if __name__ == "__main__":
+    debug = "--debug" in sys.argv
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,192 @@
+"""AnnData in, AnnData out: read a source modality from any layout, write the predicted target modality.
+
+Source cells are encoded exactly as the training data was (``dataset_builder.sentences``): GEX as
+``log1p(counts / size_factor)`` ranked (or binarized, following the model's ``gex_encoding``), ATAC
+as the accessible peaks. Genes unknown to the model are ignored and counted; peaks of another peak
+set are mapped onto the model's peaks by genomic overlap (numbers mapped / unmapped reported).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+
+from .data import SOURCE_MODALITY, TARGET_MODALITY
+
+logger = logging.getLogger(__name__)
+
+
+def _read_source_modality(paths: Sequence[Path], label: str):
+    """The ``label`` ("GEX" or "ATAC") modality from one or two files, via dataset_builder's readers."""
+    import h5py
+
+    from dataset_builder import readers
+
+    if len(paths) not in (1, 2):
+        raise ValueError(f"give one or two --input files, not {len(paths)}")
+    if len(paths) == 2:
+        mods = [readers._read_single_modality_h5ad(p) for p in paths]
+    else:
+        path = paths[0]
+        with readers._open_h5(path) as f:
+            kind = "h5mu" if "mod" in f else "10x" if "matrix" in f else "h5ad"
+        if kind == "h5mu":
+            mods = list(readers._read_h5mu(path, "rna", "atac"))
+        elif kind == "10x":
+            mods = list(readers._read_10x_h5(path))
+        else:
+            with h5py.File(path, "r") as f:
+                combined = "var" in f and "feature_types" in f["var"]
+            try:
+                mods = [readers._read_single_modality_h5ad(path)]
+            except ValueError:
+                if not combined:
+                    raise
+                mods = list(readers._read_combined_h5ad(path))
+    chosen = [m for m in mods if m.label == label]
+    if not chosen:
+        found = ", ".join(sorted({m.label for m in mods}))
+        raise ValueError(f"{', '.join(str(p) for p in paths)} holds {found}, not the {label} modality this direction needs")
+    mod = chosen[0]
+    readers._check_modality(mod)
+    return mod
+
+
+def map_peaks_by_overlap(query: Sequence[str], reference: Sequence[str]) -> np.ndarray:
+    """Index of the reference peak overlapping each query peak (-1 = none), vectorized per chromosome.
+
+    Both lists are normalized ``chrN-start-end`` names; the reference is in genomic order with
+    non-overlapping peaks (as dataset_builder writes it). A query peak maps to the first reference
+    peak it overlaps; identical names always map to each other.
+    """
+
+    def split(names: Sequence[str]) -> pd.DataFrame:
+        parts = pd.Series(list(names), dtype=str).str.rsplit("-", n=2, expand=True)
+        return pd.DataFrame({"chrom": parts[0], "start": parts[1].astype(np.int64), "end": parts[2].astype(np.int64)})
+
+    out = np.full(len(query), -1, dtype=np.int64)
+    if not len(query) or not len(reference):
+        return out
+    q, r = split(query), split(reference)
+    r["index"] = np.arange(len(r))
+    for chrom, q_rows in q.groupby("chrom", sort=False).groups.items():
+        ref = r[r["chrom"] == chrom].sort_values("start")
+        if ref.empty:
+            continue
+        ends = np.maximum.accumulate(ref["end"].to_numpy())
+        starts = ref["start"].to_numpy()
+        qs = q.loc[q_rows, "start"].to_numpy()
+        qe = q.loc[q_rows, "end"].to_numpy()
+        j = np.searchsorted(ends, qs, side="right")  # first reference peak ending after the query start
+        j_clipped = np.minimum(j, len(ref) - 1)
+        hit = (j < len(ref)) & (starts[j_clipped] < qe)
+        out[np.asarray(q_rows)[hit]] = ref["index"].to_numpy()[j_clipped[hit]]
+    return out
+
+
+def _gex_sentences(mod, meta: dict) -> tuple[list[str], dict]:
+    from dataset_builder.sentences import BINARY_THRESHOLD, library_size_factors, rank_genes
+
+    counts = mod.matrix
+    use_obs = str(meta.get("normalization", {}).get("size_factor", "")).startswith("obs") and mod.size_factors is not None
+    size_factors = mod.size_factors if use_obs else library_size_factors(counts)
+    ranking = rank_genes(counts, np.asarray(size_factors, dtype=np.float64))
+    names = np.asarray(mod.features, dtype=object)
+    model_genes = set(meta["genes"])
+    known = np.array([n in model_genes for n in names])
+    index, value = ranking.index, ranking.value
+    rows = ranking.rows
+    keep = known[index]
+    if meta.get("gex_encoding") == "binary":
+        keep &= value >= np.float32(BINARY_THRESHOLD)
+        order = np.lexsort((index, rows))
+        rows, index, keep = rows[order], index[order], keep[order]
+    rows, index = rows[keep], index[keep]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=counts.shape[0]))])
+    sentences = _join(names, offsets, index)
+    stats = {"source_features": len(names), "unknown_genes": int((~known).sum())}
+    if stats["unknown_genes"]:
+        logger.warning("%d of %d input genes are unknown to the model and were ignored", stats["unknown_genes"], len(names))
+    return sentences, stats
+
+
+def _atac_sentences(mod, meta: dict) -> tuple[list[str], dict]:
+    from dataset_builder.readers import normalize_peak_names
+
+    names = normalize_peak_names(mod.features, mod.path)
+    mapping = map_peaks_by_overlap(names, meta["peaks"])
+    matrix = sp.csr_matrix(mod.matrix)
+    matrix.eliminate_zeros()
+    cols = mapping[matrix.indices]
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    keep = cols >= 0
+    # Several input peaks may fall on one model peak: count it once, in genomic (= model) order.
+    accessible = sp.csr_matrix((np.ones(keep.sum(), np.int8), (rows[keep], cols[keep])), shape=(matrix.shape[0], len(meta["peaks"])))
+    accessible.sum_duplicates()
+    accessible.sort_indices()
+    sentences = _join(np.asarray(meta["peaks"], dtype=object), accessible.indptr, accessible.indices)
+    stats = {"source_features": len(names), "mapped_peaks": int((mapping >= 0).sum()), "unmapped_peaks": int((mapping < 0).sum())}
+    if stats["unmapped_peaks"]:
+        logger.warning("%d of %d input peaks overlap no model peak and were ignored", stats["unmapped_peaks"], len(names))
+    return sentences, stats
+
+
+def _join(names: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> list[str]:
+    from dataset_builder.sentences import join_names
+
+    return join_names(pa.array(names.tolist(), pa.string()), np.asarray(offsets), np.asarray(index)).to_pylist()
+
+
+def source_sentences_from_anndata(adata_or_path, direction: str, meta: dict) -> tuple[list[str], pd.DataFrame, dict]:
+    """Source sentences of every cell of an AnnData object or file(s), their ``obs``, and counts of what was mapped.
+
+    ``adata_or_path``: an ``AnnData`` (raw counts in ``layers['counts']`` or ``X``), one path, or a
+    list of one or two paths in any layout ``dataset_builder`` reads.
+    """
+    label = SOURCE_MODALITY[direction].upper()
+    tmp_dir = None
+    if hasattr(adata_or_path, "obs_names"):
+        tmp_dir = tempfile.TemporaryDirectory()
+        path = Path(tmp_dir.name) / "input.h5ad"
+        adata_or_path.write_h5ad(path)
+        paths = [path]
+    elif isinstance(adata_or_path, str | os.PathLike):
+        paths = [Path(adata_or_path)]
+    else:
+        paths = [Path(p) for p in adata_or_path]
+    try:
+        mod = _read_source_modality(paths, label)
+    finally:
+        if tmp_dir is not None:
+            tmp_dir.cleanup()
+    sentences, stats = _gex_sentences(mod, meta) if label == "GEX" else _atac_sentences(mod, meta)
+    stats["empty_cells"] = sum(not s for s in sentences)
+    if stats["empty_cells"]:
+        logger.warning("%d cells have no %s feature known to the model; they are kept and predicted from an empty sentence", stats["empty_cells"], label)
+    obs = mod.obs.copy()
+    obs.index = pd.Index(mod.cells, name=None)
+    return sentences, obs, stats
+
+
+def prediction_anndata(matrix: np.ndarray, obs: pd.DataFrame, direction: str, meta: dict, stats: dict, sentences: list[str] | None = None):
+    """The predicted target modality as AnnData: ``X`` = predictions, ``var_names`` = the model's features."""
+    import anndata as ad
+
+    target = TARGET_MODALITY[direction]
+    names = meta["peaks"] if target == "atac" else meta["genes"]
+    var = pd.DataFrame({"feature_types": "ATAC" if target == "atac" else "GEX"}, index=pd.Index(names))
+    obs = obs.copy()
+    if sentences is not None:
+        obs["translation"] = sentences
+    adata = ad.AnnData(X=np.asarray(matrix, dtype=np.float32), obs=obs, var=var)
+    value = "probability that the peak is accessible" if target == "atac" else "expected log1p(counts / size_factor)"
+    adata.uns["cell_translation"] = {"direction": direction, "values": value, **{k: int(v) for k, v in stats.items()}}
+    return adata

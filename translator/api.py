@@ -1,0 +1,158 @@
+"""The user API: load a model folder (or Hub id) and translate sentences, matrices or AnnData.
+
+```python
+from translator import CellTranslator
+tr = CellTranslator.from_pretrained("outputs/simulated")
+tr.translate(["<gene> <gene> ..."], direction="gex2atac")           # list[str]
+tr.predict_matrix(sentences, direction="gex2atac")                  # [cells, peaks] probabilities
+tr.predict_anndata("cells.h5ad", direction="atac2gex")              # AnnData cells x genes
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tokenizer import DIRECTIONS, META_FILE, feature_token_ranges
+
+from .data import SOURCE_MODALITY, TARGET_MODALITY, source_ids
+from .readout import READOUT_FILE, apply_readout, decode_features
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FILES = ("config.json", "tokenizer.json", META_FILE)
+
+
+def _resolve(path_or_id: str | os.PathLike) -> Path:
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"model folder {text} not found; pass a folder written by train.py or a Hub id like user/model")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text))
+    except Exception as err:  # offline, unknown repo, no access: one clear line
+        raise FileNotFoundError(f"could not fetch the model {text} from the Hub ({type(err).__name__}); pass a local folder") from err
+
+
+def check_model_folder(folder: Path, allow_pickle: bool = False) -> None:
+    """Raise ``FileNotFoundError``/``ValueError`` naming what a model folder lacks or holds unsafely."""
+    missing = [name for name in REQUIRED_FILES if not (folder / name).exists()]
+    has_safetensors = (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
+    pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+    if not has_safetensors and pickled and not allow_pickle:
+        raise ValueError(
+            f"{folder} holds only pickle weights ({', '.join(pickled)}), which can run code when loaded; "
+            "convert them to safetensors or pass allow_pickle=True if you trust the source"
+        )
+    if not has_safetensors and not pickled:
+        missing.append("model.safetensors")
+    if missing:
+        raise FileNotFoundError(f"model folder {folder} lacks {', '.join(missing)}; point at a complete folder written by train.py")
+
+
+class CellTranslator:
+    """A trained translator: model, tokenizer, dataset metadata and readout calibration."""
+
+    def __init__(self, model, tokenizer, meta: dict, readout: dict | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.readout = readout or {}
+        self.ranges = feature_token_ranges(tokenizer, n_genes=len(meta["genes"]))
+        self.max_source_length = int(self.readout.get("max_source_length", 512))
+        self.max_target_length = int(self.readout.get("max_target_length", 512))
+        self.last_stats: dict[str, int] = {}
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, device: str | None = None, allow_pickle: bool = False) -> CellTranslator:
+        """Load a folder written by ``train.py`` or a Hub repository id (offline when a folder is given)."""
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        folder = _resolve(path_or_id)
+        check_model_folder(folder, allow_pickle)
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(folder), use_safetensors=not allow_pickle or None)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        meta = json.loads((folder / META_FILE).read_text())
+        readout_path = folder / READOUT_FILE
+        readout = json.loads(readout_path.read_text()) if readout_path.exists() else None
+        if device:
+            model.to(device)
+        return cls(model, tokenizer, meta, readout)
+
+    # -- sentences -> ids ------------------------------------------------------------------
+    def _check_direction(self, direction: str) -> None:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction {direction!r} is unknown; choose gex2atac or atac2gex")
+
+    def encode_sources(self, sentences: Sequence[str], direction: str, allow_empty: bool = False) -> list[np.ndarray]:
+        """Token ids ``<prefix> names </s>`` of each source sentence; unknown names are dropped and counted."""
+        self._check_direction(direction)
+        if isinstance(sentences, str):
+            raise ValueError("pass a list of sentences, not one string")
+        vocab = self.tokenizer.get_vocab()
+        start, stop = self.ranges[SOURCE_MODALITY[direction]]
+        out, unknown = [], 0
+        for i, sentence in enumerate(sentences):
+            names = sentence.split()
+            if not names and not allow_empty:
+                raise ValueError(f"source sentence {i} is empty; a cell needs at least one detected {SOURCE_MODALITY[direction]} feature")
+            ids = np.array([vocab.get(n, -1) for n in names], dtype=np.int64)
+            known = (ids >= start) & (ids < stop)
+            unknown += int((~known).sum())
+            out.append(source_ids(ids[known], direction, self.tokenizer, self.max_source_length))
+        self.last_stats = {"cells": len(out), "unknown_source_names": unknown}
+        if unknown:
+            logger.warning("%d source names are not %s names of this model and were ignored", unknown, SOURCE_MODALITY[direction])
+        return out
+
+    # -- prediction ------------------------------------------------------------------------
+    def _predict_ids(self, ids: Sequence[np.ndarray], direction: str, batch_size: int):
+        target_range = self.ranges[TARGET_MODALITY[direction]]
+        features, sequences = decode_features(
+            self.model, self.tokenizer, self.meta, ids, direction, target_range, self.max_target_length, batch_size
+        )
+        params = (self.readout.get("calibration") or {}).get(direction)
+        matrix = apply_readout(features, direction, self.meta, params)
+        sentences = [" ".join(self.tokenizer.convert_ids_to_tokens(seq)) for seq in sequences]
+        return matrix, sentences
+
+    def translate(self, sentences: Sequence[str], direction: str, batch_size: int = 64) -> list[str]:
+        """Translate source sentences into target sentences (constrained greedy decoding)."""
+        return self._predict_ids(self.encode_sources(sentences, direction), direction, batch_size)[1]
+
+    def predict_matrix(self, source_sentences: Sequence[str], direction: str, batch_size: int = 64, return_sentences: bool = False):
+        """Predict every target feature of every cell.
+
+        Returns
+        -------
+        ``np.ndarray`` float32 ``[cells, features]``: accessibility probabilities (``gex2atac``) or
+        expected log-norm expression (``atac2gex``); with ``return_sentences`` also the translations.
+        """
+        matrix, sentences = self._predict_ids(self.encode_sources(source_sentences, direction, allow_empty=True), direction, batch_size)
+        return (matrix, sentences) if return_sentences else matrix
+
+    def predict_anndata(self, adata_or_path, direction: str, batch_size: int = 64, return_sentences: bool = False):
+        """AnnData in (any layout ``dataset_builder`` reads), AnnData out: cells x the model's target features."""
+        from .anndata_io import prediction_anndata, source_sentences_from_anndata
+
+        self._check_direction(direction)
+        sentences, obs, stats = source_sentences_from_anndata(adata_or_path, direction, self.meta)
+        matrix, translated = self.predict_matrix(sentences, direction, batch_size, return_sentences=True)
+        stats.update(self.last_stats)
+        return prediction_anndata(matrix, obs, direction, self.meta, stats, translated if return_sentences else None)
+
+
+def translate(model: str | os.PathLike | CellTranslator, sentences: Sequence[str], direction: str, batch_size: int = 64) -> list[str]:
+    """Translate sentences with a model folder, Hub id or loaded :class:`CellTranslator`."""
+    translator = model if isinstance(model, CellTranslator) else CellTranslator.from_pretrained(model)
+    return translator.translate(sentences, direction, batch_size)

@@ -1,0 +1,213 @@
+"""Training examples from a dataset folder: token ids with length caps, a length-grouped sampler, a collator.
+
+Every cell gives one example per direction: ``<gex2atac> gex_text </s> -> atac_text </s>`` and
+``<atac2gex> atac_text </s> -> gex_text </s>``. Caps keep steps bounded:
+
+- a GEX sentence longer than its cap keeps its first (top-ranked) genes;
+- an ATAC sentence longer than its cap keeps an evenly spaced, deterministic subsample, so every
+  chromosome stays represented (cutting a genomic-order sentence would drop the last chromosomes).
+  Prefer ``--top_peaks`` at dataset build time, which keeps whole informative peaks instead.
+
+Batches hold one direction each (so one target range scores the whole batch) and cells of
+similar length (little padding); their order depends only on ``(seed, epoch)``, which makes a
+resumed run see the same batches as a straight one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from tokenizer import DIRECTIONS, PREFIX, feature_token_ranges
+
+SOURCE_COLUMN = {"gex2atac": "gex_text", "atac2gex": "atac_text"}
+TARGET_COLUMN = {"gex2atac": "atac_text", "atac2gex": "gex_text"}
+TARGET_MODALITY = {"gex2atac": "atac", "atac2gex": "gex"}
+SOURCE_MODALITY = {"gex2atac": "gex", "atac2gex": "atac"}
+
+
+def cap_names(ids: np.ndarray, cap: int, modality: str) -> np.ndarray:
+    """Keep at most ``cap`` name ids: the first ones for GEX (top ranks), an even subsample for ATAC."""
+    if cap < 0:
+        raise ValueError(f"a sentence cap must be >= 0, got {cap}")
+    if len(ids) <= cap:
+        return ids
+    if modality == "gex":
+        return ids[:cap]
+    keep = np.unique(np.linspace(0, len(ids) - 1, cap).round().astype(np.int64))
+    return ids[keep]
+
+
+def names_to_ids(tokenizer, sentences: Sequence[str]) -> list[np.ndarray]:
+    """Token ids of each sentence's names (no prefix, no ``</s>``); raises on names the tokenizer does not know."""
+    sentences = list(sentences)
+    if not sentences:
+        return []
+    encoded = tokenizer(sentences, add_special_tokens=False)["input_ids"]
+    out = [np.asarray(ids, dtype=np.int64) for ids in encoded]
+    unk = tokenizer.unk_token_id
+    for i, ids in enumerate(out):
+        if (ids == unk).any():
+            raise ValueError(
+                f"sentence {i} holds names unknown to the tokenizer; the dataset was built for another vocabulary "
+                "(rebuild the tokenizer with `python -m tokenizer --dataset DIR --output_dir TOK`)"
+            )
+    return out
+
+
+def source_ids(names: np.ndarray, direction: str, tokenizer, max_source_length: int) -> np.ndarray:
+    """``<prefix> names... </s>`` with the names capped to ``max_source_length - 2``."""
+    prefix = tokenizer.convert_tokens_to_ids(PREFIX[direction])
+    names = cap_names(names, max(0, max_source_length - 2), SOURCE_MODALITY[direction])
+    return np.concatenate([[prefix], names, [tokenizer.eos_token_id]]).astype(np.int64)
+
+
+def target_ids(names: np.ndarray, direction: str, tokenizer, max_target_length: int) -> np.ndarray:
+    """``names... </s>`` with the names capped to ``max_target_length - 1``."""
+    names = cap_names(names, max(0, max_target_length - 1), TARGET_MODALITY[direction])
+    return np.concatenate([names, [tokenizer.eos_token_id]]).astype(np.int64)
+
+
+class TranslationExamples(Dataset):
+    """Both directions of every cell of one split, as token ids.
+
+    Parameters
+    ----------
+    split
+        A ``datasets.Dataset`` with ``gex_text`` and ``atac_text`` columns.
+    tokenizer
+        The project tokenizer (``tokenizer.load_tokenizer``).
+    directions
+        Subset of ``("gex2atac", "atac2gex")``.
+    max_source_length, max_target_length
+        Caps in tokens, prefix and ``</s>`` included.
+    """
+
+    def __init__(self, split, tokenizer, directions: Sequence[str] = DIRECTIONS, max_source_length: int = 512, max_target_length: int = 512):
+        for direction in directions:
+            if direction not in DIRECTIONS:
+                raise ValueError(f"--directions {direction!r} is unknown; choose from {', '.join(DIRECTIONS)}")
+        if max_source_length < 3 or max_target_length < 2:
+            raise ValueError("--max_source_length must be >= 3 and --max_target_length >= 2")
+        ranges = feature_token_ranges(tokenizer)
+        names = {"gex_text": names_to_ids(tokenizer, split["gex_text"]), "atac_text": names_to_ids(tokenizer, split["atac_text"])}
+        self.sources: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+        self.directions: list[int] = []
+        self.ranges = [ranges[TARGET_MODALITY[d]] for d in DIRECTIONS]
+        for direction in directions:
+            code = DIRECTIONS.index(direction)
+            for src, tgt in zip(names[SOURCE_COLUMN[direction]], names[TARGET_COLUMN[direction]], strict=True):
+                self.sources.append(source_ids(src, direction, tokenizer, max_source_length))
+                self.targets.append(target_ids(tgt, direction, tokenizer, max_target_length))
+                self.directions.append(code)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"source": self.sources[index], "target": self.targets[index], "direction": self.directions[index]}
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Source plus target tokens of each example."""
+        return np.array([len(s) + len(t) for s, t in zip(self.sources, self.targets, strict=True)], dtype=np.int64)
+
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of one direction and similar lengths, shuffled by ``(seed, epoch)``.
+
+    Indices of each direction are shuffled, cut into mega-batches of ``batch_size * group_factor``,
+    sorted by length inside each mega-batch and cut into batches; the batch order is shuffled.
+    With ``num_shards`` processes the last ``len % num_shards`` batches are dropped, so that every
+    process gets the same number of whole batches. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        directions: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        group_factor: int = 50,
+        shuffle: bool = True,
+        num_shards: int = 1,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.lengths = np.asarray(lengths)
+        self.directions = np.asarray(directions)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_factor = group_factor
+        self.shuffle = shuffle
+        self.num_shards = num_shards
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches: list[list[int]] = []
+        mega = self.batch_size * self.group_factor
+        for code in np.unique(self.directions):
+            idx = np.flatnonzero(self.directions == code)
+            if self.shuffle:
+                idx = rng.permutation(idx)
+            for begin in range(0, len(idx), mega):
+                group = idx[begin : begin + mega]
+                group = group[np.argsort(-self.lengths[group], kind="stable")]
+                batches.extend(group[i : i + self.batch_size].tolist() for i in range(0, len(group), self.batch_size))
+        if self.shuffle:
+            order = rng.permutation(len(batches))
+            batches = [batches[i] for i in order]
+        return batches[: len(batches) - len(batches) % self.num_shards]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()
+
+    def __len__(self) -> int:
+        mega = self.batch_size * self.group_factor
+        total = 0
+        for code in np.unique(self.directions):
+            n = int((self.directions == code).sum())
+            full, rest = divmod(n, mega)
+            total += full * -(-mega // self.batch_size) + -(-rest // self.batch_size)
+        return total - total % self.num_shards
+
+
+@dataclass
+class TranslationCollator:
+    """Pads a list of examples of one direction: ``input_ids``/``attention_mask`` with 0, ``labels`` with -100."""
+
+    ranges: Sequence[tuple[int, int]]
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        codes = {ex["direction"] for ex in examples}
+        if len(codes) != 1:
+            raise ValueError("a batch mixes directions; use LengthGroupedBatchSampler")
+        start, stop = self.ranges[codes.pop()]
+        src_len = max(len(ex["source"]) for ex in examples)
+        tgt_len = max(len(ex["target"]) for ex in examples)
+        input_ids = torch.zeros(len(examples), src_len, dtype=torch.long)
+        attention_mask = torch.zeros(len(examples), src_len, dtype=torch.long)
+        labels = torch.full((len(examples), tgt_len), -100, dtype=torch.long)
+        for row, ex in enumerate(examples):
+            input_ids[row, : len(ex["source"])] = torch.from_numpy(ex["source"])
+            attention_mask[row, : len(ex["source"])] = 1
+            labels[row, : len(ex["target"])] = torch.from_numpy(ex["target"])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "target_start": torch.tensor(start),
+            "target_stop": torch.tensor(stop),
+        }

@@ -1,0 +1,312 @@
+"""Model shapes, the restricted-vocabulary loss and constrained greedy decoding.
+
+The output layer over every gene and peak name (27k names for MOp, ~130k for a full 10x
+multiome) dominates the cost of a step. Training therefore scores each target position only
+against the target modality's names, ``</s>`` and a few hundred sampled off-modality names
+(:func:`restricted_lm_loss`), in chunks of positions whose gradients are computed on the spot,
+so fp32 logits of ``[batch, length, vocabulary]`` are never held at once and nothing is recomputed. Decoding (:func:`constrained_decode`)
+is a batched greedy loop with a key/value cache that only ever proposes names of the target
+modality, never repeats one, and for ATAC keeps the genomic order (increasing token id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import T5Config, T5ForConditionalGeneration
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+PAD_ID, EOS_ID = 0, 1
+
+MODEL_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 64, "d_ff": 256, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4, "d_kv": 16},
+    "small": {"d_model": 192, "d_ff": 768, "num_layers": 3, "num_decoder_layers": 3, "num_heads": 4, "d_kv": 48},
+    "t5-small": {"d_model": 512, "d_ff": 2048, "num_layers": 6, "num_decoder_layers": 6, "num_heads": 8, "d_kv": 64},
+}
+
+
+def make_config(model_size: str, vocab_size: int, dropout_rate: float = 0.1, max_length: int = 512) -> T5Config:
+    """A ``T5Config`` of one of the shapes in :data:`MODEL_SHAPES` over our vocabulary.
+
+    ``pad`` = decoder start = 0 and ``</s>`` = 1, as in the tokenizer. transformers 5 always shares
+    the input and output embedding matrix of T5; its ``tie_word_embeddings`` flag only chooses
+    whether decoder outputs are scaled by ``d_model ** -0.5``. We keep the scaling: without it the
+    randomly initialised output layer (std 1) starts with logits of std ~sqrt(d_model).
+    """
+    if model_size not in MODEL_SHAPES:
+        raise ValueError(f"--model_size {model_size!r} is unknown; choose one of {', '.join(MODEL_SHAPES)}")
+    return T5Config(
+        vocab_size=int(vocab_size),
+        dropout_rate=float(dropout_rate),
+        feed_forward_proj="relu",
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+        n_positions=int(max_length),
+        **MODEL_SHAPES[model_size],
+    )
+
+
+def make_model(config: T5Config, seed: int | None = None) -> T5ForConditionalGeneration:
+    """Randomly initialised ``T5ForConditionalGeneration`` (no Hub weights are needed or reachable)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config)
+
+
+def _output_weight(model: T5ForConditionalGeneration, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of the output layer for ``ids``, with T5's output scaling folded in when the config asks for it."""
+    weight = model.lm_head.weight[ids]
+    if getattr(model.config, "scale_decoder_outputs", False):
+        weight = weight * (model.config.d_model**-0.5)
+    return weight
+
+
+def decoder_hidden_states(model: T5ForConditionalGeneration, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run encoder and decoder (teacher forcing) and return the last decoder hidden states ``[B, T, d]``."""
+    labels = batch["labels"]
+    decoder_input_ids = model._shift_right(labels)
+    encoder_out = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    decoder_out = model.decoder(
+        input_ids=decoder_input_ids,
+        attention_mask=(labels != -100).long(),
+        encoder_hidden_states=encoder_out.last_hidden_state,
+        encoder_attention_mask=batch["attention_mask"],
+        use_cache=False,
+    )
+    return decoder_out.last_hidden_state
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` computed chunk by chunk, gradients included.
+
+    Each chunk's logits live only inside the loop: the forward pass also computes the chunk's
+    gradients with respect to ``hidden`` and ``weight`` (d loss / d logits = softmax - smoothed
+    one-hot), so backward needs no logits and no recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, label_smoothing: float, rows: int):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        n_ids = weight.shape[0]
+        for begin in range(0, hidden.shape[0], rows):
+            h = hidden[begin : begin + rows]
+            t = targets[begin : begin + rows]
+            log_probs = torch.log_softmax((h @ weight.T).float(), dim=-1)
+            picked = log_probs.gather(1, t[:, None]).squeeze(1)
+            loss = -(1 - label_smoothing) * picked
+            if label_smoothing:
+                loss = loss - label_smoothing * log_probs.mean(dim=-1)
+            total += loss.sum()
+            if needs_grad:
+                grad = log_probs.exp_()
+                grad[torch.arange(len(t), device=t.device), t] -= 1 - label_smoothing
+                if label_smoothing:
+                    grad -= label_smoothing / n_ids
+                grad_hidden[begin : begin + rows] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_weight += grad.T @ h.float()
+        if needs_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
+
+
+def candidate_ids(
+    target_range: tuple[int, int],
+    vocab_size: int,
+    n_negatives: int = 256,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Output ids scored by the restricted loss: ``</s>``, the target range, and ``n_negatives`` random other names.
+
+    The negatives come from the other modality's names and the direction prefixes (never ``<pad>``),
+    so that a plain ``generate`` learns to keep off-modality tokens low.
+    """
+    start, stop = target_range
+    others = torch.cat([torch.arange(2, start), torch.arange(stop, vocab_size)])
+    parts = [torch.tensor([EOS_ID]), torch.arange(start, stop)]
+    if n_negatives > 0 and len(others):
+        pick = torch.randperm(len(others), generator=generator)[: min(n_negatives, len(others))]
+        parts.append(others[pick.sort().values])
+    return torch.cat(parts).to(device)
+
+
+def restricted_lm_loss(
+    model: T5ForConditionalGeneration,
+    batch: dict[str, torch.Tensor],
+    target_range: tuple[int, int],
+    n_negatives: int = 256,
+    label_smoothing: float = 0.0,
+    chunk_elements: int = 2**23,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens over a restricted output vocabulary.
+
+    Parameters
+    ----------
+    model
+        The seq2seq model (unwrapped).
+    batch
+        ``input_ids``, ``attention_mask`` ``[B, S]`` and ``labels`` ``[B, T]`` (``-100`` = padding).
+    target_range
+        Half-open token-id range of the target modality's names.
+    n_negatives
+        Off-modality ids sampled at random (torch's global RNG unless ``generator``) and scored too;
+        0 gives the deterministic loss over the target range and ``</s>`` used for validation.
+    label_smoothing
+        As in ``torch.nn.functional.cross_entropy``, spread over the scored ids.
+    chunk_elements
+        Largest number of logits held at once: positions are scored in chunks of
+        ``chunk_elements // n_scored_ids`` rows, each chunk's gradients computed on the spot.
+
+    Returns
+    -------
+    A scalar: the mean loss per target token.
+    """
+    hidden = decoder_hidden_states(model, batch)
+    labels = batch["labels"]
+    keep = labels != -100
+    hidden = hidden[keep]
+    flat_labels = labels[keep]
+    vocab_size = model.config.vocab_size
+    ids = candidate_ids(target_range, vocab_size, n_negatives, generator, device=labels.device)
+    # Labels outside the scored set (e.g. <unk>) are scored too rather than silently dropped.
+    extra = flat_labels[~torch.isin(flat_labels, ids)].unique()
+    if len(extra):
+        ids = torch.cat([ids, extra])
+    position = torch.full((vocab_size,), -1, dtype=torch.long, device=labels.device)
+    position[ids] = torch.arange(len(ids), device=labels.device)
+    targets = position[flat_labels]
+    weight = _output_weight(model, ids)
+    n_positions = hidden.shape[0]
+    rows = max(1, chunk_elements // max(1, len(ids)))
+    total = _ChunkedCrossEntropy.apply(hidden, weight, targets, float(label_smoothing), rows)
+    return total / max(1, n_positions)
+
+
+def full_vocabulary_loss(model: T5ForConditionalGeneration, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+    """The usual seq2seq loss over the whole vocabulary (for comparison with :func:`restricted_lm_loss`)."""
+    hidden = decoder_hidden_states(model, batch)
+    weight = _output_weight(model, torch.arange(model.config.vocab_size, device=hidden.device))
+    logits = (hidden @ weight.T).float()
+    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, label_smoothing=label_smoothing)
+
+
+class TranslationLoss(nn.Module):
+    """Wraps the seq2seq model so the restricted loss runs inside ``forward`` (what DDP needs to sync gradients)."""
+
+    def __init__(self, model: T5ForConditionalGeneration, n_negatives: int = 256, label_smoothing: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.n_negatives = n_negatives
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input_ids, attention_mask, labels, target_start, target_stop, full_vocabulary: bool = False):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if full_vocabulary:
+            return full_vocabulary_loss(self.model, batch, self.label_smoothing)
+        n_negatives = self.n_negatives if self.training else 0
+        label_smoothing = self.label_smoothing if self.training else 0.0
+        return restricted_lm_loss(self.model, batch, (int(target_start), int(target_stop)), n_negatives, label_smoothing)
+
+
+@dataclass
+class DecodeResult:
+    """Output of :func:`constrained_decode`: generated ids and the per-feature aggregates of step probabilities."""
+
+    sequences: list[list[int]]
+    aggregates: dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def constrained_decode(
+    model: T5ForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_range: tuple[int, int],
+    ordered: bool,
+    max_new_tokens: int,
+    step_weight: Callable[[int], float] | None = None,
+) -> DecodeResult:
+    """Greedy decoding restricted to the target modality's names, with a key/value cache.
+
+    Each step proposes ``</s>`` or a name of ``target_range`` not generated yet; with ``ordered``
+    (ATAC targets, written in genomic order = increasing id) only names after the previous one.
+    The step's distribution over the allowed names is aggregated per feature while decoding, so
+    nothing of size ``[steps, cells, features]`` is kept:
+
+    - ``noisy_or``: ``1 - prod_t (1 - p_t(k))`` (probability that feature k is named at some step);
+    - ``sum``: ``sum_t p_t(k)`` (expected number of times k is named);
+    - ``weighted``: ``sum_t p_t(k) * step_weight(t)`` (e.g. the mean value of the gene at rank t).
+
+    Returns
+    -------
+    :class:`DecodeResult` with the generated ids (without ``</s>``) and the aggregates ``[B, n_features]``.
+    """
+    model.eval()
+    start, stop = target_range
+    n_features = stop - start
+    batch_size = input_ids.shape[0]
+    device = input_ids.device
+    encoder_hidden = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    ids = torch.cat([torch.tensor([EOS_ID], device=device), torch.arange(start, stop, device=device)])
+    weight = _output_weight(model, ids)
+    banned = torch.zeros(batch_size, n_features + 1, dtype=torch.bool, device=device)
+    last = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+    active = torch.ones(batch_size, dtype=torch.bool, device=device)
+    log_none = torch.zeros(batch_size, n_features, device=device)
+    total = torch.zeros(batch_size, n_features, device=device)
+    weighted = torch.zeros(batch_size, n_features, device=device)
+    sequences: list[list[int]] = [[] for _ in range(batch_size)]
+    step_input = torch.full((batch_size, 1), PAD_ID, dtype=torch.long, device=device)
+    column = torch.arange(n_features + 1, device=device)
+    for step in range(max_new_tokens):
+        out = model.decoder(
+            input_ids=step_input,
+            encoder_hidden_states=encoder_hidden,
+            encoder_attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits = (out.last_hidden_state[:, -1] @ weight.T).float()
+        allowed = ~banned
+        if ordered:
+            allowed &= (column[None, :] > last[:, None] + 1) | (column[None, :] == 0)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        feature_probs = probs[:, 1:] * active[:, None]
+        log_none += torch.log1p(-feature_probs.clamp(max=1 - 1e-6))
+        total += feature_probs
+        if step_weight is not None:
+            weighted += feature_probs * step_weight(step)
+        choice = probs.argmax(dim=-1)
+        finished = (choice == 0) | ~active
+        for row in torch.nonzero(~finished).flatten().tolist():
+            sequences[row].append(start + int(choice[row]) - 1)
+        banned[torch.arange(batch_size, device=device), choice] |= ~finished
+        banned[:, 0] = False
+        last = torch.where(finished, last, choice - 1)
+        active &= ~finished
+        if not active.any():
+            break
+        step_input = torch.where(active, start + choice - 1, torch.full_like(choice, PAD_ID))[:, None]
+    aggregates = {"noisy_or": 1 - torch.exp(log_none), "sum": total}
+    if step_weight is not None:
+        aggregates["weighted"] = weighted
+    return DecodeResult(sequences=sequences, aggregates=aggregates)

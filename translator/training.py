@@ -1,0 +1,140 @@
+"""Pieces of a training run that are not the loop itself: checkpoints, calibration, the model folder.
+
+Checkpoints (``accelerator.save_state``) are written to a hidden temporary folder and renamed, so a
+kill during a save leaves the previous checkpoint usable. The model folder's files are written to a
+temporary folder and moved in one by one (each ``os.replace`` is atomic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import GenerationConfig
+
+from tokenizer import META_FILE, PREFIX, feature_token_ranges
+
+from .data import SOURCE_COLUMN, TARGET_MODALITY, names_to_ids, source_ids
+from .readout import READOUT_FILE, decode_features, fit_readout, truth_matrices
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_steps(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints ``(step, path)`` under ``output_dir/checkpoints``, oldest first."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    found = []
+    if root.is_dir():
+        for path in root.glob("step_*"):
+            if (path / STATE_FILE).exists() and path.name[5:].isdigit():
+                found.append((int(path.name[5:]), path))
+    return sorted(found)
+
+
+def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str) -> Path:
+    """The checkpoint folder for ``--resume_from_checkpoint`` (a path, or ``latest`` in ``output_dir``)."""
+    if resume_from_checkpoint == "latest":
+        found = checkpoint_steps(output_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / CHECKPOINT_DIR}")
+        return found[-1][1]
+    path = Path(resume_from_checkpoint)
+    if not (path / STATE_FILE).exists():
+        raise FileNotFoundError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: dict, keep: int = 2) -> Path:
+    """``accelerator.save_state`` into ``checkpoints/.tmp-step_N``, then rename to ``step_N``; keep the last ``keep``."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    tmp = root / f".tmp-step_{step}"
+    final = root / f"step_{step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in checkpoint_steps(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def parameter_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 of all parameters' bytes (in name order): equal only for bitwise equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int, max_cells: int = 500, batch_size: int = 64, seed: int = 0) -> dict:
+    """Fit the readout calibration of each direction on (up to ``max_cells`` evenly spaced) cells of ``split``."""
+    n = len(split)
+    rows = np.unique(np.linspace(0, n - 1, min(n, max_cells)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    cells = split.select(rows.tolist())
+    truth = truth_matrices(cells, meta)
+    ranges = feature_token_ranges(tokenizer, n_genes=len(meta["genes"]))
+    out = {}
+    for direction in directions:
+        names = names_to_ids(tokenizer, cells[SOURCE_COLUMN[direction]])
+        ids = [source_ids(x, direction, tokenizer, max_source_length) for x in names]
+        target = TARGET_MODALITY[direction]
+        features, _ = decode_features(model, tokenizer, meta, ids, direction, ranges[target], max_target_length, batch_size)
+        out[direction] = fit_readout(features, truth[target], direction, meta, seed=seed)
+    return out
+
+
+def widget_examples(tokenizer, split, directions: Sequence[str], n_names: int = 50, n_cells: int = 2) -> list[dict]:
+    """Real input sentences for the card's widget: prefix and the first ``n_names`` names of validation cells."""
+    examples = []
+    for direction in directions:
+        for i in range(min(n_cells, len(split))):
+            names = split[i][SOURCE_COLUMN[direction]].split()[:n_names]
+            examples.append({"text": " ".join([PREFIX[direction], *names]), "title": f"{direction} cell {split[i]['cell']}"})
+    return examples
+
+
+def write_model_folder(output_dir: str | os.PathLike, model, tokenizer, meta: dict, readout: dict, training_args: dict, max_target_length: int) -> list[str]:
+    """Write the Hub-ready files into ``output_dir``: weights (safetensors), configs, tokenizer, metadata, readout, args.
+
+    Files are written to a temporary folder in ``output_dir`` and moved in one by one.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
+    try:
+        model.generation_config = GenerationConfig(
+            decoder_start_token_id=0,
+            eos_token_id=1,
+            pad_token_id=0,
+            max_length=int(max_target_length),
+            no_repeat_ngram_size=1,
+        )
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.init_kwargs["n_genes"] = len(meta["genes"])
+        tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta))
+        (tmp / READOUT_FILE).write_text(json.dumps(readout, indent=2))
+        (tmp / "training_args.json").write_text(json.dumps(training_args, indent=2))
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in names:
+            os.chmod(tmp / name, 0o644)
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return names
