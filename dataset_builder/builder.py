@@ -3,14 +3,16 @@
 `CellSentencesBuilder` is an Arrow-based builder in the manner of datasets' packaged Parquet module:
 a `BuilderConfig` dataclass, `_info`, `_split_generators`, and `_generate_tables` yielding whole
 `pyarrow` tables, one per chunk of cells. `datasets` 4+ no longer runs loading scripts, so
-`build_dataset` instantiates and runs it, then writes the `save_to_disk` folder and
-`cell_sentences.json` atomically (temporary folder beside the output, then rename).
+`build_dataset` instantiates and runs it, then moves its Arrow shards into the `save_to_disk` folder layout
+(records are written once) and writes `cell_sentences.json`, atomically (temporary folder beside the output,
+then rename). The train statistics of the metadata come from the rankings made while writing train.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -20,12 +22,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow as pa
+import scipy.sparse as sp
 from datasets.builder import Key
 from datasets.table import InMemoryTable
+from datasets.utils.py_utils import asdict
 
-from .plan import SPLITS, BuildPlan, content_digest, make_plan, train_stats
+from .plan import SPLITS, BuildPlan, TrainStats, content_digest, make_plan, train_stats
 from .readers import read_paired
-from .sentences import BINARY_THRESHOLD, encode_cells
+from .sentences import BINARY_THRESHOLD, encode_cells, rank_genes
 
 __all__ = [
     "BUILDER_VERSION",
@@ -82,6 +86,19 @@ class CellSentencesConfig(datasets.BuilderConfig):
     chunk_size: int = 2048
 
 
+def _chunk_rows(matrix: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """``matrix[rows]`` for increasing row indices; a run of consecutive rows is a view, not a copy."""
+    first, last = int(rows[0]), int(rows[-1])
+    if last - first + 1 != rows.size:
+        return matrix[rows]
+    lo, hi = int(matrix.indptr[first]), int(matrix.indptr[last + 1])
+    return sp.csr_matrix(
+        (matrix.data[lo:hi], matrix.indices[lo:hi], matrix.indptr[first : last + 2] - lo),
+        shape=(rows.size, matrix.shape[1]),
+        copy=False,
+    )
+
+
 class CellSentencesBuilder(datasets.ArrowBasedBuilder):
     """Arrow-based builder: paired counts -> one table of sentences per chunk of cells.
 
@@ -94,6 +111,7 @@ class CellSentencesBuilder(datasets.ArrowBasedBuilder):
     def __init__(self, *args, plan: BuildPlan | None = None, progress=None, **kwargs):
         self._plan = plan
         self._progress = progress
+        self.train_stats: dict[str, list[float]] | None = None  # filled while the train split is generated
         super().__init__(*args, **kwargs)
 
     def _info(self) -> datasets.DatasetInfo:
@@ -126,17 +144,25 @@ class CellSentencesBuilder(datasets.ArrowBasedBuilder):
         genes, peaks = pa.array(paired.genes, pa.string()), pa.array(plan.peaks, pa.string())
         schema = self.info.features.arrow_schema
         chunk_size = max(int(self.config.chunk_size), 1)
+        # The train cells are ranked once: their rankings also give the train statistics of the metadata.
+        stats = TrainStats(plan) if split == "train" else None
         for batch_id, start in enumerate(range(0, rows.size, chunk_size)):
             chunk = rows[start : start + chunk_size]
+            gex = _chunk_rows(paired.gex, chunk)
+            ranking = rank_genes(gex, plan.size_factors[chunk])
+            if stats is not None:
+                stats.add(ranking)
             columns = encode_cells(
-                paired.gex[chunk],
-                paired.atac[chunk],
+                gex,
+                _chunk_rows(paired.atac, chunk),
                 plan.size_factors[chunk],
                 genes,
                 peaks,
                 gex_encoding=plan.gex_encoding,
                 peak_map=plan.peak_map,
+                ranking=ranking,
             )
+            del ranking
             columns["cell"] = pa.array(paired.cells[chunk].astype(str), pa.string())
             for column in ("batch", "cell_type"):
                 if column in paired.obs:
@@ -144,9 +170,11 @@ class CellSentencesBuilder(datasets.ArrowBasedBuilder):
             yield Key(0, batch_id), pa.table({name: columns[name] for name in schema.names}, schema=schema)
             if self._progress is not None:
                 self._progress.update(chunk.size)
+        if stats is not None and stats.complete:
+            self.train_stats = stats.result()
 
 
-def _metadata(plan: BuildPlan, fingerprint: str) -> dict:
+def _metadata(plan: BuildPlan, fingerprint: str, stats: dict[str, list[float]] | None = None) -> dict:
     paired = plan.paired
     return {
         "genes": list(paired.genes),
@@ -169,7 +197,7 @@ def _metadata(plan: BuildPlan, fingerprint: str) -> dict:
             "gex": int((np.diff(paired.gex.indptr) == 0).sum()),
             "atac": int((np.diff(paired.atac.indptr) == 0).sum()),
         },
-        "train_stats": train_stats(plan),
+        "train_stats": stats if stats is not None else train_stats(plan),
         "source": list(paired.source),
         "builder_version": BUILDER_VERSION,
         "content_digest": fingerprint,
@@ -185,6 +213,44 @@ def _as_split(builder: CellSentencesBuilder, plan: BuildPlan, split: str, digest
     table = InMemoryTable(features.arrow_schema.empty_table())
     info = datasets.DatasetInfo(features=features)
     return datasets.Dataset(table, info=info, split=datasets.Split(split), fingerprint=f"{digest[:16]}-{split}-empty")
+
+
+def _save_split(dataset: datasets.Dataset, path: Path) -> None:
+    """Write one split as a ``Dataset.save_to_disk`` folder, moving the builder's Arrow shards instead of copying.
+
+    The builder's cache files are Arrow stream files like the ones ``save_to_disk`` writes; renaming them to
+    ``data-XXXXX-of-NNNNN.arrow`` beside the same ``state.json`` and ``dataset_info.json`` gives a folder that
+    ``datasets.load_from_disk`` opens to the same table and fingerprint, without writing every record twice.
+    A split without cache files (an empty split, an in-memory table) is written by ``save_to_disk``.
+    """
+    files = [Path(c["filename"]) for c in dataset.cache_files]
+    if not files or dataset._indices is not None:
+        dataset.save_to_disk(str(path), num_shards=1 if len(dataset) == 0 else None)
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    names = [f"data-{i:05d}-of-{len(files):05d}.arrow" for i in range(len(files))]
+    state = {
+        key: dataset.__dict__[key]
+        for key in ("_fingerprint", "_format_columns", "_format_kwargs", "_format_type", "_output_all_columns")
+    }
+    state["_split"] = str(dataset.split) if dataset.split is not None else None
+    state["_data_files"] = [{"filename": name} for name in names]
+    info = asdict(dataset.info)
+    for source, name in zip(files, names, strict=True):
+        os.replace(source, path / name)
+    with open(path / datasets.config.DATASET_STATE_JSON_FILENAME, "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2, sort_keys=True)
+    with open(path / datasets.config.DATASET_INFO_FILENAME, "w", encoding="utf-8") as f:
+        json.dump({key: info[key] for key in sorted(info)}, f, indent=2)
+
+
+def _save_dataset_dict(dataset: datasets.DatasetDict, path: Path) -> None:
+    """``DatasetDict.save_to_disk`` layout, each split written by `_save_split`."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / datasets.config.DATASETDICT_JSON_FILENAME, "w", encoding="utf-8") as f:
+        json.dump({"splits": list(dataset)}, f)
+    for name, split in dataset.items():
+        _save_split(split, path / name)
 
 
 def _publish(staged: Path, output_dir: Path, overwrite: bool) -> None:
@@ -293,13 +359,12 @@ def build_dataset(
             builder.download_and_prepare()
             dataset = datasets.DatasetDict({split: _as_split(builder, plan, split, digest) for split in SPLITS})
             staged = work / "dataset"
-            # An empty split still needs one (empty) shard to load back.
-            dataset.save_to_disk(str(staged), num_shards={s: None if len(d) else 1 for s, d in dataset.items()})
+            _save_dataset_dict(dataset, staged)
         finally:
             if was_enabled:
                 datasets.utils.logging.enable_progress_bar()
         del dataset
-        meta = _metadata(plan, digest)
+        meta = _metadata(plan, digest, builder.train_stats)
         (staged / META_FILE).write_text(json.dumps(meta) + "\n")
         _publish(staged, output_dir, overwrite)
     finally:

@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .readers import PairedCounts
-from .sentences import GEX_ENCODINGS, library_size_factors, rank_genes
+from .sentences import GEX_ENCODINGS, GeneRanking, library_size_factors, rank_genes
 
-__all__ = ["SPLITS", "BuildPlan", "make_plan", "split_cells", "train_stats", "content_digest"]
+__all__ = ["SPLITS", "BuildPlan", "TrainStats", "make_plan", "split_cells", "train_stats", "content_digest"]
 
 SPLITS = ("train", "validation", "test")
 # Hash split: 80 / 10 / 10 by a stable hash of the barcode.
 _HASH_BUCKETS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
 _STATS_CHUNK = 4096
+# Entries per slice when hashing the count matrices.
+_DIGEST_SLICE = 1 << 22
 # Percent of the train batches' cells held out as validation when only --test_batches is given.
 _VALIDATION_FROM_TRAIN = 10
 
@@ -105,6 +107,24 @@ def split_cells(
     return rows, "batch"
 
 
+def _accessible_counts(atac, rows: np.ndarray, n_peaks: int) -> np.ndarray:
+    """Cells of ``rows`` in which each peak is accessible (count > 0), in slices of entries (no row copy)."""
+    selected = np.zeros(atac.shape[0], dtype=bool)
+    selected[rows] = True
+    counts = np.zeros(n_peaks, dtype=np.int64)
+    indptr = atac.indptr
+    step = max(1, _STATS_CHUNK)
+    for start in range(0, atac.shape[0], step):
+        stop = min(start + step, atac.shape[0])
+        if not selected[start:stop].any():
+            continue
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        entry_rows = np.repeat(selected[start:stop], np.diff(indptr[start : stop + 1]))
+        keep = entry_rows & (atac.data[lo:hi] > 0)
+        counts += np.bincount(atac.indices[lo:hi][keep], minlength=n_peaks)
+    return counts
+
+
 def make_plan(
     paired: PairedCounts,
     *,
@@ -123,8 +143,7 @@ def make_plan(
         size_factors, sf_source = paired.size_factors, "obs:size_factors"
     else:
         size_factors, sf_source = library_size_factors(paired.gex), "library_size / median_library_size"
-    train = paired.atac[rows["train"]]
-    counts = np.bincount(train.indices[train.data > 0], minlength=len(paired.peaks))
+    counts = _accessible_counts(paired.atac, rows["train"], len(paired.peaks))
     peak_map, peaks = None, list(paired.peaks)
     if top_peaks is not None and top_peaks < len(paired.peaks):
         # Most often accessible first, ties in genomic order; then kept in genomic order.
@@ -149,8 +168,91 @@ def make_plan(
     )
 
 
+class TrainStats:
+    """Accumulates the train statistics from the gene rankings of consecutive train cells.
+
+    The builder ranks every train cell once to write its records; feeding those rankings here (in train
+    row order, any chunking) gives exactly what `train_stats` computes by ranking the train cells itself:
+    the sums are taken over the same blocks of ``_STATS_CHUNK`` cells, entry by entry in the same order,
+    so the floating-point results are bit-identical.
+    """
+
+    def __init__(self, plan: BuildPlan):
+        self.plan = plan
+        self.n_rows = int(plan.rows["train"].size)
+        self.seen = 0
+        n_genes = len(plan.paired.genes)
+        self._value_sum = np.zeros(n_genes)
+        self._detected = np.zeros(n_genes)
+        self._rank_sum, self._rank_n = np.zeros(0), np.zeros(0)
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (index, value, positions)
+        self._pending_rows = 0
+
+    @property
+    def complete(self) -> bool:
+        """Whether every train cell has been added."""
+        return self.seen == self.n_rows
+
+    def add(self, ranking: GeneRanking) -> None:
+        """Add the ranking of the next ``len(ranking.offsets) - 1`` train cells (in train row order)."""
+        n = len(ranking.offsets) - 1
+        if self.seen + n > self.n_rows:
+            raise ValueError(f"TrainStats got {self.seen + n} train cells, but the plan has {self.n_rows}")
+        positions = ranking.positions
+        done = 0
+        while done < n:
+            take = min(n - done, _STATS_CHUNK - self._pending_rows)
+            lo, hi = int(ranking.offsets[done]), int(ranking.offsets[done + take])
+            self._pending.append((ranking.index[lo:hi], ranking.value[lo:hi], positions[lo:hi]))
+            self._pending_rows += take
+            done += take
+            if self._pending_rows == _STATS_CHUNK:
+                self._flush()
+        self.seen += n
+        if self.complete:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending_rows:
+            return
+        if len(self._pending) == 1:
+            index, value, positions = self._pending[0]
+        else:
+            index, value, positions = (np.concatenate(parts) for parts in zip(*self._pending, strict=True))
+        self._pending, self._pending_rows = [], 0
+        self._add_block(index, value, positions)
+
+    def _add_block(self, index: np.ndarray, value: np.ndarray, positions: np.ndarray) -> None:
+        n_genes = self._value_sum.size
+        self._value_sum += np.bincount(index, weights=value, minlength=n_genes)
+        self._detected += np.bincount(index, minlength=n_genes)
+        length = int(positions.max()) + 1 if positions.size else 0
+        if length > self._rank_sum.size:
+            self._rank_sum = np.pad(self._rank_sum, (0, length - self._rank_sum.size))
+            self._rank_n = np.pad(self._rank_n, (0, length - self._rank_n.size))
+        self._rank_sum += np.bincount(positions, weights=value, minlength=self._rank_sum.size)
+        self._rank_n += np.bincount(positions, minlength=self._rank_n.size)
+
+    def result(self) -> dict[str, list[float]]:
+        """The statistics (see `train_stats`); every train cell must have been added."""
+        if not self.complete:
+            raise ValueError(f"TrainStats has {self.seen} of {self.n_rows} train cells: add the rest first")
+        value_sum, detected, rank_sum, rank_n = self._value_sum, self._detected, self._rank_sum, self._rank_n
+        n_genes = value_sum.size
+        n_train = max(self.n_rows, 1)
+        return {
+            "gex_mean": (value_sum / n_train).tolist(),
+            "gex_detect_rate": (detected / n_train).tolist(),
+            "gex_mean_detected": np.divide(value_sum, detected, out=np.zeros(n_genes), where=detected > 0).tolist(),
+            "atac_mean": (self.plan.peak_train_counts / n_train).tolist(),
+            "rank_value": np.divide(rank_sum, rank_n, out=np.zeros(rank_sum.size), where=rank_n > 0).tolist(),
+        }
+
+
 def train_stats(plan: BuildPlan) -> dict[str, list[float]]:
     """Train-split statistics that map predictions back to values (see docs/architecture.md).
+
+    Ranks the train cells itself; a build that already ranks them feeds a `TrainStats` instead.
 
     Returns
     -------
@@ -159,34 +261,19 @@ def train_stats(plan: BuildPlan) -> dict[str, list[float]]:
         ``rank_value`` (mean log-norm of the gene at each rank position of the full detected-gene ranking).
     """
     paired, rows = plan.paired, plan.rows["train"]
-    n_genes = len(paired.genes)
-    value_sum = np.zeros(n_genes)
-    detected = np.zeros(n_genes)
-    rank_sum, rank_n = np.zeros(0), np.zeros(0)
+    stats = TrainStats(plan)
     for start in range(0, rows.size, _STATS_CHUNK):
         chunk = rows[start : start + _STATS_CHUNK]
-        ranking = rank_genes(paired.gex[chunk], plan.size_factors[chunk])
-        value_sum += np.bincount(ranking.index, weights=ranking.value, minlength=n_genes)
-        detected += np.bincount(ranking.index, minlength=n_genes)
-        positions = ranking.positions
-        length = int(positions.max()) + 1 if positions.size else 0
-        if length > rank_sum.size:
-            rank_sum = np.pad(rank_sum, (0, length - rank_sum.size))
-            rank_n = np.pad(rank_n, (0, length - rank_n.size))
-        rank_sum += np.bincount(positions, weights=ranking.value, minlength=rank_sum.size)
-        rank_n += np.bincount(positions, minlength=rank_n.size)
-    n_train = max(rows.size, 1)
-    return {
-        "gex_mean": (value_sum / n_train).tolist(),
-        "gex_detect_rate": (detected / n_train).tolist(),
-        "gex_mean_detected": np.divide(value_sum, detected, out=np.zeros(n_genes), where=detected > 0).tolist(),
-        "atac_mean": (plan.peak_train_counts / n_train).tolist(),
-        "rank_value": np.divide(rank_sum, rank_n, out=np.zeros(rank_sum.size), where=rank_n > 0).tolist(),
-    }
+        stats.add(rank_genes(paired.gex[chunk], plan.size_factors[chunk]))
+    return stats.result()
 
 
 def content_digest(plan: BuildPlan) -> str:
-    """A digest of everything that determines the records (not file names): equal digests mean equal records."""
+    """A digest of everything that determines the records (not file names): equal digests mean equal records.
+
+    The matrices are hashed in their native arrays where those are already canonical (int32 column indices,
+    float32 counts), so no 64-bit copy of every entry is made; other dtypes are converted slice by slice.
+    """
     h = hashlib.blake2b(digest_size=16)
     paired = plan.paired
     options = {
@@ -201,9 +288,26 @@ def content_digest(plan: BuildPlan) -> str:
     for name in ("train", "validation", "test"):
         h.update(np.ascontiguousarray(plan.rows[name], dtype=np.int64).tobytes())
     for matrix in (paired.gex, paired.atac):
-        for array, dtype in ((matrix.indptr, np.int64), (matrix.indices, np.int64), (matrix.data, np.float64)):
-            # In slices, in one dtype: the same counts stored as int32/float32 or int64/float64 hash alike.
-            for start in range(0, array.size, _STATS_CHUNK * 1024):
-                h.update(np.ascontiguousarray(array[start : start + _STATS_CHUNK * 1024], dtype=dtype).tobytes())
-    h.update(np.ascontiguousarray(plan.size_factors, dtype=np.float64).tobytes())
+        h.update(np.ascontiguousarray(matrix.indptr, dtype=np.int64))
+        index_dtype = np.int32 if matrix.shape[1] < 2**31 else np.int64
+        for start in range(0, matrix.nnz, _DIGEST_SLICE):
+            # The same matrix hashes alike whatever dtypes its layout stored: column indices as int32 (they fit),
+            # values as float32 where that is exact (counts are), else float64, each slice tagged with its width.
+            stop = start + _DIGEST_SLICE
+            h.update(np.ascontiguousarray(matrix.indices[start:stop], dtype=index_dtype))
+            _hash_values(h, matrix.data[start:stop])
+    h.update(np.ascontiguousarray(plan.size_factors, dtype=np.float64))
     return h.hexdigest()
+
+
+def _hash_values(h, values: np.ndarray) -> None:
+    """Feed ``b"f4"`` + float32 values when float32 holds them exactly, else ``b"f8"`` + float64 values."""
+    if values.dtype != np.float32:
+        narrow = values.astype(np.float32)
+        if not np.array_equal(narrow, values):
+            h.update(b"f8")
+            h.update(np.ascontiguousarray(values, dtype=np.float64))
+            return
+        values = narrow
+    h.update(b"f4")
+    h.update(np.ascontiguousarray(values))

@@ -39,6 +39,8 @@ ATAC_LABELS = frozenset({"ATAC", "Peaks"})
 OBS_COLUMNS = ("batch", "cell_type")
 # Integer and finiteness checks walk the value array in slices so memory stays bounded.
 _CHECK_SLICE = 1 << 24
+# Entries per chunk of rows when a combined CSR matrix is split into its modalities.
+_SPLIT_ENTRIES = 1 << 24
 _PEAK_RE = re.compile(r"^([A-Za-z0-9._]+?)[:_-](\d+)[-_](\d+)$")
 
 
@@ -345,6 +347,150 @@ def _split_combined(
     return mods[0], mods[1]
 
 
+def _row_chunks(indptr: np.ndarray, max_entries: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges of at most ``max_entries`` entries each (a longer row is a range alone)."""
+    n_rows = indptr.size - 1
+    chunks, start = [], 0
+    while start < n_rows:
+        stop = int(np.searchsorted(indptr, indptr[start] + max_entries, side="right")) - 1
+        stop = min(max(stop, start + 1), n_rows)
+        chunks.append((start, stop))
+        start = stop
+    return chunks
+
+
+def _split_csr_columns(
+    path: Path, indptr, data, indices, shape: tuple[int, int], is_gex: np.ndarray
+) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Split a cells x features CSR into its GEX and ATAC columns, reading it in chunks of rows.
+
+    ``data`` and ``indices`` are sliced by entry ranges (h5py datasets, read straight from the file, or
+    arrays), in one pass, so memory holds the two output matrices plus one chunk: a per-entry mask
+    ``is_gex[indices]`` picks each entry's modality and a column remap gives its index within that modality.
+    Entries keep their order, so each output equals ``matrix[:, columns]`` of that modality's columns.
+    """
+    n_rows, n_cols = shape
+    indptr = np.asarray(indptr, dtype=np.int64)
+    nnz = int(data.shape[0])
+    if indptr.shape != (n_rows + 1,) or indptr[0] != 0 or indptr[-1] != nnz or int(indices.shape[0]) != nnz:
+        raise ValueError(
+            f"the count matrix in {path} is not a consistent CSR matrix (indptr of {indptr.size} for {n_rows} cells, "
+            f"{nnz} values, {int(indices.shape[0])} indices): it may be truncated or damaged; re-write it"
+        )
+    if np.any(np.diff(indptr) < 0):
+        raise ValueError(f"the count matrix in {path} has a decreasing indptr: it is damaged; re-write it")
+    n_gex = int(is_gex.sum())
+    n_atac = n_cols - n_gex
+    remap = np.zeros(n_cols, dtype=np.int64)
+    remap[is_gex] = np.arange(n_gex)
+    remap[~is_gex] = np.arange(n_atac)
+    chunks = _row_chunks(indptr, _SPLIT_ENTRIES)
+
+    def read(array, lo: int, hi: int) -> np.ndarray:
+        try:
+            return np.asarray(array[lo:hi])
+        except Exception as err:  # h5py raises many types on a damaged file
+            raise ValueError(
+                f"the count matrix in {path} could not be read ({type(err).__name__}: {err}): "
+                "it may be truncated or damaged; re-download or re-write it"
+            ) from None
+
+    def columns(lo: int, hi: int) -> np.ndarray:
+        index = read(indices, lo, hi)
+        if index.size and (int(index.min()) < 0 or int(index.max()) >= n_cols):
+            raise ValueError(
+                f"the count matrix in {path} has column indices outside 0..{n_cols - 1}: it is damaged; re-write it"
+            )
+        return index
+
+    # One pass: each entry is copied to its modality, column renumbered. The outputs are allocated at the
+    # combined size, of which only the pages written become resident, and shrunk in place at the end.
+    index_dtype = np.dtype(np.int32) if max(nnz, n_cols) < 2**31 - 1 else np.dtype(np.int64)
+    remap = remap.astype(index_dtype)
+    # The usual layouts store one modality's columns first, then the other's: then the mask is one comparison
+    # and the remap one subtraction (no gathers through lookup tables).
+    gex_first = bool(is_gex[:n_gex].all())
+    atac_first = not gex_first and bool(is_gex[n_atac:].all())
+    gex_indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    gex_data, gex_index = np.empty(nnz, dtype=data.dtype), np.empty(nnz, dtype=index_dtype)
+    atac_data, atac_index = np.empty(nnz, dtype=data.dtype), np.empty(nnz, dtype=index_dtype)
+    n_gex_entries = n_atac_entries = 0
+    for start, stop in chunks:
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        values, index = read(data, lo, hi), columns(lo, hi).astype(index_dtype, copy=False)
+        if gex_first:
+            mask = index < n_gex
+        elif atac_first:
+            mask = index >= n_atac
+        else:
+            mask = is_gex[index]
+        # GEX entries of each row: sums over the rows' entry ranges (empty rows have none).
+        lengths = np.diff(indptr[start : stop + 1])
+        per_row = np.zeros(stop - start, dtype=np.int64)
+        if mask.size:
+            filled = lengths > 0
+            per_row[filled] = np.add.reduceat(mask.view(np.uint8), indptr[start:stop][filled] - lo, dtype=np.int64)
+        np.cumsum(per_row, out=per_row)
+        gex_indptr[start + 1 : stop + 1] = n_gex_entries + per_row
+        g = int(per_row[-1]) if per_row.size else 0
+        a = mask.size - g
+        for keep, out_data, out_index, shift, done, count in (
+            (mask, gex_data, gex_index, n_atac if atac_first else 0, n_gex_entries, g),
+            (None, atac_data, atac_index, n_gex if gex_first else 0, n_atac_entries, a),
+        ):
+            if keep is None:  # the ATAC entries: the mask inverted in place
+                keep = np.logical_not(mask, out=mask)
+            np.compress(keep, values, out=out_data[done : done + count])
+            if gex_first or atac_first:
+                np.compress(keep, index, out=out_index[done : done + count])
+                if shift:
+                    np.subtract(out_index[done : done + count], shift, out=out_index[done : done + count])
+            else:
+                np.take(remap, index[keep], out=out_index[done : done + count])
+        n_gex_entries += g
+        n_atac_entries += a
+        del values, index, mask
+    for array, size in ((gex_data, n_gex_entries), (gex_index, n_gex_entries)):
+        array.resize(size, refcheck=False)
+    for array, size in ((atac_data, n_atac_entries), (atac_index, n_atac_entries)):
+        array.resize(size, refcheck=False)
+    atac_indptr = indptr - gex_indptr
+    return (
+        sp.csr_matrix((gex_data, gex_index, gex_indptr.astype(index_dtype)), shape=(n_rows, n_gex)),
+        sp.csr_matrix((atac_data, atac_index, atac_indptr.astype(index_dtype)), shape=(n_rows, n_atac)),
+    )
+
+
+def _split_modalities(
+    path: Path,
+    obs: pd.DataFrame,
+    var: pd.DataFrame,
+    gex: sp.csr_matrix,
+    atac: sp.csr_matrix,
+    source: str,
+    is_gex: np.ndarray,
+) -> tuple[_Modality, _Modality]:
+    cells = obs.index.astype(str)
+    keep, sf = _obs_subset(obs, ("GEX_size_factors", "size_factors"))
+    names = var.index.astype(str)
+    return (
+        _Modality(path, "GEX", cells, names[is_gex].tolist(), gex, keep, source, sf),
+        _Modality(path, "ATAC", cells, names[~is_gex].tolist(), atac, keep, source, None),
+    )
+
+
+def _csr_group(group: h5py.Group) -> h5py.Group | None:
+    """The HDF5 group of the raw counts when they are stored as a CSR matrix (read in chunks), else None."""
+    element = group["layers"]["counts"] if "layers" in group and "counts" in group["layers"] else group.get("X")
+    if not isinstance(element, h5py.Group):
+        return None
+    encoding = element.attrs.get("encoding-type", "")
+    encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
+    if encoding != "csr_matrix" or not {"data", "indices", "indptr"} <= set(element.keys()):
+        return None
+    return element
+
+
 def _read_combined_h5ad(path: Path) -> tuple[_Modality, _Modality]:
     with _open_h5(path) as f:
         obs = _read(f, "obs", path)
@@ -355,6 +501,16 @@ def _read_combined_h5ad(path: Path) -> tuple[_Modality, _Modality]:
                 f"{path} is one AnnData file without var['feature_types']: label each feature GEX or ATAC in "
                 "var['feature_types'], or pass the two modalities as two files (--input RNA --input ATAC)"
             )
+        csr = _csr_group(f)
+        if csr is not None:
+            # CSR on disk: split it chunk by chunk of rows, never holding the combined matrix.
+            source = "layers/counts" if csr.name.endswith("layers/counts") else "X"
+            shape = tuple(int(x) for x in csr.attrs.get("shape", (-1, -1)))
+            if shape != (len(obs), len(var)):
+                raise ValueError(f"{path}: matrix shape {shape} does not match obs x var ({len(obs)} x {len(var)})")
+            is_gex = np.isin(labels, list(GEX_LABELS))
+            gex, atac = _split_csr_columns(path, _read(csr, "indptr", path), csr["data"], csr["indices"], shape, is_gex)
+            return _split_modalities(path, obs, var, gex, atac, source, is_gex)
         counts, source = _anndata_counts(f, path, "AnnData")
     # A CSC matrix slices columns cheaply; each modality becomes CSR once in _split_combined.
     if counts.shape != (len(obs), len(var)):
@@ -398,17 +554,25 @@ def _read_10x_h5(path: Path) -> tuple[_Modality, _Modality]:
                 [b.decode() if isinstance(b, bytes) else str(b) for b in m["features/name"][()]], dtype=object
             )
             labels = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in m["features/feature_type"][()]])
-            # The 10x matrix is features x cells in CSC, i.e. cells x features in CSR.
-            matrix = sp.csr_matrix((m["data"][()], m["indices"][()], m["indptr"][()]), shape=(n_cells, n_features))
+            data, indices, indptr = m["data"], m["indices"], m["indptr"][()]
         except (KeyError, OSError, ValueError) as err:
             raise ValueError(
                 f"{path} is not a readable Cell Ranger feature-barcode matrix ({type(err).__name__}: {err}): "
                 "give filtered_feature_bc_matrix.h5 as written by Cell Ranger ARC"
             ) from None
-    var = pd.DataFrame(index=pd.Index(names))
-    obs = pd.DataFrame(index=barcodes)
-    _feature_labels(pd.DataFrame({"feature_types": labels}), path)
-    return _split_combined(path, obs, var, matrix, "X", labels)
+        var = pd.DataFrame(index=pd.Index(names))
+        obs = pd.DataFrame(index=barcodes)
+        _feature_labels(pd.DataFrame({"feature_types": labels}), path)
+        if len(names) != n_features or len(labels) != n_features or len(barcodes) != n_cells:
+            raise ValueError(
+                f"{path} is not a readable Cell Ranger feature-barcode matrix (shape {n_features} x {n_cells} but "
+                f"{len(names)} features, {len(barcodes)} barcodes): give filtered_feature_bc_matrix.h5 as written by "
+                "Cell Ranger ARC"
+            )
+        # The 10x matrix is features x cells in CSC, i.e. cells x features in CSR: split it chunk by chunk.
+        is_gex = np.isin(labels, list(GEX_LABELS))
+        gex, atac = _split_csr_columns(path, indptr, data, indices, (n_cells, n_features), is_gex)
+    return _split_modalities(path, obs, var, gex, atac, "X", is_gex)
 
 
 # ---------------------------------------------------------------------------------- pairing

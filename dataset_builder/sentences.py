@@ -75,6 +75,33 @@ def _offsets(rows: np.ndarray, n_rows: int) -> np.ndarray:
     return offsets
 
 
+def _rank_order(
+    rows: np.ndarray, index: np.ndarray, counts: np.ndarray, n_rows: int, *, sorted_indices: bool
+) -> np.ndarray:
+    """Permutation ordering entries by (row, descending count, feature), i.e. ``np.lexsort((index, -counts, rows))``.
+
+    Integer counts with sorted column indices (the canonical CSR the reader gives) take one stable argsort of
+    a composite int64 key ``row * C + (C - 1 - count)`` (or, when counts and rows fit 16 bits, two stable radix
+    sorts, by count then by row): entries are already in (row, feature) order, so a stable sort keeps
+    feature order on ties and the permutation is the lexsort's (about 4-5x faster).
+    """
+    if sorted_indices and counts.size:
+        top = float(counts.max())
+        span = top + 1.0
+        if span * max(n_rows, 1) < 2.0**62:
+            whole = counts.astype(np.int64)
+            if np.array_equal(whole, counts):
+                c = int(top) + 1
+                if c <= 1 << 16 and n_rows <= 1 << 16:
+                    # Both keys fit 16 bits: two stable radix sorts (count, then row) instead of one merge sort.
+                    by_count = np.argsort((c - 1 - whole).astype(np.uint16), kind="stable")
+                    return by_count[np.argsort(rows[by_count].astype(np.uint16), kind="stable")]
+                key = rows.astype(np.int64) * c
+                key += c - 1 - whole
+                return np.argsort(key, kind="stable")
+    return np.lexsort((index, -counts, rows))
+
+
 def rank_genes(gex: sp.csr_matrix, size_factors: np.ndarray) -> GeneRanking:
     """Rank the detected genes of each cell of a CSR chunk of raw counts.
 
@@ -94,7 +121,7 @@ def rank_genes(gex: sp.csr_matrix, size_factors: np.ndarray) -> GeneRanking:
     rows = _row_of_entries(gex)
     detected = gex.data > 0
     rows, index, counts = rows[detected], gex.indices[detected], gex.data[detected]
-    order = np.lexsort((index, -counts, rows))
+    order = _rank_order(rows, index, counts, gex.shape[0], sorted_indices=bool(gex.has_sorted_indices))
     rows, index, counts = rows[order], index[order], counts[order]
     value = np.log1p(counts.astype(np.float64) / size_factors[rows]).astype(np.float32)
     return GeneRanking(_offsets(rows, gex.shape[0]), index.astype(np.int32), value)
@@ -115,14 +142,17 @@ def accessible_peaks(atac: sp.csr_matrix, peak_map: np.ndarray | None = None) ->
     offsets, index
         ``index[offsets[i]:offsets[i + 1]]`` are cell ``i``'s accessible (kept) peaks in genomic order.
     """
-    rows = _row_of_entries(atac)
     keep = atac.data > 0
-    rows, index = rows[keep], atac.indices[keep]
+    index = atac.indices
     if peak_map is not None:
         index = peak_map[index]
-        kept = index >= 0
-        rows, index = rows[kept], index[kept]
-    return _offsets(rows, atac.shape[0]), index.astype(np.int32)
+        keep &= index >= 0
+    starts = atac.indptr.astype(np.int64) - int(atac.indptr[0])
+    if keep.all():  # the usual case: no stored zeros (the reader drops them), every peak kept
+        return starts, index.astype(np.int32)
+    kept_before = np.zeros(keep.size + 1, dtype=np.int64)
+    np.cumsum(keep, out=kept_before[1:])
+    return kept_before[starts], index[keep].astype(np.int32)
 
 
 def join_names(names: pa.Array, offsets: np.ndarray, index: np.ndarray) -> pa.Array:
@@ -144,6 +174,7 @@ def encode_cells(
     *,
     gex_encoding: str = "rank",
     peak_map: np.ndarray | None = None,
+    ranking: GeneRanking | None = None,
 ) -> dict[str, pa.Array]:
     """Sentences and numeric columns for one chunk of cells.
 
@@ -159,6 +190,9 @@ def encode_cells(
         ``"rank"`` or ``"binary"``.
     peak_map
         Column -> kept-peak index map for ``top_peaks`` (-1 = dropped).
+    ranking
+        ``rank_genes(gex, size_factors)`` when the caller already has it (e.g. to also accumulate train
+        statistics from it); computed here otherwise.
 
     Returns
     -------
@@ -167,7 +201,8 @@ def encode_cells(
     """
     if gex_encoding not in GEX_ENCODINGS:
         raise ValueError(f"unknown gex_encoding '{gex_encoding}': use one of {GEX_ENCODINGS}")
-    ranking = rank_genes(gex, size_factors)
+    if ranking is None:
+        ranking = rank_genes(gex, size_factors)
     if gex_encoding == "rank":
         gex_text = join_names(genes, ranking.offsets, ranking.index)
     else:
