@@ -244,7 +244,8 @@ def constrained_decode(
 ) -> DecodeResult:
     """Greedy decoding restricted to the target modality's names, with a key/value cache.
 
-    Each step proposes ``</s>`` or a name of ``target_range`` not generated yet; with ``ordered``
+    Each step names the most likely allowed name, or ends the sentence when ``</s>`` has probability
+    at least 0.5. Allowed names are those of ``target_range`` not generated yet; with ``ordered``
     (ATAC targets, written in genomic order = increasing id) only names after the previous one.
     The step's distribution over the allowed names is aggregated per feature while decoding, so
     nothing of size ``[steps, cells, features]`` is kept:
@@ -295,7 +296,10 @@ def constrained_decode(
         total += feature_probs
         if step_weight is not None:
             weighted += feature_probs * step_weight(step)
-        choice = probs.argmax(dim=-1)
+        # Stop only when </s> holds most of the mass. A plain argmax lets </s> win as the single most
+        # likely token while continuing is far more likely overall (the mass is spread over thousands of
+        # names), and an undertrained model then emits nothing at all.
+        choice = torch.where(probs[:, 0] >= 0.5, torch.zeros_like(last), probs[:, 1:].argmax(dim=-1) + 1)
         finished = (choice == 0) | ~active
         for row in torch.nonzero(~finished).flatten().tolist():
             sequences[row].append(start + int(choice[row]) - 1)
