@@ -18,11 +18,16 @@ from collections.abc import Sequence
 from evaluation.baselines import BASELINES
 from evaluation.runner import DIRECTIONS, run_evaluation
 
-__all__ = ["main", "parse_args", "run_evaluation"]
+__all__ = ["cli", "main", "parse_args", "run_evaluation"]
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineParser(prog="python eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="model folder written by train.py, or a Hub id")
     model.add_argument("--seed_model", help="model trained on --gex_encoding binary sentences (baseline seed_binary)")
@@ -41,11 +46,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--no_update_model_folder", action="store_true", help="leave the model folder untouched")
     run.add_argument("--seed", type=int, default=0, help="random seed of the SVD baselines")
     run.add_argument("--krr_landmarks", type=int, default=1000, help="Nystroem landmarks of the svd_krr baseline")
+    run.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if not args.skip_model and not args.model:
         parser.error("give --model DIR (or a Hub id), or --skip_model to score the baselines only")
     if args.max_cells is not None and args.max_cells <= 0:
         parser.error("--max_cells must be positive")
+    for name in ("batch_size", "krr_landmarks"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args
 
 
@@ -75,5 +84,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return results
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``main`` for the command line: bad input gives one ``error:`` line and exit code 2 (a traceback with ``--debug``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        main(argv)
+    except (OSError, ValueError, KeyError) as err:
+        if "--debug" in argv:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli())

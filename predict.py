@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text", action="store_true", help="also store the translated sentences in obs['translation']")
     parser.add_argument("--batch_size", type=int, default=64, help="cells decoded together")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--allow_pickle", action="store_true", help="load pickle weights (pytorch_model.bin); they can run code: only for trusted folders")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> Path:
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"--output {output} exists; choose another name or pass --overwrite")
-    translator = CellTranslator.from_pretrained(args.model)
+    translator = CellTranslator.from_pretrained(args.model, allow_pickle=args.allow_pickle)
     inputs = args.input[0] if len(args.input) == 1 else args.input
     adata = translator.predict_anndata(inputs, args.direction, batch_size=args.batch_size, return_sentences=args.text)
     output.parent.mkdir(parents=True, exist_ok=True)

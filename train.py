@@ -93,6 +93,7 @@ class RunArguments:
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, RunArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments))
+    parser.error = lambda message: parser.exit(2, f"error: {message}\n")  # one line, no usage block
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
         return loader(os.path.abspath(argv[0]))
@@ -107,6 +108,24 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(run, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(run, name)}")
+    for name, value in (("max_source_length", data_args.max_source_length), ("max_target_length", data_args.max_target_length), ("logging_steps", run.logging_steps)):
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    for name in ("warmup_steps", "eval_steps", "checkpointing_steps", "stop_after_steps", "cpu_threads", "weight_decay"):
+        if getattr(run, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(run, name)}")
+    for name in ("max_eval_cells", "calibration_cells"):
+        if getattr(data_args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(data_args, name)}")
+    if model_args.n_negatives < 0:
+        raise ValueError(f"--n_negatives must be >= 0, got {model_args.n_negatives}")
+    if not (math.isfinite(run.learning_rate) and run.learning_rate > 0):
+        raise ValueError(f"--learning_rate must be a positive number, got {run.learning_rate}")
+    for name, value in (("dropout_rate", model_args.dropout_rate), ("label_smoothing", run.label_smoothing)):
+        if not 0 <= value < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {value}")
+    if run.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ValueError(f"--mixed_precision {run.mixed_precision!r} is unknown; choose no, fp16 or bf16")
     if run.max_steps <= 0 and run.num_train_epochs <= 0:
         raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
     if not set(data_args.directions) <= set(DIRECTIONS) or not data_args.directions:
@@ -157,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         argv = demo_arguments()
     model_args, data_args, run = parse_args(argv)
     check_args(model_args, data_args, run)
+    # Inputs are checked before anything is written: a wrong dataset or tokenizer leaves no output folder behind.
+    meta = read_meta(data_args.dataset_dir)
+    tokenizer = load_tokenizer(data_args.tokenizer_dir) if data_args.tokenizer_dir else None
+    if tokenizer is None:
+        raise ValueError("--tokenizer_dir is required; build one with `python -m tokenizer --dataset DIR --output_dir TOK`")
+    check_vocabulary(tokenizer, meta, what=f"dataset {data_args.dataset_dir}")
     accelerator = Accelerator(
         gradient_accumulation_steps=run.gradient_accumulation_steps,
         mixed_precision=run.mixed_precision,
@@ -179,12 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if run.cpu_threads > 0:
         torch.set_num_threads(run.cpu_threads)
 
-    # Data: tokenizer, both directions of each cell, length-grouped batches.
-    meta = read_meta(data_args.dataset_dir)
-    tokenizer = load_tokenizer(data_args.tokenizer_dir) if data_args.tokenizer_dir else None
-    if tokenizer is None:
-        raise ValueError("--tokenizer_dir is required; build one with `python -m tokenizer --dataset DIR --output_dir TOK`")
-    check_vocabulary(tokenizer, meta)
+    # Data: both directions of each cell, length-grouped batches (tokenizer and metadata were read above).
     splits = datasets.load_from_disk(data_args.dataset_dir)
     caps = (data_args.max_source_length, data_args.max_target_length)
     train_examples = TranslationExamples(splits["train"], tokenizer, data_args.directions, *caps)

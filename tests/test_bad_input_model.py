@@ -1,0 +1,335 @@
+"""Issue 7, model side: bad input to train.py, predict.py, eval.py and the translator API.
+
+One tiny model (2 steps) on a synthetic dataset serves the whole module. Every refusal is checked for a
+one-line message naming the flag or file, exit code 2 for the CLIs, and no output left behind; the cases
+handled without refusal (unknown genes, another peak set, all-zero cells) are checked for their counts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from tests.conftest import REPO
+from tests.test_train import ENV
+from tests.translator_fixtures import make_dataset, make_dataset_and_tokenizer, tiny_args
+
+SMALL = {"n_cells": 60, "n_genes": 20, "n_peaks": 30}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(dataset, tokenizer, model folder, a dataset of other genes, a GEX .h5ad, an ATAC .h5ad) for the whole module."""
+    import train
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bad_model")
+    data, tok = make_dataset_and_tokenizer(root, **SMALL)
+    other = make_dataset(root / "other_data", n_cells=60, n_genes=24, n_peaks=30)  # another vocabulary
+    model = root / "model"
+    assert train.main(_tiny(data, tok, model)) == 0
+    meta = json.loads((model / "cell_sentences.json").read_text())
+    rng = np.random.default_rng(0)
+    gex = ad.AnnData(X=sp.csr_matrix(rng.poisson(2.0, size=(6, len(meta["genes"]))).astype(np.float32)),
+                     obs=pd.DataFrame(index=[f"c{i}" for i in range(6)]), var=pd.DataFrame(index=meta["genes"]))
+    gex.write_h5ad(root / "gex.h5ad")
+    atac = ad.AnnData(X=sp.csr_matrix((rng.random((6, len(meta["peaks"]))) < 0.3).astype(np.float32)),
+                      obs=pd.DataFrame(index=[f"c{i}" for i in range(6)]), var=pd.DataFrame(index=meta["peaks"]))
+    atac.write_h5ad(root / "atac.h5ad")
+    return {"data": data, "tok": tok, "model": model, "other": other, "gex": gex, "atac": atac, "root": root}
+
+
+def _tiny(data: Path, tok: Path, out: Path, *extra: str) -> list[str]:
+    return tiny_args(data, tok, out, "--max_steps", "2", "--checkpointing_steps", "0", "--calibration_cells", "8",
+                     "--max_eval_cells", "8", *extra)
+
+
+def _cli(main, argv: list[str], capsys) -> tuple[int, list[str]]:
+    """Exit code and stderr lines of an in-process CLI (argparse exits included)."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip()]
+
+
+def _one_line(code: int, lines: list[str], *words: str) -> None:
+    errors = [line for line in lines if line.startswith("error:")]  # progress bars may precede the error
+    assert code == 2, lines
+    assert len(errors) == 1 and not any("Traceback" in line for line in lines), lines
+    for word in words:
+        assert word in errors[0], errors
+
+
+def _copy_without(model: Path, dest: Path, *names: str) -> Path:
+    dest.mkdir()
+    for path in model.iterdir():
+        if path.is_file() and path.name not in names:
+            shutil.copy(path, dest / path.name)
+    return dest
+
+
+# -- a dataset built for another tokenizer ---------------------------------------------------------------
+
+def test_train_cli_refuses_a_dataset_of_another_vocabulary(setup, tmp_path):
+    out = tmp_path / "model"
+    result = subprocess.run([sys.executable, "train.py", *_tiny(setup["other"], setup["tok"], out)],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "another vocabulary" in lines[0] and "other_data" in lines[0] and "python -m tokenizer" in lines[0]
+    assert not out.exists()  # refused before anything was written
+
+
+def test_eval_refuses_a_dataset_of_another_vocabulary(setup, tmp_path, capsys):
+    import eval as eval_cli
+
+    out = tmp_path / "eval"
+    code, lines = _cli(eval_cli.cli, ["--model", str(setup["model"]), "--dataset_dir", str(setup["other"]),
+                                      "--output_dir", str(out), "--baselines", "--no_plots"], capsys)
+    _one_line(code, lines, "other genes", "same features")
+    assert not out.exists()
+
+
+# -- model folders with files missing, pickle weights -------------------------------------------------------
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "tokenizer.json", "cell_sentences.json", "config.json"])
+def test_model_folder_with_a_file_missing_is_refused(setup, tmp_path, capsys, missing):
+    import eval as eval_cli
+    import predict
+    from translator import CellTranslator
+
+    broken = _copy_without(setup["model"], tmp_path / "broken", missing)
+    with pytest.raises(FileNotFoundError, match=f"lacks {missing}"):
+        CellTranslator.from_pretrained(broken)
+    output = tmp_path / "pred.h5ad"
+    code, lines = _cli(predict.main, ["--model", str(broken), "--input", str(setup["root"] / "gex.h5ad"),
+                                      "--direction", "gex2atac", "--output", str(output)], capsys)
+    _one_line(code, lines, str(broken), missing)
+    assert not output.exists() and not list(tmp_path.glob(".pred*"))
+    code, lines = _cli(eval_cli.cli, ["--model", str(broken), "--dataset_dir", str(setup["data"]),
+                                      "--output_dir", str(tmp_path / "eval"), "--baselines", "--no_plots"], capsys)
+    _one_line(code, lines, missing)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_missing_model_folder_is_refused(tmp_path):
+    from translator import CellTranslator
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        CellTranslator.from_pretrained(tmp_path / "no_such_model")
+
+
+def test_pickle_weights_load_only_when_asked(setup, tmp_path, capsys):
+    import predict
+    from translator import CellTranslator
+
+    pickled = _copy_without(setup["model"], tmp_path / "pickled", "model.safetensors")
+    reference = CellTranslator.from_pretrained(setup["model"])
+    torch.save(reference.model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle weights"):
+        CellTranslator.from_pretrained(pickled)
+    argv = ["--model", str(pickled), "--input", str(setup["root"] / "gex.h5ad"), "--direction", "gex2atac",
+            "--output", str(tmp_path / "pred.h5ad")]
+    code, lines = _cli(predict.main, argv, capsys)
+    _one_line(code, lines, "pickle", "--allow_pickle")
+    assert not (tmp_path / "pred.h5ad").exists()
+    assert _cli(predict.main, [*argv, "--allow_pickle"], capsys)[0] == 0  # the user asked: loaded, same predictions
+    expected = reference.predict_anndata(setup["gex"], "gex2atac")
+    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "pred.h5ad").X, expected.X, rtol=1e-5, atol=1e-6)
+
+
+# -- empty sentences ----------------------------------------------------------------------------------------
+
+def test_empty_sentences(setup):
+    from translator import CellTranslator
+
+    tr = CellTranslator.from_pretrained(setup["model"])
+    genes = tr.meta["genes"]
+    with pytest.raises(ValueError, match="sentence 1 is empty"):
+        tr.translate([genes[0], "  "], "gex2atac")
+    with pytest.raises(ValueError, match="not one string"):
+        tr.translate(f"{genes[0]} {genes[1]}", "gex2atac")
+    with pytest.raises(ValueError, match="direction 'rna2atac' is unknown"):
+        tr.predict_matrix([genes[0]], "rna2atac")
+    # predict_matrix keeps all-zero cells: an empty sentence is predicted from the direction prefix alone.
+    matrix = tr.predict_matrix(["", genes[0]], "gex2atac")
+    assert matrix.shape == (2, len(tr.meta["peaks"])) and np.isfinite(matrix).all()
+    unknown_only = tr.predict_matrix(["NotAGene OtherUnknown"], "gex2atac")
+    assert tr.last_stats["unknown_source_names"] == 2
+    np.testing.assert_allclose(unknown_only[0], matrix[0])
+
+
+# -- invalid CLI values ---------------------------------------------------------------------------------------
+
+TRAIN_BAD_FLAGS = [
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
+    (["--per_device_train_batch_size", "-1"], "--per_device_train_batch_size must be >= 1"),
+    (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be >= 1"),
+    (["--learning_rate", "-1"], "--learning_rate must be a positive number"),
+    (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
+    (["--max_source_length", "0"], "--max_source_length must be >= 1"),
+    (["--max_target_length", "-4"], "--max_target_length must be >= 1"),
+    (["--logging_steps", "0"], "--logging_steps must be >= 1"),
+    (["--warmup_steps", "-1"], "--warmup_steps must be >= 0"),
+    (["--checkpointing_steps", "-1"], "--checkpointing_steps must be >= 0"),
+    (["--calibration_cells", "-1"], "--calibration_cells must be >= 0"),
+    (["--dropout_rate", "1.5"], "--dropout_rate must be in [0, 1)"),
+    (["--mixed_precision", "fp8"], "--mixed_precision 'fp8' is unknown"),
+    (["--model_size", "huge"], "--model_size 'huge' is unknown"),
+    (["--directions", "gex2rna"], "--directions"),
+    (["--max_steps", "-5", "--num_train_epochs", "0"], "--num_train_epochs > 0"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), TRAIN_BAD_FLAGS, ids=[" ".join(f) for f, _ in TRAIN_BAD_FLAGS])
+def test_train_refuses_invalid_values(setup, tmp_path, flags, message):
+    import train
+
+    out = tmp_path / "model"
+    with pytest.raises(ValueError) as err:
+        train.main(_tiny(setup["data"], setup["tok"], out, *flags))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def test_train_accepts_negative_max_steps_as_use_epochs_and_parses_errors_in_one_line(setup, tmp_path, capsys):
+    import train
+
+    args = train.parse_args(_tiny(setup["data"], setup["tok"], tmp_path / "m", "--max_steps", "-5"))
+    train.check_args(*args)  # -5 means: train for --num_train_epochs
+    code, lines = _cli(train.main, _tiny(setup["data"], setup["tok"], tmp_path / "m", "--max_steps", "abc"), capsys)
+    _one_line(code, lines, "--max_steps", "abc")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--direction", "rna2atac"], "invalid choice: 'rna2atac'"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--output_csv"], "unrecognized arguments"),
+])
+def test_predict_refuses_invalid_values(setup, tmp_path, capsys, flags, message):
+    import predict
+
+    argv = ["--model", str(setup["model"]), "--input", str(setup["root"] / "gex.h5ad"), "--direction", "gex2atac",
+            "--output", str(tmp_path / "pred.h5ad"), *flags]
+    _one_line(*_cli(predict.main, argv, capsys), message)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--directions", "rna2atac"], "invalid choice: 'rna2atac'"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--max_cells", "-3"], "--max_cells must be positive"),
+    (["--krr_landmarks", "0"], "--krr_landmarks must be >= 1"),
+    (["--split", "dev"], "invalid choice: 'dev'"),
+])
+def test_eval_refuses_invalid_values(setup, tmp_path, capsys, flags, message):
+    import eval as eval_cli
+
+    argv = ["--model", str(setup["model"]), "--dataset_dir", str(setup["data"]), "--output_dir", str(tmp_path / "eval"), *flags]
+    _one_line(*_cli(eval_cli.cli, argv, capsys), message)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_eval_missing_dataset_is_one_line(tmp_path, capsys):
+    import eval as eval_cli
+
+    code, lines = _cli(eval_cli.cli, ["--skip_model", "--dataset_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "e")], capsys)
+    _one_line(code, lines, "nope")
+
+
+# -- output folders that exist ----------------------------------------------------------------------------------
+
+def test_train_refuses_an_existing_output_dir_unless_told(setup, tmp_path):
+    import train
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous work")
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+        train.main(_tiny(setup["data"], setup["tok"], out))
+    assert (out / "keep.txt").read_text() == "previous work"
+    assert train.main(_tiny(setup["data"], setup["tok"], out, "--overwrite_output_dir")) == 0
+    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+
+
+def test_predict_refuses_an_existing_output_unless_told(setup, tmp_path, capsys):
+    import predict
+
+    output = tmp_path / "pred.h5ad"
+    output.write_bytes(b"previous")
+    argv = ["--model", str(setup["model"]), "--input", str(setup["root"] / "gex.h5ad"), "--direction", "gex2atac", "--output", str(output)]
+    _one_line(*_cli(predict.main, argv, capsys), str(output), "--overwrite")
+    assert output.read_bytes() == b"previous"
+    assert _cli(predict.main, [*argv, "--overwrite"], capsys)[0] == 0
+    assert ad.read_h5ad(output).shape == (6, len(setup["atac"].var_names))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.h5ad"]  # no temporary left behind
+
+
+# -- handled, not refused -----------------------------------------------------------------------------------------
+
+def test_unknown_genes_are_ignored_and_counted(setup, caplog):
+    from translator import CellTranslator
+
+    tr = CellTranslator.from_pretrained(setup["model"])
+    gex = setup["gex"]
+    extra = ad.AnnData(X=sp.csr_matrix(np.full((gex.n_obs, 3), 4.0, dtype=np.float32)), obs=gex.obs[[]],
+                       var=pd.DataFrame(index=["NotAGene1", "NotAGene2", "NotAGene3"]))
+    caplog.set_level("WARNING")
+    out = tr.predict_anndata(ad.concat([gex, extra], axis=1), "gex2atac")
+    assert out.uns["cell_translation"]["unknown_genes"] == 3 and out.n_obs == gex.n_obs
+    assert "3 of" in caplog.text and "unknown to the model" in caplog.text
+
+
+def test_peaks_of_another_peak_set_are_mapped_by_overlap(setup, caplog):
+    from translator import CellTranslator
+
+    tr = CellTranslator.from_pretrained(setup["model"])
+    atac = setup["atac"]
+    shifted = [f"{c}:{int(s) + 100}-{int(e) + 100}" for c, s, e in (n.split("-") for n in atac.var_names)]
+    counts = sp.hstack([atac.X, sp.csr_matrix(np.ones((atac.n_obs, 2), dtype=np.float32))]).tocsr()
+    other = ad.AnnData(X=counts, obs=atac.obs[[]], var=pd.DataFrame(index=[*shifted, "chr9-5-50", "chrX-1-20"]))
+    caplog.set_level("WARNING")
+    out = tr.predict_anndata(other, "atac2gex")
+    stats = out.uns["cell_translation"]
+    assert stats["mapped_peaks"] == atac.n_vars and stats["unmapped_peaks"] == 2
+    assert "2 of" in caplog.text and "overlap no model peak" in caplog.text
+    np.testing.assert_allclose(out.X, tr.predict_anndata(atac, "atac2gex").X, rtol=1e-5, atol=1e-6)
+
+
+def test_all_zero_cells_are_kept_and_counted(setup):
+    from translator import CellTranslator
+
+    tr = CellTranslator.from_pretrained(setup["model"])
+    gex = setup["gex"].copy()
+    x = gex.X.toarray()
+    x[2] = 0
+    gex.X = sp.csr_matrix(x)
+    out = tr.predict_anndata(gex, "gex2atac")
+    assert out.n_obs == gex.n_obs and list(out.obs_names) == list(gex.obs_names)
+    assert out.uns["cell_translation"]["empty_cells"] == 1 and np.isfinite(out.X).all()
+    np.testing.assert_allclose(out.X[2], tr.predict_matrix([""], "gex2atac")[0], rtol=1e-5, atol=1e-6)
+
+
+# -- safety of what train.py writes ---------------------------------------------------------------------------------
+
+def test_model_folder_holds_only_safetensors_and_no_absolute_paths(setup):
+    model = setup["model"]
+    files = {p.name for p in model.rglob("*") if p.is_file()}
+    assert "model.safetensors" in files and not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    assert "auto_map" not in json.loads((model / "config.json").read_text())  # loads without trust_remote_code
+    for name in ("training_args.json", "README.md", "readout.json", "config.json"):
+        text = (model / name).read_text()
+        assert str(setup["root"]) not in text and str(Path.home()) not in text and "/tmp/" not in text, name
