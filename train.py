@@ -137,6 +137,24 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
         raise FileExistsError(f"--output_dir {out} exists and is not empty; pass --overwrite_output_dir or --resume_from_checkpoint latest")
 
 
+def lock_output_dir(out: Path):
+    """Hold an exclusive lock beside ``out`` for the life of the process, so a second run on it refuses.
+
+    The lock file sits next to the folder (``.NAME.train.lock``), not inside it: ``--overwrite_output_dir``
+    removes the folder, and the Hub upload must not see it.
+    """
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(out.parent / f".{out.name}.train.lock", "w")  # noqa: SIM115 -- must outlive this function
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise FileExistsError(f"--output_dir {out} is in use by another train.py run; wait for it or choose another --output_dir") from None
+    return handle
+
+
 def demo_arguments() -> list[str]:
     """The main job: simulated dataset and tokenizer under ./outputs, a small CPU model, the folder ./outputs/simulated."""
     from dataset_builder import build_dataset  # noqa: F401  (fails clearly when the builder is missing)
@@ -196,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "removed shared tensor": T5's tied embeddings
     out = Path(run.output_dir)
     if accelerator.is_main_process:
+        lock = lock_output_dir(out)  # noqa: F841 -- held (an open file) until this process ends
         if run.overwrite_output_dir and not run.resume_from_checkpoint and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -146,6 +146,21 @@ def test_second_run_on_the_same_output_dir_refuses(bmmc, straight_run):
     assert "exists" in result.stderr and "--overwrite_output_dir" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_run_in_progress_locks_its_output_dir(bmmc, tmp_path):
+    import train
+
+    out = tmp_path / "busy"
+    holder = train.lock_output_dir(out)  # what a run in progress holds
+    try:
+        # Even --overwrite_output_dir must not remove a folder another run is writing.
+        with pytest.raises(FileExistsError, match="in use by another train.py run"):
+            train.main(tiny_args(*bmmc, out, "--overwrite_output_dir", "--max_steps", "2"))
+    finally:
+        holder.close()
+    assert train.main(tiny_args(*bmmc, out, "--overwrite_output_dir", "--max_steps", "2", "--calibration_cells", "0")) in (0, None)
+    assert (out / "model.safetensors").exists()
+
+
 def test_bad_flags_get_one_line_errors(bmmc, tmp_path):
     import train
 
