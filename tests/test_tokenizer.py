@@ -14,6 +14,7 @@ from tokenizer import (
     build_from_dataset,
     build_tokenizer,
     check_vocabulary,
+    encode_names,
     feature_token_ranges,
     save_tokenizer,
 )
@@ -84,3 +85,15 @@ def test_cli_builds_from_dataset_metadata_and_refuses_existing_output(tmp_path, 
     assert "exists" in err and "--overwrite_output_dir" in err and len(err.strip().splitlines()) == 1
     assert tokenizer_cli(["--dataset", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "t3")]) == 2
     assert not (tmp_path / "t3").exists()
+
+
+def test_encode_names_gives_the_tokenizers_ids(tmp_path):
+    genes, peaks, sentence, _ = _mop_names_and_sentence()
+    tok = build_tokenizer(genes, peaks)
+    atac = " ".join(peaks[i] for i in range(0, len(peaks), 97))
+    sentences = [sentence, atac, "", "   ", f"  {genes[3]}   NOT_A_GENE {peaks[5]} ", genes[0]]
+    reference = tok(sentences, add_special_tokens=False)["input_ids"]
+    got = encode_names(tok, sentences)
+    assert [list(map(int, ids)) for ids in got] == reference
+    assert got[4].tolist() == [tok.convert_tokens_to_ids(genes[3]), tok.unk_token_id, tok.convert_tokens_to_ids(peaks[5])]
+    assert encode_names(tok, []) == []

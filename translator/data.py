@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from tokenizer import DIRECTIONS, PREFIX, feature_token_ranges
+from tokenizer import DIRECTIONS, PREFIX, encode_names, feature_token_ranges
 
 SOURCE_COLUMN = {"gex2atac": "gex_text", "atac2gex": "atac_text"}
 TARGET_COLUMN = {"gex2atac": "atac_text", "atac2gex": "gex_text"}
@@ -47,8 +47,7 @@ def names_to_ids(tokenizer, sentences: Sequence[str]) -> list[np.ndarray]:
     sentences = list(sentences)
     if not sentences:
         return []
-    encoded = tokenizer(sentences, add_special_tokens=False)["input_ids"]
-    out = [np.asarray(ids, dtype=np.int64) for ids in encoded]
+    out = encode_names(tokenizer, sentences)
     unk = tokenizer.unk_token_id
     for i, ids in enumerate(out):
         if (ids == unk).any():
