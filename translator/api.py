@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenizer import DIRECTIONS, META_FILE, feature_token_ranges
+from tokenizer import DIRECTIONS, META_FILE, encode_names, feature_token_ranges
 
 from .data import SOURCE_MODALITY, TARGET_MODALITY, source_ids
 from .readout import READOUT_FILE, apply_readout, decode_features
@@ -99,15 +99,12 @@ class CellTranslator:
         self._check_direction(direction)
         if isinstance(sentences, str):
             raise ValueError("pass a list of sentences, not one string")
-        vocab = self.tokenizer.get_vocab()
         start, stop = self.ranges[SOURCE_MODALITY[direction]]
         out, unknown = [], 0
-        for i, sentence in enumerate(sentences):
-            names = sentence.split()
-            if not names and not allow_empty:
+        for i, ids in enumerate(encode_names(self.tokenizer, sentences)):
+            if not len(ids) and not allow_empty:
                 raise ValueError(f"source sentence {i} is empty; a cell needs at least one detected {SOURCE_MODALITY[direction]} feature")
-            ids = np.array([vocab.get(n, -1) for n in names], dtype=np.int64)
-            known = (ids >= start) & (ids < stop)
+            known = (ids >= start) & (ids < stop)  # <unk> and the other modality's names fall outside
             unknown += int((~known).sum())
             out.append(source_ids(ids[known], direction, self.tokenizer, self.max_source_length))
         self.last_stats = {"cells": len(out), "unknown_source_names": unknown}
