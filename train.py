@@ -33,6 +33,7 @@ from transformers import HfArgumentParser, get_linear_schedule_with_warmup
 from tokenizer import DIRECTIONS, check_vocabulary, load_tokenizer, read_meta
 from translator.data import LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
 from translator.modeling import MODEL_SHAPES, TranslationLoss, make_config, make_model
+from translator.readout import profile_offsets
 from translator.training import (
     calibrate,
     parameter_checksum,
@@ -50,6 +51,10 @@ class ModelArguments:
     model_size: str = field(default="t5-small", metadata={"help": f"model shape: {' | '.join(MODEL_SHAPES)}"})
     dropout_rate: float = field(default=0.1, metadata={"help": "dropout of the T5 layers"})
     n_negatives: int = field(default=256, metadata={"help": "off-modality names scored per batch by the restricted loss"})
+    profile_weight: float = field(default=1.0, metadata={"help": "weight of the profile readout's loss (every target feature of a cell, as a residual over the train mean); 0: sentences only"})
+    profile_refit: bool = field(default=True, metadata={"help": "refit the profile head in closed form on the train split after training (L2 chosen on validation)"})
+    embedding_init: str = field(default="lsi", metadata={"help": "name embeddings at the start: lsi (TF-IDF + SVD of the train sentences) | random"})
+    source_dropout: float = field(default=0.0, metadata={"help": "probability of hiding each source name in training (augmentation)"})
 
 
 @dataclass
@@ -121,7 +126,11 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
         raise ValueError(f"--n_negatives must be >= 0, got {model_args.n_negatives}")
     if not (math.isfinite(run.learning_rate) and run.learning_rate > 0):
         raise ValueError(f"--learning_rate must be a positive number, got {run.learning_rate}")
-    for name, value in (("dropout_rate", model_args.dropout_rate), ("label_smoothing", run.label_smoothing)):
+    if model_args.embedding_init not in ("lsi", "random"):
+        raise ValueError(f"--embedding_init {model_args.embedding_init!r} is unknown; choose lsi or random")
+    if not (math.isfinite(model_args.profile_weight) and model_args.profile_weight >= 0):
+        raise ValueError(f"--profile_weight must be a number >= 0, got {model_args.profile_weight}")
+    for name, value in (("dropout_rate", model_args.dropout_rate), ("label_smoothing", run.label_smoothing), ("source_dropout", model_args.source_dropout)):
         if not 0 <= value < 1:
             raise ValueError(f"--{name} must be in [0, 1), got {value}")
     if run.mixed_precision not in ("no", "fp16", "bf16"):
@@ -174,18 +183,53 @@ def demo_arguments() -> list[str]:
             "--cpu_threads", "1"]
 
 
-def validation_loss(loss_module, loader, accelerator) -> float:
-    """Token-weighted mean validation loss over all processes (the unwrapped module: ranks may see unequal batches)."""
+def refit_head(model, profile_head, tokenizer, meta, train_split, validation, train_examples, eval_examples, batch_size: int) -> dict:
+    """Closed-form refit of the profile head on the train split (``translator.profile_fit``); L2 chosen on validation."""
+    import numpy as np
+
+    from tokenizer import feature_token_ranges
+    from translator.data import TARGET_MODALITY
+    from translator.profile_fit import refit_profile_head
+    from translator.readout import profile_offsets, truth_matrices
+
+    started = time.perf_counter()
+    ranges = feature_token_ranges(tokenizer, n_genes=len(meta["genes"]))
+    truth_train, truth_val = truth_matrices(train_split, meta), truth_matrices(validation, meta)
+    sources, truths, target_ranges = {}, {}, {}
+    for code, direction in enumerate(DIRECTIONS):
+        rows = np.flatnonzero(np.asarray(train_examples.directions) == code)
+        val_rows = np.flatnonzero(np.asarray(eval_examples.directions) == code)
+        if not len(rows) or not len(val_rows):
+            continue
+        target = TARGET_MODALITY[direction]
+        sources[direction] = ([train_examples.sources[i] for i in rows], [eval_examples.sources[i] for i in val_rows])
+        truths[direction] = (truth_train[target], truth_val[target])
+        target_ranges[direction] = ranges[target]
+    reports = refit_profile_head(model, profile_head, sources, truths, target_ranges, profile_offsets(tokenizer, meta), batch_size=batch_size)
+    for report in reports.values():
+        report["seconds"] = round(time.perf_counter() - started, 1)
+    return reports
+
+
+def validation_loss(loss_module, loader, accelerator) -> dict[str, float]:
+    """Token-weighted mean validation loss (and its sentence / profile parts) over all processes.
+
+    Runs the unwrapped module: ranks may see unequal batches.
+    """
     loss_module = accelerator.unwrap_model(loss_module)
     loss_module.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
         for batch in loader:
-            n = (batch["labels"] != -100).sum()
-            total += torch.stack([loss_module(**batch).double() * n, n.double()])
+            n = (batch["labels"] != -100).sum().double()
+            loss = loss_module(**batch).double()
+            parts = loss_module.last_parts
+            total += torch.stack([loss * n, n, torch.tensor(parts.get("sentence", 0.0), dtype=torch.float64, device=n.device) * n,
+                                  torch.tensor(parts.get("profile", 0.0), dtype=torch.float64, device=n.device) * n])
     loss_module.train()
     total = accelerator.reduce(total, reduction="sum")
-    return float(total[0] / total[1].clamp(min=1))
+    n = total[1].clamp(min=1)
+    return {"validation_loss": float(total[0] / n), "validation_sentence_loss": float(total[2] / n), "validation_profile_loss": float(total[3] / n)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     # Model, optimizer, schedule.
     config = make_config(model_args.model_size, len(tokenizer), model_args.dropout_rate, data_args.max_target_length)
     model = make_model(config, seed=run.seed)
-    loss_module = TranslationLoss(model, model_args.n_negatives, run.label_smoothing)
+    if model_args.embedding_init == "lsi" and not run.resume_from_checkpoint:
+        from tokenizer import feature_token_ranges
+        from translator.data import names_to_ids
+        from translator.embedding_init import init_embeddings_from_lsi
+
+        started_init = time.perf_counter()
+        train_split = splits["train"]
+        used = init_embeddings_from_lsi(model, {"gex": names_to_ids(tokenizer, train_split["gex_text"]), "atac": names_to_ids(tokenizer, train_split["atac_text"])},
+                                        feature_token_ranges(tokenizer, n_genes=len(meta["genes"])), seed=run.seed)
+        logger.info("name embeddings from LSI of the train sentences (%s components) in %.1f s", used, time.perf_counter() - started_init)
+    loss_module = TranslationLoss(model, model_args.n_negatives, run.label_smoothing, model_args.profile_weight,
+                                  profile_offsets(tokenizer, meta), model_args.source_dropout)
     decay = [p for n, p in loss_module.named_parameters() if "layer_norm" not in n and not n.endswith("bias")]
     no_decay = [p for n, p in loss_module.named_parameters() if "layer_norm" in n or n.endswith("bias")]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=run.learning_rate)
@@ -264,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("%d train examples, %d steps (%d epochs), %.1fM parameters, %d processes", len(train_examples), max_steps, num_epochs, n_params / 1e6, accelerator.num_processes)
     progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process, desc="train")
-    history, tokens, started, running = [], 0, time.perf_counter(), []
+    history, tokens, started, running, parts = [], 0, time.perf_counter(), [], []
     micro_step = starting_epoch * len(train_loader) + resume_batches  # batches seen by this process
     loss_module.train()
     for epoch in range(starting_epoch, num_epochs):
@@ -284,21 +339,23 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer.zero_grad()
             tokens += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
             running.append(loss.detach())
+            parts.append(accelerator.unwrap_model(loss_module).last_parts)
             if not accelerator.sync_gradients:
                 continue
             completed_steps += 1
             progress.update(1)
             if completed_steps % run.logging_steps == 0 or completed_steps == max_steps:
                 train_loss = float(torch.stack(running).mean())
-                running = []
+                part_means = {f"train_{k}_loss": sum(p.get(k, 0.0) for p in parts) / max(1, len(parts)) for k in ("sentence", "profile")}
+                running, parts = [], []
                 progress.set_postfix(loss=f"{train_loss:.3f}")
-                accelerator.log({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}, step=completed_steps)
-                logger.info("step %d train_loss %.4f", completed_steps, train_loss)
+                accelerator.log({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], **part_means}, step=completed_steps)
+                logger.info("step %d train_loss %.4f (sentence %.4f, profile %.4f)", completed_steps, train_loss, part_means["train_sentence_loss"], part_means["train_profile_loss"])
             if len(eval_examples) and ((run.eval_steps > 0 and completed_steps % run.eval_steps == 0) or completed_steps == max_steps):
                 val = validation_loss(loss_module, eval_loader, accelerator)
-                history.append({"step": completed_steps, "validation_loss": val})
-                accelerator.log({"validation_loss": val}, step=completed_steps)
-                logger.info("step %d validation_loss %.4f", completed_steps, val)
+                history.append({"step": completed_steps, **val})
+                accelerator.log(val, step=completed_steps)
+                logger.info("step %d validation_loss %.4f (sentence %.4f, profile %.4f)", completed_steps, *val.values())
             if run.checkpointing_steps > 0 and completed_steps % run.checkpointing_steps == 0:
                 save_checkpoint(accelerator, run.output_dir, completed_steps, {"completed_steps": completed_steps, "epoch": epoch, "batches_seen": micro_step})
             if completed_steps >= max_steps or completed_steps == run.stop_after_steps:
@@ -312,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     elapsed = time.perf_counter() - started
     accelerator.wait_for_everyone()
+    profile_head = accelerator.unwrap_model(loss_module).profile_head
     model = accelerator.unwrap_model(loss_module).model
     # Every rank prints its own checksum: equal lines prove the ranks ended in step.
     print(f"rank {accelerator.process_index} parameter checksum {parameter_checksum(model)}", flush=True)
@@ -322,14 +380,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if accelerator.is_main_process:
         model = model.cpu().eval()
-        calibration = {}
+        profile_head = profile_head.cpu().eval() if profile_head is not None else None
+        calibration, refit = {}, {}
+        if profile_head is not None and model_args.profile_refit and len(validation):
+            refit = refit_head(model, profile_head, tokenizer, meta, splits["train"], validation, train_examples, eval_examples, run.per_device_eval_batch_size)
         if not len(splits["validation"]):
             logger.warning("the validation split is empty: no validation loss, and the readout stays uncalibrated")
         elif data_args.calibration_cells > 0:
             logger.info("calibrating the readout on %s validation cells", min(len(splits["validation"]), data_args.calibration_cells))
-            calibration = calibrate(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, data_args.calibration_cells, run.per_device_eval_batch_size, run.seed)
+            calibration = calibrate(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, data_args.calibration_cells, run.per_device_eval_batch_size, run.seed, profile_head)
         examples_split = splits["validation"] if len(splits["validation"]) else splits["train"]
-        readout = {"max_source_length": caps[0], "max_target_length": caps[1], "calibration": calibration,
+        readout = {"max_source_length": caps[0], "max_target_length": caps[1], "calibration": calibration, "profile_refit": refit,
                    "examples": widget_examples(tokenizer, examples_split, data_args.directions)}
         saved = {**asdict(model_args), **asdict(data_args), **asdict(run)}
         for key in ("dataset_dir", "tokenizer_dir", "output_dir", "resume_from_checkpoint"):
@@ -337,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         saved.update(dataset_name=Path(data_args.dataset_dir).name, n_parameters=n_params, completed_steps=completed_steps,
                      num_processes=accelerator.num_processes, train_tokens_per_second=round(tokens_total / max(elapsed, 1e-9), 1),
                      validation_history=history, train_seconds=round(elapsed, 1))
-        write_model_folder(run.output_dir, model, tokenizer, meta, readout, saved, caps[1])
+        write_model_folder(run.output_dir, model, tokenizer, meta, readout, saved, caps[1], profile_head)
         evaluate_folder(run, data_args)
         from translator.card import render_model_card
 

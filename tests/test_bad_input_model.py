@@ -168,7 +168,7 @@ def test_empty_sentences(setup):
     assert matrix.shape == (2, len(tr.meta["peaks"])) and np.isfinite(matrix).all()
     unknown_only = tr.predict_matrix(["NotAGene OtherUnknown"], "gex2atac")
     assert tr.last_stats["unknown_source_names"] == 2
-    np.testing.assert_allclose(unknown_only[0], matrix[0])
+    np.testing.assert_allclose(unknown_only[0], matrix[0], rtol=1e-5, atol=1e-6)  # batch padding changes float sums
 
 
 # -- invalid CLI values ---------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from tests.translator_fixtures import BMMC_COMBINED, build_real, tiny_args
 
 FAKE_TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
 HUB_FILES = {"README.md", "cell_sentences.json", "config.json", "generation_config.json", "model.safetensors",
-             "readout.json", "tokenizer.json", "tokenizer_config.json", "training_args.json", "eval_results.json"}
+             "readout.json", "tokenizer.json", "tokenizer_config.json", "training_args.json", "eval_results.json",
+             "profile_head.safetensors"}
 
 
 class FakeHfApi:

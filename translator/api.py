@@ -22,6 +22,7 @@ import numpy as np
 from tokenizer import DIRECTIONS, META_FILE, encode_names, feature_token_ranges
 
 from .data import SOURCE_MODALITY, TARGET_MODALITY, source_ids
+from .modeling import PROFILE_HEAD_FILE, ProfileHead
 from .readout import READOUT_FILE, apply_readout, decode_features
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,9 @@ def check_model_folder(folder: Path, allow_pickle: bool = False) -> None:
 class CellTranslator:
     """A trained translator: model, tokenizer, dataset metadata and readout calibration."""
 
-    def __init__(self, model, tokenizer, meta: dict, readout: dict | None = None):
+    def __init__(self, model, tokenizer, meta: dict, readout: dict | None = None, profile_head=None):
         self.model = model.eval()
+        self.profile_head = profile_head.eval() if profile_head is not None else None
         self.tokenizer = tokenizer
         self.meta = meta
         self.readout = readout or {}
@@ -85,9 +87,13 @@ class CellTranslator:
         meta = json.loads((folder / META_FILE).read_text())
         readout_path = folder / READOUT_FILE
         readout = json.loads(readout_path.read_text()) if readout_path.exists() else None
+        head_path = folder / PROFILE_HEAD_FILE
+        profile_head = ProfileHead.load(head_path) if head_path.exists() else None
         if device:
             model.to(device)
-        return cls(model, tokenizer, meta, readout)
+            if profile_head is not None:
+                profile_head.to(device)
+        return cls(model, tokenizer, meta, readout, profile_head)
 
     # -- sentences -> ids ------------------------------------------------------------------
     def _check_direction(self, direction: str) -> None:
@@ -113,12 +119,15 @@ class CellTranslator:
         return out
 
     # -- prediction ------------------------------------------------------------------------
-    def _predict_ids(self, ids: Sequence[np.ndarray], direction: str, batch_size: int):
+    def _predict_ids(self, ids: Sequence[np.ndarray], direction: str, batch_size: int, need_sentences: bool = True):
         target_range = self.ranges[TARGET_MODALITY[direction]]
-        features, sequences = decode_features(
-            self.model, self.tokenizer, self.meta, ids, direction, target_range, self.max_target_length, batch_size
-        )
         params = (self.readout.get("calibration") or {}).get(direction)
+        # The profile readout needs one decoder step; greedy decoding only runs when sentences are asked for.
+        decode = need_sentences or not params or params.get("aggregation") != "profile"
+        features, sequences = decode_features(
+            self.model, self.tokenizer, self.meta, ids, direction, target_range, self.max_target_length, batch_size,
+            decode=decode, profile_head=self.profile_head,
+        )
         matrix = apply_readout(features, direction, self.meta, params)
         sentences = [" ".join(self.tokenizer.convert_ids_to_tokens(seq)) for seq in sequences]
         return matrix, sentences
@@ -135,7 +144,8 @@ class CellTranslator:
         ``np.ndarray`` float32 ``[cells, features]``: accessibility probabilities (``gex2atac``) or
         expected log-norm expression (``atac2gex``); with ``return_sentences`` also the translations.
         """
-        matrix, sentences = self._predict_ids(self.encode_sources(source_sentences, direction, allow_empty=True), direction, batch_size)
+        ids = self.encode_sources(source_sentences, direction, allow_empty=True)
+        matrix, sentences = self._predict_ids(ids, direction, batch_size, need_sentences=return_sentences)
         return (matrix, sentences) if return_sentences else matrix
 
     def predict_anndata(self, adata_or_path, direction: str, batch_size: int = 64, return_sentences: bool = False):

@@ -97,19 +97,31 @@ class TranslationExamples(Dataset):
         self.sources: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
         self.directions: list[int] = []
+        # The whole target profile of each cell, uncapped, for the profile readout: feature positions
+        # within the target range and their values (GEX log-norm of every detected gene; ATAC 1).
+        self.profiles: list[tuple[np.ndarray, np.ndarray]] = []
         self.ranges = [ranges[TARGET_MODALITY[d]] for d in DIRECTIONS]
+        gex_profiles = None
+        columns = split.column_names if hasattr(split, "column_names") else list(split)
+        if "atac2gex" in directions and "gex_index" in columns:
+            gex_profiles = [(np.asarray(ix, dtype=np.int64), np.asarray(v, dtype=np.float32)) for ix, v in zip(split["gex_index"], split["gex_value"], strict=True)]
         for direction in directions:
             code = DIRECTIONS.index(direction)
-            for src, tgt in zip(names[SOURCE_COLUMN[direction]], names[TARGET_COLUMN[direction]], strict=True):
+            start = self.ranges[code][0]
+            for i, (src, tgt) in enumerate(zip(names[SOURCE_COLUMN[direction]], names[TARGET_COLUMN[direction]], strict=True)):
                 self.sources.append(source_ids(src, direction, tokenizer, max_source_length))
                 self.targets.append(target_ids(tgt, direction, tokenizer, max_target_length))
                 self.directions.append(code)
+                if direction == "atac2gex" and gex_profiles is not None:
+                    self.profiles.append(gex_profiles[i])
+                else:
+                    self.profiles.append(((tgt - start).astype(np.int64), np.ones(len(tgt), dtype=np.float32)))
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, index: int) -> dict:
-        return {"source": self.sources[index], "target": self.targets[index], "direction": self.directions[index]}
+        return {"source": self.sources[index], "target": self.targets[index], "direction": self.directions[index], "profile": self.profiles[index]}
 
     @property
     def lengths(self) -> np.ndarray:
@@ -185,7 +197,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
 @dataclass
 class TranslationCollator:
-    """Pads a list of examples of one direction: ``input_ids``/``attention_mask`` with 0, ``labels`` with -100."""
+    """Pads a list of examples of one direction: ``input_ids``/``attention_mask`` with 0, ``labels`` with -100.
+
+    Examples that carry a ``profile`` also give ``profile_values`` ``[B, n_features]`` (dense, zeros elsewhere).
+    """
 
     ranges: Sequence[tuple[int, int]]
 
@@ -203,10 +218,17 @@ class TranslationCollator:
             input_ids[row, : len(ex["source"])] = torch.from_numpy(ex["source"])
             attention_mask[row, : len(ex["source"])] = 1
             labels[row, : len(ex["target"])] = torch.from_numpy(ex["target"])
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "target_start": torch.tensor(start),
             "target_stop": torch.tensor(stop),
         }
+        if all("profile" in ex for ex in examples):
+            values = torch.zeros(len(examples), stop - start, dtype=torch.float32)
+            for row, ex in enumerate(examples):
+                index, value = ex["profile"]
+                values[row, torch.from_numpy(index)] = torch.from_numpy(value)
+            batch["profile_values"] = values
+        return batch

@@ -68,19 +68,122 @@ def _output_weight(model: T5ForConditionalGeneration, ids: torch.Tensor) -> torc
     return weight
 
 
-def decoder_hidden_states(model: T5ForConditionalGeneration, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run encoder and decoder (teacher forcing) and return the last decoder hidden states ``[B, T, d]``."""
+def decoder_hidden_states(model: T5ForConditionalGeneration, batch: dict[str, torch.Tensor], encoder_hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Run encoder (unless ``encoder_hidden`` is given) and decoder (teacher forcing); return the last decoder hidden states ``[B, T, d]``."""
     labels = batch["labels"]
     decoder_input_ids = model._shift_right(labels)
-    encoder_out = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if encoder_hidden is None:
+        encoder_hidden = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     decoder_out = model.decoder(
         input_ids=decoder_input_ids,
         attention_mask=(labels != -100).long(),
-        encoder_hidden_states=encoder_out.last_hidden_state,
+        encoder_hidden_states=encoder_hidden,
         encoder_attention_mask=batch["attention_mask"],
         use_cache=False,
     )
     return decoder_out.last_hidden_state
+
+
+PROFILE_HEAD_FILE = "profile_head.safetensors"
+
+
+PROFILE_INPUTS = 3  # decoder state after the prefix, mean encoder state, mean input embedding
+
+
+class ProfileHead(nn.Module):
+    """Per-feature weights of the profile readout, ``[vocab_size, 3 * d_model]``, and biases ``[vocab_size]``.
+
+    Its input (:func:`profile_features`) is the decoder's state after the direction prefix, the mean of
+    the encoder's states and the mean of the source's input embeddings, scaled by ``d_model ** -0.5``
+    (as T5 scales its own output layer: with Adam every weight moves by about the learning rate a
+    step, and unscaled a step would move each score by ~``lr * d_model``). The weights start at
+    zero, so the readout starts exactly at the per-feature train mean; the bias is a buffer that only
+    the closed-form refit after training sets (:mod:`translator.profile_fit`). Kept apart from the T5
+    weights (``profile_head.safetensors``) so the folder still loads with ``AutoModelForSeq2SeqLM``.
+    """
+
+    def __init__(self, vocab_size: int, n_inputs: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(vocab_size, n_inputs))
+        self.register_buffer("bias", torch.zeros(vocab_size))
+
+    def forward(self, features: torch.Tensor, target_range: tuple[int, int]) -> torch.Tensor:
+        start, stop = target_range
+        return features @ self.weight[start:stop].T + self.bias[start:stop]
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"weight": self.weight.detach().cpu().contiguous(), "bias": self.bias.detach().cpu().contiguous()}, str(path))
+
+    @classmethod
+    def load(cls, path) -> ProfileHead:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        head = cls(*tensors["weight"].shape)
+        head.load_state_dict(tensors)
+        return head.eval()
+
+
+def profile_features(model: T5ForConditionalGeneration, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """What the profile head reads, ``[B, 3 * d_model]`` scaled by ``d_model ** -0.5``.
+
+    The decoder's last hidden state after one step whose input is the direction prefix (the source's
+    first token), the masked mean of the encoder's last hidden states, and the masked mean of the
+    source's input embeddings (which start as the train split's LSI vectors, ``--embedding_init lsi``).
+    """
+    out = model.decoder(
+        input_ids=input_ids[:, :1],
+        encoder_hidden_states=encoder_hidden,
+        encoder_attention_mask=attention_mask,
+        use_cache=False,
+    )
+    mask = attention_mask[..., None].to(encoder_hidden.dtype)
+    count = mask.sum(1).clamp(min=1)
+    pooled = (encoder_hidden * mask).sum(1) / count
+    embedded = (model.get_input_embeddings()(input_ids) * mask).sum(1) / count
+    features = torch.cat([out.last_hidden_state[:, 0], pooled, embedded], dim=1)
+    return features * model.config.d_model**-0.5
+
+
+def profile_scores(
+    model: T5ForConditionalGeneration,
+    encoder_hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor,
+    target_range: tuple[int, int],
+    head: ProfileHead | None = None,
+) -> torch.Tensor:
+    """The profile readout's scores over every target feature ``[B, n_features]`` (one decoder step, no decoding).
+
+    ``z_k = f . u_k + c_k`` with ``f`` = :func:`profile_features` and ``u_k, c_k`` the
+    :class:`ProfileHead` row of feature ``k`` (without a head: ``z_k = h . e_k``, the decoder state
+    after the prefix against the tied output embedding). Trained by :func:`profile_loss` as a
+    residual over the per-feature train mean (ATAC: ``P = sigmoid(logit(mean_k) + z_k)``; GEX:
+    ``value = mean_g + z_g``), so an uninformed model stays at what the mean knows. The sentence's
+    own first step (decoder input ``<pad>``) is a different step, so the two objectives do not
+    compete for it.
+    """
+    start, stop = target_range
+    if head is not None:
+        return head(profile_features(model, encoder_hidden, attention_mask, input_ids), target_range).float()
+    out = model.decoder(input_ids=input_ids[:, :1], encoder_hidden_states=encoder_hidden, encoder_attention_mask=attention_mask, use_cache=False)
+    weight = _output_weight(model, torch.arange(start, stop, device=encoder_hidden.device))
+    return (out.last_hidden_state[:, 0] @ weight.T).float()
+
+
+def profile_loss(scores: torch.Tensor, offset: torch.Tensor, values: torch.Tensor, binary: bool) -> torch.Tensor:
+    """Summed loss of the profile readout over cells and features.
+
+    Binary targets (ATAC): cross-entropy of ``sigmoid(offset + scores)`` against ``values > 0``
+    (``offset`` = logit of the train accessibility rate). Continuous targets (GEX): squared error of
+    ``offset + scores`` against the log-norm values (``offset`` = the train mean).
+    """
+    predicted = scores + offset[None, :]
+    if binary:
+        return F.binary_cross_entropy_with_logits(predicted, (values > 0).float(), reduction="sum")
+    return ((predicted - values) ** 2).sum()
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -153,6 +256,8 @@ def restricted_lm_loss(
     label_smoothing: float = 0.0,
     chunk_elements: int = 2**23,
     generator: torch.Generator | None = None,
+    decoder_hidden: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Mean cross-entropy of the target tokens over a restricted output vocabulary.
 
@@ -172,12 +277,16 @@ def restricted_lm_loss(
     chunk_elements
         Largest number of logits held at once: positions are scored in chunks of
         ``chunk_elements // n_scored_ids`` rows, each chunk's gradients computed on the spot.
+    decoder_hidden
+        The decoder's hidden states when the caller already ran the model (:func:`decoder_hidden_states`).
+    reduction
+        ``mean`` (per target token) or ``sum``.
 
     Returns
     -------
-    A scalar: the mean loss per target token.
+    A scalar: the mean (or summed) loss per target token.
     """
-    hidden = decoder_hidden_states(model, batch)
+    hidden = decoder_hidden_states(model, batch) if decoder_hidden is None else decoder_hidden
     labels = batch["labels"]
     keep = labels != -100
     hidden = hidden[keep]
@@ -195,7 +304,7 @@ def restricted_lm_loss(
     n_positions = hidden.shape[0]
     rows = max(1, chunk_elements // max(1, len(ids)))
     total = _ChunkedCrossEntropy.apply(hidden, weight, targets, float(label_smoothing), rows)
-    return total / max(1, n_positions)
+    return total if reduction == "sum" else total / max(1, n_positions)
 
 
 def full_vocabulary_loss(model: T5ForConditionalGeneration, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
@@ -207,21 +316,65 @@ def full_vocabulary_loss(model: T5ForConditionalGeneration, batch: dict[str, tor
 
 
 class TranslationLoss(nn.Module):
-    """Wraps the seq2seq model so the restricted loss runs inside ``forward`` (what DDP needs to sync gradients)."""
+    """Wraps the seq2seq model so the losses run inside ``forward`` (what DDP needs to sync gradients).
 
-    def __init__(self, model: T5ForConditionalGeneration, n_negatives: int = 256, label_smoothing: float = 0.0):
+    The loss of a batch is ``(sentence_nll + profile_weight * profile_loss) / n_target_tokens``:
+    the restricted sentence cross-entropy (:func:`restricted_lm_loss`) plus, when ``profile_weight``
+    is positive, the profile readout's loss (:func:`profile_loss`) on the batch's ``profile_values``
+    ``[B, n_features]`` (every target feature of each cell, not only the capped sentence).
+    ``offsets`` maps each target range's start id to its per-feature offset (see :func:`profile_loss`).
+    ``source_dropout`` hides each source name (never the prefix or ``</s>``) with that probability
+    during training, from torch's global RNG.
+    """
+
+    def __init__(
+        self,
+        model: T5ForConditionalGeneration,
+        n_negatives: int = 256,
+        label_smoothing: float = 0.0,
+        profile_weight: float = 0.0,
+        offsets: dict[int, tuple[torch.Tensor, bool]] | None = None,
+        source_dropout: float = 0.0,
+    ):
         super().__init__()
         self.model = model
         self.n_negatives = n_negatives
         self.label_smoothing = label_smoothing
+        self.profile_weight = float(profile_weight)
+        self.source_dropout = float(source_dropout)
+        self.binary: dict[int, bool] = {}
+        for start, (offset, binary) in (offsets or {}).items():
+            self.register_buffer(f"offset_{int(start)}", torch.as_tensor(offset, dtype=torch.float32), persistent=False)
+            self.binary[int(start)] = bool(binary)
+        self.last_parts: dict[str, float] = {}
+        self.profile_head = ProfileHead(model.config.vocab_size, PROFILE_INPUTS * model.config.d_model) if self.profile_weight > 0 else None
 
-    def forward(self, input_ids, attention_mask, labels, target_start, target_stop, full_vocabulary: bool = False):
+    def forward(self, input_ids, attention_mask, labels, target_start, target_stop, profile_values=None, full_vocabulary: bool = False):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if full_vocabulary:
             return full_vocabulary_loss(self.model, batch, self.label_smoothing)
+        if self.training and self.source_dropout > 0:
+            hide = torch.rand(input_ids.shape, device=input_ids.device) < self.source_dropout
+            hide[:, 0] = False
+            hide &= input_ids != EOS_ID
+            attention_mask = attention_mask * ~hide
+            batch["attention_mask"] = attention_mask
         n_negatives = self.n_negatives if self.training else 0
         label_smoothing = self.label_smoothing if self.training else 0.0
-        return restricted_lm_loss(self.model, batch, (int(target_start), int(target_stop)), n_negatives, label_smoothing)
+        target_range = (int(target_start), int(target_stop))
+        encoder_hidden = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        decoder_hidden = decoder_hidden_states(self.model, batch, encoder_hidden)
+        n_positions = max(1, int((labels != -100).sum()))
+        sentence = restricted_lm_loss(self.model, batch, target_range, n_negatives, label_smoothing, decoder_hidden=decoder_hidden, reduction="sum")
+        total = sentence
+        self.last_parts = {"sentence": float(sentence.detach()) / n_positions}
+        if self.profile_weight > 0 and profile_values is not None:
+            scores = profile_scores(self.model, encoder_hidden, attention_mask, input_ids, target_range, self.profile_head)
+            offset = getattr(self, f"offset_{target_range[0]}")
+            profile = profile_loss(scores, offset, profile_values, self.binary[target_range[0]])
+            total = total + self.profile_weight * profile
+            self.last_parts["profile"] = float(profile.detach()) / n_positions
+        return total / n_positions
 
 
 @dataclass

@@ -7,10 +7,16 @@ probabilities over the target modality's names and aggregates them per feature:
 - GEX targets: expected value ``e_g = sum_t p_t(g) * rank_value[t]`` (``rank_value`` = train mean
   log-norm value of the gene at rank t, from ``cell_sentences.json``) and inclusion ``s_g``.
 
+The ``profile`` readout needs no decoding: one decoder step after the direction prefix scores every
+target feature at once (:func:`translator.modeling.profile_scores`, trained with ``--profile_weight``
+as a residual over the train mean): ``r_k = logit(mean_k) + z_k`` for ATAC, ``r_g = mean_g + z_g`` for GEX.
+
 Calibration, fitted on the validation split, never discards what the per-feature train mean knows:
 
-- ATAC: ``P(accessible) = sigmoid(a * logit(s_k) + b * logit(mean_k) + c)`` (logistic regression);
-- GEX: ``value = w1 * e_g + w2 * s_g * mean_detected_g + w3 * mean_g + w4`` (least squares, clipped at 0).
+- ATAC: ``P(accessible) = sigmoid(a * logit(s_k) + b * logit(mean_k) + c)`` (logistic regression;
+  ``r_k`` in place of ``logit(s_k)`` for ``profile``);
+- GEX: ``value = w1 * e_g + w2 * s_g * mean_detected_g + w3 * mean_g + w4`` (least squares, clipped at 0;
+  ``value = w1 * r_g + w3 * mean_g + w4`` for ``profile``).
 
 With all weight on the mean term the prediction falls back to the per-feature mean baseline.
 The fitted parameters live in ``readout.json`` in the model folder.
@@ -25,16 +31,31 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .modeling import constrained_decode
+from .modeling import constrained_decode, profile_scores
 
 READOUT_FILE = "readout.json"
-AGGREGATIONS = ("noisy_or", "sum")
+AGGREGATIONS = ("noisy_or", "sum", "profile")
 EPS = 1e-4
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, EPS, 1 - EPS)
     return np.log(p) - np.log1p(-p)
+
+
+def profile_offsets(tokenizer, meta: dict) -> dict[int, tuple[torch.Tensor, bool]]:
+    """Per-feature offsets of the profile readout, keyed by the target range's first token id.
+
+    ATAC: ``(logit(train accessibility rate), binary=True)``; GEX: ``(train mean log-norm, binary=False)``.
+    """
+    from tokenizer import feature_token_ranges
+
+    ranges = feature_token_ranges(tokenizer, n_genes=len(meta["genes"]))
+    stats = meta["train_stats"]
+    return {
+        ranges["atac"][0]: (torch.as_tensor(_logit(np.asarray(stats["atac_mean"], dtype=np.float64)), dtype=torch.float32), True),
+        ranges["gex"][0]: (torch.as_tensor(np.asarray(stats["gex_mean"], dtype=np.float64), dtype=torch.float32), False),
+    }
 
 
 def truth_matrices(split, meta: dict) -> dict[str, sp.csr_matrix]:
@@ -72,10 +93,14 @@ def decode_features(
     target_range: tuple[int, int],
     max_new_tokens: int,
     batch_size: int = 64,
+    decode: bool = True,
+    profile_head=None,
 ) -> tuple[dict[str, np.ndarray], list[list[int]]]:
     """Decode every source sentence and return the per-feature aggregates ``[cells, features]`` and the ids.
 
     Sources are decoded longest first in batches (little padding), results are put back in input order.
+    The ``profile`` scores (one decoder step, with ``profile_head`` when the model has one) are always
+    computed; with ``decode=False`` nothing else is (no greedy decoding, empty sequences).
     """
     rank_value = np.asarray(meta["train_stats"]["rank_value"], dtype=np.float64)
 
@@ -89,16 +114,16 @@ def decode_features(
         # than they save (a 64-wide linear took 3.0 ms with 2 threads vs 0.035 ms with 1 on 2 busy cores).
         torch.set_num_threads(max(1, min(threads, model.config.d_model // 256)))
     try:
-        return _decode_batches(model, source_ids, direction, target_range, max_new_tokens, batch_size, step_weight, device)
+        return _decode_batches(model, source_ids, direction, target_range, max_new_tokens, batch_size, step_weight, device, decode, profile_head)
     finally:
         torch.set_num_threads(threads)
 
 
-def _decode_batches(model, source_ids, direction, target_range, max_new_tokens, batch_size, step_weight, device):
+def _decode_batches(model, source_ids, direction, target_range, max_new_tokens, batch_size, step_weight, device, decode=True, profile_head=None):
     order = np.argsort([-len(s) for s in source_ids], kind="stable")
     n_features = target_range[1] - target_range[0]
-    keys = ["noisy_or", "sum"] + (["weighted"] if direction == "atac2gex" else [])
-    out = {k: np.zeros((len(source_ids), n_features), dtype=np.float32) for k in keys}
+    keys = (["noisy_or", "sum"] + (["weighted"] if direction == "atac2gex" else [])) if decode else []
+    out = {k: np.zeros((len(source_ids), n_features), dtype=np.float32) for k in [*keys, "profile"]}
     sequences: list[list[int]] = [[] for _ in source_ids]
     for begin in range(0, len(order), batch_size):
         rows = order[begin : begin + batch_size]
@@ -108,10 +133,17 @@ def _decode_batches(model, source_ids, direction, target_range, max_new_tokens, 
         for i, r in enumerate(rows):
             input_ids[i, : len(source_ids[r])] = torch.from_numpy(np.asarray(source_ids[r]))
             mask[i, : len(source_ids[r])] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        with torch.no_grad():
+            model.eval()
+            encoder_hidden = model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            out["profile"][rows] = profile_scores(model, encoder_hidden, mask, input_ids, target_range, profile_head).cpu().numpy()
+        if not decode:
+            continue
         result = constrained_decode(
             model,
-            input_ids.to(device),
-            mask.to(device),
+            input_ids,
+            mask,
             target_range,
             ordered=direction == "gex2atac",
             max_new_tokens=max_new_tokens,
@@ -129,14 +161,21 @@ def _inclusion(features: dict[str, np.ndarray], aggregation: str) -> np.ndarray:
 
 
 def _atac_design(features: dict[str, np.ndarray], aggregation: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
-    mean = np.asarray(meta["train_stats"]["atac_mean"], dtype=np.float64)
-    return _logit(_inclusion(features, aggregation)), np.broadcast_to(_logit(mean), features[aggregation].shape)
+    mean_logit = _logit(np.asarray(meta["train_stats"]["atac_mean"], dtype=np.float64))
+    if aggregation == "profile":
+        score = features["profile"].astype(np.float64) + mean_logit
+    else:
+        score = _logit(_inclusion(features, aggregation))
+    return score, np.broadcast_to(mean_logit, features[aggregation].shape)
 
 
 def _gex_design(features: dict[str, np.ndarray], aggregation: str, meta: dict) -> list[np.ndarray]:
     stats = meta["train_stats"]
     mean = np.asarray(stats["gex_mean"], dtype=np.float64)
     mean_detected = np.asarray(stats["gex_mean_detected"], dtype=np.float64)
+    if aggregation == "profile":
+        shape = features["profile"].shape
+        return [features["profile"].astype(np.float64) + mean, np.broadcast_to(mean, shape), np.ones(shape)]
     shape = features["weighted"].shape
     return [
         features["weighted"].astype(np.float64),
@@ -152,6 +191,8 @@ def apply_readout(features: dict[str, np.ndarray], direction: str, meta: dict, p
     Without ``params`` (an uncalibrated model) ATAC gives the noisy-or inclusion score and GEX the
     expected value ``e_g``.
     """
+    if params is None and "noisy_or" not in features:  # not decoded: the profile readout as trained
+        params = {"aggregation": "profile", "coef": [1.0, 0.0], "intercept": 0.0} if direction == "gex2atac" else {"aggregation": "profile", "coef": [1.0, 0.0, 0.0]}
     if direction == "gex2atac":
         if params is None:
             return _inclusion(features, "noisy_or").astype(np.float32)
@@ -193,6 +234,8 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
     dense_truth = truth.toarray()
     candidates: dict[str, dict] = {}
     for aggregation in AGGREGATIONS:
+        if aggregation not in features:
+            continue
         if direction == "gex2atac":
             z = _atac_design(features, aggregation, meta)
             x = np.stack([z[0].ravel(), np.asarray(z[1]).ravel()], axis=1)

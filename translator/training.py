@@ -22,6 +22,7 @@ from transformers import GenerationConfig
 from tokenizer import META_FILE, PREFIX, feature_token_ranges
 
 from .data import SOURCE_COLUMN, TARGET_MODALITY, names_to_ids, source_ids
+from .modeling import PROFILE_HEAD_FILE
 from .readout import READOUT_FILE, decode_features, fit_readout, truth_matrices
 
 CHECKPOINT_DIR = "checkpoints"
@@ -82,7 +83,7 @@ def parameter_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int, max_cells: int = 500, batch_size: int = 64, seed: int = 0) -> dict:
+def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int, max_cells: int = 500, batch_size: int = 64, seed: int = 0, profile_head=None) -> dict:
     """Fit the readout calibration of each direction on (up to ``max_cells`` evenly spaced) cells of ``split``."""
     n = len(split)
     rows = np.unique(np.linspace(0, n - 1, min(n, max_cells)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
@@ -94,7 +95,7 @@ def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], ma
         names = names_to_ids(tokenizer, cells[SOURCE_COLUMN[direction]])
         ids = [source_ids(x, direction, tokenizer, max_source_length) for x in names]
         target = TARGET_MODALITY[direction]
-        features, _ = decode_features(model, tokenizer, meta, ids, direction, ranges[target], max_target_length, batch_size)
+        features, _ = decode_features(model, tokenizer, meta, ids, direction, ranges[target], max_target_length, batch_size, profile_head=profile_head)
         out[direction] = fit_readout(features, truth[target], direction, meta, seed=seed)
     return out
 
@@ -109,8 +110,10 @@ def widget_examples(tokenizer, split, directions: Sequence[str], n_names: int = 
     return examples
 
 
-def write_model_folder(output_dir: str | os.PathLike, model, tokenizer, meta: dict, readout: dict, training_args: dict, max_target_length: int) -> list[str]:
+def write_model_folder(output_dir: str | os.PathLike, model, tokenizer, meta: dict, readout: dict, training_args: dict, max_target_length: int, profile_head=None) -> list[str]:
     """Write the Hub-ready files into ``output_dir``: weights (safetensors), configs, tokenizer, metadata, readout, args.
+
+    ``profile_head`` (a :class:`translator.modeling.ProfileHead`) goes to ``profile_head.safetensors``.
 
     Files are written to a temporary folder in ``output_dir`` and moved in one by one.
     """
@@ -126,6 +129,8 @@ def write_model_folder(output_dir: str | os.PathLike, model, tokenizer, meta: di
             no_repeat_ngram_size=1,
         )
         model.save_pretrained(tmp, safe_serialization=True)
+        if profile_head is not None:
+            profile_head.save(tmp / PROFILE_HEAD_FILE)
         tokenizer.init_kwargs["n_genes"] = len(meta["genes"])
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta))

@@ -1,0 +1,147 @@
+"""The profile readout: targets from the dataset, its loss at the mean, learning, calibration and prediction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from tests.translator_fixtures import make_dataset_and_tokenizer
+from tokenizer import feature_token_ranges, load_tokenizer
+from translator.data import LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
+from translator.modeling import ProfileHead, TranslationLoss, make_config, make_model, profile_loss, profile_scores
+from translator.readout import apply_readout, decode_features, fit_readout, profile_offsets, truth_matrices
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    import datasets
+
+    torch.set_num_threads(1)
+    data, tok = make_dataset_and_tokenizer(tmp_path_factory.mktemp("profile"), n_cells=360, n_genes=30, n_peaks=90, seed=3)
+    meta = json.loads((data / "cell_sentences.json").read_text())
+    return datasets.load_from_disk(str(data)), load_tokenizer(tok), meta
+
+
+def test_profile_targets_are_every_target_feature_of_the_cell(synthetic):
+    splits, tokenizer, meta = synthetic
+    cells = splits["train"].select(range(5))
+    examples = TranslationExamples(cells, tokenizer, max_source_length=8, max_target_length=4)  # caps cut sentences, not profiles
+    ranges = feature_token_ranges(tokenizer, n_genes=len(meta["genes"]))
+    truth = truth_matrices(cells, meta)
+    batch = TranslationCollator(examples.ranges)([examples[i] for i in range(5)])  # gex2atac examples come first
+    assert batch["profile_values"].shape == (5, ranges["atac"][1] - ranges["atac"][0])
+    np.testing.assert_array_equal(batch["profile_values"].numpy(), truth["atac"].toarray())
+    batch = TranslationCollator(examples.ranges)([examples[i] for i in range(5, 10)])
+    np.testing.assert_allclose(batch["profile_values"].numpy(), truth["gex"].toarray(), rtol=0, atol=0)
+
+
+def test_profile_loss_with_zero_scores_is_the_loss_of_the_mean():
+    rng = np.random.default_rng(0)
+    mean = torch.tensor(rng.uniform(0.05, 0.5, 50), dtype=torch.float32)
+    values = torch.tensor(rng.random((7, 50)) < mean.numpy(), dtype=torch.float32)
+    logit = torch.log(mean) - torch.log1p(-mean)
+    got = profile_loss(torch.zeros(7, 50), logit, values, binary=True)
+    expected = F.binary_cross_entropy(mean.expand(7, 50), values, reduction="sum")
+    torch.testing.assert_close(got, expected)
+    gex = torch.tensor(rng.uniform(0, 3, (7, 50)), dtype=torch.float32)
+    torch.testing.assert_close(profile_loss(torch.zeros(7, 50), mean, gex, binary=False), ((mean - gex) ** 2).sum())
+
+
+def _train(splits, tokenizer, meta, steps: int, profile_weight: float, seed: int = 0):
+    examples = TranslationExamples(splits["train"], tokenizer, max_source_length=64, max_target_length=64)
+    model = make_model(make_config("tiny", len(tokenizer), dropout_rate=0.0), seed=seed)
+    module = TranslationLoss(model, n_negatives=0, profile_weight=profile_weight, offsets=profile_offsets(tokenizer, meta)).train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    sampler = LengthGroupedBatchSampler(examples.lengths, examples.directions, 32, seed=seed)
+    collate = TranslationCollator(examples.ranges)
+    done, epoch = 0, 0
+    while done < steps:
+        sampler.set_epoch(epoch)
+        for rows in sampler:
+            loss = module(**collate([examples[i] for i in rows]))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            done += 1
+            if done == steps:
+                break
+        epoch += 1
+    return model.eval(), module.profile_head.eval()
+
+
+def _rmse(prediction, truth) -> float:
+    return float(np.sqrt(np.mean((prediction - truth.toarray()) ** 2)))
+
+
+def test_the_profile_readout_learns_what_the_mean_cannot(synthetic):
+    """Cells of four programs: the trained profile beats the per-feature mean on held-out cells, both directions."""
+    splits, tokenizer, meta = synthetic
+    model, head = _train(splits, tokenizer, meta, steps=150, profile_weight=1.0)
+    cells = splits["test"]
+    truth = truth_matrices(cells, meta)
+    ranges = feature_token_ranges(tokenizer, n_genes=len(meta["genes"]))
+    examples = TranslationExamples(cells, tokenizer, max_source_length=64, max_target_length=64)
+    n = len(cells)
+    for direction, target, mean_key, rows in (("gex2atac", "atac", "atac_mean", slice(0, n)), ("atac2gex", "gex", "gex_mean", slice(n, 2 * n))):
+        ids = examples.sources[rows]
+        features, sequences = decode_features(model, tokenizer, meta, ids, direction, ranges[target], 64, decode=False, profile_head=head)
+        assert set(features) == {"profile"} and sequences == [[] for _ in ids]
+        predicted = apply_readout(features, direction, meta, None)  # the readout as trained, no calibration
+        mean = np.broadcast_to(np.asarray(meta["train_stats"][mean_key]), predicted.shape)
+        assert _rmse(predicted, truth[target]) < 0.95 * _rmse(mean, truth[target]), direction
+        # Batching and padding do not change a cell's scores.
+        alone, _ = decode_features(model, tokenizer, meta, ids[:3], direction, ranges[target], 64, batch_size=1, decode=False, profile_head=head)
+        np.testing.assert_allclose(alone["profile"], features["profile"][:3], atol=1e-5)
+
+
+def test_profile_scores_read_the_prefix_step_only(synthetic):
+    splits, tokenizer, meta = synthetic
+    model = make_model(make_config("tiny", len(tokenizer)), seed=1).eval()
+    ranges = feature_token_ranges(tokenizer, n_genes=len(meta["genes"]))
+    examples = TranslationExamples(splits["validation"].select(range(4)), tokenizer)
+    ids = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(s) for s in examples.sources[:4]], batch_first=True)
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        hidden = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        scores = profile_scores(model, hidden, mask, ids, ranges["atac"])
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :1])
+    start, stop = ranges["atac"]
+    torch.testing.assert_close(scores, out.logits[:, 0, start:stop].float())
+
+
+def test_profile_calibration_keeps_the_mean_and_the_model():
+    rng = np.random.default_rng(2)
+    n_peaks, n_genes = 200, 40
+    meta = {"train_stats": {"atac_mean": rng.uniform(0.02, 0.3, n_peaks).tolist(), "gex_mean": rng.uniform(0, 1, n_genes).tolist(),
+                            "gex_mean_detected": rng.uniform(1, 2, n_genes).tolist(), "rank_value": [1.0]}}
+    mean = np.asarray(meta["train_stats"]["atac_mean"])
+    shift = rng.normal(0, 1.5, (300, n_peaks))
+    logit_mean = np.log(mean) - np.log1p(-mean)
+    truth = (rng.random((300, n_peaks)) < 1 / (1 + np.exp(-(logit_mean + shift)))).astype(np.float32)
+    fitted = fit_readout({"profile": shift}, sp.csr_matrix(truth), "gex2atac", meta)
+    assert fitted["aggregation"] == "profile" and fitted["validation_rmse"]["profile"] < fitted["validation_rmse_mean"]
+    assert 0.7 < fitted["coef"][0] < 1.3  # the scores were generated as the true residual
+    gex_mean = np.asarray(meta["train_stats"]["gex_mean"])
+    z = rng.normal(0, 0.5, (100, n_genes))
+    truth = np.clip(gex_mean + 0.8 * z, 0, None)
+    fitted = fit_readout({"profile": z}, sp.csr_matrix(truth), "atac2gex", meta)
+    assert fitted["validation_rmse"]["profile"] < 0.5 * fitted["validation_rmse_mean"]
+
+
+def test_an_untrained_profile_head_is_exactly_the_mean(synthetic, tmp_path):
+    splits, tokenizer, meta = synthetic
+    model = make_model(make_config("tiny", len(tokenizer)), seed=2).eval()
+    head = ProfileHead(model.config.vocab_size, 3 * model.config.d_model)
+    head.save(tmp_path / "head.safetensors")
+    head = ProfileHead.load(tmp_path / "head.safetensors")
+    ranges = feature_token_ranges(tokenizer, n_genes=len(meta["genes"]))
+    ids = TranslationExamples(splits["validation"].select(range(5)), tokenizer).sources[:5]
+    features, _ = decode_features(model, tokenizer, meta, ids, "gex2atac", ranges["atac"], 16, decode=False, profile_head=head)
+    predicted = apply_readout(features, "gex2atac", meta, None)
+    expected = np.broadcast_to(np.asarray(meta["train_stats"]["atac_mean"], dtype=np.float32), predicted.shape)
+    np.testing.assert_allclose(predicted, np.clip(expected, 1e-4, 1 - 1e-4), rtol=1e-5)
