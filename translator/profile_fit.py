@@ -23,7 +23,7 @@ from .modeling import PROFILE_INPUTS, ProfileHead, profile_features
 
 logger = logging.getLogger(__name__)
 
-L2_GRID = (1e-4, 1e-5, 1e-6, 1e-7)
+L2_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
 
 
 @torch.no_grad()
