@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_linear_schedule_with_warmup
 
 from tokenizer import DIRECTIONS, check_vocabulary, load_tokenizer, read_meta
-from translator.data import LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
+from translator.data import GEX_TARGET_ORDERS, LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
 from translator.modeling import MODEL_SHAPES, TranslationLoss, make_config, make_model
 from translator.readout import profile_offsets
 from translator.training import (
@@ -64,6 +64,7 @@ class DataArguments:
     directions: list[str] = field(default_factory=lambda: list(DIRECTIONS), metadata={"help": "directions to train: gex2atac atac2gex"})
     max_source_length: int = field(default=512, metadata={"help": "source cap in tokens (GEX keeps top-ranked genes; ATAC an even subsample; prefer --top_peaks at build time)"})
     max_target_length: int = field(default=512, metadata={"help": "target cap in tokens, also the decoding length"})
+    gex_target_order: str = field(default="rank", metadata={"help": "order of GEX target sentences: rank (descending expression) | gene (the same genes in gene order); sources keep rank order"})
     max_eval_cells: int = field(default=1000, metadata={"help": "validation cells used for the validation loss"})
     calibration_cells: int = field(default=500, metadata={"help": "validation cells used to fit the readout calibration"})
 
@@ -119,6 +120,8 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
     for name in ("warmup_steps", "eval_steps", "checkpointing_steps", "stop_after_steps", "cpu_threads", "weight_decay"):
         if getattr(run, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(run, name)}")
+    if data_args.gex_target_order not in GEX_TARGET_ORDERS:
+        raise ValueError(f"--gex_target_order must be one of {', '.join(GEX_TARGET_ORDERS)}, got {data_args.gex_target_order!r}")
     for name in ("max_eval_cells", "calibration_cells"):
         if getattr(data_args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(data_args, name)}")
@@ -240,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     check_args(model_args, data_args, run)
     # Inputs are checked before anything is written: a wrong dataset or tokenizer leaves no output folder behind.
     meta = read_meta(data_args.dataset_dir)
+    # The model folder's cell_sentences.json says in which order this model writes GEX sentences (decoding follows it).
+    meta = {**meta, "gex_target_order": data_args.gex_target_order}
     tokenizer = load_tokenizer(data_args.tokenizer_dir) if data_args.tokenizer_dir else None
     if tokenizer is None:
         raise ValueError("--tokenizer_dir is required; build one with `python -m tokenizer --dataset DIR --output_dir TOK`")
@@ -270,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     # Data: both directions of each cell, length-grouped batches (tokenizer and metadata were read above).
     splits = datasets.load_from_disk(data_args.dataset_dir)
     caps = (data_args.max_source_length, data_args.max_target_length)
-    train_examples = TranslationExamples(splits["train"], tokenizer, data_args.directions, *caps)
+    train_examples = TranslationExamples(splits["train"], tokenizer, data_args.directions, *caps, data_args.gex_target_order)
     validation = splits["validation"].select(range(min(len(splits["validation"]), data_args.max_eval_cells)))
-    eval_examples = TranslationExamples(validation, tokenizer, data_args.directions, *caps)
+    eval_examples = TranslationExamples(validation, tokenizer, data_args.directions, *caps, data_args.gex_target_order)
     collator = TranslationCollator(train_examples.ranges)
     sampler = LengthGroupedBatchSampler(train_examples.lengths, train_examples.directions, run.per_device_train_batch_size, run.seed, num_shards=accelerator.num_processes)
     train_loader = DataLoader(train_examples, batch_sampler=sampler, collate_fn=collator)

@@ -107,31 +107,39 @@ def in_process(model: Path, dataset: Path, cells: int, batch_size: int, device: 
     rows = []
     for direction, column in (("gex2atac", "gex_text"), ("atac2gex", "atac_text")):
         sentences = list(test.select(range(n))[column])
-        tr.predict_matrix(sentences[: min(4, n)], direction=direction, batch_size=batch_size)  # warm-up
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        load = common.load_average()
-        t = time.perf_counter()
-        matrix, translated = tr.predict_matrix(sentences, direction=direction, batch_size=batch_size, return_sentences=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t
-        generated = np.array([len(s.split()) for s in translated])
         source = np.array([len(s.split()) for s in sentences])
-        row = {
-            "direction": direction, "cells": n, "batch_size": batch_size, "device": device, "seconds": round(seconds, 3),
-            "cells_per_s": round(n / seconds, 2), "mean_source_names": round(float(source.mean()), 1),
-            "mean_generated_names": round(float(generated.mean()), 1),
-            "generated_tokens_per_s": round(float(generated.sum() + n) / seconds, 1),
-            "output_shape": list(matrix.shape), "load_average": load,
-        }
-        if device.startswith("cuda"):
-            row["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            row["device_name"] = torch.cuda.get_device_name()
-        rows.append(row)
-        print(f"predict_matrix {direction}: {n} cells in {seconds:.2f} s = {n / seconds:,.1f} cells/s "
-              f"(sources {source.mean():.0f} names, {generated.mean():.0f} generated a cell)")
+        tr.predict_matrix(sentences[: min(4, n)], direction=direction, batch_size=batch_size)  # warm-up
+        # "matrix": what predict.py does without --text (the profile readout needs one decoder step);
+        # "matrix+sentences": greedy decoding too (eval.py, predict.py --text).
+        for mode in ("matrix", "matrix+sentences"):
+            with_sentences = mode == "matrix+sentences"
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            load = common.load_average()
+            t = time.perf_counter()
+            out = tr.predict_matrix(sentences, direction=direction, batch_size=batch_size, return_sentences=with_sentences)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t
+            matrix, translated = out if with_sentences else (out, None)
+            row = {
+                "direction": direction, "mode": mode, "cells": n, "batch_size": batch_size, "device": device,
+                "seconds": round(seconds, 3), "cells_per_s": round(n / seconds, 2),
+                "mean_source_names": round(float(source.mean()), 1), "output_shape": list(matrix.shape), "load_average": load,
+            }
+            note = ""
+            if with_sentences:
+                generated = np.array([len(s.split()) for s in translated])
+                row["mean_generated_names"] = round(float(generated.mean()), 1)
+                row["generated_tokens_per_s"] = round(float(generated.sum() + n) / seconds, 1)
+                note = f", {generated.mean():.0f} generated a cell"
+            if device.startswith("cuda"):
+                row["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                row["device_name"] = torch.cuda.get_device_name()
+            rows.append(row)
+            print(f"predict_matrix {direction} ({mode}): {n} cells in {seconds:.2f} s = {n / seconds:,.1f} cells/s "
+                  f"(sources {source.mean():.0f} names{note})")
     return rows
 
 

@@ -105,5 +105,6 @@ def test_bench_train_quick(tmp_path):
 def test_bench_predict_quick(tmp_path):
     bench_predict.main(["--quick", "--cells", "4", "--results_dir", str(tmp_path)])
     rows = _results(tmp_path, "predict_cpu")["predict_matrix"]
-    assert [r["direction"] for r in rows] == ["gex2atac", "atac2gex"]
+    assert [(r["direction"], r["mode"]) for r in rows] == [
+        ("gex2atac", "matrix"), ("gex2atac", "matrix+sentences"), ("atac2gex", "matrix"), ("atac2gex", "matrix+sentences")]
     assert all(r["cells"] == 4 and r["output_shape"][0] == 4 for r in rows)

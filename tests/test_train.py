@@ -198,3 +198,21 @@ def test_ddp_on_two_cpu_processes_stays_in_step(bmmc, tmp_path):
     sums = dict(re.findall(r"rank (\d) parameter checksum (\w+)", stdout))
     assert set(sums) == {"0", "1"} and sums["0"] == sums["1"]
     assert json.loads((out / "training_args.json").read_text())["num_processes"] == 2
+
+
+def test_gene_order_targets_are_recorded_and_decoded_in_gene_order(bmmc, tmp_path):
+    import datasets
+
+    from translator import CellTranslator
+
+    out = tmp_path / "gene_order"
+    _train(tiny_args(*bmmc, out, "--max_steps", "6", "--eval_steps", "0", "--checkpointing_steps", "0",
+                     "--calibration_cells", "8", "--gex_target_order", "gene"))
+    assert json.loads((out / "cell_sentences.json").read_text())["gex_target_order"] == "gene"
+    translator = CellTranslator.from_pretrained(out)
+    cells = datasets.load_from_disk(str(bmmc[0]))["validation"].select(range(4))
+    sentences = translator.translate(cells["atac_text"], "atac2gex")
+    assert max(len(s.split()) for s in sentences) >= 2  # something to be in order
+    for sentence in sentences:
+        ids = translator.tokenizer.convert_tokens_to_ids(sentence.split())
+        assert all(a < b for a, b in zip(ids, ids[1:], strict=False))  # gene order, as trained

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from translator.anndata_io import map_peaks_by_overlap
-from translator.data import LengthGroupedBatchSampler, TranslationCollator, cap_names
+from translator.data import LengthGroupedBatchSampler, TranslationCollator, cap_names, target_ids
 from translator.modeling import constrained_decode, full_vocabulary_loss, make_config, make_model, restricted_lm_loss
 from translator.readout import apply_readout, fit_readout
 
@@ -98,6 +98,22 @@ def test_caps_keep_top_genes_and_spread_peaks():
     kept = cap_names(ids, 10, "atac")
     assert len(kept) == 10 and kept[0] == 100 and kept[-1] == 199 and np.all(np.diff(kept) > 0)
     assert cap_names(ids, 500, "atac") is ids
+
+
+class _Tok:
+    eos_token_id = 1
+
+
+def test_gene_order_targets_keep_the_top_ranked_genes_in_gene_order():
+    ranked = np.array([40, 12, 33, 7, 25, 18])  # gene token ids, highest expression first
+    rank = target_ids(ranked, "atac2gex", _Tok(), max_target_length=4)
+    gene = target_ids(ranked, "atac2gex", _Tok(), max_target_length=4, gex_target_order="gene")
+    assert rank.tolist() == [40, 12, 33, 1]  # the cap keeps the top 3 genes, </s> last
+    assert gene.tolist() == [12, 33, 40, 1]  # the same genes, increasing id
+    peaks = np.array([3, 5, 9])
+    assert target_ids(peaks, "gex2atac", _Tok(), 8, "gene").tolist() == [3, 5, 9, 1]  # ATAC targets are unaffected
+    with pytest.raises(ValueError, match="--gex_target_order"):
+        target_ids(ranked, "atac2gex", _Tok(), 4, "alphabetical")
 
 
 def test_length_grouped_sampler_is_deterministic_and_one_direction_per_batch():

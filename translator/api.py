@@ -154,7 +154,9 @@ class CellTranslator:
 
         self._check_direction(direction)
         sentences, obs, stats = source_sentences_from_anndata(adata_or_path, direction, self.meta)
-        matrix, translated = self.predict_matrix(sentences, direction, batch_size, return_sentences=True)
+        # Sentences only when asked for: with the profile readout the matrix needs one decoder step, not greedy decoding.
+        out = self.predict_matrix(sentences, direction, batch_size, return_sentences=return_sentences)
+        matrix, translated = out if return_sentences else (out, None)
         stats.update(self.last_stats)
         return prediction_anndata(matrix, obs, direction, self.meta, stats, translated if return_sentences else None)
 

@@ -65,9 +65,20 @@ def source_ids(names: np.ndarray, direction: str, tokenizer, max_source_length: 
     return np.concatenate([[prefix], names, [tokenizer.eos_token_id]]).astype(np.int64)
 
 
-def target_ids(names: np.ndarray, direction: str, tokenizer, max_target_length: int) -> np.ndarray:
-    """``names... </s>`` with the names capped to ``max_target_length - 1``."""
+GEX_TARGET_ORDERS = ("rank", "gene")
+
+
+def target_ids(names: np.ndarray, direction: str, tokenizer, max_target_length: int, gex_target_order: str = "rank") -> np.ndarray:
+    """``names... </s>`` with the names capped to ``max_target_length - 1``.
+
+    With ``gex_target_order="gene"`` a GEX target keeps its top-ranked genes (the same cap) but lists them
+    in gene order (increasing token id), like ATAC's genomic order: a set to name rather than a ranking.
+    """
+    if gex_target_order not in GEX_TARGET_ORDERS:
+        raise ValueError(f"--gex_target_order must be one of {', '.join(GEX_TARGET_ORDERS)}, got {gex_target_order!r}")
     names = cap_names(names, max(0, max_target_length - 1), TARGET_MODALITY[direction])
+    if gex_target_order == "gene" and TARGET_MODALITY[direction] == "gex":
+        names = np.sort(names)
     return np.concatenate([names, [tokenizer.eos_token_id]]).astype(np.int64)
 
 
@@ -84,9 +95,13 @@ class TranslationExamples(Dataset):
         Subset of ``("gex2atac", "atac2gex")``.
     max_source_length, max_target_length
         Caps in tokens, prefix and ``</s>`` included.
+    gex_target_order
+        ``rank`` (GEX targets in descending expression, as the dataset writes them) or ``gene``
+        (the same capped genes in gene order); GEX sources always keep rank order.
     """
 
-    def __init__(self, split, tokenizer, directions: Sequence[str] = DIRECTIONS, max_source_length: int = 512, max_target_length: int = 512):
+    def __init__(self, split, tokenizer, directions: Sequence[str] = DIRECTIONS, max_source_length: int = 512, max_target_length: int = 512,
+                 gex_target_order: str = "rank"):
         for direction in directions:
             if direction not in DIRECTIONS:
                 raise ValueError(f"--directions {direction!r} is unknown; choose from {', '.join(DIRECTIONS)}")
@@ -110,7 +125,7 @@ class TranslationExamples(Dataset):
             start = self.ranges[code][0]
             for i, (src, tgt) in enumerate(zip(names[SOURCE_COLUMN[direction]], names[TARGET_COLUMN[direction]], strict=True)):
                 self.sources.append(source_ids(src, direction, tokenizer, max_source_length))
-                self.targets.append(target_ids(tgt, direction, tokenizer, max_target_length))
+                self.targets.append(target_ids(tgt, direction, tokenizer, max_target_length, gex_target_order))
                 self.directions.append(code)
                 if direction == "atac2gex" and gex_profiles is not None:
                     self.profiles.append(gex_profiles[i])

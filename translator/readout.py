@@ -114,12 +114,16 @@ def decode_features(
         # than they save (a 64-wide linear took 3.0 ms with 2 threads vs 0.035 ms with 1 on 2 busy cores).
         torch.set_num_threads(max(1, min(threads, model.config.d_model // 256)))
     try:
-        return _decode_batches(model, source_ids, direction, target_range, max_new_tokens, batch_size, step_weight, device, decode, profile_head)
+        # Names in increasing id: ATAC targets (genomic order), and GEX targets of a model trained with --gex_target_order gene.
+        ordered = direction == "gex2atac" or meta.get("gex_target_order", "rank") == "gene"
+        return _decode_batches(model, source_ids, direction, target_range, max_new_tokens, batch_size, step_weight, device, decode, profile_head, ordered)
     finally:
         torch.set_num_threads(threads)
 
 
-def _decode_batches(model, source_ids, direction, target_range, max_new_tokens, batch_size, step_weight, device, decode=True, profile_head=None):
+def _decode_batches(model, source_ids, direction, target_range, max_new_tokens, batch_size, step_weight, device, decode=True, profile_head=None,
+                    ordered=None):
+    ordered = direction == "gex2atac" if ordered is None else ordered
     order = np.argsort([-len(s) for s in source_ids], kind="stable")
     n_features = target_range[1] - target_range[0]
     keys = (["noisy_or", "sum"] + (["weighted"] if direction == "atac2gex" else [])) if decode else []
@@ -145,7 +149,7 @@ def _decode_batches(model, source_ids, direction, target_range, max_new_tokens, 
             input_ids,
             mask,
             target_range,
-            ordered=direction == "gex2atac",
+            ordered=ordered,
             max_new_tokens=max_new_tokens,
             step_weight=step_weight if direction == "atac2gex" else None,
         )
