@@ -174,3 +174,66 @@ def merge_model_index(readme_path: str | Path, results: dict, model_name: str | 
     front["model-index"] = index
     write_text_atomic(readme_path, "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n" + body)
     return True
+
+
+HEADLINE_KEYS = ("rmse", "pearson_cell", "auroc_cell", "ap_cell")
+
+
+def model_ranks(results: dict) -> dict[str, dict[str, int]]:
+    """Rank (1 = best) of ``model`` among every method of each direction, on the headline metrics."""
+    out = {}
+    for direction, block in results.get("directions", {}).items():
+        rows = _methods(block)
+        if "model" not in dict(rows):
+            continue
+        ranks = {}
+        for key in HEADLINE_KEYS:
+            values = {name: v[key] for name, v in rows if isinstance(v.get(key), int | float) and math.isfinite(v[key])}
+            if "model" not in values:
+                continue
+            sign = 1 if key in LOWER_IS_BETTER else -1
+            ranks[key] = 1 + sum(sign * value < sign * values["model"] for name, value in values.items() if name != "model")
+        out[direction] = ranks
+    return out
+
+
+def headline_table(results_list: list[dict]) -> str:
+    """The README's table: dataset x direction x method on RMSE, per-cell Pearson, AUROC and AP, best in bold,
+    plus the model's RMSE cut over the per-feature mean."""
+    lines = ["| dataset | direction | method | RMSE | Pearson (cell) | AUROC (cell) | AP (cell) |", "|---|---|---|---|---|---|---|"]
+    for results in results_list:
+        for direction, block in results.get("directions", {}).items():
+            rows = _methods(block)
+            best = {}
+            for key in HEADLINE_KEYS:
+                values = [v[key] for _, v in rows if isinstance(v.get(key), int | float) and math.isfinite(v[key])]
+                if values:
+                    best[key] = min(values) if key in LOWER_IS_BETTER else max(values)
+            for name, values in rows:
+                cells = []
+                for key in HEADLINE_KEYS:
+                    text = _fmt(values.get(key)) if key in values else ""
+                    cells.append(f"**{text}**" if text and values.get(key) == best.get(key) else text)
+                lines.append(f"| {results.get('dataset')} | {direction} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m evaluation.report eval_results.json ...``: the headline table and the model's ranks."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", nargs="+", help="eval_results.json files")
+    args = parser.parse_args(argv)
+    loaded = [json.loads(Path(p).read_text()) for p in args.results]
+    print(headline_table(loaded))
+    for results in loaded:
+        for direction, ranks in model_ranks(results).items():
+            mean = results["directions"][direction].get("baselines", {}).get("mean", {}).get("rmse")
+            cut = f", RMSE cut over the mean {100 * (1 - results['directions'][direction]['model']['rmse'] / mean):.2f}%" if mean else ""
+            print(f"{results.get('dataset')} {direction}: model rank " + ", ".join(f"{k} {v}" for k, v in ranks.items()) + cut)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -196,3 +196,17 @@ def test_tiny_trained_model_end_to_end(dataset_dir, tmp_path):
     assert json.loads((model_dir / "eval_results.json").read_text())["n_cells"] == 12
     front = yaml.safe_load((model_dir / "README.md").read_text().split("---\n")[1])
     assert front["model-index"][0]["results"][0]["dataset"]["split"] == "test"
+
+
+def test_model_ranks_and_headline_table_from_results():
+    from evaluation.report import headline_table, model_ranks
+
+    results = {"dataset": "d", "directions": {"gex2atac": {
+        "model": {"rmse": 0.20, "pearson_cell": 0.5, "auroc_cell": 0.70, "ap_cell": 0.30},
+        "baselines": {"mean": {"rmse": 0.21, "pearson_cell": 0.6, "auroc_cell": 0.70, "ap_cell": 0.20},
+                      "zeros": {"rmse": 0.30, "pearson_cell": 0.0, "auroc_cell": 0.5, "ap_cell": 0.1}}}}}
+    # a tie (AUROC 0.70) does not push the model down; a better baseline (Pearson 0.6) does
+    assert model_ranks(results) == {"gex2atac": {"rmse": 1, "pearson_cell": 2, "auroc_cell": 1, "ap_cell": 1}}
+    table = headline_table([results])
+    assert "| d | gex2atac | model | **0.2000** | 0.5000 | **0.7000** | **0.3000** |" in table
+    assert "| d | gex2atac | mean | 0.2100 | **0.6000** | **0.7000** | 0.2000 |" in table
