@@ -377,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     profile_head = accelerator.unwrap_model(loss_module).profile_head
     model = accelerator.unwrap_model(loss_module).model
     # Every rank prints its own checksum: equal lines prove the ranks ended in step.
-    print(f"rank {accelerator.process_index} parameter checksum {parameter_checksum(model)}", flush=True)
+    # One write, framed by newlines, so that two ranks writing at once into one pipe cannot run their lines together.
+    sys.stdout.write(f"\nrank {accelerator.process_index} parameter checksum {parameter_checksum(model)}\n")
+    sys.stdout.flush()
     tokens_total = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), reduction="sum").item()
     accelerator.wait_for_everyone()
     # The process group ends here for every rank together; what follows runs on the main process alone.
