@@ -34,12 +34,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output .h5ad")
     parser.add_argument("--text", action="store_true", help="also store the translated sentences in obs['translation']")
     parser.add_argument("--batch_size", type=int, default=64, help="cells decoded together")
+    parser.add_argument("--chunk_cells", type=int, default=1024, help="cells predicted and written at a time (bounds memory: one chunk of cells x features)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--allow_pickle", action="store_true", help="load pickle weights (pytorch_model.bin); they can run code: only for trusted folders")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.chunk_cells < 1:
+        parser.error(f"--chunk_cells must be >= 1, got {args.chunk_cells}")
     if not args.output.endswith(".h5ad"):
         parser.error(f"--output {args.output} must end in .h5ad")
     return args
@@ -53,18 +56,18 @@ def run(args: argparse.Namespace) -> Path:
         raise FileExistsError(f"--output {output} exists; choose another name or pass --overwrite")
     translator = CellTranslator.from_pretrained(args.model, allow_pickle=args.allow_pickle)
     inputs = args.input[0] if len(args.input) == 1 else args.input
-    adata = translator.predict_anndata(inputs, args.direction, batch_size=args.batch_size, return_sentences=args.text)
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".h5ad", dir=output.parent)
     os.close(fd)
     try:
-        adata.write_h5ad(tmp)
+        # Chunk by chunk: memory holds one chunk of predictions, not the whole cells x features matrix.
+        stats = translator.predict_h5ad(inputs, args.direction, tmp, batch_size=args.batch_size, chunk_cells=args.chunk_cells, return_sentences=args.text)
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    stats = adata.uns["cell_translation"]
-    logging.getLogger("predict").info("wrote %s: %d cells x %d features (%s)", output, adata.n_obs, adata.n_vars, stats)
+    n_features = len(translator.meta["peaks" if args.direction == "gex2atac" else "genes"])
+    logging.getLogger("predict").info("wrote %s: %d cells x %d features (%s)", output, stats["cells"], n_features, stats)
     return output
 
 

@@ -12,6 +12,7 @@ calibration on validation -> the Hub-ready model folder -> evaluation (when eval
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,6 +66,7 @@ class DataArguments:
     directions: list[str] = field(default_factory=lambda: list(DIRECTIONS), metadata={"help": "directions to train: gex2atac atac2gex"})
     max_source_length: int = field(default=512, metadata={"help": "source cap in tokens (GEX keeps top-ranked genes; ATAC an even subsample; prefer --top_peaks at build time)"})
     max_target_length: int = field(default=512, metadata={"help": "target cap in tokens, also the decoding length"})
+    max_gex_target_length: int = field(default=0, metadata={"help": "shorter cap for GEX targets (atac2gex) only, in tokens; 0: --max_target_length. Short targets weigh the profile loss more"})
     gex_target_order: str = field(default="rank", metadata={"help": "order of GEX target sentences: rank (descending expression) | gene (the same genes in gene order); sources keep rank order"})
     max_eval_cells: int = field(default=1000, metadata={"help": "validation cells used for the validation loss"})
     calibration_cells: int = field(default=500, metadata={"help": "validation cells used to fit the readout calibration"})
@@ -122,6 +125,8 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
             raise ValueError(f"--{name} must be >= 0, got {getattr(run, name)}")
     if data_args.gex_target_order not in GEX_TARGET_ORDERS:
         raise ValueError(f"--gex_target_order must be one of {', '.join(GEX_TARGET_ORDERS)}, got {data_args.gex_target_order!r}")
+    if data_args.max_gex_target_length != 0 and not 2 <= data_args.max_gex_target_length <= data_args.max_target_length:
+        raise ValueError(f"--max_gex_target_length must be 0 (off) or between 2 and --max_target_length ({data_args.max_target_length}), got {data_args.max_gex_target_length}")
     for name in ("max_eval_cells", "calibration_cells"):
         if getattr(data_args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(data_args, name)}")
@@ -275,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     # Data: both directions of each cell, length-grouped batches (tokenizer and metadata were read above).
     splits = datasets.load_from_disk(data_args.dataset_dir)
     caps = (data_args.max_source_length, data_args.max_target_length)
-    train_examples = TranslationExamples(splits["train"], tokenizer, data_args.directions, *caps, data_args.gex_target_order)
+    train_examples = TranslationExamples(splits["train"], tokenizer, data_args.directions, *caps, data_args.gex_target_order, data_args.max_gex_target_length)
     validation = splits["validation"].select(range(min(len(splits["validation"]), data_args.max_eval_cells)))
-    eval_examples = TranslationExamples(validation, tokenizer, data_args.directions, *caps, data_args.gex_target_order)
+    eval_examples = TranslationExamples(validation, tokenizer, data_args.directions, *caps, data_args.gex_target_order, data_args.max_gex_target_length)
     collator = TranslationCollator(train_examples.ranges)
     sampler = LengthGroupedBatchSampler(train_examples.lengths, train_examples.directions, run.per_device_train_batch_size, run.seed, num_shards=accelerator.num_processes)
     train_loader = DataLoader(train_examples, batch_sampler=sampler, collate_fn=collator)
@@ -370,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     progress.close()
     if completed_steps < max_steps:
         accelerator.print(f"stopped after step {completed_steps} of {max_steps}; resume with --resume_from_checkpoint latest")
+        wrapper = weakref.ref(loss_module)
+        loss_module = loss = batch = None  # noqa: F841 -- see below
+        release_ddp(accelerator, wrapper)
         accelerator.end_training()
         return 0
     elapsed = time.perf_counter() - started
@@ -383,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     tokens_total = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), reduction="sum").item()
     accelerator.wait_for_everyone()
     # The process group ends here for every rank together; what follows runs on the main process alone.
+    wrapper = weakref.ref(loss_module)
+    loss_module = loss = batch = None  # noqa: F841 -- the last references to the DDP wrapper and its graph
+    release_ddp(accelerator, wrapper)
     accelerator.end_training()
 
     if accelerator.is_main_process:
@@ -417,6 +428,21 @@ def main(argv: list[str] | None = None) -> int:
             files = push_model_folder(run.output_dir, run.hub_model_id)
             logger.info("pushed %d files to %s", len(files), run.hub_model_id)
     return 0
+
+
+def release_ddp(accelerator: Accelerator, wrapper: weakref.ref) -> None:
+    """Free the DDP wrapper (its C++ ``Reducer``) while the process group is still registered.
+
+    Otherwise the ``Reducer`` is the last owner of the Gloo process group and frees it at interpreter exit,
+    joining Gloo's worker threads while holding the GIL; a worker still destroying the last collective's
+    Python-owned tensors needs that GIL, and the rank hangs forever (seen on CPU DDP: rank 1 stuck in
+    ``~ProcessGroupGloo`` after its last barrier). ``destroy_process_group`` (in ``end_training``) then frees
+    the group through the Python binding, which releases the GIL first.
+    """
+    accelerator.free_memory()  # accelerate's own references to the prepared (wrapped) module
+    gc.collect()
+    if accelerator.num_processes > 1 and wrapper() is not None:
+        logger.warning("the DDP wrapper is still referenced at the end of training; the process may hang at exit")
 
 
 def evaluate_folder(run: RunArguments, data_args: DataArguments) -> None:

@@ -4,12 +4,13 @@ Cells: the first 1k, 10k and 69,249 cells of the simulated full-size file (``ben
 each written as its own combined h5ad subset (rows copied with h5py, counts only) and built with
 ``python -m dataset_builder`` in a subprocess; time per cell should stay flat if cost grows linearly.
 Sentence length: files of the same number of cells with 1/4, 1/2, 1 and 2 times the detected genes and
-accessible peaks a cell. Predict (``--model DIR``): ``CellTranslator.predict_matrix`` seconds per cell at
-a few cell counts in each direction.
+accessible peaks a cell. Predict (``--model DIR``, a model trained on the full-size file's features): ``python
+predict.py`` on the same subsets in each direction (h5ad in, h5ad out), seconds per cell and peak RSS; with
+``--predict_in_memory_at N`` also the whole-matrix path predict.py used before it wrote chunk by chunk.
 
     python bench/bench_growth.py                          # 1k, 10k, 69,249 cells; lengths at 5k cells
     python bench/bench_growth.py --reuse_full_build       # take the 69,249-cell build from results/build.json
-    python bench/bench_growth.py --model OUT --predict_cells 32 128
+    python bench/bench_growth.py --skip_build --model OUT --predict_sizes 1000 10000 69249 --predict_in_memory_at 10000
     python bench/bench_growth.py --quick
 """
 
@@ -21,7 +22,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -110,25 +110,49 @@ def grow_length(spec: make_large.LargeSpec, scales: list[float], workdir: Path, 
     return rows
 
 
-def grow_predict(model: Path, dataset: Path, sizes: list[int], device: str, batch_size: int) -> list[dict]:
-    """predict_matrix seconds per cell against the number of cells, in each direction."""
-    import datasets
+def _predict_cmd(model: Path, input_path: Path, direction: str, output: Path, batch_size: int, chunk_cells: int) -> list[str]:
+    return [sys.executable, "predict.py", "--model", str(model), "--input", str(input_path), "--direction", direction,
+            "--output", str(output), "--batch_size", str(batch_size), "--chunk_cells", str(chunk_cells), "--overwrite"]
 
-    from translator import CellTranslator
 
-    tr = CellTranslator.from_pretrained(model, device=device)
-    test = datasets.load_from_disk(str(dataset))["test"]
+# The code path predict.py had before it wrote chunk by chunk: the whole cells x features matrix in memory.
+IN_MEMORY = ("import sys; from translator import CellTranslator; "
+             "CellTranslator.from_pretrained(sys.argv[1]).predict_anndata(sys.argv[2], sys.argv[3], batch_size=int(sys.argv[5])).write_h5ad(sys.argv[4])")
+
+
+def grow_predict(model: Path, large: Path, sizes: list[int], workdir: Path, cache_dir: Path, batch_size: int, chunk_cells: int,
+                 in_memory_at: list[int]) -> list[dict]:
+    """``python predict.py`` (h5ad in, h5ad out) on the first N cells of the full-size file, in each direction.
+
+    Wall seconds less Python start-up and the model load (measured on 1 cell), per 1k cells, and peak RSS.
+    ``in_memory_at``: cell counts at which the pre-chunking path (``predict_anndata`` + ``write_h5ad``) also runs.
+    """
+    n_full = int(h5py.File(large, "r")["layers/counts"].attrs["shape"][0])
     rows = []
-    for direction, column in (("gex2atac", "gex_text"), ("atac2gex", "atac_text")):
+    for direction in ("gex2atac", "atac2gex"):
+        one = write_subset(large, cache_dir / "bench_large_1.h5ad", 1)
+        out = workdir / "pred.h5ad"
+        startup = min(common.run_measured(_predict_cmd(model, one, direction, out, batch_size, chunk_cells), cwd=common.REPO)["seconds"] for _ in range(2))
         for n in sizes:
-            sentences = list(test.select(range(min(n, len(test))))[column])
-            load = common.load_average()
-            t = time.perf_counter()
-            tr.predict_matrix(sentences, direction=direction, batch_size=batch_size)
-            seconds = time.perf_counter() - t
-            rows.append({"direction": direction, "cells": len(sentences), "seconds": round(seconds, 3),
-                         "cells_per_s": round(len(sentences) / seconds, 2), "load_average": load})
-            print(f"predict {direction} {len(sentences):>6,} cells: {seconds:.2f} s = {len(sentences) / seconds:.1f} cells/s")
+            path = large if n >= n_full else write_subset(large, cache_dir / f"bench_large_{n}.h5ad", n)
+            cells = min(n, n_full)
+            variants = [("chunked", _predict_cmd(model, path, direction, out, batch_size, chunk_cells))]
+            if n in in_memory_at:
+                variants.append(("in_memory", [sys.executable, "-c", IN_MEMORY, str(model), str(path), direction, str(out), str(batch_size)]))
+            for mode, cmd in variants:
+                load = common.load_average()
+                run = common.run_measured(cmd, cwd=common.REPO)
+                seconds = max(run["seconds"] - startup, 1e-9)
+                row = {"direction": direction, "mode": mode, "cells": cells, "wall_seconds": round(run["seconds"], 2),
+                       "startup_and_model_load_seconds": round(startup, 2), "predict_seconds": round(seconds, 2),
+                       "cells_per_s": round(cells / seconds, 1), "seconds_per_1k_cells": round(seconds / cells * 1000, 3),
+                       "peak_rss_mb": round(run["peak_rss_mb"], 1), "output_bytes": out.stat().st_size, "load_average_before": load,
+                       "chunk_cells": chunk_cells if mode == "chunked" else None}
+                out.unlink()
+                rows.append(row)
+                print(f"predict {direction} {mode:>9} {cells:>7,} cells: {seconds:.1f} s ({cells / seconds:,.1f} cells/s, "
+                      f"{row['seconds_per_1k_cells']:.2f} s per 1k), peak RSS {run['peak_rss_mb'] / 1024:.2f} GB, "
+                      f"output {row['output_bytes'] / 1e9:.2f} GB")
     return rows
 
 
@@ -139,17 +163,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--length_cells", type=int, default=None, help="cells of each sentence-length file (default 5000)")
     parser.add_argument("--length_scales", type=float, nargs="+", default=None, help="sentence length factors (default 0.25 0.5 1 2)")
     parser.add_argument("--reuse_full_build", action="store_true", help="take the full-size build from bench/results/build.json")
-    parser.add_argument("--model", type=Path, default=None, help="a trained model folder: also time predict")
-    parser.add_argument("--dataset", type=Path, default=None, help="dataset folder whose test split feeds predict")
-    parser.add_argument("--predict_cells", type=int, nargs="+", default=[16, 64, 256], help="cell counts for predict")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda for predict")
+    parser.add_argument("--model", type=Path, default=None, help="a model folder trained on the full-size file's features: also time predict.py")
+    parser.add_argument("--predict_sizes", type=int, nargs="+", default=None, help="cell counts for predict (default: --sizes)")
+    parser.add_argument("--predict_in_memory_at", type=int, nargs="*", default=[], help="cell counts at which the whole-matrix path runs too")
+    parser.add_argument("--skip_build", action="store_true", help="predict growth only")
     parser.add_argument("--batch_size", type=int, default=64, help="predict batch size")
+    parser.add_argument("--chunk_cells", type=int, default=1024, help="predict.py --chunk_cells")
     parser.add_argument("--cache_dir", type=Path, default=Path(tempfile.gettempdir()), help="where subset files are cached")
     parser.add_argument("--quick", action="store_true", help="smoke run at tiny sizes")
     parser.add_argument("--results_dir", type=Path, default=None, help="where the JSON goes (default bench/results; --quick: a temp folder)")
     args = parser.parse_args(argv)
-    if args.model is not None and args.dataset is None:
-        raise ValueError("--model needs --dataset (a dataset folder whose test split holds the source sentences)")
     figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench_growth_") as tmp:
         workdir = Path(tmp)
@@ -170,15 +193,17 @@ def main(argv: list[str] | None = None) -> dict:
                 raise FileNotFoundError(f"--reuse_full_build: no build.json or build_large.json in {common.RESULTS_DIR}; run bench/bench_build.py first")
             saved = max(found, key=lambda p: p.stat().st_mtime)
             reuse = {**json.loads(saved.read_text())["large"]["build"], "reused_from": f"bench/results/{saved.name}"}
-        figures["cells"] = grow_cells(large, sorted(sizes), workdir, cache_dir, reuse)
-        per = [r["seconds_per_1k_cells"] for r in figures["cells"]]
-        # A tiny smoke build can finish within the start-up time it is corrected for (0 s): no ratio then.
-        figures["cells_time_per_1k_ratio_largest_over_smallest"] = round(per[-1] / per[0], 2) if per[0] > 0 else None
-        figures["length"] = grow_length(length_spec, scales, workdir, cache_dir)
-        figures["length_spec"] = asdict(length_spec)
+        if not args.skip_build:
+            figures["cells"] = grow_cells(large, sorted(sizes), workdir, cache_dir, reuse)
+            per = [r["seconds_per_1k_cells"] for r in figures["cells"]]
+            # A tiny smoke build can finish within the start-up time it is corrected for (0 s): no ratio then.
+            figures["cells_time_per_1k_ratio_largest_over_smallest"] = round(per[-1] / per[0], 2) if per[0] > 0 else None
+            figures["length"] = grow_length(length_spec, scales, workdir, cache_dir)
+            figures["length_spec"] = asdict(length_spec)
         if args.model is not None:
-            figures["predict"] = grow_predict(args.model, args.dataset, args.predict_cells, args.device, args.batch_size)
-    common.write_results("growth", figures, args.quick, args.results_dir)
+            figures["predict"] = grow_predict(args.model, large, sorted(args.predict_sizes or sizes), workdir, cache_dir, args.batch_size,
+                                              args.chunk_cells, args.predict_in_memory_at)
+    common.write_results("growth_predict" if args.skip_build else "growth", figures, args.quick, args.results_dir)
     return figures
 
 

@@ -54,6 +54,25 @@ def test_predict_cli_matches_the_held_out_truth(model_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
+@pytest.mark.parametrize("direction, source", [("gex2atac", TEST_MOD1), ("atac2gex", TEST_MOD2)])
+def test_chunked_h5ad_equals_the_in_memory_prediction(model_dir, tmp_path, direction, source):
+    from translator import CellTranslator
+
+    tr = CellTranslator.from_pretrained(model_dir)
+    whole = tr.predict_anndata(shared_file(source), direction, return_sentences=True)
+    stats = tr.predict_h5ad(shared_file(source), direction, tmp_path / "chunked.h5ad", chunk_cells=64, return_sentences=True)  # 279 cells: 5 chunks
+    chunked = ad.read_h5ad(tmp_path / "chunked.h5ad")
+    assert chunked.n_obs == whole.n_obs == 279
+    np.testing.assert_allclose(np.asarray(chunked.X), np.asarray(whole.X), rtol=1e-5, atol=1e-6)
+    assert list(chunked.obs_names) == list(whole.obs_names) and list(chunked.var_names) == list(whole.var_names)
+    assert list(chunked.obs["translation"]) == list(whole.obs["translation"])
+    assert (chunked.var["feature_types"] == whole.var["feature_types"]).all()
+    assert dict(chunked.uns["cell_translation"]) == dict(whole.uns["cell_translation"]) == {**stats, "direction": direction,
+                                                                                           "values": whole.uns["cell_translation"]["values"]}
+    with pytest.raises(ValueError, match="--chunk_cells"):
+        tr.predict_h5ad(shared_file(source), direction, tmp_path / "bad.h5ad", chunk_cells=0)
+
+
 def test_atac_to_gex_from_another_peak_set_is_mapped_by_overlap(model_dir, tmp_path):
     from translator import CellTranslator
 

@@ -40,6 +40,26 @@ def test_profile_targets_are_every_target_feature_of_the_cell(synthetic):
     np.testing.assert_allclose(batch["profile_values"].numpy(), truth["gex"].toarray(), rtol=0, atol=0)
 
 
+def test_a_shorter_gex_target_cap_cuts_gex_targets_only(synthetic):
+    splits, tokenizer, _ = synthetic
+    cells = splits["train"].select(range(20))
+    full = TranslationExamples(cells, tokenizer, max_source_length=64, max_target_length=32)
+    short = TranslationExamples(cells, tokenizer, max_source_length=64, max_target_length=32, max_gex_target_length=4)
+    eos = tokenizer.eos_token_id
+    assert max(len(t) for t, d in zip(full.targets, full.directions, strict=True) if d == 1) > 4  # the cap has work to do
+    for i in range(len(full)):
+        np.testing.assert_array_equal(short.sources[i], full.sources[i])
+        np.testing.assert_array_equal(short.profiles[i][1], full.profiles[i][1])  # the profile stays whole
+        if full.directions[i] == 0:  # gex2atac: ATAC targets untouched
+            np.testing.assert_array_equal(short.targets[i], full.targets[i])
+        else:  # atac2gex: the top-ranked genes, then </s>
+            n = min(3, len(full.targets[i]) - 1)
+            np.testing.assert_array_equal(short.targets[i], np.concatenate([full.targets[i][:n], [eos]]))
+    for bad in (1, 33):
+        with pytest.raises(ValueError, match="--max_gex_target_length"):
+            TranslationExamples(cells, tokenizer, max_source_length=64, max_target_length=32, max_gex_target_length=bad)
+
+
 def test_profile_loss_with_zero_scores_is_the_loss_of_the_mean():
     rng = np.random.default_rng(0)
     mean = torch.tensor(rng.uniform(0.05, 0.5, 50), dtype=torch.float32)

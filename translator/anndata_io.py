@@ -176,17 +176,67 @@ def source_sentences_from_anndata(adata_or_path, direction: str, meta: dict) -> 
     return sentences, obs, stats
 
 
+def _prediction_var(direction: str, meta: dict) -> pd.DataFrame:
+    target = TARGET_MODALITY[direction]
+    names = meta["peaks"] if target == "atac" else meta["genes"]
+    return pd.DataFrame({"feature_types": "ATAC" if target == "atac" else "GEX"}, index=pd.Index(names))
+
+
+def _prediction_uns(direction: str, stats: dict) -> dict:
+    value = "probability that the peak is accessible" if TARGET_MODALITY[direction] == "atac" else "expected log1p(counts / size_factor)"
+    return {"cell_translation": {"direction": direction, "values": value, **{k: int(v) for k, v in stats.items()}}}
+
+
+def _prediction_obs(obs: pd.DataFrame, sentences: list[str] | None) -> pd.DataFrame:
+    obs = obs.copy()
+    if sentences is not None:
+        obs["translation"] = sentences
+    return obs
+
+
 def prediction_anndata(matrix: np.ndarray, obs: pd.DataFrame, direction: str, meta: dict, stats: dict, sentences: list[str] | None = None):
     """The predicted target modality as AnnData: ``X`` = predictions, ``var_names`` = the model's features."""
     import anndata as ad
 
-    target = TARGET_MODALITY[direction]
-    names = meta["peaks"] if target == "atac" else meta["genes"]
-    var = pd.DataFrame({"feature_types": "ATAC" if target == "atac" else "GEX"}, index=pd.Index(names))
-    obs = obs.copy()
-    if sentences is not None:
-        obs["translation"] = sentences
-    adata = ad.AnnData(X=np.asarray(matrix, dtype=np.float32), obs=obs, var=var)
-    value = "probability that the peak is accessible" if target == "atac" else "expected log1p(counts / size_factor)"
-    adata.uns["cell_translation"] = {"direction": direction, "values": value, **{k: int(v) for k, v in stats.items()}}
+    adata = ad.AnnData(X=np.asarray(matrix, dtype=np.float32), obs=_prediction_obs(obs, sentences), var=_prediction_var(direction, meta))
+    adata.uns.update(_prediction_uns(direction, stats))
     return adata
+
+
+def write_prediction_h5ad(path: str | os.PathLike, row_blocks, n_cells: int, obs: pd.DataFrame, direction: str, meta: dict, stats_fn):
+    """Write the same ``.h5ad`` as ``prediction_anndata(...).write_h5ad(path)``, one block of rows at a time.
+
+    ``row_blocks`` yields ``(matrix, sentences_or_None)`` for consecutive cells; only one block is in
+    memory at once (``X`` is a dense float32 dataset filled block by block, stored in chunks of rows),
+    so the output may be larger than RAM. ``stats_fn()`` gives the counts for ``uns`` once every block
+    has been made.
+    """
+    import h5py
+    from anndata.io import write_elem
+
+    var = _prediction_var(direction, meta)
+    n_features = len(var)
+    rows_per_chunk = max(1, min(max(n_cells, 1), (4 << 20) // max(4 * n_features, 1)))  # ~4 MB HDF5 chunks of whole rows
+    translations: list[str] = []
+    with_text = False
+    with h5py.File(path, "w") as f:
+        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+        x = f.create_dataset("X", shape=(n_cells, n_features), dtype="float32", chunks=(rows_per_chunk, n_features) if n_cells and n_features else None)
+        x.attrs["encoding-type"], x.attrs["encoding-version"] = "array", "0.2.0"
+        start = 0
+        for matrix, sentences in row_blocks:
+            stop = start + len(matrix)
+            if stop > n_cells:
+                raise ValueError(f"the prediction blocks hold more than the {n_cells} input cells")
+            x[start:stop] = np.asarray(matrix, dtype=np.float32)
+            if sentences is not None:
+                with_text = True
+                translations.extend(sentences)
+            start = stop
+        if start != n_cells:
+            raise ValueError(f"the prediction blocks hold {start} cells, not the {n_cells} input cells")
+        write_elem(f, "obs", _prediction_obs(obs, translations if with_text else None))
+        write_elem(f, "var", var)
+        write_elem(f, "uns", _prediction_uns(direction, stats_fn()))
+        for name in ("layers", "obsm", "obsp", "varm", "varp"):
+            write_elem(f, name, {})

@@ -161,6 +161,37 @@ class CellTranslator:
         return prediction_anndata(matrix, obs, direction, self.meta, stats, translated if return_sentences else None)
 
 
+    def predict_h5ad(self, adata_or_path, direction: str, output: str | os.PathLike, batch_size: int = 64, chunk_cells: int = 1024,
+                     return_sentences: bool = False) -> dict:
+        """Like ``predict_anndata(...).write_h5ad(output)``, but ``chunk_cells`` cells at a time.
+
+        Memory holds the source sentences and one chunk of predictions, not the whole ``cells x features``
+        matrix (69,249 cells x 116,490 peaks would be 32 GB of float32). Returns the ``uns['cell_translation']``
+        counts. Writes ``output`` in place: callers wanting all-or-nothing write to a temporary name first.
+        """
+        from .anndata_io import source_sentences_from_anndata, write_prediction_h5ad
+
+        self._check_direction(direction)
+        if chunk_cells < 1:
+            raise ValueError(f"--chunk_cells must be >= 1, got {chunk_cells}")
+        sentences, obs, stats = source_sentences_from_anndata(adata_or_path, direction, self.meta)
+        unknown = 0
+
+        def blocks():
+            nonlocal unknown
+            for start in range(0, len(sentences), chunk_cells):
+                out = self.predict_matrix(sentences[start : start + chunk_cells], direction, batch_size, return_sentences=return_sentences)
+                unknown += self.last_stats["unknown_source_names"]
+                yield out if return_sentences else (out, None)
+
+        def final_stats() -> dict:
+            return {**stats, "cells": len(sentences), "unknown_source_names": unknown}
+
+        write_prediction_h5ad(output, blocks(), len(sentences), obs, direction, self.meta, final_stats)
+        self.last_stats = {"cells": len(sentences), "unknown_source_names": unknown}
+        return final_stats()
+
+
 def translate(model: str | os.PathLike | CellTranslator, sentences: Sequence[str], direction: str, batch_size: int = 64) -> list[str]:
     """Translate sentences with a model folder, Hub id or loaded :class:`CellTranslator`."""
     translator = model if isinstance(model, CellTranslator) else CellTranslator.from_pretrained(model)

@@ -98,15 +98,20 @@ class TranslationExamples(Dataset):
     gex_target_order
         ``rank`` (GEX targets in descending expression, as the dataset writes them) or ``gene``
         (the same capped genes in gene order); GEX sources always keep rank order.
+    max_gex_target_length
+        A shorter cap for GEX targets (``atac2gex``) only, in tokens with ``</s>``; 0: ``max_target_length``.
+        Short GEX targets (the top-expressed genes) weigh the profile loss more against the sentence loss.
     """
 
     def __init__(self, split, tokenizer, directions: Sequence[str] = DIRECTIONS, max_source_length: int = 512, max_target_length: int = 512,
-                 gex_target_order: str = "rank"):
+                 gex_target_order: str = "rank", max_gex_target_length: int = 0):
         for direction in directions:
             if direction not in DIRECTIONS:
                 raise ValueError(f"--directions {direction!r} is unknown; choose from {', '.join(DIRECTIONS)}")
         if max_source_length < 3 or max_target_length < 2:
             raise ValueError("--max_source_length must be >= 3 and --max_target_length >= 2")
+        if max_gex_target_length != 0 and not 2 <= max_gex_target_length <= max_target_length:
+            raise ValueError(f"--max_gex_target_length must be 0 (off) or between 2 and --max_target_length ({max_target_length}), got {max_gex_target_length}")
         ranges = feature_token_ranges(tokenizer)
         names = {"gex_text": names_to_ids(tokenizer, split["gex_text"]), "atac_text": names_to_ids(tokenizer, split["atac_text"])}
         self.sources: list[np.ndarray] = []
@@ -123,9 +128,10 @@ class TranslationExamples(Dataset):
         for direction in directions:
             code = DIRECTIONS.index(direction)
             start = self.ranges[code][0]
+            cap = max_gex_target_length if direction == "atac2gex" and max_gex_target_length else max_target_length
             for i, (src, tgt) in enumerate(zip(names[SOURCE_COLUMN[direction]], names[TARGET_COLUMN[direction]], strict=True)):
                 self.sources.append(source_ids(src, direction, tokenizer, max_source_length))
-                self.targets.append(target_ids(tgt, direction, tokenizer, max_target_length, gex_target_order))
+                self.targets.append(target_ids(tgt, direction, tokenizer, cap, gex_target_order))
                 self.directions.append(code)
                 if direction == "atac2gex" and gex_profiles is not None:
                     self.profiles.append(gex_profiles[i])
