@@ -165,3 +165,25 @@ def test_an_untrained_profile_head_is_exactly_the_mean(synthetic, tmp_path):
     predicted = apply_readout(features, "gex2atac", meta, None)
     expected = np.broadcast_to(np.asarray(meta["train_stats"]["atac_mean"], dtype=np.float32), predicted.shape)
     np.testing.assert_allclose(predicted, np.clip(expected, 1e-4, 1 - 1e-4), rtol=1e-5)
+
+
+def test_float32_profile_readout_equals_the_float64_design():
+    from translator.readout import _atac_design, _gex_design
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    meta = {"train_stats": {"atac_mean": rng.uniform(1e-4, 0.5, n).tolist(), "gex_mean": rng.uniform(0, 2, n).tolist(),
+                            "gex_mean_detected": rng.uniform(0, 3, n).tolist()}}
+    profile = rng.normal(0, 3, (20, n)).astype(np.float32)
+    profile[0, :10], profile[1, :10] = -200, 200  # exp overflows in float32: probabilities 0 and 1, no NaN
+    features = {"profile": profile}
+    atac = {"aggregation": "profile", "coef": [0.9, 0.2], "intercept": -0.1}
+    z = _atac_design(features, "profile", meta)
+    expected = 1 / (1 + np.exp(-(0.9 * z[0] + 0.2 * z[1] - 0.1)))
+    got = apply_readout(features, "gex2atac", meta, atac)
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    gex = {"aggregation": "profile", "coef": [1.1, -0.2, 0.05]}
+    expected = np.clip(sum(w * x for w, x in zip(gex["coef"], _gex_design(features, "profile", meta), strict=True)), 0, None)
+    np.testing.assert_allclose(apply_readout(features, "atac2gex", meta, gex), expected, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(features["profile"], profile)  # the input is not modified

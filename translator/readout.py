@@ -189,6 +189,33 @@ def _gex_design(features: dict[str, np.ndarray], aggregation: str, meta: dict) -
     ]
 
 
+def _profile_readout(profile: np.ndarray, direction: str, meta: dict, params: dict) -> np.ndarray:
+    """The calibrated profile readout, in float32 and in place on one copy of ``profile``.
+
+    The same affine map as the design matrices of :func:`_atac_design` / :func:`_gex_design`, with the
+    per-feature terms folded into one vector: ATAC ``sigmoid(a * z + ((a + b) * logit(mean) + intercept))``,
+    GEX ``max(0, w0 * z + ((w0 + w1) * mean + w2))``. At 116,490 peaks the float64 design took ~8 ms a cell
+    and several [cells, features] temporaries; this takes one array and a few in-place passes.
+    """
+    stats = meta["train_stats"]
+    x = np.array(profile, dtype=np.float32, copy=True)
+    if direction == "gex2atac":
+        a, b = params["coef"]
+        offset = (a + b) * _logit(np.asarray(stats["atac_mean"], dtype=np.float64)) + params["intercept"]
+        x *= np.float32(a)
+        x += offset.astype(np.float32)
+        with np.errstate(over="ignore"):  # exp(-z) overflows to inf for z < -88: the probability is then 0
+            np.negative(x, out=x)
+            np.exp(x, out=x)
+        x += np.float32(1.0)
+        return np.reciprocal(x, out=x)
+    w0, w1, w2 = params["coef"]
+    offset = (w0 + w1) * np.asarray(stats["gex_mean"], dtype=np.float64) + w2
+    x *= np.float32(w0)
+    x += offset.astype(np.float32)
+    return np.maximum(x, np.float32(0.0), out=x)
+
+
 def apply_readout(features: dict[str, np.ndarray], direction: str, meta: dict, params: dict | None) -> np.ndarray:
     """Turn decode aggregates into the prediction matrix (float32); ``params`` = one direction of ``readout.json``.
 
@@ -197,6 +224,8 @@ def apply_readout(features: dict[str, np.ndarray], direction: str, meta: dict, p
     """
     if params is None and "noisy_or" not in features:  # not decoded: the profile readout as trained
         params = {"aggregation": "profile", "coef": [1.0, 0.0], "intercept": 0.0} if direction == "gex2atac" else {"aggregation": "profile", "coef": [1.0, 0.0, 0.0]}
+    if params is not None and params["aggregation"] == "profile":
+        return _profile_readout(features["profile"], direction, meta, params)
     if direction == "gex2atac":
         if params is None:
             return _inclusion(features, "noisy_or").astype(np.float32)
