@@ -92,26 +92,32 @@ def map_peaks_by_overlap(query: Sequence[str], reference: Sequence[str]) -> np.n
     return out
 
 
+SENTENCE_BLOCK = 4096  # cells ranked and joined at a time: the per-entry work arrays stay small (a full-size file has ~0.3 G entries)
+
+
 def _gex_sentences(mod, meta: dict) -> tuple[list[str], dict]:
     from dataset_builder.sentences import BINARY_THRESHOLD, library_size_factors, rank_genes
 
-    counts = mod.matrix
+    counts = sp.csr_matrix(mod.matrix)
     use_obs = str(meta.get("normalization", {}).get("size_factor", "")).startswith("obs") and mod.size_factors is not None
-    size_factors = mod.size_factors if use_obs else library_size_factors(counts)
-    ranking = rank_genes(counts, np.asarray(size_factors, dtype=np.float64))
+    size_factors = np.asarray(mod.size_factors if use_obs else library_size_factors(counts), dtype=np.float64)
     names = np.asarray(mod.features, dtype=object)
+    name_array = pa.array(names.tolist(), pa.string())
     model_genes = set(meta["genes"])
     known = np.array([n in model_genes for n in names])
-    index, value = ranking.index, ranking.value
-    rows = ranking.rows
-    keep = known[index]
-    if meta.get("gex_encoding") == "binary":
-        keep &= value >= np.float32(BINARY_THRESHOLD)
-        order = np.lexsort((index, rows))
-        rows, index, keep = rows[order], index[order], keep[order]
-    rows, index = rows[keep], index[keep]
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=counts.shape[0]))])
-    sentences = _join(names, offsets, index)
+    sentences: list[str] = []
+    for start in range(0, counts.shape[0], SENTENCE_BLOCK):
+        stop = min(start + SENTENCE_BLOCK, counts.shape[0])
+        ranking = rank_genes(counts[start:stop], size_factors[start:stop])
+        index, value, rows = ranking.index, ranking.value, ranking.rows
+        keep = known[index]
+        if meta.get("gex_encoding") == "binary":
+            keep &= value >= np.float32(BINARY_THRESHOLD)
+            order = np.lexsort((index, rows))
+            rows, index, keep = rows[order], index[order], keep[order]
+        rows, index = rows[keep], index[keep]
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=stop - start))])
+        sentences.extend(_join(name_array, offsets, index))
     stats = {"source_features": len(names), "unknown_genes": int((~known).sum())}
     if stats["unknown_genes"]:
         logger.warning("%d of %d input genes are unknown to the model and were ignored", stats["unknown_genes"], len(names))
@@ -124,25 +130,29 @@ def _atac_sentences(mod, meta: dict) -> tuple[list[str], dict]:
     names = normalize_peak_names(mod.features, mod.path)
     mapping = map_peaks_by_overlap(names, meta["peaks"])
     matrix = sp.csr_matrix(mod.matrix)
-    matrix.eliminate_zeros()
-    cols = mapping[matrix.indices]
-    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
-    keep = cols >= 0
-    # Several input peaks may fall on one model peak: count it once, in genomic (= model) order.
-    accessible = sp.csr_matrix((np.ones(keep.sum(), np.int8), (rows[keep], cols[keep])), shape=(matrix.shape[0], len(meta["peaks"])))
-    accessible.sum_duplicates()
-    accessible.sort_indices()
-    sentences = _join(np.asarray(meta["peaks"], dtype=object), accessible.indptr, accessible.indices)
+    model_peaks = pa.array(list(meta["peaks"]), pa.string())
+    sentences: list[str] = []
+    for start in range(0, matrix.shape[0], SENTENCE_BLOCK):
+        block = matrix[start : start + SENTENCE_BLOCK]
+        block.eliminate_zeros()
+        cols = mapping[block.indices]
+        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+        keep = cols >= 0
+        # Several input peaks may fall on one model peak: count it once, in genomic (= model) order.
+        accessible = sp.csr_matrix((np.ones(keep.sum(), np.int8), (rows[keep], cols[keep])), shape=(block.shape[0], len(meta["peaks"])))
+        accessible.sum_duplicates()
+        accessible.sort_indices()
+        sentences.extend(_join(model_peaks, accessible.indptr, accessible.indices))
     stats = {"source_features": len(names), "mapped_peaks": int((mapping >= 0).sum()), "unmapped_peaks": int((mapping < 0).sum())}
     if stats["unmapped_peaks"]:
         logger.warning("%d of %d input peaks overlap no model peak and were ignored", stats["unmapped_peaks"], len(names))
     return sentences, stats
 
 
-def _join(names: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> list[str]:
+def _join(names: pa.Array, offsets: np.ndarray, index: np.ndarray) -> list[str]:
     from dataset_builder.sentences import join_names
 
-    return join_names(pa.array(names.tolist(), pa.string()), np.asarray(offsets), np.asarray(index)).to_pylist()
+    return join_names(names, np.asarray(offsets), np.asarray(index)).to_pylist()
 
 
 def source_sentences_from_anndata(adata_or_path, direction: str, meta: dict) -> tuple[list[str], pd.DataFrame, dict]:
