@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +95,8 @@ def map_peaks_by_overlap(query: Sequence[str], reference: Sequence[str]) -> np.n
 SENTENCE_BLOCK = 4096  # cells ranked and joined at a time: the per-entry work arrays stay small (a full-size file has ~0.3 G entries)
 
 
-def _gex_sentences(mod, meta: dict) -> tuple[list[str], dict]:
+def _gex_sentences(mod, meta: dict, block: int = SENTENCE_BLOCK) -> tuple[Iterator[list[str]], dict]:
+    """GEX sentences ``block`` cells at a time (a generator), and the counts of what was mapped."""
     from dataset_builder.sentences import BINARY_THRESHOLD, library_size_factors, rank_genes
 
     counts = sp.csr_matrix(mod.matrix)
@@ -105,48 +106,53 @@ def _gex_sentences(mod, meta: dict) -> tuple[list[str], dict]:
     name_array = pa.array(names.tolist(), pa.string())
     model_genes = set(meta["genes"])
     known = np.array([n in model_genes for n in names])
-    sentences: list[str] = []
-    for start in range(0, counts.shape[0], SENTENCE_BLOCK):
-        stop = min(start + SENTENCE_BLOCK, counts.shape[0])
-        ranking = rank_genes(counts[start:stop], size_factors[start:stop])
-        index, value, rows = ranking.index, ranking.value, ranking.rows
-        keep = known[index]
-        if meta.get("gex_encoding") == "binary":
-            keep &= value >= np.float32(BINARY_THRESHOLD)
-            order = np.lexsort((index, rows))
-            rows, index, keep = rows[order], index[order], keep[order]
-        rows, index = rows[keep], index[keep]
-        offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=stop - start))])
-        sentences.extend(_join(name_array, offsets, index))
+
+    def blocks() -> Iterator[list[str]]:
+        for start in range(0, counts.shape[0], block):
+            stop = min(start + block, counts.shape[0])
+            ranking = rank_genes(counts[start:stop], size_factors[start:stop])
+            index, value, rows = ranking.index, ranking.value, ranking.rows
+            keep = known[index]
+            if meta.get("gex_encoding") == "binary":
+                keep &= value >= np.float32(BINARY_THRESHOLD)
+                order = np.lexsort((index, rows))
+                rows, index, keep = rows[order], index[order], keep[order]
+            rows, index = rows[keep], index[keep]
+            offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=stop - start))])
+            yield _join(name_array, offsets, index)
+
     stats = {"source_features": len(names), "unknown_genes": int((~known).sum())}
     if stats["unknown_genes"]:
         logger.warning("%d of %d input genes are unknown to the model and were ignored", stats["unknown_genes"], len(names))
-    return sentences, stats
+    return blocks(), stats
 
 
-def _atac_sentences(mod, meta: dict) -> tuple[list[str], dict]:
+def _atac_sentences(mod, meta: dict, block: int = SENTENCE_BLOCK) -> tuple[Iterator[list[str]], dict]:
+    """ATAC sentences (the model's peaks each cell's peaks overlap) ``block`` cells at a time, and the mapping counts."""
     from dataset_builder.readers import normalize_peak_names
 
     names = normalize_peak_names(mod.features, mod.path)
     mapping = map_peaks_by_overlap(names, meta["peaks"])
     matrix = sp.csr_matrix(mod.matrix)
     model_peaks = pa.array(list(meta["peaks"]), pa.string())
-    sentences: list[str] = []
-    for start in range(0, matrix.shape[0], SENTENCE_BLOCK):
-        block = matrix[start : start + SENTENCE_BLOCK]
-        block.eliminate_zeros()
-        cols = mapping[block.indices]
-        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-        keep = cols >= 0
-        # Several input peaks may fall on one model peak: count it once, in genomic (= model) order.
-        accessible = sp.csr_matrix((np.ones(keep.sum(), np.int8), (rows[keep], cols[keep])), shape=(block.shape[0], len(meta["peaks"])))
-        accessible.sum_duplicates()
-        accessible.sort_indices()
-        sentences.extend(_join(model_peaks, accessible.indptr, accessible.indices))
+
+    def blocks() -> Iterator[list[str]]:
+        for start in range(0, matrix.shape[0], block):
+            rows_block = matrix[start : start + block]
+            rows_block.eliminate_zeros()
+            cols = mapping[rows_block.indices]
+            rows = np.repeat(np.arange(rows_block.shape[0]), np.diff(rows_block.indptr))
+            keep = cols >= 0
+            # Several input peaks may fall on one model peak: count it once, in genomic (= model) order.
+            accessible = sp.csr_matrix((np.ones(keep.sum(), np.int8), (rows[keep], cols[keep])), shape=(rows_block.shape[0], len(meta["peaks"])))
+            accessible.sum_duplicates()
+            accessible.sort_indices()
+            yield _join(model_peaks, accessible.indptr, accessible.indices)
+
     stats = {"source_features": len(names), "mapped_peaks": int((mapping >= 0).sum()), "unmapped_peaks": int((mapping < 0).sum())}
     if stats["unmapped_peaks"]:
         logger.warning("%d of %d input peaks overlap no model peak and were ignored", stats["unmapped_peaks"], len(names))
-    return sentences, stats
+    return blocks(), stats
 
 
 def _join(names: pa.Array, offsets: np.ndarray, index: np.ndarray) -> list[str]:
@@ -155,9 +161,11 @@ def _join(names: pa.Array, offsets: np.ndarray, index: np.ndarray) -> list[str]:
     return join_names(names, np.asarray(offsets), np.asarray(index)).to_pylist()
 
 
-def source_sentences_from_anndata(adata_or_path, direction: str, meta: dict) -> tuple[list[str], pd.DataFrame, dict]:
-    """Source sentences of every cell of an AnnData object or file(s), their ``obs``, and counts of what was mapped.
+def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int = SENTENCE_BLOCK):
+    """Source sentences ``block`` cells at a time (a generator of lists), with ``obs``, the counts and the cell count.
 
+    Only the source matrix is held, never every cell's sentence (69,249 full-size cells' ATAC sentences would be
+    6 G characters). ``stats['empty_cells']`` is complete once the generator is exhausted.
     ``adata_or_path``: an ``AnnData`` (raw counts in ``layers['counts']`` or ``X``), one path, or a
     list of one or two paths in any layout ``dataset_builder`` reads.
     """
@@ -177,12 +185,25 @@ def source_sentences_from_anndata(adata_or_path, direction: str, meta: dict) -> 
     finally:
         if tmp_dir is not None:
             tmp_dir.cleanup()
-    sentences, stats = _gex_sentences(mod, meta) if label == "GEX" else _atac_sentences(mod, meta)
-    stats["empty_cells"] = sum(not s for s in sentences)
-    if stats["empty_cells"]:
-        logger.warning("%d cells have no %s feature known to the model; they are kept and predicted from an empty sentence", stats["empty_cells"], label)
+    blocks, stats = _gex_sentences(mod, meta, block) if label == "GEX" else _atac_sentences(mod, meta, block)
+    stats["empty_cells"] = 0
     obs = mod.obs.copy()
     obs.index = pd.Index(mod.cells, name=None)
+
+    def counted() -> Iterator[list[str]]:
+        for sentences in blocks:
+            stats["empty_cells"] += sum(not s for s in sentences)
+            yield sentences
+        if stats["empty_cells"]:
+            logger.warning("%d cells have no %s feature known to the model; they are kept and predicted from an empty sentence", stats["empty_cells"], label)
+
+    return counted(), obs, stats, len(mod.cells)
+
+
+def source_sentences_from_anndata(adata_or_path, direction: str, meta: dict) -> tuple[list[str], pd.DataFrame, dict]:
+    """Source sentences of every cell of an AnnData object or file(s), their ``obs``, and counts of what was mapped."""
+    blocks, obs, stats, _ = source_sentence_blocks(adata_or_path, direction, meta)
+    sentences = [s for block in blocks for s in block]
     return sentences, obs, stats
 
 

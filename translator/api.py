@@ -169,26 +169,27 @@ class CellTranslator:
         matrix (69,249 cells x 116,490 peaks would be 32 GB of float32). Returns the ``uns['cell_translation']``
         counts. Writes ``output`` in place: callers wanting all-or-nothing write to a temporary name first.
         """
-        from .anndata_io import source_sentences_from_anndata, write_prediction_h5ad
+        from .anndata_io import source_sentence_blocks, write_prediction_h5ad
 
         self._check_direction(direction)
         if chunk_cells < 1:
             raise ValueError(f"--chunk_cells must be >= 1, got {chunk_cells}")
-        sentences, obs, stats = source_sentences_from_anndata(adata_or_path, direction, self.meta)
+        # Sentences are made chunk by chunk too: memory holds the source matrix and one chunk, not every sentence.
+        sentence_blocks, obs, stats, n_cells = source_sentence_blocks(adata_or_path, direction, self.meta, block=chunk_cells)
         unknown = 0
 
         def blocks():
             nonlocal unknown
-            for start in range(0, len(sentences), chunk_cells):
-                out = self.predict_matrix(sentences[start : start + chunk_cells], direction, batch_size, return_sentences=return_sentences)
+            for sentences in sentence_blocks:
+                out = self.predict_matrix(sentences, direction, batch_size, return_sentences=return_sentences)
                 unknown += self.last_stats["unknown_source_names"]
                 yield out if return_sentences else (out, None)
 
         def final_stats() -> dict:
-            return {**stats, "cells": len(sentences), "unknown_source_names": unknown}
+            return {**stats, "cells": n_cells, "unknown_source_names": unknown}
 
-        write_prediction_h5ad(output, blocks(), len(sentences), obs, direction, self.meta, final_stats)
-        self.last_stats = {"cells": len(sentences), "unknown_source_names": unknown}
+        write_prediction_h5ad(output, blocks(), n_cells, obs, direction, self.meta, final_stats)
+        self.last_stats = {"cells": n_cells, "unknown_source_names": unknown}
         return final_stats()
 
 
