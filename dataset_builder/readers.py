@@ -360,7 +360,7 @@ def _row_chunks(indptr: np.ndarray, max_entries: int) -> list[tuple[int, int]]:
 
 
 def _split_csr_columns(
-    path: Path, indptr, data, indices, shape: tuple[int, int], is_gex: np.ndarray
+    path: Path, indptr, data, indices, shape: tuple[int, int], is_gex: np.ndarray, only: str | None = None
 ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """Split a cells x features CSR into its GEX and ATAC columns, reading it in chunks of rows.
 
@@ -368,6 +368,8 @@ def _split_csr_columns(
     arrays), in one pass, so memory holds the two output matrices plus one chunk: a per-entry mask
     ``is_gex[indices]`` picks each entry's modality and a column remap gives its index within that modality.
     Entries keep their order, so each output equals ``matrix[:, columns]`` of that modality's columns.
+    ``only="GEX"`` / ``"ATAC"``: the other modality's entries are skipped, not copied, and it comes back
+    as an empty matrix of the right shape (prediction needs one modality).
     """
     n_rows, n_cols = shape
     indptr = np.asarray(indptr, dtype=np.int64)
@@ -434,10 +436,12 @@ def _split_csr_columns(
         gex_indptr[start + 1 : stop + 1] = n_gex_entries + per_row
         g = int(per_row[-1]) if per_row.size else 0
         a = mask.size - g
-        for keep, out_data, out_index, shift, done, count in (
-            (mask, gex_data, gex_index, n_atac if atac_first else 0, n_gex_entries, g),
-            (None, atac_data, atac_index, n_gex if gex_first else 0, n_atac_entries, a),
+        for label, keep, out_data, out_index, shift, done, count in (
+            ("GEX", mask, gex_data, gex_index, n_atac if atac_first else 0, n_gex_entries, g),
+            ("ATAC", None, atac_data, atac_index, n_gex if gex_first else 0, n_atac_entries, a),
         ):
+            if only is not None and label != only:
+                continue
             if keep is None:  # the ATAC entries: the mask inverted in place
                 keep = np.logical_not(mask, out=mask)
             np.compress(keep, values, out=out_data[done : done + count])
@@ -450,11 +454,15 @@ def _split_csr_columns(
         n_gex_entries += g
         n_atac_entries += a
         del values, index, mask
-    for array, size in ((gex_data, n_gex_entries), (gex_index, n_gex_entries)):
-        array.resize(size, refcheck=False)
-    for array, size in ((atac_data, n_atac_entries), (atac_index, n_atac_entries)):
-        array.resize(size, refcheck=False)
     atac_indptr = indptr - gex_indptr
+    if only == "GEX":  # the skipped modality: empty (its buffers were never written, so never resident)
+        atac_data, atac_index, atac_indptr = np.empty(0, data.dtype), np.empty(0, index_dtype), np.zeros_like(indptr)
+    elif only == "ATAC":
+        gex_data, gex_index, gex_indptr = np.empty(0, data.dtype), np.empty(0, index_dtype), np.zeros_like(indptr)
+    for array in (gex_data, gex_index):
+        array.resize(len(array) and n_gex_entries, refcheck=False)
+    for array in (atac_data, atac_index):
+        array.resize(len(array) and n_atac_entries, refcheck=False)
     return (
         sp.csr_matrix((gex_data, gex_index, gex_indptr.astype(index_dtype)), shape=(n_rows, n_gex)),
         sp.csr_matrix((atac_data, atac_index, atac_indptr.astype(index_dtype)), shape=(n_rows, n_atac)),
@@ -491,7 +499,7 @@ def _csr_group(group: h5py.Group) -> h5py.Group | None:
     return element
 
 
-def _read_combined_h5ad(path: Path) -> tuple[_Modality, _Modality]:
+def _read_combined_h5ad(path: Path, only: str | None = None) -> tuple[_Modality, _Modality]:
     with _open_h5(path) as f:
         obs = _read(f, "obs", path)
         var = _read(f, "var", path)
@@ -509,7 +517,7 @@ def _read_combined_h5ad(path: Path) -> tuple[_Modality, _Modality]:
             if shape != (len(obs), len(var)):
                 raise ValueError(f"{path}: matrix shape {shape} does not match obs x var ({len(obs)} x {len(var)})")
             is_gex = np.isin(labels, list(GEX_LABELS))
-            gex, atac = _split_csr_columns(path, _read(csr, "indptr", path), csr["data"], csr["indices"], shape, is_gex)
+            gex, atac = _split_csr_columns(path, _read(csr, "indptr", path), csr["data"], csr["indices"], shape, is_gex, only)
             return _split_modalities(path, obs, var, gex, atac, source, is_gex)
         counts, source = _anndata_counts(f, path, "AnnData")
     # A CSC matrix slices columns cheaply; each modality becomes CSR once in _split_combined.

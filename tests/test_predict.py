@@ -148,3 +148,16 @@ def test_api_rejects_empty_sentences_and_unknown_directions(model_dir):
         tr.translate([""], "gex2atac")
     with pytest.raises(ValueError, match="direction"):
         tr.translate(["CD74"], "rna2atac")
+
+
+@pytest.mark.parametrize("direction, single", [("gex2atac", "rna"), ("atac2gex", "atac")])
+def test_a_combined_file_gives_the_sentences_of_its_single_modality_file(model_dir, direction, single):
+    from translator import CellTranslator
+    from translator.anndata_io import source_sentences_from_anndata
+
+    meta = CellTranslator.from_pretrained(model_dir).meta
+    # The combined file is split for the source modality only (the other one's entries are skipped, not copied).
+    combined = source_sentences_from_anndata(shared_file(BMMC_COMBINED), direction, meta)
+    alone = source_sentences_from_anndata(shared_file(f"bmmc_starter/openproblems_bmmc_multiome_starter.{single}.h5ad"), direction, meta)
+    assert combined[0] == alone[0] and len(combined[0]) == 500 and sum(map(len, combined[0])) > 0
+    assert combined[2] == alone[2]

@@ -43,14 +43,17 @@ def _read_source_modality(paths: Sequence[Path], label: str):
         elif kind == "10x":
             mods = list(readers._read_10x_h5(path))
         else:
+            from anndata.io import read_elem
+
             with h5py.File(path, "r") as f:
-                combined = "var" in f and "feature_types" in f["var"]
-            try:
+                labels = read_elem(f["var"]["feature_types"]) if "var" in f and "feature_types" in f["var"] else None
+            found = set(pd.Series(labels).astype(str)) if labels is not None else set()
+            if found & readers.GEX_LABELS and found & readers.ATAC_LABELS:
+                # Both modalities in one file: only the source modality's entries are copied out (CSR on disk),
+                # and the whole matrix is never read first as a single modality.
+                mods = [m for m in readers._read_combined_h5ad(path, only=label) if m.label == label]
+            else:
                 mods = [readers._read_single_modality_h5ad(path)]
-            except ValueError:
-                if not combined:
-                    raise
-                mods = list(readers._read_combined_h5ad(path))
     chosen = [m for m in mods if m.label == label]
     if not chosen:
         found = ", ".join(sorted({m.label for m in mods}))
