@@ -33,7 +33,13 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_linear_schedule_with_warmup
 
 from tokenizer import DIRECTIONS, check_vocabulary, load_tokenizer, read_meta
-from translator.data import GEX_TARGET_ORDERS, LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
+from translator.data import (
+    GEX_TARGET_ORDERS,
+    LengthGroupedBatchSampler,
+    TranslationCollator,
+    TranslationExamples,
+    check_gex_target_cap,
+)
 from translator.modeling import MODEL_SHAPES, TranslationLoss, make_config, make_model
 from translator.readout import profile_offsets
 from translator.training import (
@@ -125,8 +131,7 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
             raise ValueError(f"--{name} must be >= 0, got {getattr(run, name)}")
     if data_args.gex_target_order not in GEX_TARGET_ORDERS:
         raise ValueError(f"--gex_target_order must be one of {', '.join(GEX_TARGET_ORDERS)}, got {data_args.gex_target_order!r}")
-    if data_args.max_gex_target_length != 0 and not 2 <= data_args.max_gex_target_length <= data_args.max_target_length:
-        raise ValueError(f"--max_gex_target_length must be 0 (off) or between 2 and --max_target_length ({data_args.max_target_length}), got {data_args.max_gex_target_length}")
+    check_gex_target_cap(data_args.max_gex_target_length, data_args.max_target_length)
     for name in ("max_eval_cells", "calibration_cells"):
         if getattr(data_args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(data_args, name)}")

@@ -129,9 +129,9 @@ def grow_predict(model: Path, large: Path, sizes: list[int], workdir: Path, cach
     """
     n_full = int(h5py.File(large, "r")["layers/counts"].attrs["shape"][0])
     rows = []
+    one = write_subset(large, cache_dir / "bench_large_1.h5ad", 1)
+    out = workdir / "pred.h5ad"
     for direction in ("gex2atac", "atac2gex"):
-        one = write_subset(large, cache_dir / "bench_large_1.h5ad", 1)
-        out = workdir / "pred.h5ad"
         startup = min(common.run_measured(_predict_cmd(model, one, direction, out, batch_size, chunk_cells), cwd=common.REPO)["seconds"] for _ in range(2))
         for n in sizes:
             path = large if n >= n_full else write_subset(large, cache_dir / f"bench_large_{n}.h5ad", n)

@@ -455,14 +455,13 @@ def _split_csr_columns(
         n_atac_entries += a
         del values, index, mask
     atac_indptr = indptr - gex_indptr
-    if only == "GEX":  # the skipped modality: empty (its buffers were never written, so never resident)
-        atac_data, atac_index, atac_indptr = np.empty(0, data.dtype), np.empty(0, index_dtype), np.zeros_like(indptr)
-    elif only == "ATAC":
-        gex_data, gex_index, gex_indptr = np.empty(0, data.dtype), np.empty(0, index_dtype), np.zeros_like(indptr)
-    for array in (gex_data, gex_index):
-        array.resize(len(array) and n_gex_entries, refcheck=False)
-    for array in (atac_data, atac_index):
-        array.resize(len(array) and n_atac_entries, refcheck=False)
+    # A skipped modality comes back empty (its buffers were never written, so never resident).
+    if only == "ATAC":
+        gex_data, gex_index, gex_indptr, n_gex_entries = np.empty(0, data.dtype), np.empty(0, index_dtype), np.zeros_like(indptr), 0
+    if only == "GEX":
+        atac_data, atac_index, atac_indptr, n_atac_entries = np.empty(0, data.dtype), np.empty(0, index_dtype), np.zeros_like(indptr), 0
+    for array, size in ((gex_data, n_gex_entries), (gex_index, n_gex_entries), (atac_data, n_atac_entries), (atac_index, n_atac_entries)):
+        array.resize(size, refcheck=False)
     return (
         sp.csr_matrix((gex_data, gex_index, gex_indptr.astype(index_dtype)), shape=(n_rows, n_gex)),
         sp.csr_matrix((atac_data, atac_index, atac_indptr.astype(index_dtype)), shape=(n_rows, n_atac)),

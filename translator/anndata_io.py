@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 def _read_source_modality(paths: Sequence[Path], label: str):
     """The ``label`` ("GEX" or "ATAC") modality from one or two files, via dataset_builder's readers."""
-    import h5py
 
     from dataset_builder import readers
 
@@ -43,15 +42,13 @@ def _read_source_modality(paths: Sequence[Path], label: str):
         elif kind == "10x":
             mods = list(readers._read_10x_h5(path))
         else:
-            from anndata.io import read_elem
-
-            with h5py.File(path, "r") as f:
-                labels = read_elem(f["var"]["feature_types"]) if "var" in f and "feature_types" in f["var"] else None
-            found = set(pd.Series(labels).astype(str)) if labels is not None else set()
+            with readers._open_h5(path) as f:
+                labels = readers._feature_labels(readers._read(f, "var", path), path) if "var" in f else None
+            found = set(labels) if labels is not None else set()
             if found & readers.GEX_LABELS and found & readers.ATAC_LABELS:
                 # Both modalities in one file: only the source modality's entries are copied out (CSR on disk),
                 # and the whole matrix is never read first as a single modality.
-                mods = [m for m in readers._read_combined_h5ad(path, only=label) if m.label == label]
+                mods = list(readers._read_combined_h5ad(path, only=label))
             else:
                 mods = [readers._read_single_modality_h5ad(path)]
     chosen = [m for m in mods if m.label == label]

@@ -160,13 +160,12 @@ class CellTranslator:
         stats.update(self.last_stats)
         return prediction_anndata(matrix, obs, direction, self.meta, stats, translated if return_sentences else None)
 
-
     def predict_h5ad(self, adata_or_path, direction: str, output: str | os.PathLike, batch_size: int = 64, chunk_cells: int = 1024,
                      return_sentences: bool = False) -> dict:
         """Like ``predict_anndata(...).write_h5ad(output)``, but ``chunk_cells`` cells at a time.
 
-        Memory holds the source sentences and one chunk of predictions, not the whole ``cells x features``
-        matrix (69,249 cells x 116,490 peaks would be 32 GB of float32). Returns the ``uns['cell_translation']``
+        Memory holds the source matrix and one chunk of sentences and predictions, not every sentence nor the
+        whole ``cells x features`` matrix (69,249 cells x 116,490 peaks would be 32 GB of float32). Returns the ``uns['cell_translation']``
         counts. Writes ``output`` in place: callers wanting all-or-nothing write to a temporary name first.
         """
         from .anndata_io import source_sentence_blocks, write_prediction_h5ad

@@ -68,6 +68,12 @@ def source_ids(names: np.ndarray, direction: str, tokenizer, max_source_length: 
 GEX_TARGET_ORDERS = ("rank", "gene")
 
 
+def check_gex_target_cap(max_gex_target_length: int, max_target_length: int) -> None:
+    """``--max_gex_target_length`` is 0 (off) or in ``[2, max_target_length]``."""
+    if max_gex_target_length != 0 and not 2 <= max_gex_target_length <= max_target_length:
+        raise ValueError(f"--max_gex_target_length must be 0 (off) or between 2 and --max_target_length ({max_target_length}), got {max_gex_target_length}")
+
+
 def target_ids(names: np.ndarray, direction: str, tokenizer, max_target_length: int, gex_target_order: str = "rank") -> np.ndarray:
     """``names... </s>`` with the names capped to ``max_target_length - 1``.
 
@@ -110,8 +116,7 @@ class TranslationExamples(Dataset):
                 raise ValueError(f"--directions {direction!r} is unknown; choose from {', '.join(DIRECTIONS)}")
         if max_source_length < 3 or max_target_length < 2:
             raise ValueError("--max_source_length must be >= 3 and --max_target_length >= 2")
-        if max_gex_target_length != 0 and not 2 <= max_gex_target_length <= max_target_length:
-            raise ValueError(f"--max_gex_target_length must be 0 (off) or between 2 and --max_target_length ({max_target_length}), got {max_gex_target_length}")
+        check_gex_target_cap(max_gex_target_length, max_target_length)
         ranges = feature_token_ranges(tokenizer)
         names = {"gex_text": names_to_ids(tokenizer, split["gex_text"]), "atac_text": names_to_ids(tokenizer, split["atac_text"])}
         self.sources: list[np.ndarray] = []
