@@ -208,10 +208,19 @@ def bench_large(path: Path, workdir: Path, spec: make_large.LargeSpec) -> dict:
     make_large.write_large(path, spec)
     dense_bytes = spec.n_cells * (spec.n_genes + spec.n_peaks) * 8
     out = workdir / "large_dataset"
-    floor_read = read_floor(path)
-    print(f"I/O floor, read counts: {floor_read['seconds']:.1f} s ({floor_read['bytes'] / 1e9:.2f} GB)")
+    # Read twice: the first read may come from disk, the second from the page cache, as the build's read
+    # right after it does; the faster one is the floor (the stricter comparison).
+    reads = [read_floor(path), read_floor(path)]
+    floor_read = min(reads, key=lambda r: r["seconds"])
+    floor_read["all_seconds"] = [r["seconds"] for r in reads]
+    print(f"I/O floor, read counts: {floor_read['seconds']:.1f} s ({floor_read['bytes'] / 1e9:.2f} GB; reads took "
+          f"{', '.join(f'{r:.1f}' for r in floor_read['all_seconds'])} s)")
+    # Dirty pages of earlier writes are flushed first, so neither the build nor the write floor pays for the
+    # other's writeback.
+    os.sync()
     build = bench_cli_build(path, out, LARGE_SPLITS, spec.n_cells)
     arrow_bytes = sum(p.stat().st_size for p in out.rglob("*.arrow"))
+    os.sync()
     floor_write = write_floor(out, arrow_bytes, workdir)
     print(f"I/O floor, write {arrow_bytes / 1e9:.2f} GB of Arrow: {floor_write['seconds']:.1f} s")
     floor = floor_read["seconds"] + floor_write["seconds"]

@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     build.add_argument(
         "--top_peaks", type=_positive_int, default=None, help="keep the N peaks most often accessible in train"
     )
-    build.add_argument("--chunk_size", type=_positive_int, default=2048, help="cells per Arrow batch")
+    build.add_argument("--chunk_size", type=_positive_int, default=512, help="cells per Arrow batch (made and written as one)")
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="push the dataset as Parquet with a card")
     hub.add_argument("--hub_dataset_id", default=None, help="Hub dataset id user/name (needed with --push_to_hub)")

@@ -3,12 +3,13 @@
 GEX is normalized as ``log1p(counts / size_factor)``. The rank encoding lists the detected genes by
 descending value (ties in feature order); the binary encoding (the paper's) lists the genes with
 log-norm >= 2.0 in feature order. ATAC lists the peaks with count > 0 in genomic order (the reader
-already sorted the peak columns). Names are joined with ``pyarrow.compute.binary_join`` over list
-arrays built from offsets and name indices, so there is no per-cell Python loop.
+already sorted the peak columns). Sentences are gathered from a `NameTable` with one ``pyarrow`` ``take`` over
+the name indices of a whole chunk (see `join_names`), so there is no per-cell Python loop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +24,11 @@ __all__ = [
     "library_size_factors",
     "rank_genes",
     "accessible_peaks",
+    "NameTable",
     "join_names",
     "encode_cells",
+    "encode_gex",
+    "encode_atac",
 ]
 
 BINARY_THRESHOLD = 2.0
@@ -155,10 +159,40 @@ def accessible_peaks(atac: sp.csr_matrix, peak_map: np.ndarray | None = None) ->
     return kept_before[starts], index[keep].astype(np.int32)
 
 
-def join_names(names: pa.Array, offsets: np.ndarray, index: np.ndarray) -> pa.Array:
-    """Space-joined names per cell: ``" ".join(names[index[offsets[i]:offsets[i+1]]])`` for every cell, vectorized."""
-    lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), names.take(pa.array(index, pa.int32())))
-    return pc.binary_join(lists, " ")
+class NameTable:
+    """Feature names laid out for `join_names`: every name followed by a space, then every name as is.
+
+    Build one per feature list and reuse it for every chunk of cells.
+    """
+
+    def __init__(self, names: pa.Array | Sequence[str]):
+        names = names if isinstance(names, pa.Array) else pa.array(list(names), pa.string())
+        self.size = len(names)
+        self.names = names
+        self.table = pa.concat_arrays([pc.binary_join_element_wise(names, "", " "), names.cast(pa.string())])
+
+
+def join_names(names: NameTable | pa.Array, offsets: np.ndarray, index: np.ndarray) -> pa.Array:
+    """Space-joined names per cell: ``" ".join(names[index[offsets[i]:offsets[i+1]]])`` for every cell, vectorized.
+
+    One gather writes every sentence's bytes once: each entry takes its name with a trailing space, except a
+    cell's last entry, which takes the bare name, so the gathered bytes are the sentences back to back and the
+    sentences' offsets are the gathered names' offsets at the cells' boundaries (no second copy to join them).
+    """
+    table = names if isinstance(names, NameTable) else NameTable(names)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n_cells = offsets.size - 1
+    pick = np.asarray(index).astype(np.int32, copy=True)
+    ends = offsets[1:]
+    last = ends[ends > offsets[:-1]] - 1
+    pick[last] += table.size
+    taken = table.table.take(pa.array(pick, pa.int32()))
+    if n_cells == 0:
+        return pa.array([], pa.string())
+    _, value_offsets, data = taken.buffers()
+    cuts = np.frombuffer(value_offsets, dtype=np.int32, count=len(taken) + 1, offset=4 * taken.offset)[offsets]
+    data = data if data is not None else pa.py_buffer(b"")
+    return pa.StringArray.from_buffers(n_cells, pa.py_buffer(np.ascontiguousarray(cuts, dtype=np.int32)), data)
 
 
 def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.Array:
@@ -169,8 +203,8 @@ def encode_cells(
     gex: sp.csr_matrix,
     atac: sp.csr_matrix,
     size_factors: np.ndarray,
-    genes: pa.Array,
-    peaks: pa.Array,
+    genes: NameTable | pa.Array,
+    peaks: NameTable | pa.Array,
     *,
     gex_encoding: str = "rank",
     peak_map: np.ndarray | None = None,
@@ -185,7 +219,8 @@ def encode_cells(
     size_factors
         GEX size factor of each cell.
     genes, peaks
-        ``pa.string()`` arrays of feature names (peaks: the kept peaks when ``peak_map`` is given).
+        Feature names as `NameTable` (build once, reuse for every chunk) or ``pa.string()`` arrays (peaks: the
+        kept peaks when ``peak_map`` is given).
     gex_encoding
         ``"rank"`` or ``"binary"``.
     peak_map
@@ -199,8 +234,24 @@ def encode_cells(
     dict
         ``gex_text``, ``atac_text``, ``gex_index``, ``gex_value``, ``n_genes``, ``n_peaks`` as Arrow arrays.
     """
+    return {
+        **encode_gex(gex, size_factors, genes, gex_encoding=gex_encoding, ranking=ranking),
+        **encode_atac(atac, peaks, peak_map=peak_map),
+    }
+
+
+def encode_gex(
+    gex: sp.csr_matrix,
+    size_factors: np.ndarray,
+    genes: NameTable | pa.Array,
+    *,
+    gex_encoding: str = "rank",
+    ranking: GeneRanking | None = None,
+) -> dict[str, pa.Array]:
+    """The GEX columns of `encode_cells`: ``gex_text``, ``gex_index``, ``gex_value``, ``n_genes``."""
     if gex_encoding not in GEX_ENCODINGS:
         raise ValueError(f"unknown gex_encoding '{gex_encoding}': use one of {GEX_ENCODINGS}")
+    genes = genes if isinstance(genes, NameTable) else NameTable(genes)
     if ranking is None:
         ranking = rank_genes(gex, size_factors)
     if gex_encoding == "rank":
@@ -211,12 +262,19 @@ def encode_cells(
         rows, index = rows[high], ranking.index[high]
         order = np.lexsort((index, rows))
         gex_text = join_names(genes, _offsets(rows[order], gex.shape[0]), index[order])
-    peak_offsets, peak_index = accessible_peaks(atac, peak_map)
     return {
         "gex_text": gex_text,
-        "atac_text": join_names(peaks, peak_offsets, peak_index),
         "gex_index": _list_array(ranking.offsets, ranking.index, pa.int32()),
         "gex_value": _list_array(ranking.offsets, ranking.value, pa.float32()),
         "n_genes": pa.array(np.diff(ranking.offsets).astype(np.int32), pa.int32()),
+    }
+
+
+def encode_atac(atac: sp.csr_matrix, peaks: NameTable | pa.Array, *, peak_map: np.ndarray | None = None) -> dict[str, pa.Array]:
+    """The ATAC columns of `encode_cells`: ``atac_text``, ``n_peaks``."""
+    peaks = peaks if isinstance(peaks, NameTable) else NameTable(peaks)
+    peak_offsets, peak_index = accessible_peaks(atac, peak_map)
+    return {
+        "atac_text": join_names(peaks, peak_offsets, peak_index),
         "n_peaks": pa.array(np.diff(peak_offsets).astype(np.int32), pa.int32()),
     }

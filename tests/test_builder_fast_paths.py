@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import dataset_builder.readers as readers
 from dataset_builder import META_FILE, build_dataset
 from dataset_builder.plan import TrainStats, make_plan, train_stats
-from dataset_builder.sentences import accessible_peaks, rank_genes
+from dataset_builder.sentences import NameTable, accessible_peaks, join_names, rank_genes
 from dataset_builder.simulate import simulate_paired, write_simulated
 
 
@@ -40,13 +40,18 @@ def _combined(tmp_path, layout: str, seed: int = 0):
     x.data[::9] = 0  # stored zeros are not detections
     x = sp.csr_matrix((x.data, x.indices, x.indptr), shape=x.shape)
     x.data[x.indptr[5] : x.indptr[6]] = 0
+    if layout == "gex_first_unsorted":  # column indices stored in reverse within each row
+        for i in range(n):
+            lo, hi = x.indptr[i], x.indptr[i + 1]
+            x.indices[lo:hi], x.data[lo:hi] = x.indices[lo:hi][::-1].copy(), x.data[lo:hi][::-1].copy()
+        x.has_sorted_indices = False
     obs = pd.DataFrame({"batch": ["b0", "b1"] * (n // 2)}, index=[f"c{i}" for i in range(n)])
     path = tmp_path / f"combined_{layout}.h5ad"
     ad.AnnData(X=x, obs=obs, var=pd.DataFrame({"feature_types": labels}, index=names)).write_h5ad(path)
     return path, x, labels
 
 
-@pytest.mark.parametrize("layout", ["interleaved", "gex_first", "atac_first"])
+@pytest.mark.parametrize("layout", ["interleaved", "gex_first", "atac_first", "gex_first_unsorted"])
 def test_chunked_split_equals_column_slicing(tmp_path, monkeypatch, layout):
     path, x, labels = _combined(tmp_path, layout)
     gex_cols, atac_cols = np.flatnonzero(labels == "GEX"), np.flatnonzero(labels == "ATAC")
@@ -59,6 +64,22 @@ def test_chunked_split_equals_column_slicing(tmp_path, monkeypatch, layout):
         assert paired.genes == [f"g{i}" for i in gex_cols]
         assert paired.atac.nnz == int((x[:, atac_cols].toarray() > 0).sum())
         assert paired.atac.has_canonical_format and paired.gex.has_canonical_format
+
+
+def test_leading_runs_equal_a_row_by_row_count():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 6, size=200)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    leading = rng.integers(0, lengths + 1)
+    first = np.concatenate([np.arange(n) < k for n, k in zip(lengths, leading, strict=True)]).astype(bool)
+    np.testing.assert_array_equal(readers._leading_runs(first, bounds), leading)
+    # A True after a False inside a row breaks the layout; across a row boundary it does not.
+    row = int(np.flatnonzero(lengths >= 2)[0])
+    broken = first.copy()
+    broken[bounds[row] : bounds[row + 1]] = False
+    broken[bounds[row + 1] - 1] = True
+    assert readers._leading_runs(broken, bounds) is None
+    assert readers._leading_runs(np.zeros(0, bool), np.zeros(3, np.int64)).tolist() == [0, 0]
 
 
 def _random_counts(rng, n_rows, n_cols, scale):
@@ -96,6 +117,25 @@ def test_accessible_peaks_with_zeros_and_peak_map():
             cols = row.indices[row.data > 0]
             cols = cols if pm is None else pm[cols][pm[cols] >= 0]
             assert index[offsets[i] : offsets[i + 1]].tolist() == sorted(cols.tolist())
+
+
+@pytest.mark.parametrize("n_cells", [0, 1, 7, 300])
+def test_join_names_equals_python_join(n_cells):
+    """The one-gather join equals str.join per cell, with empty cells first, last and in between."""
+    rng = np.random.default_rng(n_cells)
+    names = [f"chr{i % 3 + 1}-{i * 37}-{i * 37 + int(rng.integers(1, 900))}" for i in range(50)] + ["g", "gene-with-long-name"]
+    lengths = rng.integers(0, 6, size=n_cells)
+    lengths[:: max(n_cells // 3, 1)] = 0
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    index = rng.integers(0, len(names), size=int(offsets[-1])).astype(np.int32)
+    expected = [" ".join(names[j] for j in index[offsets[i] : offsets[i + 1]]) for i in range(n_cells)]
+    before = index.copy()
+    table = NameTable(names)
+    for given in (table, table, table.names):  # the table is reused, or made from a plain array
+        out = join_names(given, offsets, index)
+        out.validate(full=True)
+        assert out.to_pylist() == expected
+    np.testing.assert_array_equal(index, before)  # the caller's indices are not modified
 
 
 def test_train_stats_from_any_chunking_are_bit_identical():

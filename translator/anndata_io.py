@@ -97,13 +97,13 @@ SENTENCE_BLOCK = 4096  # cells ranked and joined at a time: the per-entry work a
 
 def _gex_sentences(mod, meta: dict, block: int = SENTENCE_BLOCK) -> tuple[Iterator[list[str]], dict]:
     """GEX sentences ``block`` cells at a time (a generator), and the counts of what was mapped."""
-    from dataset_builder.sentences import BINARY_THRESHOLD, library_size_factors, rank_genes
+    from dataset_builder.sentences import BINARY_THRESHOLD, NameTable, library_size_factors, rank_genes
 
     counts = sp.csr_matrix(mod.matrix)
     use_obs = str(meta.get("normalization", {}).get("size_factor", "")).startswith("obs") and mod.size_factors is not None
     size_factors = np.asarray(mod.size_factors if use_obs else library_size_factors(counts), dtype=np.float64)
     names = np.asarray(mod.features, dtype=object)
-    name_array = pa.array(names.tolist(), pa.string())
+    name_array = NameTable(pa.array(names.tolist(), pa.string()))
     model_genes = set(meta["genes"])
     known = np.array([n in model_genes for n in names])
 
@@ -130,11 +130,12 @@ def _gex_sentences(mod, meta: dict, block: int = SENTENCE_BLOCK) -> tuple[Iterat
 def _atac_sentences(mod, meta: dict, block: int = SENTENCE_BLOCK) -> tuple[Iterator[list[str]], dict]:
     """ATAC sentences (the model's peaks each cell's peaks overlap) ``block`` cells at a time, and the mapping counts."""
     from dataset_builder.readers import normalize_peak_names
+    from dataset_builder.sentences import NameTable
 
     names = normalize_peak_names(mod.features, mod.path)
     mapping = map_peaks_by_overlap(names, meta["peaks"])
     matrix = sp.csr_matrix(mod.matrix)
-    model_peaks = pa.array(list(meta["peaks"]), pa.string())
+    model_peaks = NameTable(pa.array(list(meta["peaks"]), pa.string()))
 
     def blocks() -> Iterator[list[str]]:
         for start in range(0, matrix.shape[0], block):
@@ -155,7 +156,7 @@ def _atac_sentences(mod, meta: dict, block: int = SENTENCE_BLOCK) -> tuple[Itera
     return blocks(), stats
 
 
-def _join(names: pa.Array, offsets: np.ndarray, index: np.ndarray) -> list[str]:
+def _join(names, offsets: np.ndarray, index: np.ndarray) -> list[str]:
     from dataset_builder.sentences import join_names
 
     return join_names(names, np.asarray(offsets), np.asarray(index)).to_pylist()
