@@ -20,6 +20,7 @@ import bench_growth  # noqa: E402
 import bench_predict  # noqa: E402
 import bench_tokenize  # noqa: E402
 import bench_train  # noqa: E402
+import build_stages  # noqa: E402
 import make_large  # noqa: E402
 import paper_reference  # noqa: E402
 
@@ -75,6 +76,21 @@ def test_bench_build_quick(tmp_path):
     assert large["build"]["cells"] == make_large.LargeSpec.quick().n_cells and large["build"]["peak_rss_mb"] > 0
     assert large["arrow_bytes"] > 0 and large["io_floor"]["write_arrow"]["bytes"] >= large["arrow_bytes"]
     assert large["paper_dense_float64_bytes"] == 1_200 * 14_000 * 8
+
+
+def test_build_stages_quick(tmp_path):
+    from dataset_builder.simulate import write_simulated
+
+    path = write_simulated(tmp_path / "sim.h5mu")
+    figures = build_stages.main(["--input", str(path), "--test_batches", "sim4", "--quick", "--results_dir", str(tmp_path)])
+    data = _results(tmp_path, "build_stages")
+    steps = data["seconds"]
+    assert set(steps) >= {"read_paired", "make_plan", "content_digest", "records (download_and_prepare)", "total"}
+    assert steps["read_paired"] + steps["records (download_and_prepare)"] <= steps["total"]
+    assert figures["peak_rss_gb"] > 0
+    import dataset_builder.builder as builder
+
+    assert not hasattr(builder.read_paired, "__wrapped__")  # the timers are removed afterwards
 
 
 def test_bench_tokenize_quick(tmp_path):
