@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dataset_builder.cli import run_cli
 from tokenizer import DIRECTIONS
 
 
@@ -58,8 +59,8 @@ def run(args: argparse.Namespace) -> Path:
     inputs = args.input[0] if len(args.input) == 1 else args.input
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".h5ad", dir=output.parent)
-    os.close(fd)
     try:
+        os.close(fd)
         # Chunk by chunk: memory holds one chunk of predictions, not the whole cells x features matrix.
         stats = translator.predict_h5ad(inputs, args.direction, tmp, batch_size=args.batch_size, chunk_cells=args.chunk_cells, return_sentences=args.text)
         os.replace(tmp, output)
@@ -74,14 +75,7 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(name)s: %(message)s", level=logging.INFO)
-    try:
-        run(args)
-    except (OSError, ValueError, KeyError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_linear_schedule_with_warmup
 
+from dataset_builder.cli import run_cli
 from tokenizer import DIRECTIONS, check_vocabulary, load_tokenizer, read_meta
 from translator.data import (
     GEX_TARGET_ORDERS,
@@ -468,11 +469,4 @@ def evaluate_folder(run: RunArguments, data_args: DataArguments) -> None:
 
 
 if __name__ == "__main__":
-    debug = "--debug" in sys.argv
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main, debug="--debug" in sys.argv, errors=(ValueError, FileNotFoundError, FileExistsError)))

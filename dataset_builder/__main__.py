@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .cli import run_cli
+
 __all__ = ["main", "parse_args"]
 
 logger = logging.getLogger("dataset_builder")
@@ -123,14 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("anndata").setLevel(logging.WARNING)
-    try:
-        _run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
-        if args.debug:
-            raise
-        print(f"python -m dataset_builder: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: _run(args), debug=args.debug, errors=(ValueError, OSError), prefix="python -m dataset_builder: error:")
 
 
 if __name__ == "__main__":

@@ -350,10 +350,10 @@ def build_dataset(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     bar = None
-    # The digest (hashing every count) runs beside the records' making; only the fingerprints need it.
     hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="content-digest")
-    digest_future = hashing.submit(content_digest, plan)
     try:
+        # The digest (hashing every count) runs beside the records' making; only the fingerprints need it.
+        digest_future = hashing.submit(content_digest, plan)
         if progress:
             from tqdm.auto import tqdm
 

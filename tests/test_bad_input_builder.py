@@ -268,3 +268,56 @@ def test_module_exit_code_and_debug_traceback(tmp_path):
     debug = subprocess.run([*cmd, "--debug"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_run_cli_turns_sigterm_into_cleanup_and_exit_143(capsys):
+    import os
+    import signal
+
+    from dataset_builder.cli import TERMINATED_EXIT_CODE, run_cli
+
+    cleaned = []
+
+    def body():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0) if hasattr(signal, "sigtimedwait") else None
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+            raise AssertionError("SIGTERM was not raised in the main thread")
+        finally:
+            cleaned.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_cli(body) == TERMINATED_EXIT_CODE == 143
+    assert cleaned == [True] and signal.getsignal(signal.SIGTERM) is before  # the handler is restored
+    assert "terminated by SIGTERM" in capsys.readouterr().err
+    assert run_cli(lambda: 7) == 7 and run_cli(lambda: None) == 0
+
+
+def test_sigterm_during_a_build_leaves_nothing_behind(tmp_path):
+    """A real SIGTERM while the records are written: exit 143, no output folder, no temporary folder."""
+    from dataset_builder.simulate import write_simulated
+
+    source = write_simulated(tmp_path / "sim.h5mu")
+    out = tmp_path / "built" / "ds"
+    # The signal comes from the digest thread, after the temporary folder exists and while records are being made.
+    script = (
+        "import os, signal, sys\n"
+        "import dataset_builder.builder as b\n"
+        "digest = b.content_digest\n"
+        "def signalling(plan):\n"
+        "    value = digest(plan)\n"
+        "    assert any(p.name.startswith('.ds.tmp-') for p in os.scandir(os.path.dirname(sys.argv[-1])))\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return value\n"
+        "b.content_digest = signalling\n"
+        "from dataset_builder.__main__ import main\n"
+        "sys.exit(main(['--input', sys.argv[1], '--output_dir', sys.argv[2]]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(source), str(out)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "terminated by SIGTERM" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and list((tmp_path / "built").iterdir()) == []

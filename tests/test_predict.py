@@ -54,6 +54,30 @@ def test_predict_cli_matches_the_held_out_truth(model_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
+def test_sigterm_mid_write_leaves_no_partial_file(model_dir, tmp_path):
+    """SIGTERM after the first chunk is written: exit 143, no output, no temporary file."""
+    script = (
+        "import os, signal, sys\n"
+        "from translator import CellTranslator\n"
+        "original, calls = CellTranslator.predict_matrix, []\n"
+        "def predict_matrix(self, *args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return original(self, *args, **kwargs)\n"
+        "CellTranslator.predict_matrix = predict_matrix\n"
+        "import predict\n"
+        "sys.exit(predict.main(sys.argv[1:]))\n"
+    )
+    output = tmp_path / "pred.h5ad"
+    cmd = [sys.executable, "-c", script, "--model", str(model_dir), "--input", str(shared_file(TEST_MOD1)),
+           "--direction", "gex2atac", "--output", str(output), "--chunk_cells", "64"]
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert "terminated by SIGTERM" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("direction, source", [("gex2atac", TEST_MOD1), ("atac2gex", TEST_MOD2)])
 def test_chunked_h5ad_equals_the_in_memory_prediction(model_dir, tmp_path, direction, source):
     from translator import CellTranslator

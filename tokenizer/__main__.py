@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dataset_builder.cli import run_cli
+
 from . import build_from_dataset
 
 
@@ -15,15 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing --output_dir")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    try:
+
+    def build() -> None:
         tok = build_from_dataset(args.dataset, args.output_dir, overwrite=args.overwrite_output_dir)
-    except (OSError, ValueError, KeyError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"tokenizer with {len(tok)} tokens saved to {args.output_dir}")
-    return 0
+        print(f"tokenizer with {len(tok)} tokens saved to {args.output_dir}")
+
+    return run_cli(build, debug=args.debug)
 
 
 if __name__ == "__main__":
