@@ -1,8 +1,9 @@
 """Paired single-cell GEX + ATAC files -> cell sentences, as a `datasets.DatasetDict` folder.
 
-Where a cell becomes a sentence: `readers` (files -> paired raw counts), `sentences` (CSR -> sentences),
-`plan` (splits, kept peaks, train statistics), `builder` (the `datasets` builder and `build_dataset`),
-`simulate` (the built-in default data), `hub` (dataset card and Parquet push).
+Where a cell becomes a sentence: `readers` (files -> paired raw counts; `combined` splits a matrix holding both
+modalities, `peaks` normalizes and orders peak names), `sentences` (CSR -> sentences), `plan` (splits, kept peaks,
+train statistics), `builder` (the `datasets` builder and `build_dataset`), `simulate` (the built-in default data),
+`hub` (dataset card and Parquet push), `cli` (what every command line does on bad input and on SIGTERM).
 """
 
 from __future__ import annotations

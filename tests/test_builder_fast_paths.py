@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+import dataset_builder.combined as combined
 import dataset_builder.readers as readers
 from dataset_builder import META_FILE, build_dataset
 from dataset_builder.plan import TrainStats, make_plan, train_stats
@@ -56,7 +57,7 @@ def test_chunked_split_equals_column_slicing(tmp_path, monkeypatch, layout):
     path, x, labels = _combined(tmp_path, layout)
     gex_cols, atac_cols = np.flatnonzero(labels == "GEX"), np.flatnonzero(labels == "ATAC")
     for entries in (1, 13, 1 << 24):  # chunks of one row up to the whole matrix
-        monkeypatch.setattr(readers, "_SPLIT_ENTRIES", entries)
+        monkeypatch.setattr(combined, "_SPLIT_ENTRIES", entries)
         paired = readers.read_paired([path])
         expected_gex = x[:, gex_cols]
         expected_gex.eliminate_zeros()
@@ -72,14 +73,14 @@ def test_leading_runs_equal_a_row_by_row_count():
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     leading = rng.integers(0, lengths + 1)
     first = np.concatenate([np.arange(n) < k for n, k in zip(lengths, leading, strict=True)]).astype(bool)
-    np.testing.assert_array_equal(readers._leading_runs(first, bounds), leading)
+    np.testing.assert_array_equal(combined._leading_runs(first, bounds), leading)
     # A True after a False inside a row breaks the layout; across a row boundary it does not.
     row = int(np.flatnonzero(lengths >= 2)[0])
     broken = first.copy()
     broken[bounds[row] : bounds[row + 1]] = False
     broken[bounds[row + 1] - 1] = True
-    assert readers._leading_runs(broken, bounds) is None
-    assert readers._leading_runs(np.zeros(0, bool), np.zeros(3, np.int64)).tolist() == [0, 0]
+    assert combined._leading_runs(broken, bounds) is None
+    assert combined._leading_runs(np.zeros(0, bool), np.zeros(3, np.int64)).tolist() == [0, 0]
 
 
 def _random_counts(rng, n_rows, n_cols, scale):

@@ -135,17 +135,17 @@ def test_pbmc_colon_peak_names_are_normalized():
 def test_split_of_one_modality_equals_that_modality_of_the_full_split(tmp_path, layout):
     from pathlib import Path
 
-    from dataset_builder.readers import _split_csr_columns
+    from dataset_builder.combined import split_csr_columns
 
     rng = np.random.default_rng(1)
     matrix = sp.random(40, 30, density=0.3, format="csr", random_state=2, dtype=np.float32)
     matrix.data = np.ceil(matrix.data * 5)
     is_gex = {"gex_first": np.arange(30) < 12, "atac_first": np.arange(30) >= 18, "interleaved": rng.random(30) < 0.4}[layout]
     args = (Path("m.h5ad"), matrix.indptr, matrix.data, matrix.indices, matrix.shape, is_gex)
-    gex, atac = _split_csr_columns(*args)
+    gex, atac = split_csr_columns(*args)
     assert (gex != matrix[:, is_gex]).nnz == 0 and (atac != matrix[:, ~is_gex]).nnz == 0
-    only_gex, no_atac = _split_csr_columns(*args, only="GEX")
-    no_gex, only_atac = _split_csr_columns(*args, only="ATAC")
+    only_gex, no_atac = split_csr_columns(*args, only="GEX")
+    no_gex, only_atac = split_csr_columns(*args, only="ATAC")
     for got, want in ((only_gex, gex), (only_atac, atac)):
         np.testing.assert_array_equal(got.indptr, want.indptr)
         np.testing.assert_array_equal(got.indices, want.indices)
