@@ -34,6 +34,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--seed_model", help="model trained on --gex_encoding binary sentences (baseline seed_binary)")
     model.add_argument("--skip_model", action="store_true", help="score the baselines only")
     model.add_argument("--batch_size", type=int, default=64, help="cells per generation batch")
+    model.add_argument("--allow_pickle", action="store_true", help="load pickle weights (pytorch_model.bin); they can run code: only for trusted folders")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_dir", required=True, help="folder written by `python -m dataset_builder`")
     data.add_argument("--dataset_name", help="name recorded in the results (default: the folder name)")
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         make_plots=not args.no_plots,
         seed=args.seed,
         krr_landmarks=args.krr_landmarks,
+        allow_pickle=args.allow_pickle,
     )
     for direction, block in results["directions"].items():
         rows = ([("model", block["model"])] if "model" in block else []) + list(block["baselines"].items())

@@ -57,11 +57,11 @@ def portable_command(argv: Sequence[str]) -> str:
     return " ".join(["python"] + parts)
 
 
-def translator_predictor(model: str | os.PathLike, batch_size: int = 64) -> tuple[Predictor, dict]:
+def translator_predictor(model: str | os.PathLike, batch_size: int = 64, allow_pickle: bool = False) -> tuple[Predictor, dict]:
     """Load a model folder or Hub id; return a predictor and the model's ``cell_sentences.json`` metadata."""
     from translator import CellTranslator
 
-    translator = CellTranslator.from_pretrained(model)
+    translator = CellTranslator.from_pretrained(model, allow_pickle=allow_pickle)
 
     def predict(sentences: Sequence[str], direction: str) -> tuple[np.ndarray, list[str]]:
         return translator.predict_matrix(list(sentences), direction=direction, batch_size=batch_size, return_sentences=True)
@@ -184,6 +184,7 @@ def run_evaluation(
     progress: bool = True,
     seed: int = 0,
     krr_landmarks: int = 1000,
+    allow_pickle: bool = False,
 ) -> dict:
     """Evaluate a translator and the baselines on one split; write results, table and plots.
 
@@ -209,6 +210,9 @@ def run_evaluation(
         When ``model`` is a local folder, copy the results there and merge ``model-index`` into its README.md.
     krr_landmarks
         Nystroem landmarks of the ``svd_krr`` baseline.
+    allow_pickle
+        Load pickle weights (``pytorch_model.bin``) of ``model`` / ``seed_model``; they can run code: only for
+        trusted folders (safetensors are always preferred).
 
     Returns
     -------
@@ -227,12 +231,12 @@ def run_evaluation(
     elif not skip_model:
         if model is None:
             raise ValueError("give --model DIR (or a Hub id), or --skip_model to score the baselines only")
-        predictors["model"] = translator_predictor(model, batch_size)
+        predictors["model"] = translator_predictor(model, batch_size, allow_pickle)
         _check_features(predictors["model"][1], data, f"model {model}")
     if seed_predictor is not None:
         predictors["seed_binary"] = (seed_predictor, {"gex_encoding": "binary", "binary_threshold": 2.0})
     elif seed_model is not None:
-        predictors["seed_binary"] = translator_predictor(seed_model, batch_size)
+        predictors["seed_binary"] = translator_predictor(seed_model, batch_size, allow_pickle)
         _check_features(predictors["seed_binary"][1], data, f"seed model {seed_model}")
         if predictors["seed_binary"][1].get("gex_encoding") != "binary":
             raise ValueError(f"--seed_model {seed_model} was not trained on binary GEX sentences (gex_encoding is not 'binary')")

@@ -148,6 +148,16 @@ def test_pickle_weights_load_only_when_asked(setup, tmp_path, capsys):
     assert _cli(predict.main, [*argv, "--allow_pickle"], capsys)[0] == 0  # the user asked: loaded, same predictions
     expected = reference.predict_anndata(setup["gex"], "gex2atac")
     np.testing.assert_allclose(ad.read_h5ad(tmp_path / "pred.h5ad").X, expected.X, rtol=1e-5, atol=1e-6)
+    # eval.py: refused the same way, loaded with --allow_pickle
+    import eval as eval_cli
+
+    eval_argv = ["--model", str(pickled), "--dataset_dir", str(setup["data"]), "--output_dir", str(tmp_path / "eval"),
+                 "--baselines", "--no_plots", "--no_update_model_folder", "--directions", "gex2atac"]
+    code, lines = _cli(eval_cli.cli, eval_argv, capsys)
+    _one_line(code, lines, "pickle", "--allow_pickle")
+    assert not (tmp_path / "eval").exists()
+    assert _cli(eval_cli.cli, [*eval_argv, "--allow_pickle"], capsys)[0] == 0
+    assert (tmp_path / "eval" / "eval_results.json").exists()
 
 
 # -- empty sentences ----------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def check_model_folder(folder: Path, allow_pickle: bool = False) -> None:
     if not has_safetensors and pickled and not allow_pickle:
         raise ValueError(
             f"{folder} holds only pickle weights ({', '.join(pickled)}), which can run code when loaded; "
-            "convert them to safetensors, or if you trust the source pass allow_pickle=True (predict.py: --allow_pickle)"
+            "convert them to safetensors, or if you trust the source pass allow_pickle=True (predict.py, eval.py: --allow_pickle)"
         )
     if not has_safetensors and not pickled:
         missing.append("model.safetensors")
