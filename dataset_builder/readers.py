@@ -41,7 +41,6 @@ ATAC_LABELS = frozenset({"ATAC", "Peaks"})
 OBS_COLUMNS = ("batch", "cell_type")
 # Integer and finiteness checks walk the value array in slices so memory stays bounded.
 _CHECK_SLICE = 1 << 24
-# Entries per chunk of rows when a combined CSR matrix is split into its modalities.
 
 
 @dataclass

@@ -179,16 +179,16 @@ def join_names(names: NameTable | pa.Array, offsets: np.ndarray, index: np.ndarr
     cell's last entry, which takes the bare name, so the gathered bytes are the sentences back to back and the
     sentences' offsets are the gathered names' offsets at the cells' boundaries (no second copy to join them).
     """
-    table = names if isinstance(names, NameTable) else NameTable(names)
     offsets = np.asarray(offsets, dtype=np.int64)
     n_cells = offsets.size - 1
+    if n_cells == 0:
+        return pa.array([], pa.string())
+    table = names if isinstance(names, NameTable) else NameTable(names)
     pick = np.asarray(index).astype(np.int32, copy=True)
     ends = offsets[1:]
     last = ends[ends > offsets[:-1]] - 1
     pick[last] += table.size
     taken = table.table.take(pa.array(pick, pa.int32()))
-    if n_cells == 0:
-        return pa.array([], pa.string())
     _, value_offsets, data = taken.buffers()
     cuts = np.frombuffer(value_offsets, dtype=np.int32, count=len(taken) + 1, offset=4 * taken.offset)[offsets]
     data = data if data is not None else pa.py_buffer(b"")
