@@ -40,6 +40,7 @@ from translator.data import (
     TranslationCollator,
     TranslationExamples,
     check_gex_target_cap,
+    check_gex_target_min_value,
 )
 from translator.modeling import MODEL_SHAPES, TranslationLoss, make_config, make_model
 from translator.readout import profile_offsets
@@ -74,6 +75,7 @@ class DataArguments:
     max_source_length: int = field(default=512, metadata={"help": "source cap in tokens (GEX keeps top-ranked genes; ATAC an even subsample; prefer --top_peaks at build time)"})
     max_target_length: int = field(default=512, metadata={"help": "target cap in tokens, also the decoding length"})
     max_gex_target_length: int = field(default=0, metadata={"help": "shorter cap for GEX targets (atac2gex) only, in tokens; 0: --max_target_length. Short targets weigh the profile loss more"})
+    gex_target_min_value: float = field(default=0.0, metadata={"help": "GEX targets (atac2gex) keep only genes with log-norm >= this, in rank order (2.0: the binary sentence's genes); 0: off"})
     gex_target_order: str = field(default="rank", metadata={"help": "order of GEX target sentences: rank (descending expression) | gene (the same genes in gene order); sources keep rank order"})
     max_eval_cells: int = field(default=1000, metadata={"help": "validation cells used for the validation loss"})
     calibration_cells: int = field(default=500, metadata={"help": "validation cells used to fit the readout calibration"})
@@ -133,6 +135,7 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
     if data_args.gex_target_order not in GEX_TARGET_ORDERS:
         raise ValueError(f"--gex_target_order must be one of {', '.join(GEX_TARGET_ORDERS)}, got {data_args.gex_target_order!r}")
     check_gex_target_cap(data_args.max_gex_target_length, data_args.max_target_length)
+    check_gex_target_min_value(data_args.gex_target_min_value)
     for name in ("max_eval_cells", "calibration_cells"):
         if getattr(data_args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(data_args, name)}")
@@ -286,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     # Data: both directions of each cell, length-grouped batches (tokenizer and metadata were read above).
     splits = datasets.load_from_disk(data_args.dataset_dir)
     caps = (data_args.max_source_length, data_args.max_target_length)
-    train_examples = TranslationExamples(splits["train"], tokenizer, data_args.directions, *caps, data_args.gex_target_order, data_args.max_gex_target_length)
+    train_examples = TranslationExamples(splits["train"], tokenizer, data_args.directions, *caps, data_args.gex_target_order, data_args.max_gex_target_length,
+                                        data_args.gex_target_min_value)
     validation = splits["validation"].select(range(min(len(splits["validation"]), data_args.max_eval_cells)))
-    eval_examples = TranslationExamples(validation, tokenizer, data_args.directions, *caps, data_args.gex_target_order, data_args.max_gex_target_length)
+    eval_examples = TranslationExamples(validation, tokenizer, data_args.directions, *caps, data_args.gex_target_order, data_args.max_gex_target_length,
+                                        data_args.gex_target_min_value)
     collator = TranslationCollator(train_examples.ranges)
     sampler = LengthGroupedBatchSampler(train_examples.lengths, train_examples.directions, run.per_device_train_batch_size, run.seed, num_shards=accelerator.num_processes)
     train_loader = DataLoader(train_examples, batch_sampler=sampler, collate_fn=collator)

@@ -60,6 +60,37 @@ def test_a_shorter_gex_target_cap_cuts_gex_targets_only(synthetic):
             TranslationExamples(cells, tokenizer, max_source_length=64, max_target_length=32, max_gex_target_length=bad)
 
 
+def test_a_gex_target_min_value_keeps_the_rank_prefix_at_or_above_it(synthetic):
+    splits, tokenizer, _ = synthetic
+    cells = splits["train"].select(range(20))
+    full = TranslationExamples(cells, tokenizer, max_source_length=64, max_target_length=32)
+    values = [np.asarray(v) for v in cells["gex_value"]]
+    threshold = float(np.median(np.concatenate(values)))
+    cut = TranslationExamples(cells, tokenizer, max_source_length=64, max_target_length=32, gex_target_min_value=threshold)
+    both = TranslationExamples(cells, tokenizer, max_source_length=64, max_target_length=32, gex_target_min_value=threshold, max_gex_target_length=3)
+    eos = tokenizer.eos_token_id
+    gene_names = {full.targets[i][0] for i in range(len(full)) if full.directions[i] == 1}
+    n_cut = []
+    for i in range(len(full)):
+        np.testing.assert_array_equal(cut.sources[i], full.sources[i])
+        np.testing.assert_array_equal(cut.profiles[i][1], full.profiles[i][1])  # the profile stays whole
+        if full.directions[i] == 0:
+            np.testing.assert_array_equal(cut.targets[i], full.targets[i])
+            continue
+        cell = i - sum(1 for d in full.directions if d == 0)
+        n = int((values[cell] >= threshold).sum())  # counted from the values, not from the sentence
+        n_cut.append(n)
+        np.testing.assert_array_equal(cut.targets[i], np.concatenate([full.targets[i][:n], [eos]]))
+        np.testing.assert_array_equal(both.targets[i], np.concatenate([full.targets[i][: min(n, 2)], [eos]]))
+    assert gene_names and len(set(n_cut)) > 1  # lengths vary by cell
+    assert min(n_cut) < max(len(t) - 1 for t, d in zip(full.targets, full.directions, strict=True) if d == 1)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="--gex_target_min_value"):
+            TranslationExamples(cells, tokenizer, max_source_length=64, max_target_length=32, gex_target_min_value=bad)
+    with pytest.raises(ValueError, match="--gex_target_min_value needs the dataset's gex_index/gex_value"):
+        TranslationExamples(cells.remove_columns(["gex_index", "gex_value"]), tokenizer, max_source_length=64, max_target_length=32, gex_target_min_value=1.0)
+
+
 def test_profile_loss_with_zero_scores_is_the_loss_of_the_mean():
     rng = np.random.default_rng(0)
     mean = torch.tensor(rng.uniform(0.05, 0.5, 50), dtype=torch.float32)

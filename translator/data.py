@@ -74,6 +74,12 @@ def check_gex_target_cap(max_gex_target_length: int, max_target_length: int) -> 
         raise ValueError(f"--max_gex_target_length must be 0 (off) or between 2 and --max_target_length ({max_target_length}), got {max_gex_target_length}")
 
 
+def check_gex_target_min_value(gex_target_min_value: float) -> None:
+    """``--gex_target_min_value`` is 0 (off) or a positive, finite log-norm value."""
+    if not (np.isfinite(gex_target_min_value) and gex_target_min_value >= 0):
+        raise ValueError(f"--gex_target_min_value must be 0 (off) or a positive log-norm value such as 2.0, got {gex_target_min_value}")
+
+
 def target_ids(names: np.ndarray, direction: str, tokenizer, max_target_length: int, gex_target_order: str = "rank") -> np.ndarray:
     """``names... </s>`` with the names capped to ``max_target_length - 1``.
 
@@ -107,16 +113,21 @@ class TranslationExamples(Dataset):
     max_gex_target_length
         A shorter cap for GEX targets (``atac2gex``) only, in tokens with ``</s>``; 0: ``max_target_length``.
         Short GEX targets (the top-expressed genes) weigh the profile loss more against the sentence loss.
+    gex_target_min_value
+        GEX targets (``atac2gex``) keep only the genes with log-norm value >= this (0: off): a prefix of the
+        rank-order sentence whose length varies by cell, the gene set of the paper's binary sentence (at 2.0)
+        in rank order. Needs the ``gex_index``/``gex_value`` columns; combines with ``max_gex_target_length``.
     """
 
     def __init__(self, split, tokenizer, directions: Sequence[str] = DIRECTIONS, max_source_length: int = 512, max_target_length: int = 512,
-                 gex_target_order: str = "rank", max_gex_target_length: int = 0):
+                 gex_target_order: str = "rank", max_gex_target_length: int = 0, gex_target_min_value: float = 0.0):
         for direction in directions:
             if direction not in DIRECTIONS:
                 raise ValueError(f"--directions {direction!r} is unknown; choose from {', '.join(DIRECTIONS)}")
         if max_source_length < 3 or max_target_length < 2:
             raise ValueError("--max_source_length must be >= 3 and --max_target_length >= 2")
         check_gex_target_cap(max_gex_target_length, max_target_length)
+        check_gex_target_min_value(gex_target_min_value)
         ranges = feature_token_ranges(tokenizer)
         names = {"gex_text": names_to_ids(tokenizer, split["gex_text"]), "atac_text": names_to_ids(tokenizer, split["atac_text"])}
         self.sources: list[np.ndarray] = []
@@ -128,6 +139,8 @@ class TranslationExamples(Dataset):
         self.ranges = [ranges[TARGET_MODALITY[d]] for d in DIRECTIONS]
         gex_profiles = None
         columns = split.column_names if hasattr(split, "column_names") else list(split)
+        if "atac2gex" in directions and gex_target_min_value > 0 and "gex_value" not in columns:
+            raise ValueError("--gex_target_min_value needs the dataset's gex_index/gex_value columns; rebuild it with `python -m dataset_builder`")
         if "atac2gex" in directions and "gex_index" in columns:
             gex_profiles = [(np.asarray(ix, dtype=np.int64), np.asarray(v, dtype=np.float32)) for ix, v in zip(split["gex_index"], split["gex_value"], strict=True)]
         for direction in directions:
@@ -135,6 +148,9 @@ class TranslationExamples(Dataset):
             start = self.ranges[code][0]
             cap = max_gex_target_length if direction == "atac2gex" and max_gex_target_length else max_target_length
             for i, (src, tgt) in enumerate(zip(names[SOURCE_COLUMN[direction]], names[TARGET_COLUMN[direction]], strict=True)):
+                if direction == "atac2gex" and gex_target_min_value > 0:
+                    # gex_value is in the sentence's (descending) order: the genes at or above the value are a prefix.
+                    tgt = tgt[: int(np.count_nonzero(gex_profiles[i][1] >= gex_target_min_value))]
                 self.sources.append(source_ids(src, direction, tokenizer, max_source_length))
                 self.targets.append(target_ids(tgt, direction, tokenizer, cap, gex_target_order))
                 self.directions.append(code)
