@@ -63,6 +63,7 @@ class ModelArguments:
     n_negatives: int = field(default=256, metadata={"help": "off-modality names scored per batch by the restricted loss"})
     profile_weight: float = field(default=1.0, metadata={"help": "weight of the profile readout's loss (every target feature of a cell, as a residual over the train mean); 0: sentences only"})
     profile_refit: bool = field(default=True, metadata={"help": "refit the profile head in closed form on the train split after training (L2 chosen on validation)"})
+    profile_ranks: list[int] = field(default_factory=list, metadata={"help": "after the refit, try projecting the head's scores on their top-K train principal directions for each K given (e.g. 4 8 16 32 64); K or none chosen on validation"})
     embedding_init: str = field(default="lsi", metadata={"help": "name embeddings at the start: lsi (TF-IDF + SVD of the train sentences) | random"})
     source_dropout: float = field(default=0.0, metadata={"help": "probability of hiding each source name in training (augmentation)"})
 
@@ -139,6 +140,10 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
     for name in ("max_eval_cells", "calibration_cells"):
         if getattr(data_args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(data_args, name)}")
+    if any(k < 1 for k in model_args.profile_ranks):
+        raise ValueError(f"--profile_ranks must be positive ranks such as 4 8 16, got {' '.join(map(str, model_args.profile_ranks))}")
+    if model_args.profile_ranks and not model_args.profile_refit:
+        raise ValueError("--profile_ranks reduces the refit profile head; drop --no_profile_refit or --profile_ranks")
     if model_args.n_negatives < 0:
         raise ValueError(f"--n_negatives must be >= 0, got {model_args.n_negatives}")
     if not (math.isfinite(run.learning_rate) and run.learning_rate > 0):
@@ -200,7 +205,7 @@ def demo_arguments() -> list[str]:
             "--cpu_threads", "1"]
 
 
-def refit_head(model, profile_head, tokenizer, meta, train_split, validation, train_examples, eval_examples, batch_size: int) -> dict:
+def refit_head(model, profile_head, tokenizer, meta, train_split, validation, train_examples, eval_examples, batch_size: int, ranks=()) -> dict:
     """Closed-form refit of the profile head on the train split (``translator.profile_fit``); L2 chosen on validation."""
     import numpy as np
 
@@ -222,7 +227,8 @@ def refit_head(model, profile_head, tokenizer, meta, train_split, validation, tr
         sources[direction] = ([train_examples.sources[i] for i in rows], [eval_examples.sources[i] for i in val_rows])
         truths[direction] = (truth_train[target], truth_val[target])
         target_ranges[direction] = ranges[target]
-    reports = refit_profile_head(model, profile_head, sources, truths, target_ranges, profile_offsets(tokenizer, meta), batch_size=batch_size)
+    reports = refit_profile_head(model, profile_head, sources, truths, target_ranges, profile_offsets(tokenizer, meta), batch_size=batch_size,
+                                 ranks=ranks)
     for report in reports.values():
         report["seconds"] = round(time.perf_counter() - started, 1)
     return reports
@@ -412,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         profile_head = profile_head.cpu().eval() if profile_head is not None else None
         calibration, refit = {}, {}
         if profile_head is not None and model_args.profile_refit and len(validation):
-            refit = refit_head(model, profile_head, tokenizer, meta, splits["train"], validation, train_examples, eval_examples, run.per_device_eval_batch_size)
+            refit = refit_head(model, profile_head, tokenizer, meta, splits["train"], validation, train_examples, eval_examples, run.per_device_eval_batch_size,
+                               model_args.profile_ranks)
         if not len(splits["validation"]):
             logger.warning("the validation split is empty: no validation loss, and the readout stays uncalibrated")
         elif data_args.calibration_cells > 0:

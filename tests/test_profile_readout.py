@@ -218,3 +218,30 @@ def test_float32_profile_readout_equals_the_float64_design():
     expected = np.clip(sum(w * x for w, x in zip(gex["coef"], _gex_design(features, "profile", meta), strict=True)), 0, None)
     np.testing.assert_allclose(apply_readout(features, "atac2gex", meta, gex), expected, rtol=1e-6, atol=1e-5)
     np.testing.assert_array_equal(features["profile"], profile)  # the input is not modified
+
+
+def test_reduced_rank_head_projects_the_train_scores_on_their_top_directions():
+    from translator.profile_fit import reduce_rank
+
+    rng = np.random.default_rng(0)
+    n, d, n_features = 300, 12, 40
+    x_train = torch.tensor(rng.normal(size=(n, d)) + 0.5, dtype=torch.float32)
+    x_val = torch.tensor(rng.normal(size=(60, d)) + 0.5, dtype=torch.float32)
+    signal = rng.normal(size=(n_features, 2)) @ rng.normal(size=(2, d))  # scores truly of rank 2
+    w = torch.tensor(signal + 0.3 * rng.normal(size=(n_features, d)), dtype=torch.float32)  # plus per-feature noise
+    b = torch.tensor(rng.normal(size=n_features), dtype=torch.float32)
+    offset = torch.zeros(n_features)
+    y_val = sp.csr_matrix(np.clip(x_val.numpy() @ signal.T + b.numpy(), 0, None))
+    w2, b2, report = reduce_rank(x_train, x_val, y_val, w, b, offset, binary=False, ranks=(1, 2, 3, 40))
+    assert set(report["validation_rmse"]) == {"0", "1", "2", "3"}  # rank 40 >= the scores' rank (12): skipped
+    assert report["rank"] == 2  # the truth's rank wins on validation
+    # The folded head equals the explicit projection of the train scores onto their top-2 principal directions.
+    z = (x_train @ w.T + b).double().numpy()
+    mu = z.mean(0)
+    vt = np.linalg.svd(z - mu, full_matrices=False)[2][:2]
+    expected = mu + (z - mu) @ vt.T @ vt
+    np.testing.assert_allclose((x_train @ w2.T + b2).double().numpy(), expected, atol=1e-4)
+    # With validation targets from the full-rank head, no projection is kept (it wins ties too).
+    y_full = sp.csr_matrix(np.clip(x_val.numpy() @ w.numpy().T + b.numpy(), 0, None))
+    w0, b0, report0 = reduce_rank(x_train, x_val, y_full, w, b, offset, binary=False, ranks=(1, 2, 3))
+    assert report0["rank"] == 0 and torch.equal(w0, w) and torch.equal(b0, b)

@@ -170,6 +170,12 @@ def test_bad_flags_get_one_line_errors(bmmc, tmp_path):
         train.main(tiny_args(*bmmc, tmp_path / "x", "--per_device_train_batch_size", "0", "--max_steps", "2"))
     with pytest.raises(ValueError, match="--max_gex_target_length"):
         train.main(tiny_args(*bmmc, tmp_path / "x", "--max_gex_target_length", "1", "--max_steps", "2"))
+    with pytest.raises(ValueError, match="--gex_target_min_value"):
+        train.main(tiny_args(*bmmc, tmp_path / "x", "--gex_target_min_value", "-1", "--max_steps", "2"))
+    with pytest.raises(ValueError, match="--profile_ranks must be positive"):
+        train.main(tiny_args(*bmmc, tmp_path / "x", "--profile_ranks", "4", "0", "--max_steps", "2"))
+    with pytest.raises(ValueError, match="drop --no_profile_refit or --profile_ranks"):
+        train.main(tiny_args(*bmmc, tmp_path / "x", "--profile_ranks", "4", "--no_profile_refit", "--max_steps", "2"))
     assert not (tmp_path / "x").exists()  # refused before anything is written
     with pytest.raises(ValueError, match="--directions"):
         train.main(tiny_args(*bmmc, tmp_path / "x", "--directions", "gex2rna", "--max_steps", "2"))
@@ -223,14 +229,22 @@ def test_ddp_on_two_cpu_processes_stays_in_step(bmmc, tmp_path):
 
 
 def test_gene_order_targets_are_recorded_and_decoded_in_gene_order(bmmc, tmp_path):
+    # Also the run of --gex_target_min_value and --profile_ranks (the reduced-rank report lands in readout.json).
     import datasets
 
     from translator import CellTranslator
 
     out = tmp_path / "gene_order"
     _train(tiny_args(*bmmc, out, "--max_steps", "6", "--eval_steps", "0", "--checkpointing_steps", "0",
-                     "--calibration_cells", "8", "--gex_target_order", "gene"))
+                     "--calibration_cells", "8", "--gex_target_order", "gene", "--gex_target_min_value", "1.0", "--profile_ranks", "2", "4"))
     assert json.loads((out / "cell_sentences.json").read_text())["gex_target_order"] == "gene"
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["gex_target_min_value"] == 1.0 and args["profile_ranks"] == [2, 4]
+    refit = json.loads((out / "readout.json").read_text())["profile_refit"]
+    for direction in ("gex2atac", "atac2gex"):
+        reduced = refit[direction]["reduced_rank"]
+        assert set(reduced["validation_rmse"]) == {"0", "2", "4"} and reduced["rank"] in (0, 2, 4)
+        assert reduced["validation_rmse"][str(reduced["rank"])] == min(reduced["validation_rmse"].values())
     translator = CellTranslator.from_pretrained(out)
     cells = datasets.load_from_disk(str(bmmc[0]))["validation"].select(range(4))
     sentences = translator.translate(cells["atac_text"], "atac2gex")

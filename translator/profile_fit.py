@@ -8,6 +8,12 @@ prefix), one independent convex problem per feature: logistic regression for ATA
 for GEX, each as a residual over the per-feature train mean and with an L2 penalty. We solve them
 full-batch with L-BFGS (features from :func:`translator.modeling.profile_features`), features in chunks (memory ``cells x chunk``), for each penalty of a small
 grid, and keep the penalty with the lowest validation RMSE of the readout.
+
+Then, optionally, a reduced rank (:func:`reduce_rank`): the head's scores over the train cells are a
+``cells x features`` matrix of rank at most ``3 * d_model``; projecting every score vector onto its top
+``K`` principal directions (over features) keeps what the cells share and drops per-feature noise fitted
+to few train cells. The projection is folded into the head's weights and biases (the head stays one
+linear map of the same shape), and ``K`` (or no projection) is chosen by the same validation RMSE.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from .modeling import PROFILE_INPUTS, ProfileHead, profile_features
 logger = logging.getLogger(__name__)
 
 L2_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+RANK_GRID = (4, 8, 16, 32, 64)
 
 
 @torch.no_grad()
@@ -121,6 +128,63 @@ def fit_profile_rows(
     return torch.cat(solutions[best][0]), torch.cat(solutions[best][1]), report
 
 
+def _validation_sse(x_val: torch.Tensor, y_val: sp.csr_matrix, w: torch.Tensor, b: torch.Tensor, offset: torch.Tensor, binary: bool,
+                    chunk_features: int = 2048) -> float:
+    sse = 0.0
+    for begin in range(0, w.shape[0], chunk_features):
+        cols = slice(begin, min(w.shape[0], begin + chunk_features))
+        yv = torch.from_numpy(y_val[:, cols].toarray().astype(np.float32))
+        if binary:
+            yv = (yv > 0).float()
+        sse += float(((yv - _predict(x_val, w[cols], b[cols], offset[cols], binary)) ** 2).sum())
+    return sse
+
+
+def reduce_rank(
+    x_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: sp.csr_matrix,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    offset: torch.Tensor,
+    binary: bool,
+    ranks: Sequence[int] = RANK_GRID,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Project the head's scores onto their top-``K`` train principal directions; ``K`` chosen on validation.
+
+    With ``Z = (x_train - mean) W^T`` (``cells x features``, never formed: its right singular vectors come from
+    the SVD of ``S V^T W^T``, where ``x_train - mean = U S V^T`` is ``cells x d``) and ``V_K`` its top ``K``
+    right singular vectors, the reduced head is ``W' = V_K^T V_K W`` and ``b' = b + (W - W') mean``, so the
+    scores of the mean train state do not move. ``K`` = 0 (no projection) is a candidate too, and wins ties.
+
+    Returns
+    -------
+    ``(W', b', report)``, ``report`` = ``{"rank": K or 0, "validation_rmse": {K: rmse}}``.
+    """
+    x64 = x_train.double()
+    mean = x64.mean(0)
+    centred = x64 - mean
+    w64 = w.double()
+    _, s, vt = torch.linalg.svd(centred, full_matrices=False)  # cells x d: d <= 3 * d_model columns
+    m = (s[:, None] * vt) @ w64.T  # [d, features]: Z = U m
+    _, sm, basis = torch.linalg.svd(m, full_matrices=False)  # basis rows: principal directions over features
+    n_entries = max(1, x_val.shape[0] * w.shape[0])
+    sse = {0: _validation_sse(x_val, y_val, w, b, offset, binary)}
+    candidates = {0: (w, b)}
+    usable = int((sm > sm[0] * 1e-6).sum()) if len(sm) else 0
+    for k in sorted(set(ranks)):
+        if not 0 < k < usable:
+            continue  # a projection on every direction the scores have changes nothing
+        v = basis[:k]
+        w_k = v.T @ (v @ w64)
+        b_k = b.double() + (w64 - w_k) @ mean
+        candidates[k] = (w_k.float(), b_k.float())
+        sse[k] = _validation_sse(x_val, y_val, *candidates[k], offset, binary)
+    rmse = {k: float(np.sqrt(v / n_entries)) for k, v in sse.items()}
+    best = min(rmse, key=lambda k: (rmse[k], k != 0))
+    return *candidates[best], {"rank": best, "validation_rmse": {str(k): v for k, v in rmse.items()}}
+
+
 def refit_profile_head(
     model,
     head: ProfileHead,
@@ -130,6 +194,7 @@ def refit_profile_head(
     offsets: dict[int, tuple[torch.Tensor, bool]],
     l2_grid: Sequence[float] = L2_GRID,
     batch_size: int = 64,
+    ranks: Sequence[int] = (),
 ) -> dict:
     """Refit the head rows of each direction's target modality in place.
 
@@ -143,10 +208,12 @@ def refit_profile_head(
         ``{direction: target token range}``.
     offsets
         ``readout.profile_offsets``.
+    ranks
+        Reduced ranks to try after the refit (:func:`reduce_rank`); empty: none.
 
     Returns
     -------
-    ``{direction: report}`` (see :func:`fit_profile_rows`).
+    ``{direction: report}`` (see :func:`fit_profile_rows`; with ``ranks`` also ``"reduced_rank"``).
     """
     reports = {}
     for direction, (train_ids, val_ids) in sources.items():
@@ -155,6 +222,10 @@ def refit_profile_head(
         x_train = profile_states(model, train_ids, batch_size)
         x_val = profile_states(model, val_ids, batch_size)
         w, b, report = fit_profile_rows(x_train, truths[direction][0], x_val, truths[direction][1], offset.float(), binary, l2_grid)
+        if ranks:
+            w, b, report["reduced_rank"] = reduce_rank(x_train, x_val, truths[direction][1], w, b, offset.float(), binary, ranks)
+            logger.info("%s profile head reduced rank: %s (validation RMSE by rank: %s)", direction, report["reduced_rank"]["rank"] or "none",
+                        ", ".join(f"{k} {v:.6f}" for k, v in report["reduced_rank"]["validation_rmse"].items()))
         with torch.no_grad():
             head.weight[start:stop] = w.to(head.weight.dtype)
             head.bias[start:stop] = b.to(head.bias.dtype)
