@@ -222,6 +222,8 @@ def refit_profile_head(
         x_train = profile_states(model, train_ids, batch_size)
         x_val = profile_states(model, val_ids, batch_size)
         w, b, report = fit_profile_rows(x_train, truths[direction][0], x_val, truths[direction][1], offset.float(), binary, l2_grid)
+        logger.info("%s profile head refit: l2 %g, validation RMSE %.6f (per-feature mean %.6f)", direction, report["l2"],
+                    report["validation_rmse"][str(report["l2"])], report["validation_rmse_mean"])
         if ranks:
             w, b, report["reduced_rank"] = reduce_rank(x_train, x_val, truths[direction][1], w, b, offset.float(), binary, ranks)
             logger.info("%s profile head reduced rank: %s (validation RMSE by rank: %s)", direction, report["reduced_rank"]["rank"] or "none",
@@ -229,7 +231,5 @@ def refit_profile_head(
         with torch.no_grad():
             head.weight[start:stop] = w.to(head.weight.dtype)
             head.bias[start:stop] = b.to(head.bias.dtype)
-        logger.info("%s profile head refit: l2 %g, validation RMSE %.6f (per-feature mean %.6f)", direction, report["l2"],
-                    report["validation_rmse"][str(report["l2"])], report["validation_rmse_mean"])
         reports[direction] = report
     return reports
