@@ -139,7 +139,7 @@ class TranslationExamples(Dataset):
         self.ranges = [ranges[TARGET_MODALITY[d]] for d in DIRECTIONS]
         gex_profiles = None
         columns = split.column_names if hasattr(split, "column_names") else list(split)
-        if "atac2gex" in directions and gex_target_min_value > 0 and "gex_value" not in columns:
+        if "atac2gex" in directions and gex_target_min_value > 0 and not {"gex_index", "gex_value"} <= set(columns):
             raise ValueError("--gex_target_min_value needs the dataset's gex_index/gex_value columns; rebuild it with `python -m dataset_builder`")
         if "atac2gex" in directions and "gex_index" in columns:
             gex_profiles = [(np.asarray(ix, dtype=np.int64), np.asarray(v, dtype=np.float32)) for ix, v in zip(split["gex_index"], split["gex_value"], strict=True)]

@@ -128,15 +128,18 @@ def fit_profile_rows(
     return torch.cat(solutions[best][0]), torch.cat(solutions[best][1]), report
 
 
-def _validation_sse(x_val: torch.Tensor, y_val: sp.csr_matrix, w: torch.Tensor, b: torch.Tensor, offset: torch.Tensor, binary: bool,
-                    chunk_features: int = 2048) -> float:
-    sse = 0.0
-    for begin in range(0, w.shape[0], chunk_features):
-        cols = slice(begin, min(w.shape[0], begin + chunk_features))
+def _validation_sse(x_val: torch.Tensor, y_val: sp.csr_matrix, heads: dict, offset: torch.Tensor, binary: bool,
+                    chunk_features: int = 2048) -> dict:
+    """Validation sum of squared errors of each candidate head ``{key: (W, b)}``; each truth chunk is densified once."""
+    n_features = y_val.shape[1]
+    sse = dict.fromkeys(heads, 0.0)
+    for begin in range(0, n_features, chunk_features):
+        cols = slice(begin, min(n_features, begin + chunk_features))
         yv = torch.from_numpy(y_val[:, cols].toarray().astype(np.float32))
         if binary:
             yv = (yv > 0).float()
-        sse += float(((yv - _predict(x_val, w[cols], b[cols], offset[cols], binary)) ** 2).sum())
+        for key, (w, b) in heads.items():
+            sse[key] += float(((yv - _predict(x_val, w[cols], b[cols], offset[cols], binary)) ** 2).sum())
     return sse
 
 
@@ -168,8 +171,6 @@ def reduce_rank(
     _, s, vt = torch.linalg.svd(centred, full_matrices=False)  # cells x d: d <= 3 * d_model columns
     m = (s[:, None] * vt) @ w64.T  # [d, features]: Z = U m
     _, sm, basis = torch.linalg.svd(m, full_matrices=False)  # basis rows: principal directions over features
-    n_entries = max(1, x_val.shape[0] * w.shape[0])
-    sse = {0: _validation_sse(x_val, y_val, w, b, offset, binary)}
     candidates = {0: (w, b)}
     usable = int((sm > sm[0] * 1e-6).sum()) if len(sm) else 0
     for k in sorted(set(ranks)):
@@ -179,7 +180,8 @@ def reduce_rank(
         w_k = v.T @ (v @ w64)
         b_k = b.double() + (w64 - w_k) @ mean
         candidates[k] = (w_k.float(), b_k.float())
-        sse[k] = _validation_sse(x_val, y_val, *candidates[k], offset, binary)
+    sse = _validation_sse(x_val, y_val, candidates, offset, binary)
+    n_entries = max(1, x_val.shape[0] * w.shape[0])
     rmse = {k: float(np.sqrt(v / n_entries)) for k, v in sse.items()}
     best = min(rmse, key=lambda k: (rmse[k], k != 0))
     return *candidates[best], {"rank": best, "validation_rmse": {str(k): v for k, v in rmse.items()}}
