@@ -11,6 +11,7 @@ modality, never repeats one, and for ATAC keeps the genomic order (increasing to
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.models.t5.modeling_t5 import T5Stack
+
+# transformers 5.24 renamed the decoder's ``past_key_values`` argument to ``cache`` (the old name goes in 5.40; before
+# 5.24 an unknown ``cache`` was silently ignored, which would decode without history). The cache object is filled in
+# place, so we pass it under the installed version's name and never read it back from the output.
+_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(T5Stack.forward).parameters else "past_key_values"
 
 PAD_ID, EOS_ID = 0, 1
 
@@ -434,10 +441,9 @@ def constrained_decode(
             input_ids=step_input,
             encoder_hidden_states=encoder_hidden,
             encoder_attention_mask=attention_mask,
-            past_key_values=cache,
             use_cache=True,
+            **{_CACHE_ARGUMENT: cache},
         )
-        cache = out.past_key_values
         logits = (out.last_hidden_state[:, -1] @ weight.T).float()
         allowed = ~banned
         if ordered:
