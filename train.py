@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_linear_schedule_with_warmup
 
 from dataset_builder.cli import run_cli
-from tokenizer import DIRECTIONS, check_vocabulary, load_tokenizer, read_meta
+from tokenizer import DIRECTIONS, PREFIX, check_vocabulary, load_tokenizer, read_meta
 from translator.data import (
     GEX_TARGET_ORDERS,
     LengthGroupedBatchSampler,
@@ -66,6 +66,7 @@ class ModelArguments:
     profile_ranks: list[int] = field(default_factory=list, metadata={"help": "after the refit, try projecting the head's scores on their top-K train principal directions for each K given (e.g. 4 8 16 32 64); K or none chosen on validation"})
     embedding_init: str = field(default="lsi", metadata={"help": "name embeddings at the start: lsi (TF-IDF + SVD of the train sentences) | random"})
     source_dropout: float = field(default=0.0, metadata={"help": "probability of hiding each source name in training (augmentation)"})
+    gex_source_truncation: float = field(default=0.0, metadata={"help": "probability of cutting a training GEX source to its top k genes, k log-uniform in [1, n] (augmentation: short sentences of the most expressed genes); 0: off"})
 
 
 @dataclass
@@ -152,7 +153,8 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
         raise ValueError(f"--embedding_init {model_args.embedding_init!r} is unknown; choose lsi or random")
     if not (math.isfinite(model_args.profile_weight) and model_args.profile_weight >= 0):
         raise ValueError(f"--profile_weight must be a number >= 0, got {model_args.profile_weight}")
-    for name, value in (("dropout_rate", model_args.dropout_rate), ("label_smoothing", run.label_smoothing), ("source_dropout", model_args.source_dropout)):
+    for name, value in (("dropout_rate", model_args.dropout_rate), ("label_smoothing", run.label_smoothing), ("source_dropout", model_args.source_dropout),
+                        ("gex_source_truncation", model_args.gex_source_truncation)):
         if not 0 <= value < 1:
             raise ValueError(f"--{name} must be in [0, 1), got {value}")
     if run.mixed_precision not in ("no", "fp16", "bf16"):
@@ -321,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                                         feature_token_ranges(tokenizer, n_genes=len(meta["genes"])), seed=run.seed)
         logger.info("name embeddings from LSI of the train sentences (%s components) in %.1f s", used, time.perf_counter() - started_init)
     loss_module = TranslationLoss(model, model_args.n_negatives, run.label_smoothing, model_args.profile_weight,
-                                  profile_offsets(tokenizer, meta), model_args.source_dropout)
+                                  profile_offsets(tokenizer, meta), model_args.source_dropout, model_args.gex_source_truncation,
+                                  tokenizer.convert_tokens_to_ids(PREFIX["gex2atac"]))
     decay = [p for n, p in loss_module.named_parameters() if "layer_norm" not in n and not n.endswith("bias")]
     no_decay = [p for n, p in loss_module.named_parameters() if "layer_norm" in n or n.endswith("bias")]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=run.learning_rate)

@@ -196,6 +196,7 @@ TRAIN_BAD_FLAGS = [
     (["--checkpointing_steps", "-1"], "--checkpointing_steps must be >= 0"),
     (["--calibration_cells", "-1"], "--calibration_cells must be >= 0"),
     (["--dropout_rate", "1.5"], "--dropout_rate must be in [0, 1)"),
+    (["--gex_source_truncation", "1"], "--gex_source_truncation must be in [0, 1)"),
     (["--mixed_precision", "fp8"], "--mixed_precision 'fp8' is unknown"),
     (["--model_size", "huge"], "--model_size 'huge' is unknown"),
     (["--directions", "gex2rna"], "--directions"),

@@ -245,3 +245,32 @@ def test_reduced_rank_head_projects_the_train_scores_on_their_top_directions():
     y_full = sp.csr_matrix(np.clip(x_val.numpy() @ w.numpy().T + b.numpy(), 0, None))
     w0, b0, report0 = reduce_rank(x_train, x_val, y_full, w, b, offset, binary=False, ranks=(1, 2, 3))
     assert report0["rank"] == 0 and torch.equal(w0, w) and torch.equal(b0, b)
+
+
+def test_gex_source_truncation_keeps_a_top_ranked_prefix_of_gex_sources_only():
+    from translator.modeling import truncate_sources
+
+    torch.manual_seed(0)
+    gex_prefix, atac_prefix, eos = 7, 8, 1
+    rows, width = 400, 12
+    input_ids = torch.zeros(rows, width, dtype=torch.long)
+    attention_mask = torch.zeros(rows, width, dtype=torch.long)
+    lengths = torch.randint(1, width - 1, (rows,))  # names per row; prefix + names + </s> fit in width
+    for i, n in enumerate(lengths.tolist()):
+        input_ids[i, 0] = gex_prefix if i % 2 == 0 else atac_prefix
+        input_ids[i, 1:n + 1] = torch.arange(100, 100 + n)
+        input_ids[i, n + 1] = eos
+        attention_mask[i, : n + 2] = 1
+    mask = truncate_sources(input_ids, attention_mask, gex_prefix, probability=0.5)
+    assert torch.equal(mask[1::2], attention_mask[1::2])  # ATAC sources untouched
+    assert torch.equal(mask * attention_mask, mask)  # padding stays hidden
+    gex, full = mask[0::2], attention_mask[0::2]
+    assert (gex[:, 0] == 1).all() and (gex[torch.arange(len(gex)), lengths[0::2] + 1] == 1).all()  # prefix and </s> stay
+    names = gex[:, 1:]
+    kept = names.sum(1) - 1
+    # what stays of the names is a prefix: no hidden name before a visible one
+    assert all(int(names[i, : int(kept[i])].sum()) == int(kept[i]) for i in range(len(gex)))
+    cut = kept < lengths[0::2]
+    assert 0.3 < float(cut.float().mean()) < 0.6  # about half, less the rows whose draw kept everything
+    assert (kept >= 1).all()
+    assert torch.equal(truncate_sources(input_ids, attention_mask, gex_prefix, probability=0.0), attention_mask)

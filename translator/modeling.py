@@ -322,6 +322,20 @@ def full_vocabulary_loss(model: T5ForConditionalGeneration, batch: dict[str, tor
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, label_smoothing=label_smoothing)
 
 
+def truncate_sources(input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_id: int, probability: float) -> torch.Tensor:
+    """Hide, in the rows that start with ``prefix_id`` and with ``probability``, every name after the first ``k``.
+
+    Rows are ``<prefix> names... </s> <pad>...``; ``k = ceil(n ** u)``, ``u ~ U(0, 1)``, for ``n`` names (log-uniform
+    in ``[1, n]``). The prefix and ``</s>`` stay visible. Returns the new attention mask (torch's global RNG).
+    """
+    n_names = (attention_mask.sum(1) - 2).clamp(min=0).to(torch.float32)
+    cut = (input_ids[:, 0] == prefix_id) & (torch.rand(len(input_ids), device=input_ids.device) < probability)
+    keep = torch.ceil(n_names.clamp(min=1) ** torch.rand(len(input_ids), device=input_ids.device))
+    position = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    hide = cut[:, None] & (position > keep[:, None]) & (position <= n_names[:, None])
+    return attention_mask * ~hide
+
+
 class TranslationLoss(nn.Module):
     """Wraps the seq2seq model so the losses run inside ``forward`` (what DDP needs to sync gradients).
 
@@ -331,7 +345,11 @@ class TranslationLoss(nn.Module):
     ``[B, n_features]`` (every target feature of each cell, not only the capped sentence).
     ``offsets`` maps each target range's start id to its per-feature offset (see :func:`profile_loss`).
     ``source_dropout`` hides each source name (never the prefix or ``</s>``) with that probability
-    during training, from torch's global RNG.
+    during training, from torch's global RNG. ``gex_source_truncation`` cuts each GEX source (rows
+    starting with ``gex_source_prefix``) with that probability during training to its top-ranked ``k``
+    genes, ``k = ceil(n ** u)`` for ``n`` names and ``u ~ U(0, 1)`` (log-uniform in ``[1, n]``, median
+    ``sqrt(n)``): short sentences of the most expressed genes, like the paper's binary ones, beside the
+    whole ones. Both hide names through the attention mask; evaluation always reads whole sources.
     """
 
     def __init__(
@@ -342,6 +360,8 @@ class TranslationLoss(nn.Module):
         profile_weight: float = 0.0,
         offsets: dict[int, tuple[torch.Tensor, bool]] | None = None,
         source_dropout: float = 0.0,
+        gex_source_truncation: float = 0.0,
+        gex_source_prefix: int | None = None,
     ):
         super().__init__()
         self.model = model
@@ -349,6 +369,10 @@ class TranslationLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.profile_weight = float(profile_weight)
         self.source_dropout = float(source_dropout)
+        self.gex_source_truncation = float(gex_source_truncation)
+        if self.gex_source_truncation > 0 and gex_source_prefix is None:
+            raise ValueError("gex_source_truncation needs gex_source_prefix, the id of the GEX-source direction prefix")
+        self.gex_source_prefix = gex_source_prefix
         self.binary: dict[int, bool] = {}
         for start, (offset, binary) in (offsets or {}).items():
             self.register_buffer(f"offset_{int(start)}", torch.as_tensor(offset, dtype=torch.float32), persistent=False)
@@ -360,6 +384,9 @@ class TranslationLoss(nn.Module):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if full_vocabulary:
             return full_vocabulary_loss(self.model, batch, self.label_smoothing)
+        if self.training and self.gex_source_truncation > 0:
+            attention_mask = truncate_sources(input_ids, attention_mask, self.gex_source_prefix, self.gex_source_truncation)
+            batch["attention_mask"] = attention_mask
         if self.training and self.source_dropout > 0:
             hide = torch.rand(input_ids.shape, device=input_ids.device) < self.source_dropout
             hide[:, 0] = False
