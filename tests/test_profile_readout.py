@@ -264,7 +264,7 @@ def test_gex_source_truncation_keeps_a_top_ranked_prefix_of_gex_sources_only():
     mask = truncate_sources(input_ids, attention_mask, gex_prefix, probability=0.5)
     assert torch.equal(mask[1::2], attention_mask[1::2])  # ATAC sources untouched
     assert torch.equal(mask * attention_mask, mask)  # padding stays hidden
-    gex, full = mask[0::2], attention_mask[0::2]
+    gex = mask[0::2]
     assert (gex[:, 0] == 1).all() and (gex[torch.arange(len(gex)), lengths[0::2] + 1] == 1).all()  # prefix and </s> stay
     names = gex[:, 1:]
     kept = names.sum(1) - 1
