@@ -23,6 +23,7 @@ import bench_train  # noqa: E402
 import build_stages  # noqa: E402
 import make_large  # noqa: E402
 import paper_reference  # noqa: E402
+import readout_diagnostics  # noqa: E402
 
 
 def _results(tmp_path: Path, name: str) -> dict:
@@ -124,3 +125,39 @@ def test_bench_predict_quick(tmp_path):
     assert [(r["direction"], r["mode"]) for r in rows] == [
         ("gex2atac", "matrix"), ("gex2atac", "matrix+sentences"), ("atac2gex", "matrix"), ("atac2gex", "matrix+sentences")]
     assert all(r["cells"] == 4 and r["output_shape"][0] == 4 for r in rows)
+
+
+def test_readout_diagnostics_quick(tmp_path):
+    """kernel / centre / bootstrap on a 2-step tiny model of synthetic cells in two batches."""
+    import datasets
+    import torch
+
+    import train
+    from tests.translator_fixtures import make_dataset_and_tokenizer, tiny_args
+
+    torch.set_num_threads(1)
+    data, tok = make_dataset_and_tokenizer(tmp_path, n_cells=90, n_genes=20, n_peaks=30)
+    model = tmp_path / "model"
+    assert train.main(tiny_args(data, tok, model, "--max_steps", "2", "--checkpointing_steps", "0", "--calibration_cells", "8",
+                                "--max_eval_cells", "8")) == 0
+    with pytest.raises(SystemExit, match="has no batch column"):
+        readout_diagnostics.main(["centre", "--model", str(model), "--dataset_dir", str(data), "--quick", "--results_dir", str(tmp_path)])
+    splits = datasets.load_from_disk(str(data))
+    batched = tmp_path / "batched"
+    datasets.DatasetDict({name: split.add_column("batch", [f"b{i % 2}" for i in range(len(split))]) for name, split in splits.items()}
+                         ).save_to_disk(str(batched))
+    (batched / "cell_sentences.json").write_text((data / "cell_sentences.json").read_text())
+    for command in ("kernel", "centre", "bootstrap"):
+        assert readout_diagnostics.main([command, "--model", str(model), "--dataset_dir", str(batched), "--quick", "--results_dir", str(tmp_path)]) == 0
+    kernel = _results(tmp_path, "readout_kernel")["directions"]
+    for row in kernel.values():
+        assert len(row["grid"]) == 4 and row["best"]["residual"]["validation_rmse"] > 0  # 2 fits x 1 width x 2 ridges
+        assert row["mean_validation_rmse"] > 0 and row["model_validation_rmse"] > 0
+    centre = _results(tmp_path, "readout_centre")["directions"]
+    assert all(row["train_batches"] == ["b0", "b1"] and row["plain"]["validation_rmse"] > 0 for row in centre.values())
+    boot = _results(tmp_path, "readout_bootstrap")["directions"]
+    for rows in boot.values():
+        assert set(rows) == {"mean", "svd_knn", "svd_krr"}
+        for row in rows.values():
+            assert row["difference"] == pytest.approx(row["model_rmse"] - row["baseline_rmse"])
+            assert row["bootstrap_sd"] >= 0 and 0 <= row["share_model_ahead"] <= 1

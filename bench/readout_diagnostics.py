@@ -1,0 +1,188 @@
+"""Diagnostics of a trained model's readout on the validation split (issue 5's levers; nothing here reads test cells).
+
+- ``kernel``: RBF kernel ridge on the profile head's inputs (the model's states, standardised; Nystroem landmarks;
+  width as a multiple of the median squared distance), fitted either to the targets over the per-feature train mean
+  (``direct``) or to the residual of the model's own calibrated readout on the train cells (``residual``); the
+  validation RMSE of every setting beside the model's.
+- ``centre``: the profile head refit (``translator.profile_fit.fit_profile_rows``) on the states as they are and with
+  each batch's (library's / donor's) mean state replaced by the train mean; validation RMSE before calibration.
+- ``bootstrap``: how well the validation split can rank the model against the tuned baselines: a paired bootstrap over
+  its cells of the RMSE difference (model minus baseline).
+
+Usage::
+
+    python bench/readout_diagnostics.py kernel --model mop_P5400c6d2 --dataset_dir mop10k
+    python bench/readout_diagnostics.py centre --model mop_P5400c6d2 --dataset_dir mop10k
+    python bench/readout_diagnostics.py bootstrap --model bmmc_S50 --dataset_dir bmmc
+
+Each writes ``bench/results/readout_<command>.json`` (``--results_dir`` to change it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from bench_common import write_results
+
+DIRECTIONS = ("gex2atac", "atac2gex")
+TARGET = {"gex2atac": "atac", "atac2gex": "gex"}
+SOURCE = {"gex2atac": "gex", "atac2gex": "atac"}
+
+
+def _load(model: str, dataset_dir: str):
+    from evaluation.data import load_split_matrices
+    from translator.api import CellTranslator
+
+    return CellTranslator.from_pretrained(model), load_split_matrices(dataset_dir, "train"), load_split_matrices(dataset_dir, "validation")
+
+
+def _states(translator, split: dict, direction: str) -> tuple[list[str], torch.Tensor]:
+    from evaluation.runner import source_sentences
+    from translator.profile_fit import profile_states
+
+    sentences = source_sentences(split, direction, translator.meta)
+    return sentences, profile_states(translator.model, translator.encode_sources(sentences, direction, allow_empty=True))
+
+
+def _rmse(prediction: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((prediction - truth) ** 2)))
+
+
+def kernel(translator, train: dict, val: dict, directions: Sequence[str], gamma_scales: Sequence[float], ridges: Sequence[float],
+           landmarks: int, seed: int = 0) -> dict:
+    from sklearn.kernel_approximation import Nystroem
+
+    out = {}
+    for direction in directions:
+        target = TARGET[direction]
+        y_train, y_val = train[target].tocsr().astype(np.float32), val[target].toarray().astype(np.float32)
+        s_train, x_train = _states(translator, train, direction)
+        s_val, x_val = _states(translator, val, direction)
+        model_train, model_val = translator.predict_matrix(s_train, direction), translator.predict_matrix(s_val, direction)
+        mean = np.asarray(y_train.mean(0)).ravel()
+        upper = 1.0 if target == "atac" else None
+        mu, sd = x_train.double().mean(0).numpy(), x_train.double().std(0).numpy() + 1e-8
+        z_train, z_val = (x_train.double().numpy() - mu) / sd, (x_val.double().numpy() - mu) / sd
+        rng = np.random.default_rng(seed)
+        sample = z_train[rng.choice(len(z_train), size=min(1000, len(z_train)), replace=False)]
+        d2 = ((sample[:, None] - sample[None]) ** 2).sum(-1)
+        median = float(np.median(d2[np.triu_indices(len(sample), 1)])) or 1.0
+        grid = []
+        for scale in gamma_scales:
+            mapper = Nystroem(kernel="rbf", gamma=scale / median, n_components=min(landmarks, len(z_train)), random_state=seed).fit(z_train)
+            f_train, f_val = mapper.transform(z_train), mapper.transform(z_val)
+            evals, evecs = np.linalg.eigh(f_train.T @ f_train)
+            yt_f = np.asarray((y_train.T @ f_train).T)  # f' Y, [landmarks, features]
+            for fit, rhs, base in (("direct", yt_f - np.outer(f_train.sum(0), mean), np.broadcast_to(mean, y_val.shape)),
+                                   ("residual", yt_f - f_train.T @ model_train, model_val)):
+                proj = evecs.T @ rhs
+                for ridge in ridges:
+                    coef = evecs @ (proj / (np.maximum(evals, 0.0) + ridge)[:, None])
+                    prediction = np.clip(base + f_val @ coef, 0.0, upper)
+                    grid.append({"fit": fit, "gamma_scale": scale, "ridge": ridge, "validation_rmse": _rmse(prediction, y_val)})
+        best = {fit: min((g for g in grid if g["fit"] == fit), key=lambda g: g["validation_rmse"]) for fit in ("direct", "residual")}
+        out[direction] = {"train_cells": len(z_train), "validation_cells": len(z_val), "state_width": int(x_train.shape[1]),
+                          "model_validation_rmse": _rmse(model_val, y_val), "mean_validation_rmse": _rmse(np.broadcast_to(mean, y_val.shape), y_val),
+                          "best": best, "grid": grid}
+        print(f"{direction}: model {out[direction]['model_validation_rmse']:.6f}, direct {best['direct']['validation_rmse']:.6f}, "
+              f"residual {best['residual']['validation_rmse']:.6f}", flush=True)
+    return out
+
+
+def centre_by_batch(x: torch.Tensor, batches: Sequence[str], reference: torch.Tensor) -> torch.Tensor:
+    """Each batch's mean row of ``x`` replaced by ``reference``."""
+    x = x.clone()
+    labels = np.asarray(batches)
+    for value in np.unique(labels):
+        rows = torch.from_numpy(np.flatnonzero(labels == value))
+        x[rows] = x[rows] - x[rows].mean(0) + reference
+    return x
+
+
+def centre(translator, train: dict, val: dict, directions: Sequence[str], dataset_dir: str) -> dict:
+    from translator.profile_fit import fit_profile_rows
+    from translator.readout import profile_offsets
+
+    if train["batch"] is None or val["batch"] is None:
+        raise SystemExit(f"--dataset_dir {dataset_dir} has no batch column; centring needs each cell's batch (library or donor)")
+    offsets = profile_offsets(translator.tokenizer, translator.meta)
+    out = {}
+    for direction in directions:
+        target = TARGET[direction]
+        offset, binary = offsets[translator.ranges[target][0]]
+        _, x_train = _states(translator, train, direction)
+        _, x_val = _states(translator, val, direction)
+        reference = x_train.mean(0)
+        rows = {}
+        for label, (a, b) in {"plain": (x_train, x_val),
+                              "centred": (centre_by_batch(x_train, train["batch"], reference), centre_by_batch(x_val, val["batch"], reference))}.items():
+            _, _, report = fit_profile_rows(a, train[target], b, val[target], offset.float(), binary)
+            rows[label] = {"l2": report["l2"], "validation_rmse": report["validation_rmse"][str(report["l2"])]}
+        out[direction] = {**rows, "mean_validation_rmse": report["validation_rmse_mean"],
+                          "train_batches": sorted(set(train["batch"])), "validation_batches": sorted(set(val["batch"]))}
+        print(f"{direction}: plain {rows['plain']['validation_rmse']:.6f}, centred {rows['centred']['validation_rmse']:.6f}", flush=True)
+    return out
+
+
+def bootstrap(translator, train: dict, val: dict, directions: Sequence[str], resamples: int, seed: int = 0) -> dict:
+    from evaluation.baselines import fit_baselines
+    from evaluation.runner import source_sentences
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for direction in directions:
+        source, target = SOURCE[direction], TARGET[direction]
+        truth = val[target].toarray()
+        model_error = ((translator.predict_matrix(source_sentences(val, direction, translator.meta), direction) - truth) ** 2).mean(1)
+        models, _ = fit_baselines(source, target, (train[source], train[target]), (val[source], val[target]), names=("mean", "svd_knn", "svd_krr"))
+        draws = rng.integers(0, len(truth), size=(resamples, len(truth)))
+        out[direction] = {}
+        for name, baseline in models.items():
+            error = ((np.vstack(list(baseline.predict_chunks(val[source]))) - truth) ** 2).mean(1)
+            diffs = np.sqrt(model_error[draws].mean(1)) - np.sqrt(error[draws].mean(1))
+            out[direction][name] = {"model_rmse": float(np.sqrt(model_error.mean())), "baseline_rmse": float(np.sqrt(error.mean())),
+                                    "difference": float(np.sqrt(model_error.mean()) - np.sqrt(error.mean())),
+                                    "bootstrap_sd": float(diffs.std()), "share_model_ahead": float((diffs < 0).mean())}
+            row = out[direction][name]
+            print(f"{direction} vs {name}: difference {row['difference']:+.6f}, sd {row['bootstrap_sd']:.6f}, model ahead in {row['share_model_ahead']:.1%}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("kernel", "centre", "bootstrap"))
+    parser.add_argument("--model", required=True, help="model folder written by train.py")
+    parser.add_argument("--dataset_dir", required=True, help="dataset folder (train and validation splits are read)")
+    parser.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS))
+    parser.add_argument("--gamma_scales", nargs="+", type=float, default=[0.25, 0.5, 1.0, 2.0])
+    parser.add_argument("--ridges", nargs="+", type=float, default=[1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0])
+    parser.add_argument("--landmarks", type=int, default=1500)
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--cpu_threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="smoke run: one width, two ridges, 50 landmarks, 100 resamples")
+    parser.add_argument("--tag", help="results file readout_<command>_<tag>.json (default readout_<command>.json)")
+    parser.add_argument("--results_dir")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.cpu_threads)
+    if args.quick:
+        args.gamma_scales, args.ridges, args.landmarks, args.resamples = [1.0], [1.0, 100.0], 50, 100
+    started = time.perf_counter()
+    translator, train, val = _load(args.model, args.dataset_dir)
+    if args.command == "kernel":
+        figures = kernel(translator, train, val, args.directions, args.gamma_scales, args.ridges, args.landmarks)
+    elif args.command == "centre":
+        figures = centre(translator, train, val, args.directions, args.dataset_dir)
+    else:
+        figures = bootstrap(translator, train, val, args.directions, args.resamples)
+    name = f"readout_{args.command}" + (f"_{args.tag}" if args.tag else "")
+    write_results(name, {"model": args.model, "dataset_dir": args.dataset_dir, "directions": figures,
+                                                      "seconds": round(time.perf_counter() - started, 1)}, args.quick, args.results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
