@@ -2,19 +2,37 @@
 
 ``eval.py`` is the command line; :func:`run_evaluation` is the same run from Python (``train.py`` calls it).
 The metrics are also an ``evaluate`` module: :func:`load_metric` loads ``metrics/cell_translation`` by path.
+
+The names below are imported from their modules on first use, so that ``python -m evaluation.report`` (or
+``.crossval``) runs its module once, without Python's warning about a module found in ``sys.modules`` before it ran.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from evaluation.baselines import BASELINES, fit_baselines
-from evaluation.data import load_split_matrices
-from evaluation.metrics_core import METRIC_KEYS, MetricAccumulator, compute_metrics, metric_keys
-from evaluation.report import markdown_table, merge_model_index
-from evaluation.runner import DIRECTIONS, run_evaluation
-
 METRIC_PATH = Path(__file__).resolve().parents[1] / "metrics" / "cell_translation"
+
+_EXPORTS = {
+    "BASELINES": "evaluation.baselines",
+    "fit_baselines": "evaluation.baselines",
+    "load_split_matrices": "evaluation.data",
+    "METRIC_KEYS": "evaluation.metrics_core",
+    "MetricAccumulator": "evaluation.metrics_core",
+    "compute_metrics": "evaluation.metrics_core",
+    "metric_keys": "evaluation.metrics_core",
+    "markdown_table": "evaluation.report",
+    "merge_model_index": "evaluation.report",
+    "DIRECTIONS": "evaluation.runner",
+    "run_evaluation": "evaluation.runner",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'evaluation' has no attribute {name!r}")
 
 
 def load_metric(target: str = "atac"):
@@ -26,18 +44,4 @@ def load_metric(target: str = "atac"):
     return evaluate.load(str(METRIC_PATH), target)
 
 
-__all__ = [
-    "BASELINES",
-    "DIRECTIONS",
-    "METRIC_KEYS",
-    "METRIC_PATH",
-    "MetricAccumulator",
-    "compute_metrics",
-    "fit_baselines",
-    "load_metric",
-    "load_split_matrices",
-    "markdown_table",
-    "merge_model_index",
-    "metric_keys",
-    "run_evaluation",
-]
+__all__ = [*sorted(_EXPORTS), "METRIC_PATH", "load_metric"]

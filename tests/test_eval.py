@@ -210,3 +210,17 @@ def test_model_ranks_and_headline_table_from_results():
     table = headline_table([results])
     assert "| d | gex2atac | model | **0.2000** | 0.5000 | **0.7000** | **0.3000** |" in table
     assert "| d | gex2atac | mean | 0.2100 | **0.6000** | **0.7000** | 0.2000 |" in table
+
+
+def test_report_cli_runs_without_a_runpy_warning(tmp_path):
+    """`python -m evaluation.report` (the README's command) prints the table; the package no longer imports the module first."""
+    import subprocess
+    import sys
+
+    results = {"dataset": "d", "directions": {"atac2gex": {"model": {"rmse": 0.2, "pearson_cell": 0.5},
+                                                           "baselines": {"mean": {"rmse": 0.3, "pearson_cell": 0.4}}}}}
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "evaluation.report", str(tmp_path / "r.json")],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| d | atac2gex | model | **0.2000** | **0.5000** |" in done.stdout and "RuntimeWarning" not in done.stderr
