@@ -2,7 +2,7 @@
 
 The BMMC starter's training donor has 221 cells; a validation split of 22 of them cannot rank candidates
 whose RMSEs differ by less than its own noise (a paired bootstrap of the 22 cells gives a standard deviation of
-0.0027 for the RMSE difference between the model and svd_krr, about the size of the differences being chosen from).
+0.0028 for the RMSE difference between the model and svd_krr, about the size of the differences being chosen from).
 Cross-validation scores every training cell once instead:
 
 1. ``folds``: copy an h5ad file with ``obs['batch']`` of the named batch rewritten as ``<batch>_f0`` ..
