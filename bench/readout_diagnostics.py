@@ -6,6 +6,8 @@
   validation RMSE of every setting beside the model's.
 - ``centre``: the profile head refit (``translator.profile_fit.fit_profile_rows``) on the states as they are and with
   each batch's (library's / donor's) mean state replaced by the train mean; validation RMSE before calibration.
+- ``ensemble``: the mean of several models' predicted matrices (``--model`` and ``--members``), scored with the
+  metrics core (RMSE, per-cell Pearson, AUROC, AP) beside each member alone.
 - ``bootstrap``: how well the validation split can rank the model against the tuned baselines: a paired bootstrap over
   its cells of the RMSE difference (model minus baseline).
 
@@ -152,11 +154,32 @@ def bootstrap(translator, train: dict, val: dict, directions: Sequence[str], res
     return out
 
 
+def ensemble(translator, members: Sequence[str], val: dict, directions: Sequence[str]) -> dict:
+    from evaluation.metrics_core import compute_metrics
+    from evaluation.runner import source_sentences
+    from translator.api import CellTranslator
+
+    keys = {"gex2atac": ("rmse", "pearson_cell", "auroc_cell", "ap_cell"), "atac2gex": ("rmse", "pearson_cell")}
+    models = [translator, *(CellTranslator.from_pretrained(m) for m in members)]
+    out = {}
+    for direction in directions:
+        target = TARGET[direction]
+        predictions = [m.predict_matrix(source_sentences(val, direction, m.meta), direction) for m in models]
+        rows = {}
+        for label, matrix in [*((f"member_{i}", p) for i, p in enumerate(predictions)), ("ensemble", np.mean(predictions, axis=0))]:
+            metrics = compute_metrics(matrix, val[target], target)["metrics"]
+            rows[label] = {k: float(metrics[k]) for k in keys[direction]}
+        out[direction] = rows
+        print(f"{direction}: " + ", ".join(f"{label} {row['rmse']:.6f}" for label, row in rows.items()), flush=True)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("kernel", "centre", "bootstrap"))
+    parser.add_argument("command", choices=("kernel", "centre", "bootstrap", "ensemble"))
     parser.add_argument("--model", required=True, help="model folder written by train.py")
     parser.add_argument("--dataset_dir", required=True, help="dataset folder (train and validation splits are read)")
+    parser.add_argument("--members", nargs="+", default=[], help="ensemble: the other model folders averaged with --model")
     parser.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS))
     parser.add_argument("--gamma_scales", nargs="+", type=float, default=[0.25, 0.5, 1.0, 2.0])
     parser.add_argument("--ridges", nargs="+", type=float, default=[1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0])
@@ -176,10 +199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures = kernel(translator, train, val, args.directions, args.gamma_scales, args.ridges, args.landmarks)
     elif args.command == "centre":
         figures = centre(translator, train, val, args.directions, args.dataset_dir)
-    else:
+    elif args.command == "bootstrap":
         figures = bootstrap(translator, train, val, args.directions, args.resamples)
+    else:
+        if not args.members:
+            raise SystemExit("ensemble needs --members: the model folders to average with --model")
+        figures = ensemble(translator, args.members, val, args.directions)
     name = f"readout_{args.command}" + (f"_{args.tag}" if args.tag else "")
-    write_results(name, {"model": args.model, "dataset_dir": args.dataset_dir, "directions": figures,
+    write_results(name, {"model": args.model, "members": args.members, "dataset_dir": args.dataset_dir, "directions": figures,
                                                       "seconds": round(time.perf_counter() - started, 1)}, args.quick, args.results_dir)
     return 0
 

@@ -149,6 +149,10 @@ def test_readout_diagnostics_quick(tmp_path):
     (batched / "cell_sentences.json").write_text((data / "cell_sentences.json").read_text())
     for command in ("kernel", "centre", "bootstrap"):
         assert readout_diagnostics.main([command, "--model", str(model), "--dataset_dir", str(batched), "--quick", "--results_dir", str(tmp_path)]) == 0
+    assert readout_diagnostics.main(["ensemble", "--model", str(model), "--members", str(model), "--dataset_dir", str(data), "--quick",
+                                     "--results_dir", str(tmp_path)]) == 0
+    for rows in _results(tmp_path, "readout_ensemble")["directions"].values():  # a model averaged with itself is itself
+        assert rows["ensemble"] == pytest.approx(rows["member_0"]) and rows["member_1"] == rows["member_0"]
     kernel = _results(tmp_path, "readout_kernel")["directions"]
     for row in kernel.values():
         assert len(row["grid"]) == 4 and row["best"]["residual"]["validation_rmse"] > 0  # 2 fits x 1 width x 2 ridges
