@@ -16,8 +16,9 @@ Usage::
     python bench/readout_diagnostics.py kernel --model mop_P5400c6d2 --dataset_dir mop10k
     python bench/readout_diagnostics.py centre --model mop_P5400c6d2 --dataset_dir mop10k
     python bench/readout_diagnostics.py bootstrap --model bmmc_S50 --dataset_dir bmmc
+    python bench/readout_diagnostics.py ensemble --model mop_P5400c6d2 --members mop_P5400c6d2s7 --dataset_dir mop10k
 
-Each writes ``bench/results/readout_<command>.json`` (``--results_dir`` to change it).
+Each writes ``bench/results/readout_<command>[_<tag>].json`` (``--results_dir`` to change the folder).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import numpy as np
 import torch
 from bench_common import write_results
 
-DIRECTIONS = ("gex2atac", "atac2gex")
-TARGET = {"gex2atac": "atac", "atac2gex": "gex"}
-SOURCE = {"gex2atac": "gex", "atac2gex": "atac"}
+from evaluation.crossval import ranked_keys
+from tokenizer import DIRECTIONS
+from translator.data import SOURCE_MODALITY as SOURCE
+from translator.data import TARGET_MODALITY as TARGET
 
 
 def _load(model: str, dataset_dir: str):
@@ -159,7 +161,6 @@ def ensemble(translator, members: Sequence[str], val: dict, directions: Sequence
     from evaluation.runner import source_sentences
     from translator.api import CellTranslator
 
-    keys = {"gex2atac": ("rmse", "pearson_cell", "auroc_cell", "ap_cell"), "atac2gex": ("rmse", "pearson_cell")}
     models = [translator, *(CellTranslator.from_pretrained(m) for m in members)]
     out = {}
     for direction in directions:
@@ -168,7 +169,7 @@ def ensemble(translator, members: Sequence[str], val: dict, directions: Sequence
         rows = {}
         for label, matrix in [*((f"member_{i}", p) for i, p in enumerate(predictions)), ("ensemble", np.mean(predictions, axis=0))]:
             metrics = compute_metrics(matrix, val[target], target)["metrics"]
-            rows[label] = {k: float(metrics[k]) for k in keys[direction]}
+            rows[label] = {k: float(metrics[k]) for k in ranked_keys(metrics)}
         out[direction] = rows
         print(f"{direction}: " + ", ".join(f"{label} {row['rmse']:.6f}" for label, row in rows.items()), flush=True)
     return out
@@ -206,8 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("ensemble needs --members: the model folders to average with --model")
         figures = ensemble(translator, args.members, val, args.directions)
     name = f"readout_{args.command}" + (f"_{args.tag}" if args.tag else "")
-    write_results(name, {"model": args.model, "members": args.members, "dataset_dir": args.dataset_dir, "directions": figures,
-                                                      "seconds": round(time.perf_counter() - started, 1)}, args.quick, args.results_dir)
+    figures = {"model": args.model, "members": args.members, "dataset_dir": args.dataset_dir, "directions": figures,
+               "seconds": round(time.perf_counter() - started, 1)}
+    write_results(name, figures, args.quick, args.results_dir)
     return 0
 
 

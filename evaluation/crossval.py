@@ -35,10 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.report import DIRECTION_NAMES, LOWER_IS_BETTER, write_text_atomic
+from evaluation.report import DIRECTION_NAMES, HEADLINE_KEYS, LOWER_IS_BETTER, write_text_atomic
 
-RANKED = {"gex2atac": ("rmse", "pearson_cell", "auroc_cell", "ap_cell"), "atac2gex": ("rmse", "pearson_cell")}
 TUNED_BASELINES = ("mean", "svd_knn", "svd_krr")
+
+
+def ranked_keys(metrics: dict) -> list[str]:
+    """The headline metrics a direction has (RMSE and per-cell Pearson; AUROC and AP for ATAC targets)."""
+    return [key for key in HEADLINE_KEYS if key in metrics]
 
 
 def fold_labels(cells: Sequence[str], n_folds: int) -> np.ndarray:
@@ -159,10 +163,8 @@ def pool_folds(baselines: Sequence[str | Path], candidates: dict[str, Sequence[s
                 raise ValueError(f"--candidate {name}: {run['_path']} does not score the cells of {ref['_path']}; keep the folds in the same order")
         metrics = _pooled_method(runs, lambda d: d.get("model"))
         firsts, cut, ahead = 0, 0.0, {}
-        for direction, keys in RANKED.items():
-            if direction not in metrics:
-                continue
-            for key in keys:
+        for direction in metrics:
+            for key in ranked_keys(out["baselines"]["mean"][direction]):
                 rivals = [out["baselines"][b][direction][key] for b in TUNED_BASELINES if b in out["baselines"] and key in out["baselines"][b].get(direction, {})]
                 value = metrics[direction][key]
                 firsts += bool(rivals) and (value < min(rivals) if key in LOWER_IS_BETTER else value > max(rivals))
@@ -178,7 +180,7 @@ def pool_folds(baselines: Sequence[str | Path], candidates: dict[str, Sequence[s
 
 def pooled_table(pooled: dict) -> str:
     """Markdown table of the ranked metrics: baselines, then candidates with their firsts and summed RMSE cut."""
-    columns = [(d, k) for d, keys in RANKED.items() for k in keys]
+    columns = [(d, k) for d, metrics in pooled["baselines"]["mean"].items() for k in ranked_keys(metrics)]
     head = "| method | " + " | ".join(f"{DIRECTION_NAMES[d]} {k}" for d, k in columns) + " | firsts | RMSE cut over mean |"
     lines = [head, "|" + "---|" * (len(columns) + 3)]
     rows = [(n, m, None) for n, m in pooled["baselines"].items()] + [(n, c["metrics"], c) for n, c in pooled["candidates"].items()]
