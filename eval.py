@@ -34,6 +34,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--seed_model", help="model trained on --gex_encoding binary sentences (baseline seed_binary)")
     model.add_argument("--skip_model", action="store_true", help="score the baselines only")
     model.add_argument("--batch_size", type=int, default=64, help="cells per generation batch")
+    model.add_argument("--device", default="auto", help="where the model runs: auto (a GPU when torch sees one), cpu, cuda[:N]")
     model.add_argument("--allow_pickle", action="store_true", help="load pickle weights (pytorch_model.bin); they can run code: only for trusted folders")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_dir", required=True, help="folder written by `python -m dataset_builder`")
@@ -79,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         seed=args.seed,
         krr_landmarks=args.krr_landmarks,
         allow_pickle=args.allow_pickle,
+        device=args.device,
     )
     for direction, block in results["directions"].items():
         rows = ([("model", block["model"])] if "model" in block else []) + list(block["baselines"].items())

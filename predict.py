@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64, help="cells decoded together")
     parser.add_argument("--chunk_cells", type=int, default=1024, help="cells predicted and written at a time (bounds memory: one chunk of cells x features)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--device", default="auto", help="where the model runs: auto (a GPU when torch sees one), cpu, cuda[:N]")
     parser.add_argument("--allow_pickle", action="store_true", help="load pickle weights (pytorch_model.bin); they can run code: only for trusted folders")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
@@ -50,12 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Path:
+    from evaluation.runner import resolve_device
     from translator import CellTranslator
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"--output {output} exists; choose another name or pass --overwrite")
-    translator = CellTranslator.from_pretrained(args.model, allow_pickle=args.allow_pickle)
+    translator = CellTranslator.from_pretrained(args.model, device=resolve_device(args.device), allow_pickle=args.allow_pickle)
     inputs = args.input[0] if len(args.input) == 1 else args.input
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".h5ad", dir=output.parent)

@@ -249,8 +249,8 @@ def validation_loss(loss_module, loader, accelerator) -> dict[str, float]:
             n = (batch["labels"] != -100).sum().double()
             loss = loss_module(**batch).double()
             parts = loss_module.last_parts
-            total += torch.stack([loss * n, n, torch.tensor(parts.get("sentence", 0.0), dtype=torch.float64, device=n.device) * n,
-                                  torch.tensor(parts.get("profile", 0.0), dtype=torch.float64, device=n.device) * n])
+            zero = torch.zeros((), dtype=torch.float64, device=n.device)
+            total += torch.stack([loss * n, n, parts.get("sentence", zero).double() * n, parts.get("profile", zero).double() * n])
     loss_module.train()
     total = accelerator.reduce(total, reduction="sum")
     n = total[1].clamp(min=1)
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            tokens += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+            tokens += batch["attention_mask"].sum() + (batch["labels"] != -100).sum()  # a device tensor: summed without waiting
             running.append(loss.detach())
             parts.append(accelerator.unwrap_model(loss_module).last_parts)
             if not accelerator.sync_gradients:
@@ -375,8 +375,18 @@ def main(argv: list[str] | None = None) -> int:
             completed_steps += 1
             progress.update(1)
             if completed_steps % run.logging_steps == 0 or completed_steps == max_steps:
-                train_loss = float(torch.stack(running).mean())
-                part_means = {f"train_{k}_loss": sum(p.get(k, 0.0) for p in parts) / max(1, len(parts)) for k in ("sentence", "profile")}
+                mean_loss = torch.stack(running).mean()
+                # A diverged run (loss inf / nan) stops here, on every rank, before it writes anything.
+                if float(accelerator.reduce((~torch.isfinite(mean_loss)).float(), reduction="sum")) > 0:
+                    accelerator.wait_for_everyone()
+                    if accelerator.is_main_process and out.is_dir() and not any(out.iterdir()):
+                        out.rmdir()  # made by this run and still empty: leave nothing behind
+                    raise ValueError(
+                        f"training diverged by step {completed_steps} (train loss {float(mean_loss)}); no model was written to "
+                        f"{run.output_dir}: lower --learning_rate (now {run.learning_rate:g}), raise --warmup_steps, or train with --mixed_precision no"
+                    )
+                train_loss = float(mean_loss)
+                part_means = {f"train_{k}_loss": float(sum(p.get(k, 0.0) for p in parts)) / max(1, len(parts)) for k in ("sentence", "profile")}
                 running, parts = [], []
                 progress.set_postfix(loss=f"{train_loss:.3f}")
                 accelerator.log({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], **part_means}, step=completed_steps)
@@ -408,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     # One write, framed by newlines, so that two ranks writing at once into one pipe cannot run their lines together.
     sys.stdout.write(f"\nrank {accelerator.process_index} parameter checksum {parameter_checksum(model)}\n")
     sys.stdout.flush()
-    tokens_total = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), reduction="sum").item()
+    tokens_total = accelerator.reduce(torch.as_tensor(tokens, dtype=torch.long, device=accelerator.device), reduction="sum").item()
     accelerator.wait_for_everyone()
     # The process group ends here for every rank together; what follows runs on the main process alone.
     wrapper = weakref.ref(loss_module)

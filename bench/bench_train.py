@@ -54,7 +54,7 @@ def run_one(cfg: dict) -> dict:
 
     from tokenizer import build_tokenizer, save_tokenizer
     from translator.data import LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
-    from translator.modeling import TranslationLoss, make_config, make_model
+    from translator.modeling import CPU_CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, TranslationLoss, make_config, make_model
 
     torch.manual_seed(0)
     if cfg["threads"]:
@@ -75,7 +75,7 @@ def run_one(cfg: dict) -> dict:
     loader = DataLoader(examples, batch_sampler=sampler, collate_fn=TranslationCollator(examples.ranges))
     device = torch.device(cfg["device"])
     model = make_model(make_config(cfg["shape"], len(tok), dropout_rate=0.1, max_length=cfg["max_length"]), seed=0).to(device)
-    loss_module = TranslationLoss(model, n_negatives=cfg["n_negatives"]).to(device).train()
+    loss_module = TranslationLoss(model, n_negatives=cfg["n_negatives"], chunk_elements=cfg.get("chunk_elements") or None).to(device).train()
     optimizer = torch.optim.AdamW(loss_module.parameters(), lr=1e-4)
     n_params = sum(p.numel() for p in model.parameters())
     d_model = model.config.d_model
@@ -101,8 +101,18 @@ def run_one(cfg: dict) -> dict:
             torch.cuda.synchronize()
 
     batches = iter(loader)
+
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            sampler.set_epoch(sampler.epoch + 1)
+            batches = iter(loader)
+            return next(batches)
+
     for _ in range(cfg["warmup_steps"]):
-        step(next(batches))
+        step(next_batch())
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -110,12 +120,7 @@ def run_one(cfg: dict) -> dict:
     load = common.load_average()
     t = time.perf_counter()
     for _ in range(cfg["steps"]):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            sampler.set_epoch(sampler.epoch + 1)
-            batches = iter(loader)
-            batch = next(batches)
+        batch = next_batch()
         source_real += int(batch["attention_mask"].sum())
         target_real += int((batch["labels"] != -100).sum())
         padded += batch["input_ids"].numel() + batch["labels"].numel()
@@ -125,6 +130,7 @@ def run_one(cfg: dict) -> dict:
     real = source_real + target_real
     out = {
         **{k: cfg[k] for k in ("shape", "device", "batch_size", "group_factor", "n_negatives", "full_vocabulary", "max_length", "bf16")},
+        "chunk_elements": cfg.get("chunk_elements") or (GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS),
         "sentences_from": where,
         "vocab_size": len(tok),
         "parameters": n_params,
@@ -149,14 +155,40 @@ def run_one(cfg: dict) -> dict:
         flops = 6 * (encoder_params * source_real + (decoder_params + head) * target_real)
         out["model_tflops_per_s"] = round(flops / seconds / 1e12, 2)
         out["mfu"] = round(flops / seconds / (cfg["peak_tflops"] * 1e12), 4)
+    if cfg.get("profile"):
+        out["profile"] = profile_steps(step, next_batch, sync, device.type, cfg["profile"])
     return out
 
 
+def profile_steps(step, next_batch, sync, device_type: str, n_steps: int, rows: int = 20) -> dict:
+    """The torch profiler over ``n_steps`` more steps: the top operators by self time (where the step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n_steps):
+            step(next_batch())
+        sync()
+    events = prof.key_averages()
+    key = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
+    table = [{"op": e.key, "calls": e.count, "self_ms": round(getattr(e, key) / 1e3, 3), "share": round(getattr(e, key) / total, 4),
+              "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3)} for e in top]
+    for r in table[:12]:
+        print(f"  profile {r['op'][:48]:48s} {r['calls']:>6d} calls {r['self_ms']:>10.2f} ms {r['share']:>6.1%}")
+    return {"steps": n_steps, "sorted_by": key, "self_total_ms": round(total / 1e3, 2), "top": table}
+
+
 def _child(cfg: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_one", json.dumps(cfg)]
-    run = common.run_measured(cmd, cwd=common.REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    line = [x for x in run["output_tail"].splitlines() if x.startswith("RESULT ")][-1]
-    figures = json.loads(line[len("RESULT ") :])
+    """One configuration in a fresh interpreter (its own peak memory); its figures come back in a JSON file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_one", json.dumps(cfg), "--_result", str(result)]
+        run = common.run_measured(cmd, cwd=common.REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        if not result.exists():
+            raise RuntimeError(f"bench_train child for {cfg['shape']} wrote no figures; its output ended:\n{run['output_tail']}")
+        figures = json.loads(result.read_text())
     figures["child_peak_rss_mb"] = round(run["peak_rss_mb"], 1)
     return figures
 
@@ -178,13 +210,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="device peak for MFU (H100 SXM bf16 dense: 989)")
     parser.add_argument("--skip_ablations", action="store_true", help="only the default setting per shape")
     parser.add_argument("--ablations_for", nargs="+", default=None, help="shapes that also run the ablations (default: all)")
+    parser.add_argument("--profile", type=int, default=0, help="after the timed steps, profile this many more steps of each default setting (torch profiler)")
     parser.add_argument("--tag", default=None, help="suffix of the result name: results/train_cpu_TAG.json")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny shape, 2 steps on 64 MOp cells")
     parser.add_argument("--results_dir", type=Path, default=None, help="where the JSON goes (default bench/results; --quick: a temp folder)")
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._one is not None:
-        print("RESULT " + json.dumps(run_one(json.loads(args._one))), flush=True)
+        Path(args._result).write_text(json.dumps(run_one(json.loads(args._one))))
         return {}
     if args.device.startswith("cuda"):
         import torch
@@ -208,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_tflops": args.peak_tflops,
         "group_factor": 50,
         "full_vocabulary": False,
+        "profile": 0,
     }
     shapes = args.shapes or (["tiny"] if args.quick else ["tiny", "t5-small"])
     rows = []
@@ -215,15 +250,20 @@ def main(argv: list[str] | None = None) -> dict:
         settings = [{}]
         if not args.skip_ablations and not args.quick and (args.ablations_for is None or shape in args.ablations_for):
             settings += [{"group_factor": 1}, {"full_vocabulary": True}]
+            if cuda:  # the CPU's chunk of the restricted loss, on the GPU: the effect of the output layer's memory bound
+                settings += [{"chunk_elements": 2**23}]
         for change in settings:
-            cfg = {**base, "shape": shape, **change}
+            cfg = {**base, "shape": shape, **change, "profile": 0 if change else args.profile}
             # The smoke run stays in this process (no fresh interpreter, no peak-memory figure).
             figures = run_one(cfg) if args.quick else _child(cfg)
             rows.append(figures)
             memory = figures.get("peak_memory_mb", figures.get("child_peak_rss_mb", float("nan")))
-            label = "random batches" if change.get("group_factor") == 1 else "full-vocabulary loss" if change.get("full_vocabulary") else "default"
+            label = ("random batches" if change.get("group_factor") == 1 else "full-vocabulary loss" if change.get("full_vocabulary")
+                     else f"chunk 2**{change['chunk_elements'].bit_length() - 1} logits" if change.get("chunk_elements") else "default")
             print(f"{shape:9s} {label:21s} {figures['tokens_per_s']:>10,.0f} tokens/s  padding {figures['padding_fraction']:.1%}  "
                   f"peak {'GPU' if cuda else 'RSS'} {memory:,.0f} MB" + (f"  MFU {figures['mfu']:.1%}" if "mfu" in figures else ""))
+            for r in figures.get("profile", {}).get("top", [])[:12]:
+                print(f"    profile {r['op'][:52]:52s} {r['calls']:>6d} calls {r['self_ms']:>10.2f} ms {r['share']:>6.1%}")
     figures = {"device": args.device, "runs": rows}
     if cuda:
         figures["target_tokens_per_s_h100_t5_small_bf16"] = 300_000

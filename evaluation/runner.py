@@ -57,11 +57,36 @@ def portable_command(argv: Sequence[str]) -> str:
     return " ".join(["python"] + parts)
 
 
-def translator_predictor(model: str | os.PathLike, batch_size: int = 64, allow_pickle: bool = False) -> tuple[Predictor, dict]:
-    """Load a model folder or Hub id; return a predictor and the model's ``cell_sentences.json`` metadata."""
+def resolve_device(device: str | None) -> str:
+    """``auto`` / None: ``cuda`` when torch sees a GPU, else ``cpu``; any other value is checked and kept."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device here; use --device cpu (or auto)")
+    try:
+        torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a torch device; use auto, cpu or cuda[:N]") from err
+    return device
+
+
+def device_name(device: str) -> str:
+    """``cpu`` or ``cuda:N (the GPU's name)``, as recorded in eval_results.json."""
+    import torch
+
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return device
+
+
+def translator_predictor(model: str | os.PathLike, batch_size: int = 64, allow_pickle: bool = False, device: str | None = None) -> tuple[Predictor, dict]:
+    """Load a model folder or Hub id onto ``device`` (auto: a GPU when one is visible); return a predictor and the model's metadata."""
     from translator import CellTranslator
 
-    translator = CellTranslator.from_pretrained(model, allow_pickle=allow_pickle)
+    translator = CellTranslator.from_pretrained(model, device=resolve_device(device), allow_pickle=allow_pickle)
 
     def predict(sentences: Sequence[str], direction: str) -> tuple[np.ndarray, list[str]]:
         return translator.predict_matrix(list(sentences), direction=direction, batch_size=batch_size, return_sentences=True)
@@ -185,6 +210,7 @@ def run_evaluation(
     seed: int = 0,
     krr_landmarks: int = 1000,
     allow_pickle: bool = False,
+    device: str | None = None,
 ) -> dict:
     """Evaluate a translator and the baselines on one split; write results, table and plots.
 
@@ -213,6 +239,8 @@ def run_evaluation(
     allow_pickle
         Load pickle weights (``pytorch_model.bin``) of ``model`` / ``seed_model``; they can run code: only for
         trusted folders (safetensors are always preferred).
+    device
+        Where the model and seed model run: ``auto`` / None (a GPU when torch sees one), ``cpu``, ``cuda[:N]``.
 
     Returns
     -------
@@ -226,17 +254,19 @@ def run_evaluation(
     data = load_split_matrices(dataset_dir, split, max_cells=max_cells)
 
     predictors: dict[str, tuple[Predictor, dict | None]] = {}
+    uses_models = (predictor is None and not skip_model and model is not None) or (seed_predictor is None and seed_model is not None)
+    device = resolve_device(device) if uses_models else None
     if predictor is not None:
         predictors["model"] = (predictor, None)
     elif not skip_model:
         if model is None:
             raise ValueError("give --model DIR (or a Hub id), or --skip_model to score the baselines only")
-        predictors["model"] = translator_predictor(model, batch_size, allow_pickle)
+        predictors["model"] = translator_predictor(model, batch_size, allow_pickle, device)
         _check_features(predictors["model"][1], data, f"model {model}")
     if seed_predictor is not None:
         predictors["seed_binary"] = (seed_predictor, {"gex_encoding": "binary", "binary_threshold": 2.0})
     elif seed_model is not None:
-        predictors["seed_binary"] = translator_predictor(seed_model, batch_size, allow_pickle)
+        predictors["seed_binary"] = translator_predictor(seed_model, batch_size, allow_pickle, device)
         _check_features(predictors["seed_binary"][1], data, f"seed model {seed_model}")
         if predictors["seed_binary"][1].get("gex_encoding") != "binary":
             raise ValueError(f"--seed_model {seed_model} was not trained on binary GEX sentences (gex_encoding is not 'binary')")
@@ -289,6 +319,7 @@ def run_evaluation(
         by_cell_type=extras["by_cell_type"],
         details=extras["details"],
         versions=library_versions(),
+        model_device=device_name(device) if device else None,
         command=command or portable_command(sys.argv),
         max_cells=max_cells,
         wall_time_s=round(time.perf_counter() - start, 1),

@@ -114,9 +114,11 @@ def test_bench_growth_quick(tmp_path):
 
 def test_bench_train_quick(tmp_path):
     shared_file("mop_snareseq/mop_snare.h5mu")
-    bench_train.main(["--quick", "--steps", "1", "--n_cells", "16", "--max_length", "64", "--results_dir", str(tmp_path)])
+    bench_train.main(["--quick", "--steps", "1", "--n_cells", "16", "--max_length", "64", "--profile", "1", "--results_dir", str(tmp_path)])
     run = _results(tmp_path, "train_cpu")["runs"][0]
     assert run["shape"] == "tiny" and run["tokens"] > 0 and 0 <= run["padding_fraction"] < 1
+    top = run["profile"]["top"]  # where a step's time goes: operators by self time, largest first
+    assert top and all(a["self_ms"] >= b["self_ms"] for a, b in zip(top, top[1:], strict=False)) and any(r["op"] == "aten::mm" for r in top)
 
 
 def test_bench_predict_quick(tmp_path):

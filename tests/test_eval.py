@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 import yaml
 
 import eval as eval_cli
 from evaluation.data import binary_gex_sentences, load_split_matrices, sentence_matrix
 from evaluation.metrics_core import METRIC_KEYS, metric_keys
 from evaluation.report import merge_model_index
-from evaluation.runner import portable_command, run_evaluation
+from evaluation.runner import device_name, portable_command, resolve_device, run_evaluation
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -164,6 +165,12 @@ def test_errors_speak_to_the_user(dataset_dir, tmp_path):
 
     with pytest.raises(ValueError, match="expected"):
         run_evaluation(None, dataset_dir, predictor=wrong_shape, baselines=(), output_dir=None, progress=False)
+    with pytest.raises(ValueError, match="not a torch device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: torch sees no CUDA device"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == "cpu" and device_name("cpu") == "cpu"
     assert portable_command(["eval.py", "--model", "/abs/path/model", "--output_dir=/x/y"]) == (
         "python eval.py --model model --output_dir=y"
     )
@@ -193,7 +200,9 @@ def test_tiny_trained_model_end_to_end(dataset_dir, tmp_path):
         values = results["directions"][direction]["model"]
         assert set(metric_keys(target)) == set(values)
         assert np.isfinite(values["rmse"])
-    assert json.loads((model_dir / "eval_results.json").read_text())["n_cells"] == 12
+    saved = json.loads((model_dir / "eval_results.json").read_text())
+    assert saved["n_cells"] == 12
+    assert saved["model_device"] == device_name(resolve_device("auto"))  # "cpu" here, "cuda:0 (its name)" on a GPU machine
     front = yaml.safe_load((model_dir / "README.md").read_text().split("---\n")[1])
     assert front["model-index"][0]["results"][0]["dataset"]["split"] == "test"
 

@@ -143,6 +143,8 @@ def test_predict_refuses_bad_input_with_one_line(model_dir, tmp_path, capsys):
         (["--model", str(model_dir), "--input", str(tmp_path / "missing.h5ad"), "--direction", "gex2atac", "--output", str(tmp_path / "b.h5ad")], "does not exist"),
         (["--model", str(model_dir), "--input", str(shared_file(TEST_MOD1)), "--direction", "rna2atac", "--output", str(tmp_path / "c.h5ad")], "invalid choice"),
         (["--model", str(model_dir), "--input", str(shared_file(TEST_MOD1)), "--direction", "atac2gex", "--output", str(tmp_path / "d.h5ad")], "not the ATAC modality"),
+        (["--model", str(model_dir), "--input", str(shared_file(TEST_MOD1)), "--direction", "gex2atac", "--output", str(tmp_path / "e.h5ad"),
+          "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
     ]
     for args, message in cases:
         result = run(*args)

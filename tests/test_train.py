@@ -181,6 +181,17 @@ def test_bad_flags_get_one_line_errors(bmmc, tmp_path):
         train.main(tiny_args(*bmmc, tmp_path / "x", "--directions", "gex2rna", "--max_steps", "2"))
 
 
+def test_a_diverging_run_stops_at_once_and_writes_nothing(bmmc, tmp_path):
+    """A learning rate far too high sends the loss to inf / nan within a few steps: train.py stops at the next log line
+    with one error naming the flags to change, instead of training on nan and failing later in the readout fit."""
+    import train
+
+    out = tmp_path / "diverged"
+    with pytest.raises(ValueError, match=r"training diverged by step \d+ \(train loss (nan|inf)\); no model was written to .*--learning_rate"):
+        train.main(tiny_args(*bmmc, out, "--learning_rate", "1e6", "--warmup_steps", "0", "--max_steps", "40", "--logging_steps", "1"))
+    assert not out.exists()
+
+
 def _free_port() -> int:
     import socket
 

@@ -234,6 +234,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
 
 
+CPU_CHUNK_ELEMENTS = 2**23
+GPU_CHUNK_ELEMENTS = 2**27
+
+
 def candidate_ids(
     target_range: tuple[int, int],
     vocab_size: int,
@@ -261,7 +265,7 @@ def restricted_lm_loss(
     target_range: tuple[int, int],
     n_negatives: int = 256,
     label_smoothing: float = 0.0,
-    chunk_elements: int = 2**23,
+    chunk_elements: int | None = None,
     generator: torch.Generator | None = None,
     decoder_hidden: torch.Tensor | None = None,
     reduction: str = "mean",
@@ -283,7 +287,9 @@ def restricted_lm_loss(
         As in ``torch.nn.functional.cross_entropy``, spread over the scored ids.
     chunk_elements
         Largest number of logits held at once: positions are scored in chunks of
-        ``chunk_elements // n_scored_ids`` rows, each chunk's gradients computed on the spot.
+        ``chunk_elements // n_scored_ids`` rows, each chunk's gradients computed on the spot. None: 2**23
+        (32 MB of float32 logits) on CPU, 2**27 (512 MB) on a GPU, where few large matrix products run
+        faster than many small ones.
     decoder_hidden
         The decoder's hidden states when the caller already ran the model (:func:`decoder_hidden_states`).
     reduction
@@ -299,6 +305,12 @@ def restricted_lm_loss(
     hidden = hidden[keep]
     flat_labels = labels[keep]
     vocab_size = model.config.vocab_size
+    on_gpu = labels.device.type == "cuda"
+    if chunk_elements is None:
+        chunk_elements = GPU_CHUNK_ELEMENTS if on_gpu else CPU_CHUNK_ELEMENTS
+    if on_gpu and n_negatives > 0:
+        # A multiple of 8 scored ids keeps the output-layer products on the aligned tensor-core kernels.
+        n_negatives += -(target_range[1] - target_range[0] + 1 + n_negatives) % 8
     ids = candidate_ids(target_range, vocab_size, n_negatives, generator, device=labels.device)
     # Labels outside the scored set (e.g. <unk>) are scored too rather than silently dropped.
     extra = flat_labels[~torch.isin(flat_labels, ids)].unique()
@@ -362,9 +374,11 @@ class TranslationLoss(nn.Module):
         source_dropout: float = 0.0,
         gex_source_truncation: float = 0.0,
         gex_source_prefix: int | None = None,
+        chunk_elements: int | None = None,
     ):
         super().__init__()
         self.model = model
+        self.chunk_elements = chunk_elements  # logits held at once by the restricted loss (None: by device)
         self.n_negatives = n_negatives
         self.label_smoothing = label_smoothing
         self.profile_weight = float(profile_weight)
@@ -377,7 +391,9 @@ class TranslationLoss(nn.Module):
         for start, (offset, binary) in (offsets or {}).items():
             self.register_buffer(f"offset_{int(start)}", torch.as_tensor(offset, dtype=torch.float32), persistent=False)
             self.binary[int(start)] = bool(binary)
-        self.last_parts: dict[str, float] = {}
+        # Detached 0-d tensors (per target token): reading them with float() waits for the device, so the
+        # training loop only does that when it logs.
+        self.last_parts: dict[str, torch.Tensor] = {}
         self.profile_head = ProfileHead(model.config.vocab_size, PROFILE_INPUTS * model.config.d_model) if self.profile_weight > 0 else None
 
     def forward(self, input_ids, attention_mask, labels, target_start, target_stop, profile_values=None, full_vocabulary: bool = False):
@@ -398,16 +414,17 @@ class TranslationLoss(nn.Module):
         target_range = (int(target_start), int(target_stop))
         encoder_hidden = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         decoder_hidden = decoder_hidden_states(self.model, batch, encoder_hidden)
-        n_positions = max(1, int((labels != -100).sum()))
-        sentence = restricted_lm_loss(self.model, batch, target_range, n_negatives, label_smoothing, decoder_hidden=decoder_hidden, reduction="sum")
+        n_positions = (labels != -100).sum().clamp(min=1)  # a tensor: no wait for the device here
+        sentence = restricted_lm_loss(self.model, batch, target_range, n_negatives, label_smoothing, decoder_hidden=decoder_hidden, reduction="sum",
+                                      chunk_elements=self.chunk_elements)
         total = sentence
-        self.last_parts = {"sentence": float(sentence.detach()) / n_positions}
+        self.last_parts = {"sentence": sentence.detach() / n_positions}
         if self.profile_weight > 0 and profile_values is not None:
             scores = profile_scores(self.model, encoder_hidden, attention_mask, input_ids, target_range, self.profile_head)
             offset = getattr(self, f"offset_{target_range[0]}")
             profile = profile_loss(scores, offset, profile_values, self.binary[target_range[0]])
             total = total + self.profile_weight * profile
-            self.last_parts["profile"] = float(profile.detach()) / n_positions
+            self.last_parts["profile"] = profile.detach() / n_positions
         return total / n_positions
 
 
