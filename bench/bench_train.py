@@ -177,7 +177,9 @@ def profile_steps(step, next_batch, sync, device_type: str, n_steps: int, rows: 
               "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3)} for e in top]
     for r in table[:12]:
         print(f"  profile {r['op'][:48]:48s} {r['calls']:>6d} calls {r['self_ms']:>10.2f} ms {r['share']:>6.1%}")
-    return {"steps": n_steps, "sorted_by": key, "self_total_ms": round(total / 1e3, 2), "top": table}
+    # Host-side cost: every aten op (views included) is dispatched by Python, autograd and the dispatcher in turn.
+    aten_ops = sum(e.count for e in events if e.key.startswith("aten::")) / n_steps
+    return {"steps": n_steps, "sorted_by": key, "self_total_ms": round(total / 1e3, 2), "aten_ops_per_step": aten_ops, "top": table}
 
 
 def _child(cfg: dict) -> dict:
@@ -262,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
                      else f"chunk 2**{change['chunk_elements'].bit_length() - 1} logits" if change.get("chunk_elements") else "default")
             print(f"{shape:9s} {label:21s} {figures['tokens_per_s']:>10,.0f} tokens/s  padding {figures['padding_fraction']:.1%}  "
                   f"peak {'GPU' if cuda else 'RSS'} {memory:,.0f} MB" + (f"  MFU {figures['mfu']:.1%}" if "mfu" in figures else ""))
+            if "profile" in figures:
+                print(f"    profile: {figures['profile']['aten_ops_per_step']:,.0f} aten ops a step")
             for r in figures.get("profile", {}).get("top", [])[:12]:
                 print(f"    profile {r['op'][:52]:52s} {r['calls']:>6d} calls {r['self_ms']:>10.2f} ms {r['share']:>6.1%}")
     figures = {"device": args.device, "runs": rows}

@@ -117,6 +117,7 @@ def test_bench_train_quick(tmp_path):
     bench_train.main(["--quick", "--steps", "1", "--n_cells", "16", "--max_length", "64", "--profile", "1", "--results_dir", str(tmp_path)])
     run = _results(tmp_path, "train_cpu")["runs"][0]
     assert run["shape"] == "tiny" and run["tokens"] > 0 and 0 <= run["padding_fraction"] < 1
+    assert run["profile"]["aten_ops_per_step"] > 100  # a tiny T5 step still dispatches hundreds of ops
     top = run["profile"]["top"]  # where a step's time goes: operators by self time, largest first
     assert top and all(a["self_ms"] >= b["self_ms"] for a, b in zip(top, top[1:], strict=False)) and any(r["op"] == "aten::mm" for r in top)
 
