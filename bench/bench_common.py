@@ -99,6 +99,14 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike
     return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "peak_rss_inherited": not use_time, "output_tail": output[-2000:]}
 
 
+def _repo_relative(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (a script run by its absolute path), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return path
+
+
 def write_results(name: str, figures: dict, quick: bool, results_dir: str | os.PathLike | None = None) -> Path:
     """Write ``figures`` with machine, load and versions to ``bench/results/NAME.json`` (``NAME.quick.json`` for --quick).
 
@@ -117,7 +125,7 @@ def write_results(name: str, figures: dict, quick: bool, results_dir: str | os.P
         "load_average_at_end": load_average(),
         "machine": machine(),
         "versions": versions(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, _repo_relative(sys.argv[0]), *sys.argv[1:]]) if sys.argv else "",
         **figures,
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=results_dir)

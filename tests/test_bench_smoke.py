@@ -16,6 +16,7 @@ from tests.conftest import REPO, shared_file
 sys.path.insert(0, str(REPO / "bench"))
 
 import bench_build  # noqa: E402
+import bench_common  # noqa: E402
 import bench_growth  # noqa: E402
 import bench_predict  # noqa: E402
 import bench_tokenize  # noqa: E402
@@ -110,6 +111,12 @@ def test_bench_growth_quick(tmp_path):
     assert [row["cells"] for row in data["cells"]] == [200, 800]
     lengths = [row["nonzeros_per_cell"] for row in data["length"]]
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+
+
+def test_results_name_scripts_relative_to_the_repository():
+    """A script run by its absolute path is recorded as bench/NAME.py in the JSON's command; paths elsewhere stay."""
+    assert bench_common._repo_relative(str(REPO / "bench" / "bench_train.py")) == "bench/bench_train.py"
+    assert bench_common._repo_relative("/elsewhere/script.py") == "/elsewhere/script.py"
 
 
 def test_bench_train_quick(tmp_path):
