@@ -51,13 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from evaluation.runner import resolve_device
     from translator import CellTranslator
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"--output {output} exists; choose another name or pass --overwrite")
-    translator = CellTranslator.from_pretrained(args.model, device=resolve_device(args.device), allow_pickle=args.allow_pickle)
+    translator = CellTranslator.from_pretrained(args.model, device=args.device, allow_pickle=args.allow_pickle)
     inputs = args.input[0] if len(args.input) == 1 else args.input
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".h5ad", dir=output.parent)

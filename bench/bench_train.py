@@ -54,7 +54,7 @@ def run_one(cfg: dict) -> dict:
 
     from tokenizer import build_tokenizer, save_tokenizer
     from translator.data import LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
-    from translator.modeling import CPU_CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, TranslationLoss, make_config, make_model
+    from translator.modeling import TranslationLoss, default_chunk_elements, make_config, make_model
 
     torch.manual_seed(0)
     if cfg["threads"]:
@@ -130,7 +130,7 @@ def run_one(cfg: dict) -> dict:
     real = source_real + target_real
     out = {
         **{k: cfg[k] for k in ("shape", "device", "batch_size", "group_factor", "n_negatives", "full_vocabulary", "max_length", "bf16")},
-        "chunk_elements": cfg.get("chunk_elements") or (GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS),
+        "chunk_elements": cfg.get("chunk_elements") or default_chunk_elements(device),
         "sentences_from": where,
         "vocab_size": len(tok),
         "parameters": n_params,
@@ -175,8 +175,6 @@ def profile_steps(step, next_batch, sync, device_type: str, n_steps: int, rows: 
     top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
     table = [{"op": e.key, "calls": e.count, "self_ms": round(getattr(e, key) / 1e3, 3), "share": round(getattr(e, key) / total, 4),
               "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3)} for e in top]
-    for r in table[:12]:
-        print(f"  profile {r['op'][:48]:48s} {r['calls']:>6d} calls {r['self_ms']:>10.2f} ms {r['share']:>6.1%}")
     # Host-side cost: every aten op (views included) is dispatched by Python, autograd and the dispatcher in turn.
     aten_ops = sum(e.count for e in events if e.key.startswith("aten::")) / n_steps
     return {"steps": n_steps, "sorted_by": key, "self_total_ms": round(total / 1e3, 2), "aten_ops_per_step": aten_ops, "top": table}

@@ -57,36 +57,17 @@ def portable_command(argv: Sequence[str]) -> str:
     return " ".join(["python"] + parts)
 
 
-def resolve_device(device: str | None) -> str:
-    """``auto`` / None: ``cuda`` when torch sees a GPU, else ``cpu``; any other value is checked and kept."""
-    import torch
+def _device_name(device: str) -> str:
+    from translator.api import device_name
 
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: torch sees no CUDA device here; use --device cpu (or auto)")
-    try:
-        torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device {device!r} is not a torch device; use auto, cpu or cuda[:N]") from err
-    return device
-
-
-def device_name(device: str) -> str:
-    """``cpu`` or ``cuda:N (the GPU's name)``, as recorded in eval_results.json."""
-    import torch
-
-    if device.startswith("cuda"):
-        index = torch.device(device).index or 0
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return device
+    return device_name(device)
 
 
 def translator_predictor(model: str | os.PathLike, batch_size: int = 64, allow_pickle: bool = False, device: str | None = None) -> tuple[Predictor, dict]:
     """Load a model folder or Hub id onto ``device`` (auto: a GPU when one is visible); return a predictor and the model's metadata."""
     from translator import CellTranslator
 
-    translator = CellTranslator.from_pretrained(model, device=resolve_device(device), allow_pickle=allow_pickle)
+    translator = CellTranslator.from_pretrained(model, device=device, allow_pickle=allow_pickle)
 
     def predict(sentences: Sequence[str], direction: str) -> tuple[np.ndarray, list[str]]:
         return translator.predict_matrix(list(sentences), direction=direction, batch_size=batch_size, return_sentences=True)
@@ -254,8 +235,12 @@ def run_evaluation(
     data = load_split_matrices(dataset_dir, split, max_cells=max_cells)
 
     predictors: dict[str, tuple[Predictor, dict | None]] = {}
-    uses_models = (predictor is None and not skip_model and model is not None) or (seed_predictor is None and seed_model is not None)
-    device = resolve_device(device) if uses_models else None
+    if (predictor is None and not skip_model and model is not None) or (seed_predictor is None and seed_model is not None):
+        from translator.api import resolve_device
+
+        device = resolve_device(device)  # once, before any model is loaded: a bad --device fails first
+    else:
+        device = None
     if predictor is not None:
         predictors["model"] = (predictor, None)
     elif not skip_model:
@@ -319,7 +304,7 @@ def run_evaluation(
         by_cell_type=extras["by_cell_type"],
         details=extras["details"],
         versions=library_versions(),
-        model_device=device_name(device) if device else None,
+        model_device=_device_name(device) if device else None,
         command=command or portable_command(sys.argv),
         max_cells=max_cells,
         wall_time_s=round(time.perf_counter() - start, 1),

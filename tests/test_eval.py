@@ -17,7 +17,8 @@ import eval as eval_cli
 from evaluation.data import binary_gex_sentences, load_split_matrices, sentence_matrix
 from evaluation.metrics_core import METRIC_KEYS, metric_keys
 from evaluation.report import merge_model_index
-from evaluation.runner import device_name, portable_command, resolve_device, run_evaluation
+from evaluation.runner import portable_command, run_evaluation
+from translator.api import device_name, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -61,6 +61,31 @@ def check_model_folder(folder: Path, allow_pickle: bool = False) -> None:
         raise FileNotFoundError(f"model folder {folder} lacks {', '.join(missing)}; point at a complete folder written by train.py")
 
 
+def resolve_device(device: str | None) -> str:
+    """``auto`` / None: ``cuda`` when torch sees a GPU, else ``cpu``; any other value is checked and kept."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device here; use --device cpu (or auto)")
+    try:
+        torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a torch device; use auto, cpu or cuda[:N]") from err
+    return device
+
+
+def device_name(device: str) -> str:
+    """``cpu`` or ``cuda:N (the GPU's name)``, as recorded in eval_results.json."""
+    import torch
+
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return device
+
+
 class CellTranslator:
     """A trained translator: model, tokenizer, dataset metadata and readout calibration."""
 
@@ -89,7 +114,8 @@ class CellTranslator:
         readout = json.loads(readout_path.read_text()) if readout_path.exists() else None
         head_path = folder / PROFILE_HEAD_FILE
         profile_head = ProfileHead.load(head_path) if head_path.exists() else None
-        if device:
+        if device:  # "auto": a GPU when torch sees one
+            device = resolve_device(device)
             model.to(device)
             if profile_head is not None:
                 profile_head.to(device)

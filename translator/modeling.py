@@ -238,6 +238,11 @@ CPU_CHUNK_ELEMENTS = 2**23
 GPU_CHUNK_ELEMENTS = 2**27
 
 
+def default_chunk_elements(device: torch.device) -> int:
+    """Logits the restricted loss holds at once on ``device``: few large products on a GPU, small ones on a CPU."""
+    return GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
+
+
 def candidate_ids(
     target_range: tuple[int, int],
     vocab_size: int,
@@ -305,10 +310,9 @@ def restricted_lm_loss(
     hidden = hidden[keep]
     flat_labels = labels[keep]
     vocab_size = model.config.vocab_size
-    on_gpu = labels.device.type == "cuda"
     if chunk_elements is None:
-        chunk_elements = GPU_CHUNK_ELEMENTS if on_gpu else CPU_CHUNK_ELEMENTS
-    if on_gpu and n_negatives > 0:
+        chunk_elements = default_chunk_elements(labels.device)
+    if labels.device.type == "cuda" and n_negatives > 0:
         # A multiple of 8 scored ids keeps the output-layer products on the aligned tensor-core kernels.
         n_negatives += -(target_range[1] - target_range[0] + 1 + n_negatives) % 8
     ids = candidate_ids(target_range, vocab_size, n_negatives, generator, device=labels.device)
