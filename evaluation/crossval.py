@@ -139,14 +139,16 @@ def _same_cells(run: dict, ref: dict) -> bool:
 def pool_folds(baselines: Sequence[str | Path], candidates: dict[str, Sequence[str | Path]]) -> dict:
     """Pool per-fold evaluations; ``baselines[i]`` and every candidate's ``i``-th result must score the same cells.
 
+    One evaluation each (a plain validation split) applies the same selection rule without pooling.
+
     Returns
     -------
     ``{"folds", "cells", "baselines": {name: {direction: {metric: value}}}, "candidates": {name: {"metrics": ...,
     "firsts": n, "rmse_cut_over_mean": summed, "folds_ahead_of_svd_krr": {direction: n}}}}``.
     """
     base = [_load_result(p) for p in baselines]
-    if len(base) < 2:
-        raise ValueError("--baselines needs the evaluations of at least two folds")
+    if not base:
+        raise ValueError("--baselines needs at least one evaluation (one per fold, or one validation split)")
     out = {"folds": len(base), "cells": sum(r["n_cells"] for r in base), "baselines": {}, "candidates": {}}
     for name in (*TUNED_BASELINES, "zeros"):
         pooled = _pooled_method(base, lambda d, name=name: d.get("baselines", {}).get(name))
@@ -201,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     folds.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     folds.add_argument("--batch_key", default="batch", help="obs column of the batches (default batch)")
     pool = sub.add_parser("pool", help="pool eval.py results of every fold")
-    pool.add_argument("--baselines", nargs="+", required=True, help="eval.py output of the tuned baselines, one per fold")
+    pool.add_argument("--baselines", nargs="+", required=True, help="eval.py output of the tuned baselines, one per fold (or one: a plain validation split)")
     pool.add_argument("--candidate", nargs="+", action="append", default=[], metavar="NAME EVAL",
                       help="a name, then its eval.py outputs in fold order (repeat for each candidate)")
     pool.add_argument("--output", help="write the pooled figures as JSON here")

@@ -101,6 +101,18 @@ def test_pool_folds_weights_cells_and_counts_firsts(tmp_path):
     assert got["rmse_cut_over_mean"] == pytest.approx(mean_rmse - sum(got["metrics"][d]["rmse"] for d in ("gex2atac", "atac2gex")))
 
 
+def test_pool_of_one_validation_split_applies_the_rule_unpooled(tmp_path):
+    base = _result(tmp_path / "b", 12, None, {"mean": _metrics(0.30, 0.40), "svd_krr": _metrics(0.29, 0.45)})
+    model = _result(tmp_path / "m", 12, _metrics(0.285, 0.44, 0.8, 0.35), {"mean": _metrics(0.30, 0.40)})
+    pooled = pool_folds([base], {"m": [model]})
+    got = pooled["candidates"]["m"]
+    assert pooled["folds"] == 1 and got["metrics"]["gex2atac"]["rmse"] == pytest.approx(0.285)
+    # RMSE first in both directions, AUROC and AP first; Pearson behind svd_krr in both
+    assert got["firsts"] == 4 and got["rmse_cut_over_mean"] == pytest.approx(0.015 + 0.030)
+    with pytest.raises(ValueError, match="at least one evaluation"):
+        pool_folds([], {"m": [model]})
+
+
 def test_pool_cli_writes_json_and_rejects_mismatched_folds(tmp_path, capsys):
     means = [_metrics(0.3, 0.4), _metrics(0.31, 0.4)]
     base = [_result(tmp_path / f"b{i}", 10, None, {"mean": means[i], "svd_krr": _metrics(0.29, 0.41)}) for i in range(2)]
