@@ -45,6 +45,7 @@ from translator.data import (
 from translator.modeling import MODEL_SHAPES, TranslationLoss, make_config, make_model
 from translator.readout import profile_offsets
 from translator.training import (
+    TailAverage,
     calibrate,
     parameter_checksum,
     resolve_checkpoint,
@@ -95,6 +96,8 @@ class RunArguments:
     warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on norms)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the loss"})
+    weight_average_fraction: float = field(default=0.0, metadata={"help": "average the weights after every step of this last fraction of training "
+                                                                            "(tail averaging, e.g. 0.25; 0: off); the refit and calibration use the mean"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
     seed: int = field(default=42, metadata={"help": "random seed (weights, batches, dropout)"})
@@ -157,6 +160,8 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
                         ("gex_source_truncation", model_args.gex_source_truncation)):
         if not 0 <= value < 1:
             raise ValueError(f"--{name} must be in [0, 1), got {value}")
+    if not 0 <= run.weight_average_fraction <= 1:
+        raise ValueError(f"--weight_average_fraction must be in [0, 1] (0: off), got {run.weight_average_fraction}")
     if run.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"--mixed_precision {run.mixed_precision!r} is unknown; choose no, fp16 or bf16")
     if run.max_steps <= 0 and run.num_train_epochs <= 0:
@@ -333,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     num_epochs = math.ceil(max_steps / steps_per_epoch)
     scheduler = get_linear_schedule_with_warmup(optimizer, run.warmup_steps * accelerator.num_processes, max_steps * accelerator.num_processes)
     loss_module, optimizer, scheduler = accelerator.prepare(loss_module, optimizer, scheduler)
+    average = None
+    if run.weight_average_fraction > 0:
+        average = TailAverage(accelerator.unwrap_model(loss_module), max_steps - math.ceil(run.weight_average_fraction * max_steps))
+        accelerator.register_for_checkpointing(average)
     if run.report_to != "none":
         accelerator.init_trackers("cell_translator", config={k: v for k, v in {**asdict(model_args), **asdict(run)}.items() if isinstance(v, int | float | str | bool)})
 
@@ -340,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     completed_steps, starting_epoch, resume_batches = 0, 0, 0
     if run.resume_from_checkpoint:
         path = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+        if (average is not None) != (path / "custom_checkpoint_0.pkl").exists():
+            raise ValueError(f"{path} was written {'without' if average is not None else 'with'} --weight_average_fraction; resume with the flags it was started with")
         accelerator.load_state(str(path))
         state = json.loads((path / "trainer_state.json").read_text())
         completed_steps = state["completed_steps"]
@@ -374,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             completed_steps += 1
             progress.update(1)
+            if average is not None and completed_steps > average.start_step:
+                average.update()
             if completed_steps % run.logging_steps == 0 or completed_steps == max_steps:
                 mean_loss = torch.stack(running).mean()
                 # A diverged run (loss inf / nan) stops here, on every rank, before it writes anything.
@@ -412,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     elapsed = time.perf_counter() - started
     accelerator.wait_for_everyone()
+    if average is not None:
+        average.copy_to_module()
+        logger.info("weights: the mean of the last %d steps", average.count)
     profile_head = accelerator.unwrap_model(loss_module).profile_head
     model = accelerator.unwrap_model(loss_module).model
     # Every rank prints its own checksum: equal lines prove the ranks ended in step.

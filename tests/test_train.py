@@ -179,6 +179,35 @@ def test_bad_flags_get_one_line_errors(bmmc, tmp_path):
     assert not (tmp_path / "x").exists()  # refused before anything is written
     with pytest.raises(ValueError, match="--directions"):
         train.main(tiny_args(*bmmc, tmp_path / "x", "--directions", "gex2rna", "--max_steps", "2"))
+    with pytest.raises(ValueError, match=r"--weight_average_fraction must be in \[0, 1\]"):
+        train.main(tiny_args(*bmmc, tmp_path / "x", "--weight_average_fraction", "1.5", "--max_steps", "2"))
+
+
+def test_weight_averaging_is_the_mean_of_the_last_steps_and_resumes(bmmc, tmp_path):
+    """--weight_average_fraction 0.3 of 6 steps: the model folder holds the mean of the weights after steps 5 and 6
+    (checkpoints of a plain run), and a run stopped after step 5 and resumed ends with the same bits."""
+    import train
+
+    base = tiny_args(*bmmc, tmp_path / "plain", "--max_steps", "6", "--checkpointing_steps", "1", "--eval_steps", "6", "--calibration_cells", "0")
+    _train(base)
+    final = _weights(tmp_path / "plain")
+    steps = [load_file(str(tmp_path / "plain" / "checkpoints" / f"step_{k}" / "model.safetensors")) for k in (5, 6)]
+    averaged = [*base[:5], str(tmp_path / "avg"), *base[6:], "--weight_average_fraction", "0.3"]
+    _train(averaged)
+    got = _weights(tmp_path / "avg")
+    compared = 0
+    for key, value in got.items():
+        if f"model.{key}" in steps[0]:
+            expected = (steps[0][f"model.{key}"] + steps[1][f"model.{key}"]) / 2
+            np.testing.assert_allclose(value, expected, rtol=0, atol=1e-6, err_msg=key)
+            compared += 1
+    assert compared > 10 and not all(np.array_equal(got[k], final[k]) for k in got)
+    resumed = [*averaged[:5], str(tmp_path / "resumed"), *averaged[6:]]
+    _train([*resumed, "--stop_after_steps", "5"])
+    _train([*resumed, "--resume_from_checkpoint", "latest"])
+    _assert_same_weights(tmp_path / "avg", tmp_path / "resumed")
+    with pytest.raises(ValueError, match="was written without --weight_average_fraction"):
+        train.main([*base, "--weight_average_fraction", "0.3", "--resume_from_checkpoint", "latest"])
 
 
 def test_a_diverging_run_stops_at_once_and_writes_nothing(bmmc, tmp_path):

@@ -74,6 +74,46 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
     return final
 
 
+class TailAverage:
+    """Running mean of a module's parameters over the last steps of training (tail / checkpoint averaging).
+
+    ``update()`` after each optimizer step from ``start_step`` on; ``copy_to_module()`` at the end puts the mean in
+    place of the last weights. Registered with ``accelerator.register_for_checkpointing``, so a resumed run carries
+    the partial mean on (``state_dict`` / ``load_state_dict``). Every rank of a DDP run holds the same weights, so
+    every rank computes the same mean.
+    """
+
+    def __init__(self, module: torch.nn.Module, start_step: int):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.start_step = start_step
+        self.count = 0
+        self.mean: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.mean = [p.detach().float().clone() for p in self.params]
+            return
+        for mean, p in zip(self.mean, self.params, strict=True):
+            mean.add_(p.detach().float() - mean, alpha=1.0 / self.count)
+
+    @torch.no_grad()
+    def copy_to_module(self) -> None:
+        for mean, p in zip(self.mean, self.params, strict=True):
+            p.copy_(mean.to(p.dtype))
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "start_step": self.start_step, "mean": [m.cpu() for m in self.mean]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["start_step"] != self.start_step:
+            raise ValueError(f"the checkpoint averages weights from step {state['start_step']}, this run from step {self.start_step}; "
+                             "resume with the --weight_average_fraction and --max_steps it was started with")
+        device = self.params[0].device
+        self.count, self.mean = state["count"], [m.to(device) for m in state["mean"]]
+
+
 def parameter_checksum(model: torch.nn.Module) -> str:
     """SHA-256 of all parameters' bytes (in name order): equal only for bitwise equal weights."""
     digest = hashlib.sha256()
