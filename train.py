@@ -45,6 +45,7 @@ from translator.data import (
 from translator.modeling import MODEL_SHAPES, TranslationLoss, make_config, make_model
 from translator.readout import profile_offsets
 from translator.training import (
+    AVERAGE_STATE_FILE,
     TailAverage,
     calibrate,
     parameter_checksum,
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     completed_steps, starting_epoch, resume_batches = 0, 0, 0
     if run.resume_from_checkpoint:
         path = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
-        if (average is not None) != (path / "custom_checkpoint_0.pkl").exists():
+        if (average is not None) != (path / AVERAGE_STATE_FILE).exists():
             raise ValueError(f"{path} was written {'without' if average is not None else 'with'} --weight_average_fraction; resume with the flags it was started with")
         accelerator.load_state(str(path))
         state = json.loads((path / "trainer_state.json").read_text())

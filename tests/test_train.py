@@ -188,12 +188,12 @@ def test_weight_averaging_is_the_mean_of_the_last_steps_and_resumes(bmmc, tmp_pa
     (checkpoints of a plain run), and a run stopped after step 5 and resumed ends with the same bits."""
     import train
 
-    base = tiny_args(*bmmc, tmp_path / "plain", "--max_steps", "6", "--checkpointing_steps", "1", "--eval_steps", "6", "--calibration_cells", "0")
+    flags = ("--max_steps", "6", "--checkpointing_steps", "1", "--eval_steps", "6", "--calibration_cells", "0")
+    base = tiny_args(*bmmc, tmp_path / "plain", *flags)
     _train(base)
     final = _weights(tmp_path / "plain")
     steps = [load_file(str(tmp_path / "plain" / "checkpoints" / f"step_{k}" / "model.safetensors")) for k in (5, 6)]
-    averaged = [*base[:5], str(tmp_path / "avg"), *base[6:], "--weight_average_fraction", "0.3"]
-    _train(averaged)
+    _train(tiny_args(*bmmc, tmp_path / "avg", *flags, "--weight_average_fraction", "0.3"))
     got = _weights(tmp_path / "avg")
     compared = 0
     for key, value in got.items():
@@ -202,7 +202,7 @@ def test_weight_averaging_is_the_mean_of_the_last_steps_and_resumes(bmmc, tmp_pa
             np.testing.assert_allclose(value, expected, rtol=0, atol=1e-6, err_msg=key)
             compared += 1
     assert compared > 10 and not all(np.array_equal(got[k], final[k]) for k in got)
-    resumed = [*averaged[:5], str(tmp_path / "resumed"), *averaged[6:]]
+    resumed = tiny_args(*bmmc, tmp_path / "resumed", *flags, "--weight_average_fraction", "0.3")
     _train([*resumed, "--stop_after_steps", "5"])
     _train([*resumed, "--resume_from_checkpoint", "latest"])
     _assert_same_weights(tmp_path / "avg", tmp_path / "resumed")

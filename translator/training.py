@@ -27,6 +27,7 @@ from .readout import READOUT_FILE, decode_features, fit_readout, truth_matrices
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
+AVERAGE_STATE_FILE = "custom_checkpoint_0.pkl"  # accelerate's file for the first registered object: the TailAverage
 
 
 def checkpoint_steps(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
