@@ -187,3 +187,44 @@ def test_a_combined_file_gives_the_sentences_of_its_single_modality_file(model_d
     alone = source_sentences_from_anndata(shared_file(f"bmmc_starter/openproblems_bmmc_multiome_starter.{single}.h5ad"), direction, meta)
     assert combined[0] == alone[0] and len(combined[0]) == 500 and sum(map(len, combined[0])) > 0
     assert combined[2] == alone[2]
+
+
+def test_recalibrate_is_the_last_stage_of_train_py_and_upgrades_an_old_folder(model_dir, tmp_path):
+    """`python -m translator.recalibrate` refits exactly what train.py fitted; a folder without profile_depth gains it."""
+    import shutil
+
+    from translator.recalibrate import recalibrate
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    trained = json.loads((folder / "readout.json").read_text())
+    assert "profile_depth" in trained["calibration"]["gex2atac"]["validation_rmse"]
+    old = json.loads(json.dumps(trained))  # a folder written before profile_depth: its calibration knew three aggregations
+    del old["calibration"]["gex2atac"]["validation_rmse"]["profile_depth"]
+    old["calibration"]["gex2atac"].update(aggregation="noisy_or", coef=[1.0, 0.0], intercept=0.0)
+    (folder / "readout.json").write_text(json.dumps(old))
+    summary = recalibrate(folder, model_dir.parent / "data")
+    assert json.loads((folder / "readout.json").read_text()) == trained  # the same fits on the same cells, to the bit
+    assert summary["gex2atac"]["before"] == "noisy_or" and summary["gex2atac"]["after"] == trained["calibration"]["gex2atac"]["aggregation"]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_recalibrate_refuses_bad_input_with_one_line(model_dir, tmp_path):
+    import shutil
+
+    from tests.translator_fixtures import make_dataset_and_tokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    before = (folder / "readout.json").read_bytes()
+    other, _ = make_dataset_and_tokenizer(tmp_path / "other", n_cells=40)
+    cases = [
+        (["--model", str(tmp_path / "missing"), "--dataset_dir", str(model_dir.parent / "data")], "--model"),
+        (["--model", str(folder), "--dataset_dir", str(other)], "--dataset_dir"),
+        (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--calibration_cells", "0"], "--calibration_cells"),
+    ]
+    for args, flag in cases:
+        result = subprocess.run([sys.executable, "-m", "translator.recalibrate", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], result.stderr[-2000:]
+    assert (folder / "readout.json").read_bytes() == before  # untouched

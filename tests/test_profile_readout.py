@@ -14,7 +14,14 @@ from tests.translator_fixtures import make_dataset_and_tokenizer
 from tokenizer import feature_token_ranges, load_tokenizer
 from translator.data import LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
 from translator.modeling import ProfileHead, TranslationLoss, make_config, make_model, profile_loss, profile_scores
-from translator.readout import apply_readout, decode_features, fit_readout, profile_offsets, truth_matrices
+from translator.readout import (
+    PROFILE_AGGREGATIONS,
+    apply_readout,
+    decode_features,
+    fit_readout,
+    profile_offsets,
+    truth_matrices,
+)
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +182,38 @@ def test_profile_calibration_keeps_the_mean_and_the_model():
     logit_mean = np.log(mean) - np.log1p(-mean)
     truth = (rng.random((300, n_peaks)) < 1 / (1 + np.exp(-(logit_mean + shift)))).astype(np.float32)
     fitted = fit_readout({"profile": shift}, sp.csr_matrix(truth), "gex2atac", meta)
-    assert fitted["aggregation"] == "profile" and fitted["validation_rmse"]["profile"] < fitted["validation_rmse_mean"]
-    assert 0.7 < fitted["coef"][0] < 1.3  # the scores were generated as the true residual
+    assert fitted["aggregation"] in PROFILE_AGGREGATIONS and fitted["validation_rmse"]["profile"] < fitted["validation_rmse_mean"]
+    assert 0.7 < fitted["coef"][0] < 1.3  # the scores were generated as the true residual (profile: a; profile_depth: a on z - u)
     gex_mean = np.asarray(meta["train_stats"]["gex_mean"])
     z = rng.normal(0, 0.5, (100, n_genes))
     truth = np.clip(gex_mean + 0.8 * z, 0, None)
     fitted = fit_readout({"profile": z}, sp.csr_matrix(truth), "atac2gex", meta)
     assert fitted["validation_rmse"]["profile"] < 0.5 * fitted["validation_rmse_mean"]
+
+
+def test_profile_depth_weighs_a_cells_depth_apart_from_its_peaks():
+    """Scores whose cell mean is the true depth (too small) and whose per-peak part is noise: one weight cannot fit both."""
+    from evaluation.metrics_core import compute_metrics
+
+    rng = np.random.default_rng(5)
+    n_cells, n_peaks = 300, 200
+    meta = {"train_stats": {"atac_mean": rng.uniform(0.02, 0.3, n_peaks).tolist()}}
+    mean = np.asarray(meta["train_stats"]["atac_mean"])
+    depth = rng.normal(0, 0.4, (n_cells, 1))
+    scores = depth + rng.normal(0, 1.0, (n_cells, n_peaks))  # the head's residual: depth, plus a per-peak pattern that is noise
+    logit_mean = np.log(mean) - np.log1p(-mean)
+    truth = sp.csr_matrix((rng.random((n_cells, n_peaks)) < 1 / (1 + np.exp(-(logit_mean + 3.0 * depth)))).astype(np.float32))
+    fitted = fit_readout({"profile": scores}, truth, "gex2atac", meta)
+    assert fitted["aggregation"] == "profile_depth"
+    assert fitted["validation_rmse"]["profile_depth"] < fitted["validation_rmse"]["profile"] < fitted["validation_rmse_mean"]
+    a, d, b = fitted["coef"]
+    assert abs(a) < 0.1 and 2.0 < d < 4.0 and 0.8 < b < 1.2  # noise pattern dropped, depth scaled up, the mean kept
+    cell = {name: compute_metrics(apply_readout({"profile": scores}, "gex2atac", meta, params), truth, "atac")["metrics"]
+            for name, params in [("depth", fitted), ("one_weight", {"aggregation": "profile", "coef": [1.0, 0.0], "intercept": 0.0})]}
+    assert cell["depth"]["auroc_cell"] > cell["one_weight"]["auroc_cell"]  # the noise no longer re-ranks a cell's peaks
+    fitted = fit_readout({"profile": scores.astype(np.float32)}, sp.csr_matrix(np.clip(scores, 0, None)), "atac2gex",
+                         {"train_stats": {"gex_mean": np.zeros(n_peaks).tolist(), "gex_mean_detected": np.ones(n_peaks).tolist()}})
+    assert "profile_depth" not in fitted["validation_rmse"]  # GEX values are size-normalized: no depth term
 
 
 def test_an_untrained_profile_head_is_exactly_the_mean(synthetic, tmp_path):
@@ -212,6 +244,13 @@ def test_float32_profile_readout_equals_the_float64_design():
     z = _atac_design(features, "profile", meta)
     expected = 1 / (1 + np.exp(-(0.9 * z[0] + 0.2 * z[1] - 0.1)))
     got = apply_readout(features, "gex2atac", meta, atac)
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    depth = {"aggregation": "profile_depth", "coef": [0.3, 2.5, 0.9], "intercept": 0.2}
+    columns = _atac_design(features, "profile_depth", meta)
+    np.testing.assert_allclose(columns[0] + columns[1], profile.astype(np.float64), atol=1e-9)  # z = (z - u) + u
+    expected = 1 / (1 + np.exp(-(0.3 * columns[0] + 2.5 * columns[1] + 0.9 * columns[2] + 0.2)))
+    got = apply_readout(features, "gex2atac", meta, depth)
     assert got.dtype == np.float32 and np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     gex = {"aggregation": "profile", "coef": [1.1, -0.2, 0.05]}

@@ -23,7 +23,7 @@ from tokenizer import DIRECTIONS, META_FILE, encode_names, feature_token_ranges
 
 from .data import SOURCE_MODALITY, TARGET_MODALITY, source_ids
 from .modeling import PROFILE_HEAD_FILE, ProfileHead
-from .readout import READOUT_FILE, apply_readout, decode_features
+from .readout import READOUT_FILE, apply_readout, decode_features, is_profile
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class CellTranslator:
         target_range = self.ranges[TARGET_MODALITY[direction]]
         params = (self.readout.get("calibration") or {}).get(direction)
         # The profile readout needs one decoder step; greedy decoding only runs when sentences are asked for.
-        decode = need_sentences or not params or params.get("aggregation") != "profile"
+        decode = need_sentences or not is_profile(params)
         features, sequences = decode_features(
             self.model, self.tokenizer, self.meta, ids, direction, target_range, self.max_target_length, batch_size,
             decode=decode, profile_head=self.profile_head,

@@ -1,0 +1,112 @@
+"""Refit the readout calibration of a trained model folder: the last stage of ``train.py``, alone.
+
+``train.py`` ends by fitting ``readout.json``'s ``calibration`` on the validation split
+(:func:`translator.training.calibrate`). When the readout gains an option (``profile_depth``, session 12),
+a folder trained before can take it without retraining: this runs that same stage on the same cells with
+the settings in the folder's ``training_args.json`` (``calibration_cells``, ``directions``, ``seed``,
+``per_device_eval_batch_size``) and the caps in ``readout.json``, so the folder ends as a fresh
+``train.py`` run with today's code would leave it. Only ``readout.json``'s ``calibration`` changes; the file
+is replaced in one move.
+
+Usage::
+
+    python -m translator.recalibrate --model mop_P5400c6d2ls1 --dataset_dir mop10k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("recalibrate")
+
+
+def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, calibration_cells: int | None = None, cpu_threads: int = 1) -> dict:
+    """Refit ``model_dir``'s calibration on ``dataset_dir``'s validation split; return ``{direction: (old, new)}`` summaries."""
+    import datasets
+
+    from tokenizer import check_vocabulary, load_tokenizer, read_meta
+
+    from .api import CellTranslator
+    from .readout import READOUT_FILE
+    from .training import calibrate
+
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--model {folder}: no such folder; give a model folder written by train.py")
+    args_path, readout_path = folder / "training_args.json", folder / READOUT_FILE
+    for path in (args_path, readout_path):
+        if not path.exists():
+            raise FileNotFoundError(f"--model {folder}: no {path.name}; give a model folder written by train.py")
+    training_args = json.loads(args_path.read_text())
+    readout = json.loads(readout_path.read_text())
+    cells = int(training_args.get("calibration_cells", 500) if calibration_cells is None else calibration_cells)
+    if cells < 1:
+        raise ValueError(f"--calibration_cells must be at least 1, got {cells}")
+    # Every check before the weights load (their progress bar would precede the one error line).
+    check_vocabulary(load_tokenizer(folder), read_meta(dataset_dir), what=f"--dataset_dir {dataset_dir}")
+    splits = datasets.load_from_disk(str(dataset_dir))
+    if "validation" not in splits or not len(splits["validation"]):
+        raise ValueError(f"--dataset_dir {dataset_dir} has no validation cells; the calibration is fitted on them")
+    translator = CellTranslator.from_pretrained(folder)
+    directions = training_args.get("directions") or list(readout.get("calibration") or {})
+    torch.set_num_threads(max(1, cpu_threads))
+    started = time.perf_counter()
+    new = calibrate(translator.model, translator.tokenizer, translator.meta, splits["validation"], directions,
+                    int(readout["max_source_length"]), int(readout["max_target_length"]), cells,
+                    int(training_args.get("per_device_eval_batch_size", 64)), int(training_args.get("seed", 0)), translator.profile_head)
+    old = readout.get("calibration") or {}
+    readout["calibration"] = new
+    tmp = tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{READOUT_FILE}.", delete=False)
+    try:
+        with tmp:
+            json.dump(readout, tmp, indent=2)
+        os.chmod(tmp.name, 0o644)
+        os.replace(tmp.name, readout_path)
+    finally:
+        if os.path.exists(tmp.name):
+            os.unlink(tmp.name)
+    summary = {}
+    for direction, params in new.items():
+        before = old.get(direction, {})
+        summary[direction] = {"before": before.get("aggregation"), "after": params["aggregation"],
+                              "validation_rmse": params["validation_rmse"][params["aggregation"]], "validation_rmse_mean": params["validation_rmse_mean"]}
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model folder written by train.py (rewritten in place)")
+    parser.add_argument("--dataset_dir", required=True, help="the dataset folder the model was trained on (its validation split is read)")
+    parser.add_argument("--calibration_cells", type=int, help="validation cells to fit on (default: the folder's training_args.json value)")
+    parser.add_argument("--cpu_threads", type=int, default=1)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
+    summary = recalibrate(args.model, args.dataset_dir, args.calibration_cells, args.cpu_threads)
+    for direction, row in summary.items():
+        if direction != "seconds":
+            print(f"{direction}: {row['before']} -> {row['after']}, validation RMSE {row['validation_rmse']:.6f} (mean {row['validation_rmse_mean']:.6f})")
+    print(f"rewrote {Path(args.model) / 'readout.json'} ({summary['seconds']} s)")
+    return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    from dataset_builder.cli import run_cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda: main(argv), debug="--debug" in argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
