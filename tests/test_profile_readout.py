@@ -148,7 +148,8 @@ def test_the_profile_readout_learns_what_the_mean_cannot(synthetic):
     for direction, target, mean_key, rows in (("gex2atac", "atac", "atac_mean", slice(0, n)), ("atac2gex", "gex", "gex_mean", slice(n, 2 * n))):
         ids = examples.sources[rows]
         features, sequences = decode_features(model, tokenizer, meta, ids, direction, ranges[target], 64, decode=False, profile_head=head)
-        assert set(features) == {"profile"} and sequences == [[] for _ in ids]
+        assert set(features) == {"profile", "source_length"} and sequences == [[] for _ in ids]
+        np.testing.assert_array_equal(features["source_length"], [len(x) - 2 for x in ids])  # names read, without prefix and </s>
         predicted = apply_readout(features, direction, meta, None)  # the readout as trained, no calibration
         mean = np.broadcast_to(np.asarray(meta["train_stats"][mean_key]), predicted.shape)
         assert _rmse(predicted, truth[target]) < 0.95 * _rmse(mean, truth[target]), direction
@@ -192,7 +193,8 @@ def test_profile_calibration_keeps_the_mean_and_the_model():
 
 
 def test_profile_depth_weighs_a_cells_depth_apart_from_its_peaks():
-    """Scores whose cell mean is the true depth (too small) and whose per-peak part is noise: one weight cannot fit both."""
+    """Scores whose cell mean is part of the true depth (too small) and whose per-peak part is noise, the rest of
+    the depth in the source's size: one weight on the scores cannot fit that."""
     from evaluation.metrics_core import compute_metrics
 
     rng = np.random.default_rng(5)
@@ -200,15 +202,19 @@ def test_profile_depth_weighs_a_cells_depth_apart_from_its_peaks():
     meta = {"train_stats": {"atac_mean": rng.uniform(0.02, 0.3, n_peaks).tolist()}}
     mean = np.asarray(meta["train_stats"]["atac_mean"])
     depth = rng.normal(0, 0.4, (n_cells, 1))
+    size = rng.integers(20, 400, n_cells).astype(np.float32)  # genes in each cell's source sentence
+    log_size = np.log1p(size)[:, None] - np.log1p(size).mean()
     scores = depth + rng.normal(0, 1.0, (n_cells, n_peaks))  # the head's residual: depth, plus a per-peak pattern that is noise
     logit_mean = np.log(mean) - np.log1p(-mean)
-    truth = sp.csr_matrix((rng.random((n_cells, n_peaks)) < 1 / (1 + np.exp(-(logit_mean + 3.0 * depth)))).astype(np.float32))
-    fitted = fit_readout({"profile": scores}, truth, "gex2atac", meta)
+    truth = (rng.random((n_cells, n_peaks)) < 1 / (1 + np.exp(-(logit_mean + 3.0 * depth + 0.7 * log_size)))).astype(np.float32)
+    truth = sp.csr_matrix(truth)
+    features = {"profile": scores, "source_length": size}
+    fitted = fit_readout(features, truth, "gex2atac", meta)
     assert fitted["aggregation"] == "profile_depth"
     assert fitted["validation_rmse"]["profile_depth"] < fitted["validation_rmse"]["profile"] < fitted["validation_rmse_mean"]
-    a, d, b = fitted["coef"]
-    assert abs(a) < 0.1 and 2.0 < d < 4.0 and 0.8 < b < 1.2  # noise pattern dropped, depth scaled up, the mean kept
-    cell = {name: compute_metrics(apply_readout({"profile": scores}, "gex2atac", meta, params), truth, "atac")["metrics"]
+    a, d, e, b = fitted["coef"]
+    assert abs(a) < 0.1 and 2.0 < d < 4.0 and 0.4 < e < 1.0 and 0.8 < b < 1.2  # noise dropped, depth scaled up, size found, mean kept
+    cell = {name: compute_metrics(apply_readout(features, "gex2atac", meta, params), truth, "atac")["metrics"]
             for name, params in [("depth", fitted), ("one_weight", {"aggregation": "profile", "coef": [1.0, 0.0], "intercept": 0.0})]}
     assert cell["depth"]["auroc_cell"] > cell["one_weight"]["auroc_cell"]  # the noise no longer re-ranks a cell's peaks
     fitted = fit_readout({"profile": scores.astype(np.float32)}, sp.csr_matrix(np.clip(scores, 0, None)), "atac2gex",
@@ -246,10 +252,14 @@ def test_float32_profile_readout_equals_the_float64_design():
     got = apply_readout(features, "gex2atac", meta, atac)
     assert got.dtype == np.float32 and np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
-    depth = {"aggregation": "profile_depth", "coef": [0.3, 2.5, 0.9], "intercept": 0.2}
+    depth = {"aggregation": "profile_depth", "coef": [0.3, 2.5, -0.4, 0.9], "intercept": 0.2}
+    with pytest.raises(ValueError, match="source_length"):
+        apply_readout(features, "gex2atac", meta, depth)
+    features["source_length"] = rng.integers(0, 600, 20).astype(np.float32)
     columns = _atac_design(features, "profile_depth", meta)
     np.testing.assert_allclose(columns[0] + columns[1], profile.astype(np.float64), atol=1e-9)  # z = (z - u) + u
-    expected = 1 / (1 + np.exp(-(0.3 * columns[0] + 2.5 * columns[1] + 0.9 * columns[2] + 0.2)))
+    np.testing.assert_allclose(columns[2][:, 0], np.log1p(features["source_length"]))
+    expected = 1 / (1 + np.exp(-(0.3 * columns[0] + 2.5 * columns[1] - 0.4 * columns[2] + 0.9 * columns[3] + 0.2)))
     got = apply_readout(features, "gex2atac", meta, depth)
     assert got.dtype == np.float32 and np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)

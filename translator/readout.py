@@ -16,11 +16,12 @@ Calibration, fitted on the validation split, never discards what the per-feature
 - ATAC: ``P(accessible) = sigmoid(a * logit(s_k) + b * logit(mean_k) + c)`` (logistic regression;
   ``r_k`` in place of ``logit(s_k)`` for ``profile``); ``profile_depth`` splits the profile residual
   ``z_k`` of a cell into its mean over the cell's peaks ``u`` (how open the cell is as a whole: its depth)
-  and the rest ``z_k - u`` (which peaks), each with its own weight:
-  ``sigmoid(a * (z_k - u) + d * u + b * logit(mean_k) + c)``. With little training data the head's
-  residual is too small in depth and too loud in its per-peak pattern (BMMC folds: ``d`` 1.6-7, ``a``
-  0-0.8), and one weight for both either loses the depth (RMSE) or re-ranks a cell's peaks worse than
-  the mean does (per-cell Pearson, AUROC, AP); ``a = 0`` ranks every cell's peaks as the mean does;
+  and the rest ``z_k - u`` (which peaks), each with its own weight, and adds the size of the source
+  sentence ``n`` (the genes the model read), which the head's pooled (length-free) states do not carry:
+  ``sigmoid(a * (z_k - u) + d * u + e * log(1 + n) + b * logit(mean_k) + c)``. With little training data the
+  head's residual is too small in depth and too loud in its per-peak pattern (BMMC folds without ``n``: ``d``
+  1.6-7, ``a`` 0-0.8), and one weight for both either loses the depth (RMSE) or re-ranks a cell's peaks worse
+  than the mean does (per-cell Pearson, AUROC, AP); ``a = 0`` ranks every cell's peaks as the mean does;
 - GEX: ``value = w1 * e_g + w2 * s_g * mean_detected_g + w3 * mean_g + w4`` (least squares, clipped at 0;
   ``value = w1 * r_g + w3 * mean_g + w4`` for ``profile``).
 
@@ -106,8 +107,9 @@ def decode_features(
     """Decode every source sentence and return the per-feature aggregates ``[cells, features]`` and the ids.
 
     Sources are decoded longest first in batches (little padding), results are put back in input order.
-    The ``profile`` scores (one decoder step, with ``profile_head`` when the model has one) are always
-    computed; with ``decode=False`` nothing else is (no greedy decoding, empty sequences).
+    The ``profile`` scores (one decoder step, with ``profile_head`` when the model has one) and ``source_length``
+    (``[cells]``: the source names read, without prefix and ``</s>``) are always computed; with ``decode=False``
+    nothing else is (no greedy decoding, empty sequences).
     """
     rank_value = np.asarray(meta["train_stats"]["rank_value"], dtype=np.float64)
 
@@ -135,6 +137,7 @@ def _decode_batches(model, source_ids, direction, target_range, max_new_tokens, 
     n_features = target_range[1] - target_range[0]
     keys = (["noisy_or", "sum"] + (["weighted"] if direction == "atac2gex" else [])) if decode else []
     out = {k: np.zeros((len(source_ids), n_features), dtype=np.float32) for k in [*keys, "profile"]}
+    out["source_length"] = np.fromiter((max(0, len(s) - 2) for s in source_ids), dtype=np.float32, count=len(source_ids))  # minus prefix and </s>
     sequences: list[list[int]] = [[] for _ in source_ids]
     for begin in range(0, len(order), batch_size):
         rows = order[begin : begin + batch_size]
@@ -180,14 +183,22 @@ def _feature_key(aggregation: str) -> str:
     return "profile" if aggregation in PROFILE_AGGREGATIONS else aggregation
 
 
+def _log_source_length(features: dict[str, np.ndarray]) -> np.ndarray:
+    """``log(1 + n)`` per cell, ``n`` the source names the model read (``decode_features``' ``source_length``)."""
+    if "source_length" not in features:
+        raise ValueError("the profile_depth readout needs features['source_length'] (the source names read per cell), as decode_features gives")
+    return np.log1p(np.asarray(features["source_length"], dtype=np.float64))
+
+
 def _atac_design(features: dict[str, np.ndarray], aggregation: str, meta: dict) -> list[np.ndarray]:
-    """The columns the ATAC calibration weighs: ``[score, logit(mean)]``; ``profile_depth``: ``[z - u, u, logit(mean)]``."""
+    """The columns the ATAC calibration weighs: ``[score, logit(mean)]``; ``profile_depth``: ``[z - u, u, log(1 + n), logit(mean)]``."""
     mean_logit = _logit(np.asarray(meta["train_stats"]["atac_mean"], dtype=np.float64))
     shape = features[_feature_key(aggregation)].shape
     if aggregation == "profile_depth":
         z = features["profile"].astype(np.float64)
         depth = np.broadcast_to(z.mean(axis=1, keepdims=True), shape)
-        return [z - depth, depth, np.broadcast_to(mean_logit, shape)]
+        size = np.broadcast_to(_log_source_length(features)[:, None], shape)
+        return [z - depth, depth, size, np.broadcast_to(mean_logit, shape)]
     if aggregation == "profile":
         score = features["profile"].astype(np.float64) + mean_logit
     else:
@@ -211,12 +222,13 @@ def _gex_design(features: dict[str, np.ndarray], aggregation: str, meta: dict) -
     ]
 
 
-def _profile_readout(profile: np.ndarray, direction: str, meta: dict, params: dict) -> np.ndarray:
+def _profile_readout(profile: np.ndarray, direction: str, meta: dict, params: dict, log_source_length: np.ndarray | None = None) -> np.ndarray:
     """The calibrated profile readout, in float32 and in place on one copy of ``profile``.
 
     The same affine map as the design matrices of :func:`_atac_design` / :func:`_gex_design`, with the
     per-feature terms folded into one vector: ATAC ``sigmoid(a * z + ((a + b) * logit(mean) + intercept))``
-    (``profile_depth``: ``sigmoid(a * z + (d - a) * u + (b * logit(mean) + intercept))``, ``u`` the row mean of ``z``),
+    (``profile_depth``: ``sigmoid(a * z + ((d - a) * u + e * log(1 + n)) + (b * logit(mean) + intercept))``, ``u`` the
+    row mean of ``z``, ``n`` the row's ``source_length``),
     GEX ``max(0, w0 * z + ((w0 + w1) * mean + w2))``. At 116,490 peaks the float64 design took ~8 ms a cell
     and several [cells, features] temporaries; this takes one array and a few in-place passes.
     """
@@ -225,11 +237,11 @@ def _profile_readout(profile: np.ndarray, direction: str, meta: dict, params: di
     if direction == "gex2atac":
         mean_logit = _logit(np.asarray(stats["atac_mean"], dtype=np.float64))
         if params["aggregation"] == "profile_depth":
-            a, d, b = params["coef"]
+            a, d, e, b = params["coef"]
             depth = x.mean(axis=1, dtype=np.float64)
             offset = b * mean_logit + params["intercept"]
             x *= np.float32(a)
-            x += ((d - a) * depth).astype(np.float32)[:, None]
+            x += ((d - a) * depth + e * log_source_length).astype(np.float32)[:, None]
         else:
             a, b = params["coef"]
             offset = (a + b) * mean_logit + params["intercept"]
@@ -256,7 +268,8 @@ def apply_readout(features: dict[str, np.ndarray], direction: str, meta: dict, p
     if params is None and "noisy_or" not in features:  # not decoded: the profile readout as trained
         params = {"aggregation": "profile", "coef": [1.0, 0.0], "intercept": 0.0} if direction == "gex2atac" else {"aggregation": "profile", "coef": [1.0, 0.0, 0.0]}
     if is_profile(params):
-        return _profile_readout(features["profile"], direction, meta, params)
+        size = _log_source_length(features) if params["aggregation"] == "profile_depth" else None
+        return _profile_readout(features["profile"], direction, meta, params, size)
     if direction == "gex2atac":
         if params is None:
             return _inclusion(features, "noisy_or").astype(np.float32)
@@ -297,8 +310,8 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
     dense_truth = truth.toarray()
     candidates: dict[str, dict] = {}
     for aggregation in AGGREGATIONS:
-        if _feature_key(aggregation) not in features or (aggregation == "profile_depth" and direction != "gex2atac"):
-            continue  # profile_depth is for binary ATAC targets: GEX values are size-normalized already
+        if _feature_key(aggregation) not in features or (aggregation == "profile_depth" and (direction != "gex2atac" or "source_length" not in features)):
+            continue  # profile_depth is for binary ATAC targets (GEX values are size-normalized already) and needs the source sizes
         if direction == "gex2atac":
             x = np.stack([np.asarray(c).ravel() for c in _atac_design(features, aggregation, meta)], axis=1)
             y = dense_truth.ravel() > 0
