@@ -10,6 +10,13 @@
   metrics core (RMSE, per-cell Pearson, AUROC, AP) beside each member alone.
 - ``bootstrap``: how well the validation split can rank the model against the tuned baselines: a paired bootstrap over
   its cells of the RMSE difference (model minus baseline).
+- ``crossfit``: the calibration scored on cells it was not fitted on. ``train.py`` fits ``readout.json``'s calibration
+  on the validation cells that ``eval.py --split validation`` then scores, so a readout with more coefficients looks
+  better there than it is. This splits the validation cells into ``--parts`` parts, fits the calibration (the same
+  ``fit_readout`` rule: the lowest RMSE among ``--aggregations``) on all parts but one and predicts that one, for
+  every part, and writes for each aggregation set an ``eval_results.json`` of the pooled predictions (the metrics
+  core's RMSE, per-cell Pearson, AUROC, AP) that ``python -m evaluation.crossval pool`` reads as a candidate; beside it
+  the in-sample figures (fitted and scored on all cells, what ``eval.py`` reports).
 
 Usage::
 
@@ -17,6 +24,8 @@ Usage::
     python bench/readout_diagnostics.py centre --model mop_P5400c6d2 --dataset_dir mop10k
     python bench/readout_diagnostics.py bootstrap --model bmmc_S50 --dataset_dir bmmc
     python bench/readout_diagnostics.py ensemble --model mop_P5400c6d2 --members mop_P5400c6d2s7 --dataset_dir mop10k
+    python bench/readout_diagnostics.py crossfit --model m_S50r_0 --dataset_dir f0 --arms profile profile,profile_depth \
+        --output_dir crossfit_S50r_0     # writes crossfit_S50r_0/<arm>/eval_results.json
 
 Each writes ``bench/results/readout_<command>[_<tag>].json`` (``--results_dir`` to change the folder).
 """
@@ -24,8 +33,10 @@ Each writes ``bench/results/readout_<command>[_<tag>].json`` (``--results_dir`` 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -175,9 +186,56 @@ def ensemble(translator, members: Sequence[str], val: dict, directions: Sequence
     return out
 
 
+def crossfit(translator, val: dict, directions: Sequence[str], arms: Sequence[Sequence[str]], parts: int, dataset: str,
+             output_dir: str | None, seed: int = 0) -> dict:
+    """Cross-fitted calibration of each arm (a set of aggregations); see the module docstring."""
+    from evaluation.metrics_core import compute_metrics
+    from evaluation.report import write_text_atomic
+    from evaluation.runner import source_sentences
+    from translator.readout import apply_readout, decode_features, fit_readout
+
+    n = val["gex"].shape[0]
+    if not 2 <= parts <= n:
+        raise SystemExit(f"--parts must be from 2 to the {n} validation cells, got {parts}")
+    part = np.random.default_rng(seed).permutation(n) % parts
+    out, results = {}, {",".join(arm): {"dataset": dataset, "split": "validation", "n_cells": n, "directions": {},
+                                             "readout": f"calibration cross-fitted over {parts} parts of the validation cells"}
+                        for arm in arms}
+    for direction in directions:
+        target = TARGET[direction]
+        truth = val[target].tocsr()
+        ids = translator.encode_sources(source_sentences(val, direction, translator.meta), direction, allow_empty=True)
+        features, _ = decode_features(translator.model, translator.tokenizer, translator.meta, ids, direction, translator.ranges[target],
+                                      translator.max_target_length, decode=False, profile_head=translator.profile_head)
+        out[direction] = {}
+        for arm in arms:
+            prediction = np.zeros(truth.shape, dtype=np.float32)
+            chosen = []
+            for k in range(parts):
+                fit_rows, held = np.flatnonzero(part != k), np.flatnonzero(part == k)
+                params = fit_readout({key: v[fit_rows] for key, v in features.items()}, truth[fit_rows], direction, translator.meta, seed=seed,
+                                     aggregations=arm)
+                prediction[held] = apply_readout({key: v[held] for key, v in features.items()}, direction, translator.meta, params)
+                chosen.append(params["aggregation"])
+            in_sample = fit_readout(features, truth, direction, translator.meta, seed=seed, aggregations=arm)
+            metrics = compute_metrics(prediction, truth, target)["metrics"]
+            fitted = compute_metrics(apply_readout(features, direction, translator.meta, in_sample), truth, target)["metrics"]
+            row = {"cross_fitted": {k: float(metrics[k]) for k in ranked_keys(metrics)},
+                   "in_sample": {k: float(fitted[k]) for k in ranked_keys(fitted)},
+                   "aggregation_per_part": chosen, "aggregation_in_sample": in_sample["aggregation"]}
+            out[direction][",".join(arm)] = row
+            results[",".join(arm)]["directions"][direction] = {"model": row["cross_fitted"]}
+            print(f"{direction} {','.join(arm)}: cross-fitted RMSE {row['cross_fitted']['rmse']:.6f}, in-sample {row['in_sample']['rmse']:.6f} "
+                  f"({', '.join(chosen)})", flush=True)
+    if output_dir:
+        for name, result in results.items():
+            write_text_atomic(Path(output_dir) / name / "eval_results.json", json.dumps(result, indent=2) + "\n")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("kernel", "centre", "bootstrap", "ensemble"))
+    parser.add_argument("command", choices=("kernel", "centre", "bootstrap", "ensemble", "crossfit"))
     parser.add_argument("--model", required=True, help="model folder written by train.py")
     parser.add_argument("--dataset_dir", required=True, help="dataset folder (train and validation splits are read)")
     parser.add_argument("--members", nargs="+", default=[], help="ensemble: the other model folders averaged with --model")
@@ -186,6 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ridges", nargs="+", type=float, default=[1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0])
     parser.add_argument("--landmarks", type=int, default=1500)
     parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--arms", nargs="+", default=["profile", "profile,profile_depth"],
+                        help="crossfit: each arm a comma-separated set of readout aggregations the calibration chooses from")
+    parser.add_argument("--parts", type=int, default=5, help="crossfit: the validation cells are split into this many parts")
+    parser.add_argument("--dataset_name", help="crossfit: the name eval.py was given (--dataset_name), so crossval pool pairs the folds")
+    parser.add_argument("--output_dir", help="crossfit: write <output_dir>/<arm>/eval_results.json for evaluation.crossval pool")
     parser.add_argument("--cpu_threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: one width, two ridges, 50 landmarks, 100 resamples")
     parser.add_argument("--tag", help="results file readout_<command>_<tag>.json (default readout_<command>.json)")
@@ -202,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures = centre(translator, train, val, args.directions, args.dataset_dir)
     elif args.command == "bootstrap":
         figures = bootstrap(translator, train, val, args.directions, args.resamples)
+    elif args.command == "crossfit":
+        figures = crossfit(translator, val, args.directions, [a.split(",") for a in args.arms], args.parts, args.dataset_name or Path(args.dataset_dir).name, args.output_dir)
     else:
         if not args.members:
             raise SystemExit("ensemble needs --members: the model folders to average with --model")

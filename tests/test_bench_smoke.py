@@ -163,6 +163,23 @@ def test_readout_diagnostics_quick(tmp_path):
                                      "--results_dir", str(tmp_path)]) == 0
     for rows in _results(tmp_path, "readout_ensemble")["directions"].values():  # a model averaged with itself is itself
         assert rows["ensemble"] == pytest.approx(rows["member_0"]) and rows["member_1"] == rows["member_0"]
+    crossfit_dir = tmp_path / "crossfit"
+    assert readout_diagnostics.main(["crossfit", "--model", str(model), "--dataset_dir", str(data), "--parts", "3", "--dataset_name", "syn",
+                                     "--output_dir", str(crossfit_dir), "--quick", "--results_dir", str(tmp_path)]) == 0
+    crossfit = _results(tmp_path, "readout_crossfit")["directions"]
+    assert crossfit["gex2atac"]["profile"]["aggregation_per_part"] == ["profile"] * 3
+    assert crossfit["atac2gex"]["profile,profile_depth"]["aggregation_in_sample"] == "profile"  # no depth term for GEX targets
+    import eval as eval_script
+    from evaluation.crossval import pool_folds
+
+    eval_script.main(["--skip_model", "--dataset_dir", str(data), "--dataset_name", "syn", "--split", "validation", "--no_plots",
+                      "--output_dir", str(tmp_path / "ev_base")])
+    pooled = pool_folds([tmp_path / "ev_base"], {"depth": [crossfit_dir / "profile,profile_depth"]})  # crossval pool reads them
+    for direction, rows in crossfit.items():
+        assert pooled["candidates"]["depth"]["metrics"][direction]["rmse"] == pytest.approx(rows["profile,profile_depth"]["cross_fitted"]["rmse"])
+        assert rows["profile"]["cross_fitted"]["rmse"] != rows["profile"]["in_sample"]["rmse"]  # held-out cells, not the fitted ones
+    with pytest.raises(SystemExit, match="--parts must be from 2"):
+        readout_diagnostics.main(["crossfit", "--model", str(model), "--dataset_dir", str(data), "--parts", "1", "--quick", "--results_dir", str(tmp_path)])
     kernel = _results(tmp_path, "readout_kernel")["directions"]
     for row in kernel.values():
         assert len(row["grid"]) == 4 and row["best"]["residual"]["validation_rmse"] > 0  # 2 fits x 1 width x 2 ridges

@@ -220,6 +220,10 @@ def test_profile_depth_weighs_a_cells_depth_apart_from_its_peaks():
     fitted = fit_readout({"profile": scores.astype(np.float32)}, sp.csr_matrix(np.clip(scores, 0, None)), "atac2gex",
                          {"train_stats": {"gex_mean": np.zeros(n_peaks).tolist(), "gex_mean_detected": np.ones(n_peaks).tolist()}})
     assert "profile_depth" not in fitted["validation_rmse"]  # GEX values are size-normalized: no depth term
+    only = fit_readout(features, truth, "gex2atac", meta, aggregations=("profile",))  # the candidates can be restricted
+    assert only["aggregation"] == "profile" and set(only["validation_rmse"]) == {"profile"}
+    with pytest.raises(ValueError, match="unknown readout aggregation"):
+        fit_readout(features, truth, "gex2atac", meta, aggregations=("depth",))
 
 
 def test_an_untrained_profile_head_is_exactly_the_mean(synthetic, tmp_path):

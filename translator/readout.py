@@ -287,7 +287,8 @@ def _rmse(prediction: np.ndarray, truth: sp.spmatrix) -> float:
     return float(np.sqrt(np.mean((prediction - truth.toarray()) ** 2)))
 
 
-def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: str, meta: dict, seed: int = 0, max_entries: int = 2_000_000) -> dict:
+def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: str, meta: dict, seed: int = 0, max_entries: int = 2_000_000,
+                aggregations: Sequence[str] = AGGREGATIONS) -> dict:
     """Fit the calibration of one direction on validation cells; try each aggregation and keep the lowest RMSE.
 
     Parameters
@@ -298,6 +299,8 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
         The matching truth matrix (:func:`truth_matrices`).
     max_entries
         The logistic regression sees at most this many (cell, peak) entries, drawn at random.
+    aggregations
+        The candidates tried (default: all of :data:`AGGREGATIONS`; those whose features are missing are skipped).
 
     Returns
     -------
@@ -309,7 +312,10 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
     rng = np.random.default_rng(seed)
     dense_truth = truth.toarray()
     candidates: dict[str, dict] = {}
-    for aggregation in AGGREGATIONS:
+    unknown = sorted(set(aggregations) - set(AGGREGATIONS))
+    if unknown:
+        raise ValueError(f"unknown readout aggregation(s) {unknown}; choose from {list(AGGREGATIONS)}")
+    for aggregation in aggregations:
         if _feature_key(aggregation) not in features or (aggregation == "profile_depth" and (direction != "gex2atac" or "source_length" not in features)):
             continue  # profile_depth is for binary ATAC targets (GEX values are size-normalized already) and needs the source sizes
         if direction == "gex2atac":
