@@ -207,6 +207,10 @@ def test_recalibrate_is_the_last_stage_of_train_py_and_upgrades_an_old_folder(mo
     assert json.loads((folder / "readout.json").read_text()) == trained  # the same fits on the same cells, to the bit
     assert summary["gex2atac"]["before"] == "noisy_or" and summary["gex2atac"]["after"] == trained["calibration"]["gex2atac"]["aggregation"]
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    recalibrate(folder, model_dir.parent / "data", aggregations=["noisy_or", "sum", "profile"])  # the same folder without profile_depth
+    restricted = json.loads((folder / "readout.json").read_text())["calibration"]
+    assert set(restricted["gex2atac"]["validation_rmse"]) == {"noisy_or", "sum", "profile"}
+    assert restricted["gex2atac"]["validation_rmse"]["profile"] == trained["calibration"]["gex2atac"]["validation_rmse"]["profile"]
 
 
 def test_recalibrate_refuses_bad_input_with_one_line(model_dir, tmp_path):
@@ -222,6 +226,7 @@ def test_recalibrate_refuses_bad_input_with_one_line(model_dir, tmp_path):
         (["--model", str(tmp_path / "missing"), "--dataset_dir", str(model_dir.parent / "data")], "--model"),
         (["--model", str(folder), "--dataset_dir", str(other)], "--dataset_dir"),
         (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--calibration_cells", "0"], "--calibration_cells"),
+        (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--aggregations", "depth"], "--aggregations"),
     ]
     for args, flag in cases:
         result = subprocess.run([sys.executable, "-m", "translator.recalibrate", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)

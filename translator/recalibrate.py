@@ -30,14 +30,19 @@ import torch
 logger = logging.getLogger("recalibrate")
 
 
-def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, calibration_cells: int | None = None, cpu_threads: int = 1) -> dict:
-    """Refit ``model_dir``'s calibration on ``dataset_dir``'s validation split; return ``{direction: (old, new)}`` summaries."""
+def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, calibration_cells: int | None = None, cpu_threads: int = 1,
+                aggregations: Sequence[str] | None = None) -> dict:
+    """Refit ``model_dir``'s calibration on ``dataset_dir``'s validation split; return ``{direction: (old, new)}`` summaries.
+
+    ``aggregations`` restricts the readouts the calibration chooses from (default: all, as ``train.py``), e.g. to score
+    one folder with and without ``profile_depth``.
+    """
     import datasets
 
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
     from .api import CellTranslator
-    from .readout import READOUT_FILE
+    from .readout import AGGREGATIONS, READOUT_FILE
     from .training import calibrate
 
     folder = Path(model_dir)
@@ -52,6 +57,9 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     cells = int(training_args.get("calibration_cells", 500) if calibration_cells is None else calibration_cells)
     if cells < 1:
         raise ValueError(f"--calibration_cells must be at least 1, got {cells}")
+    unknown = sorted(set(aggregations or ()) - set(AGGREGATIONS))
+    if unknown:
+        raise ValueError(f"--aggregations: unknown readout aggregation(s) {unknown}; choose from {list(AGGREGATIONS)}")
     # Every check before the weights load (their progress bar would precede the one error line).
     check_vocabulary(load_tokenizer(folder), read_meta(dataset_dir), what=f"--dataset_dir {dataset_dir}")
     splits = datasets.load_from_disk(str(dataset_dir))
@@ -63,7 +71,8 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     started = time.perf_counter()
     new = calibrate(translator.model, translator.tokenizer, translator.meta, splits["validation"], directions,
                     int(readout["max_source_length"]), int(readout["max_target_length"]), cells,
-                    int(training_args.get("per_device_eval_batch_size", 64)), int(training_args.get("seed", 0)), translator.profile_head)
+                    int(training_args.get("per_device_eval_batch_size", 64)), int(training_args.get("seed", 0)), translator.profile_head,
+                    tuple(aggregations) if aggregations else AGGREGATIONS)
     old = readout.get("calibration") or {}
     readout["calibration"] = new
     tmp = tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{READOUT_FILE}.", delete=False)
@@ -89,11 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="model folder written by train.py (rewritten in place)")
     parser.add_argument("--dataset_dir", required=True, help="the dataset folder the model was trained on (its validation split is read)")
     parser.add_argument("--calibration_cells", type=int, help="validation cells to fit on (default: the folder's training_args.json value)")
+    parser.add_argument("--aggregations", nargs="+", help="readouts the calibration may choose from (default: all, as train.py), "
+                        "e.g. noisy_or sum profile to leave profile_depth out")
     parser.add_argument("--cpu_threads", type=int, default=1)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
-    summary = recalibrate(args.model, args.dataset_dir, args.calibration_cells, args.cpu_threads)
+    summary = recalibrate(args.model, args.dataset_dir, args.calibration_cells, args.cpu_threads, args.aggregations)
     for direction, row in summary.items():
         if direction != "seconds":
             print(f"{direction}: {row['before']} -> {row['after']}, validation RMSE {row['validation_rmse']:.6f} (mean {row['validation_rmse_mean']:.6f})")

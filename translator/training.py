@@ -23,7 +23,7 @@ from tokenizer import META_FILE, PREFIX, feature_token_ranges
 
 from .data import SOURCE_COLUMN, TARGET_MODALITY, names_to_ids, source_ids
 from .modeling import PROFILE_HEAD_FILE
-from .readout import READOUT_FILE, decode_features, fit_readout, truth_matrices
+from .readout import AGGREGATIONS, READOUT_FILE, decode_features, fit_readout, truth_matrices
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -124,8 +124,9 @@ def parameter_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int, max_cells: int = 500, batch_size: int = 64, seed: int = 0, profile_head=None) -> dict:
-    """Fit the readout calibration of each direction on (up to ``max_cells`` evenly spaced) cells of ``split``."""
+def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int, max_cells: int = 500, batch_size: int = 64, seed: int = 0, profile_head=None,
+              aggregations: Sequence[str] = AGGREGATIONS) -> dict:
+    """Fit the readout calibration of each direction on (up to ``max_cells`` evenly spaced) cells of ``split``, choosing among ``aggregations``."""
     n = len(split)
     rows = np.unique(np.linspace(0, n - 1, min(n, max_cells)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
     cells = split.select(rows.tolist())
@@ -137,7 +138,7 @@ def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], ma
         ids = [source_ids(x, direction, tokenizer, max_source_length) for x in names]
         target = TARGET_MODALITY[direction]
         features, _ = decode_features(model, tokenizer, meta, ids, direction, ranges[target], max_target_length, batch_size, profile_head=profile_head)
-        out[direction] = fit_readout(features, truth[target], direction, meta, seed=seed)
+        out[direction] = fit_readout(features, truth[target], direction, meta, seed=seed, aggregations=aggregations)
     return out
 
 
