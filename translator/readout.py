@@ -287,6 +287,13 @@ def _rmse(prediction: np.ndarray, truth: sp.spmatrix) -> float:
     return float(np.sqrt(np.mean((prediction - truth.toarray()) ** 2)))
 
 
+def check_aggregations(names: Sequence[str], what: str = "") -> None:
+    """Refuse names that are not readout aggregations (``what``: the flag to name in the message)."""
+    unknown = sorted(set(names) - set(AGGREGATIONS))
+    if unknown:
+        raise ValueError(f"{what}{': ' if what else ''}unknown readout aggregation(s) {unknown}; choose from {list(AGGREGATIONS)}")
+
+
 def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: str, meta: dict, seed: int = 0, max_entries: int = 2_000_000,
                 aggregations: Sequence[str] = AGGREGATIONS) -> dict:
     """Fit the calibration of one direction on validation cells; try each aggregation and keep the lowest RMSE.
@@ -312,9 +319,7 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
     rng = np.random.default_rng(seed)
     dense_truth = truth.toarray()
     candidates: dict[str, dict] = {}
-    unknown = sorted(set(aggregations) - set(AGGREGATIONS))
-    if unknown:
-        raise ValueError(f"unknown readout aggregation(s) {unknown}; choose from {list(AGGREGATIONS)}")
+    check_aggregations(aggregations)
     for aggregation in aggregations:
         if _feature_key(aggregation) not in features or (aggregation == "profile_depth" and (direction != "gex2atac" or "source_length" not in features)):
             continue  # profile_depth is for binary ATAC targets (GEX values are size-normalized already) and needs the source sizes

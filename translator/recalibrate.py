@@ -42,7 +42,7 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
     from .api import CellTranslator
-    from .readout import AGGREGATIONS, READOUT_FILE
+    from .readout import AGGREGATIONS, READOUT_FILE, check_aggregations
     from .training import calibrate
 
     folder = Path(model_dir)
@@ -57,9 +57,7 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     cells = int(training_args.get("calibration_cells", 500) if calibration_cells is None else calibration_cells)
     if cells < 1:
         raise ValueError(f"--calibration_cells must be at least 1, got {cells}")
-    unknown = sorted(set(aggregations or ()) - set(AGGREGATIONS))
-    if unknown:
-        raise ValueError(f"--aggregations: unknown readout aggregation(s) {unknown}; choose from {list(AGGREGATIONS)}")
+    check_aggregations(aggregations or (), "--aggregations")
     # Every check before the weights load (their progress bar would precede the one error line).
     check_vocabulary(load_tokenizer(folder), read_meta(dataset_dir), what=f"--dataset_dir {dataset_dir}")
     splits = datasets.load_from_disk(str(dataset_dir))
