@@ -187,12 +187,14 @@ def ensemble(translator, members: Sequence[str], val: dict, directions: Sequence
 
 
 def crossfit(translator, val: dict, directions: Sequence[str], arms: Sequence[Sequence[str]], parts: int, dataset: str,
-             output_dir: str | None, seed: int = 0) -> dict:
+             output_dir: str | None, seed: int = 0, selection_parts: int | None = None) -> dict:
     """Cross-fitted calibration of each arm (a set of aggregations); see the module docstring."""
     from evaluation.metrics_core import compute_metrics
     from evaluation.report import write_text_atomic
     from evaluation.runner import source_sentences
-    from translator.readout import apply_readout, decode_features, fit_readout
+    from translator.readout import SELECTION_PARTS, apply_readout, decode_features, fit_readout
+
+    selection_parts = SELECTION_PARTS if selection_parts is None else selection_parts
 
     n = val["gex"].shape[0]
     if not 2 <= parts <= n:
@@ -214,10 +216,10 @@ def crossfit(translator, val: dict, directions: Sequence[str], arms: Sequence[Se
             for k in range(parts):
                 fit_rows, held = np.flatnonzero(part != k), np.flatnonzero(part == k)
                 params = fit_readout({key: v[fit_rows] for key, v in features.items()}, truth[fit_rows], direction, translator.meta, seed=seed,
-                                     aggregations=arm)
+                                     aggregations=arm, selection_parts=selection_parts)
                 prediction[held] = apply_readout({key: v[held] for key, v in features.items()}, direction, translator.meta, params)
                 chosen.append(params["aggregation"])
-            in_sample = fit_readout(features, truth, direction, translator.meta, seed=seed, aggregations=arm)
+            in_sample = fit_readout(features, truth, direction, translator.meta, seed=seed, aggregations=arm, selection_parts=selection_parts)
             metrics = compute_metrics(prediction, truth, target)["metrics"]
             fitted = compute_metrics(apply_readout(features, direction, translator.meta, in_sample), truth, target)["metrics"]
             row = {"cross_fitted": {k: float(metrics[k]) for k in ranked_keys(metrics)},
@@ -247,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=["profile", "profile,profile_depth"],
                         help="crossfit: each arm a comma-separated set of readout aggregations the calibration chooses from")
     parser.add_argument("--parts", type=int, default=5, help="crossfit: the validation cells are split into this many parts")
+    parser.add_argument("--selection_parts", type=int, help="crossfit: how each fit picks its aggregation (fit_readout's selection_parts; "
+                        "default its own, cross-fitted over 5 parts; 0 = lowest in-sample RMSE, the rule before session 13)")
     parser.add_argument("--dataset_name", help="crossfit: the name eval.py was given (--dataset_name), so crossval pool pairs the folds")
     parser.add_argument("--output_dir", help="crossfit: write <output_dir>/<arm>/eval_results.json for evaluation.crossval pool")
     parser.add_argument("--cpu_threads", type=int, default=1)
@@ -266,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "bootstrap":
         figures = bootstrap(translator, train, val, args.directions, args.resamples)
     elif args.command == "crossfit":
-        figures = crossfit(translator, val, args.directions, [a.split(",") for a in args.arms], args.parts, args.dataset_name or Path(args.dataset_dir).name, args.output_dir)
+        figures = crossfit(translator, val, args.directions, [a.split(",") for a in args.arms], args.parts, args.dataset_name or Path(args.dataset_dir).name, args.output_dir,
+                           selection_parts=args.selection_parts)
     else:
         if not args.members:
             raise SystemExit("ensemble needs --members: the model folders to average with --model")

@@ -211,6 +211,13 @@ def test_recalibrate_is_the_last_stage_of_train_py_and_upgrades_an_old_folder(mo
     restricted = json.loads((folder / "readout.json").read_text())["calibration"]
     assert set(restricted["gex2atac"]["validation_rmse"]) == {"noisy_or", "sum", "profile"}
     assert restricted["gex2atac"]["validation_rmse"]["profile"] == trained["calibration"]["gex2atac"]["validation_rmse"]["profile"]
+    recalibrate(folder, model_dir.parent / "data", selection_parts=0)  # the rule of folders trained before session 13
+    in_sample = json.loads((folder / "readout.json").read_text())["calibration"]
+    for direction, params in in_sample.items():
+        assert params["selection"] == "in-sample" and "validation_rmse_cross_fitted" not in params
+        assert params["aggregation"] == min(params["validation_rmse"], key=params["validation_rmse"].get)
+        assert params["validation_rmse"] == trained["calibration"][direction]["validation_rmse"]
+        assert trained["calibration"][direction]["selection"].startswith("cross-fitted")
 
 
 def test_recalibrate_refuses_bad_input_with_one_line(model_dir, tmp_path):
@@ -227,6 +234,7 @@ def test_recalibrate_refuses_bad_input_with_one_line(model_dir, tmp_path):
         (["--model", str(folder), "--dataset_dir", str(other)], "--dataset_dir"),
         (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--calibration_cells", "0"], "--calibration_cells"),
         (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--aggregations", "depth"], "--aggregations"),
+        (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--selection_parts", "1"], "--selection_parts"),
     ]
     for args, flag in cases:
         result = subprocess.run([sys.executable, "-m", "translator.recalibrate", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)

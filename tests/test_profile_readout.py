@@ -219,11 +219,67 @@ def test_profile_depth_weighs_a_cells_depth_apart_from_its_peaks():
     assert cell["depth"]["auroc_cell"] > cell["one_weight"]["auroc_cell"]  # the noise no longer re-ranks a cell's peaks
     fitted = fit_readout({"profile": scores.astype(np.float32)}, sp.csr_matrix(np.clip(scores, 0, None)), "atac2gex",
                          {"train_stats": {"gex_mean": np.zeros(n_peaks).tolist(), "gex_mean_detected": np.ones(n_peaks).tolist()}})
-    assert "profile_depth" not in fitted["validation_rmse"]  # GEX values are size-normalized: no depth term
+    assert "profile_depth" not in fitted["validation_rmse"]  # without the source sizes there is no depth term
     only = fit_readout(features, truth, "gex2atac", meta, aggregations=("profile",))  # the candidates can be restricted
     assert only["aggregation"] == "profile" and set(only["validation_rmse"]) == {"profile"}
     with pytest.raises(ValueError, match="unknown readout aggregation"):
         fit_readout(features, truth, "gex2atac", meta, aggregations=("depth",))
+
+
+def test_gex_profile_depth_finds_the_mean_level_a_cells_source_size_carries():
+    """GEX targets: a cell's mean log-norm rises with its depth (more genes detected), which the length-free scores
+    miss and the source's size carries; the per-gene pattern of the scores is right. profile_depth keeps the pattern
+    (``a`` near 1), finds the size, and beats the one-weight readout on RMSE and per-cell Pearson is not hurt."""
+    from evaluation.metrics_core import compute_metrics
+
+    rng = np.random.default_rng(6)
+    n_cells, n_genes = 400, 120
+    gex_mean = rng.uniform(0.1, 1.5, n_genes)
+    meta = {"train_stats": {"gex_mean": gex_mean.tolist(), "gex_mean_detected": (gex_mean + 1).tolist()}}
+    size = rng.integers(30, 600, n_cells).astype(np.float32)  # accessible peaks in each cell's source sentence
+    log_size = np.log1p(size) - np.log1p(size).mean()
+    pattern = rng.normal(0, 0.4, (n_cells, n_genes))
+    scores = pattern - pattern.mean(axis=1, keepdims=True)  # the head gets each cell's per-gene pattern, not its level
+    truth = np.clip(gex_mean + pattern + 0.5 * log_size[:, None] + rng.normal(0, 0.2, (n_cells, n_genes)), 0, None)
+    truth = sp.csr_matrix(truth)
+    features = {"profile": scores.astype(np.float32), "source_length": size}
+    fitted = fit_readout(features, truth, "atac2gex", meta)
+    assert fitted["aggregation"] == "profile_depth"
+    assert fitted["validation_rmse"]["profile_depth"] < 0.95 * fitted["validation_rmse"]["profile"] < fitted["validation_rmse_mean"]
+    a, d, e, b, c = fitted["coef"]
+    assert 0.8 < a < 1.2 and 0.3 < e < 0.7 and 0.8 < b < 1.2  # pattern kept, size found, mean kept
+    only = fit_readout(features, truth, "atac2gex", meta, aggregations=("profile",))
+    pearson = {name: compute_metrics(apply_readout(features, "atac2gex", meta, params), truth, "gex")["metrics"]["pearson_cell"]
+               for name, params in [("depth", fitted), ("profile", only)]}
+    assert pearson["depth"] >= pearson["profile"] - 1e-3
+
+
+def test_the_aggregation_is_chosen_on_cells_its_fit_did_not_see():
+    """14 cells and no depth effect: profile_depth's two extra weights always lower the in-sample RMSE (the old rule kept
+    it), the cross-fitted choice keeps profile, and on new cells of the same kind that choice is the better one."""
+    def cells(rng, n_cells, gex_mean):
+        pattern = rng.normal(0, 0.4, (n_cells, len(gex_mean)))
+        level = rng.normal(0, 0.3, (n_cells, 1))  # a per-cell level that neither the scores nor the source size carry
+        truth = np.clip(gex_mean + pattern + level + rng.normal(0, 0.3, pattern.shape), 0, None)
+        features = {"profile": (pattern + rng.normal(0, 0.3, pattern.shape)).astype(np.float32),
+                    "source_length": rng.integers(30, 600, n_cells).astype(np.float32)}
+        return features, sp.csr_matrix(truth)
+
+    rng = np.random.default_rng(3)
+    gex_mean = rng.uniform(0.1, 1.5, 300)
+    meta = {"train_stats": {"gex_mean": gex_mean.tolist(), "gex_mean_detected": (gex_mean + 1).tolist()}}
+    features, truth = cells(rng, 14, gex_mean)
+    in_sample = fit_readout(features, truth, "atac2gex", meta, selection_parts=0)
+    chosen = fit_readout(features, truth, "atac2gex", meta)
+    assert in_sample["aggregation"] == "profile_depth" and in_sample["selection"] == "in-sample"
+    assert in_sample["validation_rmse"]["profile_depth"] < in_sample["validation_rmse"]["profile"]
+    assert chosen["aggregation"] == "profile" and chosen["selection"] == "cross-fitted over 5 parts of the cells"
+    assert chosen["validation_rmse_cross_fitted"]["profile"] < chosen["validation_rmse_cross_fitted"]["profile_depth"]
+    assert chosen["validation_rmse"] == in_sample["validation_rmse"]  # the fits on all cells are the same; only the choice moved
+    new_features, new_truth = cells(rng, 500, gex_mean)
+    assert _rmse(apply_readout(new_features, "atac2gex", meta, chosen), new_truth) < _rmse(apply_readout(new_features, "atac2gex", meta, in_sample), new_truth)
+    few = fit_readout({k: v[:9] for k, v in features.items()}, truth[:9], "atac2gex", meta)  # fewer than 2 x 5 cells: in-sample
+    assert few["selection"] == "in-sample" and "validation_rmse_cross_fitted" not in few
 
 
 def test_an_untrained_profile_head_is_exactly_the_mean(synthetic, tmp_path):
@@ -267,9 +323,11 @@ def test_float32_profile_readout_equals_the_float64_design():
     got = apply_readout(features, "gex2atac", meta, depth)
     assert got.dtype == np.float32 and np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
-    gex = {"aggregation": "profile", "coef": [1.1, -0.2, 0.05]}
-    expected = np.clip(sum(w * x for w, x in zip(gex["coef"], _gex_design(features, "profile", meta), strict=True)), 0, None)
-    np.testing.assert_allclose(apply_readout(features, "atac2gex", meta, gex), expected, rtol=1e-6, atol=1e-5)
+    for gex in ({"aggregation": "profile", "coef": [1.1, -0.2, 0.05]}, {"aggregation": "profile_depth", "coef": [0.9, 1.7, 0.3, 1.05, -0.6]}):
+        columns = _gex_design(features, gex["aggregation"], meta)
+        expected = np.clip(sum(w * x for w, x in zip(gex["coef"], columns, strict=True)), 0, None)
+        np.testing.assert_allclose(apply_readout(features, "atac2gex", meta, gex), expected, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(columns[0] + columns[1], profile.astype(np.float64), atol=1e-9)  # the GEX depth split is the ATAC one
     np.testing.assert_array_equal(features["profile"], profile)  # the input is not modified
 
 

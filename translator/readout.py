@@ -23,7 +23,10 @@ Calibration, fitted on the validation split, never discards what the per-feature
   1.6-7, ``a`` 0-0.8), and one weight for both either loses the depth (RMSE) or re-ranks a cell's peaks worse
   than the mean does (per-cell Pearson, AUROC, AP); ``a = 0`` ranks every cell's peaks as the mean does;
 - GEX: ``value = w1 * e_g + w2 * s_g * mean_detected_g + w3 * mean_g + w4`` (least squares, clipped at 0;
-  ``value = w1 * r_g + w3 * mean_g + w4`` for ``profile``).
+  ``value = w1 * r_g + w3 * mean_g + w4`` for ``profile``; ``profile_depth`` the same split as for ATAC,
+  ``value = a * (z_g - u) + d * u + e * log(1 + n) + b * mean_g + c``, ``n`` the accessible peaks the model read:
+  log-norm values are size-normalized, but a deeper cell still detects more genes, so its mean log-norm over all
+  genes rises with its depth (MOp train cells: correlation 0.38 with ``log(1 + n)``), which the length-free head misses).
 
 With all weight on the mean term the prediction falls back to the per-feature mean baseline.
 The fitted parameters live in ``readout.json`` in the model folder.
@@ -195,10 +198,7 @@ def _atac_design(features: dict[str, np.ndarray], aggregation: str, meta: dict) 
     mean_logit = _logit(np.asarray(meta["train_stats"]["atac_mean"], dtype=np.float64))
     shape = features[_feature_key(aggregation)].shape
     if aggregation == "profile_depth":
-        z = features["profile"].astype(np.float64)
-        depth = np.broadcast_to(z.mean(axis=1, keepdims=True), shape)
-        size = np.broadcast_to(_log_source_length(features)[:, None], shape)
-        return [z - depth, depth, size, np.broadcast_to(mean_logit, shape)]
+        return [*_depth_columns(features), np.broadcast_to(mean_logit, shape)]
     if aggregation == "profile":
         score = features["profile"].astype(np.float64) + mean_logit
     else:
@@ -206,10 +206,21 @@ def _atac_design(features: dict[str, np.ndarray], aggregation: str, meta: dict) 
     return [score, np.broadcast_to(mean_logit, shape)]
 
 
+def _depth_columns(features: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``[z - u, u, log(1 + n)]`` of ``profile_depth``: ``z`` the profile residual, ``u`` its cell mean, ``n`` the source size."""
+    z = features["profile"].astype(np.float64)
+    depth = np.broadcast_to(z.mean(axis=1, keepdims=True), z.shape)
+    return [z - depth, depth, np.broadcast_to(_log_source_length(features)[:, None], z.shape)]
+
+
 def _gex_design(features: dict[str, np.ndarray], aggregation: str, meta: dict) -> list[np.ndarray]:
+    """The columns the GEX calibration weighs: ``[r, mean, 1]`` (``profile``); ``profile_depth``: ``[z - u, u, log(1 + n), mean, 1]``."""
     stats = meta["train_stats"]
     mean = np.asarray(stats["gex_mean"], dtype=np.float64)
     mean_detected = np.asarray(stats["gex_mean_detected"], dtype=np.float64)
+    if aggregation == "profile_depth":
+        shape = features["profile"].shape
+        return [*_depth_columns(features), np.broadcast_to(mean, shape), np.ones(shape)]
     if aggregation == "profile":
         shape = features["profile"].shape
         return [features["profile"].astype(np.float64) + mean, np.broadcast_to(mean, shape), np.ones(shape)]
@@ -229,7 +240,8 @@ def _profile_readout(profile: np.ndarray, direction: str, meta: dict, params: di
     per-feature terms folded into one vector: ATAC ``sigmoid(a * z + ((a + b) * logit(mean) + intercept))``
     (``profile_depth``: ``sigmoid(a * z + ((d - a) * u + e * log(1 + n)) + (b * logit(mean) + intercept))``, ``u`` the
     row mean of ``z``, ``n`` the row's ``source_length``),
-    GEX ``max(0, w0 * z + ((w0 + w1) * mean + w2))``. At 116,490 peaks the float64 design took ~8 ms a cell
+    GEX ``max(0, w0 * z + ((w0 + w1) * mean + w2))`` (``profile_depth``: ``max(0, a * z + ((d - a) * u + e * log(1 + n)) +
+    (b * mean + c))``). At 116,490 peaks the float64 design took ~8 ms a cell
     and several [cells, features] temporaries; this takes one array and a few in-place passes.
     """
     stats = meta["train_stats"]
@@ -252,9 +264,17 @@ def _profile_readout(profile: np.ndarray, direction: str, meta: dict, params: di
             np.exp(x, out=x)
         x += np.float32(1.0)
         return np.reciprocal(x, out=x)
-    w0, w1, w2 = params["coef"]
-    offset = (w0 + w1) * np.asarray(stats["gex_mean"], dtype=np.float64) + w2
-    x *= np.float32(w0)
+    mean = np.asarray(stats["gex_mean"], dtype=np.float64)
+    if params["aggregation"] == "profile_depth":
+        a, d, e, b, c = params["coef"]
+        depth = x.mean(axis=1, dtype=np.float64)
+        offset = b * mean + c
+        x *= np.float32(a)
+        x += ((d - a) * depth + e * log_source_length).astype(np.float32)[:, None]
+    else:
+        w0, w1, w2 = params["coef"]
+        offset = (w0 + w1) * mean + w2
+        x *= np.float32(w0)
     x += offset.astype(np.float32)
     return np.maximum(x, np.float32(0.0), out=x)
 
@@ -294,9 +314,48 @@ def check_aggregations(names: Sequence[str], what: str = "") -> None:
         raise ValueError(f"{what}{': ' if what else ''}unknown readout aggregation(s) {unknown}; choose from {list(AGGREGATIONS)}")
 
 
+SELECTION_PARTS = 5  # fit_readout picks an aggregation by its RMSE on cells each fit did not see, over this many parts
+
+
+def _fit_aggregation(features: dict[str, np.ndarray], dense_truth: np.ndarray, direction: str, meta: dict, aggregation: str,
+                     rng: np.random.Generator, max_entries: int) -> dict | None:
+    """One aggregation's calibration fitted on all the given cells (``None`` when the targets are all 0 or all 1)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if direction == "gex2atac":
+        x = np.stack([np.asarray(c).ravel() for c in _atac_design(features, aggregation, meta)], axis=1)
+        y = dense_truth.ravel() > 0
+        pick = rng.choice(len(y), size=min(max_entries, len(y)), replace=False)
+        if y[pick].all() or not y[pick].any():
+            return None
+        fit = LogisticRegression(C=1e4, max_iter=500).fit(x[pick], y[pick])
+        return {"aggregation": aggregation, "coef": fit.coef_[0].tolist(), "intercept": float(fit.intercept_[0])}
+    design = np.stack([np.asarray(d).ravel() for d in _gex_design(features, aggregation, meta)], axis=1)
+    coef, *_ = np.linalg.lstsq(design, dense_truth.ravel(), rcond=None)
+    return {"aggregation": aggregation, "coef": coef.tolist()}
+
+
+def _cross_fitted_rmse(features: dict[str, np.ndarray], dense_truth: np.ndarray, direction: str, meta: dict, aggregation: str,
+                       parts: int, seed: int, max_entries: int) -> float | None:
+    """RMSE of ``aggregation`` over all cells, each part predicted by the calibration fitted on the other parts."""
+    n = dense_truth.shape[0]
+    part = np.random.default_rng(seed).permutation(n) % parts
+    rng = np.random.default_rng(seed + 1)
+    squared = 0.0
+    for k in range(parts):
+        fit_rows, held = np.flatnonzero(part != k), np.flatnonzero(part == k)
+        params = _fit_aggregation({key: v[fit_rows] for key, v in features.items()}, dense_truth[fit_rows], direction, meta, aggregation,
+                                  rng, max_entries)
+        if params is None:
+            return None
+        prediction = apply_readout({key: v[held] for key, v in features.items()}, direction, meta, params)
+        squared += float(np.sum((prediction - dense_truth[held]) ** 2))
+    return float(np.sqrt(squared / dense_truth.size))
+
+
 def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: str, meta: dict, seed: int = 0, max_entries: int = 2_000_000,
-                aggregations: Sequence[str] = AGGREGATIONS) -> dict:
-    """Fit the calibration of one direction on validation cells; try each aggregation and keep the lowest RMSE.
+                aggregations: Sequence[str] = AGGREGATIONS, selection_parts: int = SELECTION_PARTS) -> dict:
+    """Fit the calibration of one direction on validation cells; try each aggregation and keep the best.
 
     Parameters
     ----------
@@ -308,43 +367,52 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
         The logistic regression sees at most this many (cell, peak) entries, drawn at random.
     aggregations
         The candidates tried (default: all of :data:`AGGREGATIONS`; those whose features are missing are skipped).
+    selection_parts
+        With two or more candidates and at least twice this many cells, the kept aggregation is the one with the
+        lowest RMSE *cross-fitted* over this many parts of the cells (each part predicted by the calibration fitted on
+        the others), so that a readout with more coefficients is not kept for fitting the very cells it is scored on
+        (BMMC folds: GEX ``profile_depth`` lowers the in-sample RMSE and raises the cross-fitted one). Its coefficients
+        are then fitted on all the cells. ``0`` (or too few cells): the lowest in-sample RMSE, the rule before session 13.
 
     Returns
     -------
     The direction's ``readout.json`` entry: ``aggregation``, ``coef``, ``intercept`` (ATAC),
-    ``validation_rmse`` of each aggregation, and ``validation_rmse_mean`` (the per-feature mean baseline).
+    ``validation_rmse`` of each aggregation (in-sample), ``validation_rmse_cross_fitted`` (when selection was
+    cross-fitted), ``selection``, and ``validation_rmse_mean`` (the per-feature mean baseline).
     """
-    from sklearn.linear_model import LogisticRegression
-
     rng = np.random.default_rng(seed)
     dense_truth = truth.toarray()
     candidates: dict[str, dict] = {}
     check_aggregations(aggregations)
     for aggregation in aggregations:
-        if _feature_key(aggregation) not in features or (aggregation == "profile_depth" and (direction != "gex2atac" or "source_length" not in features)):
-            continue  # profile_depth is for binary ATAC targets (GEX values are size-normalized already) and needs the source sizes
-        if direction == "gex2atac":
-            x = np.stack([np.asarray(c).ravel() for c in _atac_design(features, aggregation, meta)], axis=1)
-            y = dense_truth.ravel() > 0
-            pick = rng.choice(len(y), size=min(max_entries, len(y)), replace=False)
-            if y[pick].all() or not y[pick].any():
-                continue
-            fit = LogisticRegression(C=1e4, max_iter=500).fit(x[pick], y[pick])
-            params = {"aggregation": aggregation, "coef": fit.coef_[0].tolist(), "intercept": float(fit.intercept_[0])}
-        else:
-            design = np.stack([np.asarray(d).ravel() for d in _gex_design(features, aggregation, meta)], axis=1)
-            coef, *_ = np.linalg.lstsq(design, dense_truth.ravel(), rcond=None)
-            params = {"aggregation": aggregation, "coef": coef.tolist()}
+        if _feature_key(aggregation) not in features or (aggregation == "profile_depth" and "source_length" not in features):
+            continue  # profile_depth needs the source sizes
+        params = _fit_aggregation(features, dense_truth, direction, meta, aggregation, rng, max_entries)
+        if params is None:
+            continue
         params["rmse"] = _rmse(apply_readout(features, direction, meta, params), truth)
         candidates[aggregation] = params
     if not candidates:
         raise ValueError("validation cells are all accessible or all closed; calibration needs both")
-    best = min(candidates.values(), key=lambda p: p["rmse"])
+    n_cells = int(truth.shape[0])
+    cross_fitted = {}
+    if selection_parts >= 2 and len(candidates) > 1 and n_cells >= 2 * selection_parts:
+        cross_fitted = {name: _cross_fitted_rmse(features, dense_truth, direction, meta, name, selection_parts, seed, max_entries)
+                        for name in candidates}
+        if any(v is None for v in cross_fitted.values()):  # a part with all targets 0 or 1: score in-sample instead
+            cross_fitted = {}
+    if cross_fitted:
+        best = candidates[min(cross_fitted, key=lambda name: (cross_fitted[name], candidates[name]["rmse"]))]
+    else:
+        best = min(candidates.values(), key=lambda p: p["rmse"])
     key = "atac_mean" if direction == "gex2atac" else "gex_mean"
     mean = np.asarray(meta["train_stats"][key], dtype=np.float64)
     result = {k: v for k, v in best.items() if k != "rmse"}
     result["validation_rmse"] = {name: p["rmse"] for name, p in candidates.items()}
+    if cross_fitted:
+        result["validation_rmse_cross_fitted"] = cross_fitted
+    result["selection"] = f"cross-fitted over {selection_parts} parts of the cells" if cross_fitted else "in-sample"
     result["validation_rmse_mean"] = _rmse(np.broadcast_to(mean, dense_truth.shape), truth)
     result["validation_rmse_uncalibrated"] = _rmse(apply_readout(features, direction, meta, None), truth)
-    result["n_cells"] = int(truth.shape[0])
+    result["n_cells"] = n_cells
     return result

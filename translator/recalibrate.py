@@ -31,18 +31,20 @@ logger = logging.getLogger("recalibrate")
 
 
 def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, calibration_cells: int | None = None, cpu_threads: int = 1,
-                aggregations: Sequence[str] | None = None) -> dict:
+                aggregations: Sequence[str] | None = None, selection_parts: int | None = None) -> dict:
     """Refit ``model_dir``'s calibration on ``dataset_dir``'s validation split; return ``{direction: (old, new)}`` summaries.
 
     ``aggregations`` restricts the readouts the calibration chooses from (default: all, as ``train.py``), e.g. to score
-    one folder with and without ``profile_depth``.
+    one folder with and without ``profile_depth``. ``selection_parts`` is how the aggregation is chosen (default
+    :data:`translator.readout.SELECTION_PARTS`, cross-fitted, as ``train.py`` since session 13; ``0``: the lowest in-sample
+    RMSE, the rule of folders trained before).
     """
     import datasets
 
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
     from .api import CellTranslator
-    from .readout import AGGREGATIONS, READOUT_FILE, check_aggregations
+    from .readout import AGGREGATIONS, READOUT_FILE, SELECTION_PARTS, check_aggregations
     from .training import calibrate
 
     folder = Path(model_dir)
@@ -58,6 +60,9 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     if cells < 1:
         raise ValueError(f"--calibration_cells must be at least 1, got {cells}")
     check_aggregations(aggregations or (), "--aggregations")
+    parts = SELECTION_PARTS if selection_parts is None else int(selection_parts)
+    if parts < 0 or parts == 1:
+        raise ValueError(f"--selection_parts must be 0 (in-sample) or at least 2, got {parts}")
     # Every check before the weights load (their progress bar would precede the one error line).
     check_vocabulary(load_tokenizer(folder), read_meta(dataset_dir), what=f"--dataset_dir {dataset_dir}")
     splits = datasets.load_from_disk(str(dataset_dir))
@@ -70,7 +75,7 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     new = calibrate(translator.model, translator.tokenizer, translator.meta, splits["validation"], directions,
                     int(readout["max_source_length"]), int(readout["max_target_length"]), cells,
                     int(training_args.get("per_device_eval_batch_size", 64)), int(training_args.get("seed", 0)), translator.profile_head,
-                    tuple(aggregations) if aggregations else AGGREGATIONS)
+                    tuple(aggregations) if aggregations else AGGREGATIONS, parts)
     old = readout.get("calibration") or {}
     readout["calibration"] = new
     tmp = tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{READOUT_FILE}.", delete=False)
@@ -98,11 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calibration_cells", type=int, help="validation cells to fit on (default: the folder's training_args.json value)")
     parser.add_argument("--aggregations", nargs="+", help="readouts the calibration may choose from (default: all, as train.py), "
                         "e.g. noisy_or sum profile to leave profile_depth out")
+    parser.add_argument("--selection_parts", type=int, help="choose the aggregation by RMSE cross-fitted over this many parts of the cells "
+                        "(default 5, as train.py); 0 = the lowest in-sample RMSE, the rule of folders trained before session 13")
     parser.add_argument("--cpu_threads", type=int, default=1)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
-    summary = recalibrate(args.model, args.dataset_dir, args.calibration_cells, args.cpu_threads, args.aggregations)
+    summary = recalibrate(args.model, args.dataset_dir, args.calibration_cells, args.cpu_threads, args.aggregations, args.selection_parts)
     for direction, row in summary.items():
         if direction != "seconds":
             print(f"{direction}: {row['before']} -> {row['after']}, validation RMSE {row['validation_rmse']:.6f} (mean {row['validation_rmse_mean']:.6f})")
