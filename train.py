@@ -83,6 +83,7 @@ class DataArguments:
     gex_target_order: str = field(default="rank", metadata={"help": "order of GEX target sentences: rank (descending expression) | gene (the same genes in gene order); sources keep rank order"})
     max_eval_cells: int = field(default=1000, metadata={"help": "validation cells used for the validation loss"})
     calibration_cells: int = field(default=500, metadata={"help": "validation cells used to fit the readout calibration"})
+    calibration_selection_parts: int = field(default=5, metadata={"help": "the calibration keeps the readout with the lowest RMSE cross-fitted over this many parts of its cells; 0: the lowest in-sample RMSE (the rule before session 13)"})
 
 
 @dataclass
@@ -145,6 +146,8 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
     for name in ("max_eval_cells", "calibration_cells"):
         if getattr(data_args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(data_args, name)}")
+    if data_args.calibration_selection_parts < 0 or data_args.calibration_selection_parts == 1:
+        raise ValueError(f"--calibration_selection_parts must be 0 (in-sample) or at least 2, got {data_args.calibration_selection_parts}")
     if any(k < 1 for k in model_args.profile_ranks):
         raise ValueError(f"--profile_ranks must be positive ranks such as 4 8 16, got {' '.join(map(str, model_args.profile_ranks))}")
     if model_args.profile_ranks and not model_args.profile_refit:
@@ -454,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("the validation split is empty: no validation loss, and the readout stays uncalibrated")
         elif data_args.calibration_cells > 0:
             logger.info("calibrating the readout on %s validation cells", min(len(splits["validation"]), data_args.calibration_cells))
-            calibration = calibrate(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, data_args.calibration_cells, run.per_device_eval_batch_size, run.seed, profile_head)
+            calibration = calibrate(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, data_args.calibration_cells, run.per_device_eval_batch_size, run.seed, profile_head,
+                                    selection_parts=data_args.calibration_selection_parts)
         examples_split = splits["validation"] if len(splits["validation"]) else splits["train"]
         readout = {"max_source_length": caps[0], "max_target_length": caps[1], "calibration": calibration, "profile_refit": refit,
                    "examples": widget_examples(tokenizer, examples_split, data_args.directions)}

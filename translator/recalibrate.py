@@ -35,9 +35,9 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     """Refit ``model_dir``'s calibration on ``dataset_dir``'s validation split; return ``{direction: (old, new)}`` summaries.
 
     ``aggregations`` restricts the readouts the calibration chooses from (default: all, as ``train.py``), e.g. to score
-    one folder with and without ``profile_depth``. ``selection_parts`` is how the aggregation is chosen (default
-    :data:`translator.readout.SELECTION_PARTS`, cross-fitted, as ``train.py`` since session 13; ``0``: the lowest in-sample
-    RMSE, the rule of folders trained before).
+    one folder with and without ``profile_depth``. ``selection_parts`` is how the aggregation is chosen (default: the
+    folder's ``train.py --calibration_selection_parts``, or :data:`translator.readout.SELECTION_PARTS` (cross-fitted, train.py's
+    default since session 13) for folders trained before; ``0``: the lowest in-sample RMSE, the rule before session 13).
     """
     import datasets
 
@@ -60,7 +60,7 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     if cells < 1:
         raise ValueError(f"--calibration_cells must be at least 1, got {cells}")
     check_aggregations(aggregations or (), "--aggregations")
-    parts = SELECTION_PARTS if selection_parts is None else int(selection_parts)
+    parts = int(training_args.get("calibration_selection_parts", SELECTION_PARTS) if selection_parts is None else selection_parts)
     if parts < 0 or parts == 1:
         raise ValueError(f"--selection_parts must be 0 (in-sample) or at least 2, got {parts}")
     # Every check before the weights load (their progress bar would precede the one error line).
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--aggregations", nargs="+", help="readouts the calibration may choose from (default: all, as train.py), "
                         "e.g. noisy_or sum profile to leave profile_depth out")
     parser.add_argument("--selection_parts", type=int, help="choose the aggregation by RMSE cross-fitted over this many parts of the cells "
-                        "(default 5, as train.py); 0 = the lowest in-sample RMSE, the rule of folders trained before session 13")
+                        "(default: the folder's train.py --calibration_selection_parts, else 5); 0 = the lowest in-sample RMSE, the rule before session 13")
     parser.add_argument("--cpu_threads", type=int, default=1)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
