@@ -459,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("calibrating the readout on %s validation cells", min(len(splits["validation"]), data_args.calibration_cells))
             calibration = calibrate(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, data_args.calibration_cells, run.per_device_eval_batch_size, run.seed, profile_head,
                                     selection_parts=data_args.calibration_selection_parts)
+            for direction, params in calibration.items():
+                cross = params.get("validation_rmse_cross_fitted")
+                logger.info("%s readout: %s (chosen by %s validation RMSE: %s; per-feature mean %.6f)", direction, params["aggregation"],
+                            "cross-fitted" if cross else "in-sample", ", ".join(f"{name} {value:.6f}" for name, value in (cross or params["validation_rmse"]).items()),
+                            params["validation_rmse_mean"])
         examples_split = splits["validation"] if len(splits["validation"]) else splits["train"]
         readout = {"max_source_length": caps[0], "max_target_length": caps[1], "calibration": calibration, "profile_refit": refit,
                    "examples": widget_examples(tokenizer, examples_split, data_args.directions)}
