@@ -43,7 +43,7 @@ from translator.data import (
     check_gex_target_min_value,
 )
 from translator.modeling import MODEL_SHAPES, TranslationLoss, make_config, make_model
-from translator.readout import profile_offsets
+from translator.readout import check_selection_parts, profile_offsets
 from translator.training import (
     AVERAGE_STATE_FILE,
     TailAverage,
@@ -146,8 +146,7 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
     for name in ("max_eval_cells", "calibration_cells"):
         if getattr(data_args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(data_args, name)}")
-    if data_args.calibration_selection_parts < 0 or data_args.calibration_selection_parts == 1:
-        raise ValueError(f"--calibration_selection_parts must be 0 (in-sample) or at least 2, got {data_args.calibration_selection_parts}")
+    check_selection_parts(data_args.calibration_selection_parts, "--calibration_selection_parts")
     if any(k < 1 for k in model_args.profile_ranks):
         raise ValueError(f"--profile_ranks must be positive ranks such as 4 8 16, got {' '.join(map(str, model_args.profile_ranks))}")
     if model_args.profile_ranks and not model_args.profile_refit:

@@ -317,6 +317,12 @@ def check_aggregations(names: Sequence[str], what: str = "") -> None:
 SELECTION_PARTS = 5  # fit_readout picks an aggregation by its RMSE on cells each fit did not see, over this many parts
 
 
+def check_selection_parts(parts: int, flag: str) -> None:
+    """Refuse a ``selection_parts`` that is neither 0 (in-sample) nor a number of parts >= 2 (``flag``: the flag to name)."""
+    if parts < 0 or parts == 1:
+        raise ValueError(f"{flag} must be 0 (in-sample) or at least 2, got {parts}")
+
+
 def _fit_aggregation(features: dict[str, np.ndarray], dense_truth: np.ndarray, direction: str, meta: dict, aggregation: str,
                      rng: np.random.Generator, max_entries: int) -> dict | None:
     """One aggregation's calibration fitted on all the given cells (``None`` when the targets are all 0 or all 1)."""

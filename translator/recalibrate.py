@@ -44,7 +44,7 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
     from .api import CellTranslator
-    from .readout import AGGREGATIONS, READOUT_FILE, SELECTION_PARTS, check_aggregations
+    from .readout import AGGREGATIONS, READOUT_FILE, SELECTION_PARTS, check_aggregations, check_selection_parts
     from .training import calibrate
 
     folder = Path(model_dir)
@@ -61,8 +61,7 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
         raise ValueError(f"--calibration_cells must be at least 1, got {cells}")
     check_aggregations(aggregations or (), "--aggregations")
     parts = int(training_args.get("calibration_selection_parts", SELECTION_PARTS) if selection_parts is None else selection_parts)
-    if parts < 0 or parts == 1:
-        raise ValueError(f"--selection_parts must be 0 (in-sample) or at least 2, got {parts}")
+    check_selection_parts(parts, "--selection_parts")
     # Every check before the weights load (their progress bar would precede the one error line).
     check_vocabulary(load_tokenizer(folder), read_meta(dataset_dir), what=f"--dataset_dir {dataset_dir}")
     splits = datasets.load_from_disk(str(dataset_dir))
