@@ -43,7 +43,7 @@ from translator.data import (
     check_gex_target_min_value,
 )
 from translator.modeling import MODEL_SHAPES, TranslationLoss, make_config, make_model
-from translator.readout import check_selection_parts, profile_offsets
+from translator.readout import SELECTION_REPEATS, check_selection_parts, check_selection_repeats, profile_offsets
 from translator.training import (
     AVERAGE_STATE_FILE,
     TailAverage,
@@ -84,6 +84,7 @@ class DataArguments:
     max_eval_cells: int = field(default=1000, metadata={"help": "validation cells used for the validation loss"})
     calibration_cells: int = field(default=500, metadata={"help": "validation cells used to fit the readout calibration"})
     calibration_selection_parts: int = field(default=5, metadata={"help": "the calibration keeps the readout with the lowest RMSE cross-fitted over this many parts of its cells; 0: the lowest in-sample RMSE (the rule before session 13)"})
+    calibration_selection_repeats: int = field(default=SELECTION_REPEATS, metadata={"help": "that cross-fitted RMSE is averaged over this many random partitions of the cells; 1: one partition (session 13)"})
 
 
 @dataclass
@@ -147,6 +148,7 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
         if getattr(data_args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(data_args, name)}")
     check_selection_parts(data_args.calibration_selection_parts, "--calibration_selection_parts")
+    check_selection_repeats(data_args.calibration_selection_repeats, "--calibration_selection_repeats")
     if any(k < 1 for k in model_args.profile_ranks):
         raise ValueError(f"--profile_ranks must be positive ranks such as 4 8 16, got {' '.join(map(str, model_args.profile_ranks))}")
     if model_args.profile_ranks and not model_args.profile_refit:
@@ -457,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         elif data_args.calibration_cells > 0:
             logger.info("calibrating the readout on %s validation cells", min(len(splits["validation"]), data_args.calibration_cells))
             calibration = calibrate(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, data_args.calibration_cells, run.per_device_eval_batch_size, run.seed, profile_head,
-                                    selection_parts=data_args.calibration_selection_parts)
+                                    selection_parts=data_args.calibration_selection_parts, selection_repeats=data_args.calibration_selection_repeats)
             for direction, params in calibration.items():
                 cross = params.get("validation_rmse_cross_fitted")
                 logger.info("%s readout: %s (chosen by %s validation RMSE: %s; per-feature mean %.6f)", direction, params["aggregation"],

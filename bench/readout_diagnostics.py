@@ -187,14 +187,15 @@ def ensemble(translator, members: Sequence[str], val: dict, directions: Sequence
 
 
 def crossfit(translator, val: dict, directions: Sequence[str], arms: Sequence[Sequence[str]], parts: int, dataset: str,
-             output_dir: str | None, seed: int = 0, selection_parts: int | None = None) -> dict:
+             output_dir: str | None, seed: int = 0, selection_parts: int | None = None, selection_repeats: int | None = None) -> dict:
     """Cross-fitted calibration of each arm (a set of aggregations); see the module docstring."""
     from evaluation.metrics_core import compute_metrics
     from evaluation.report import write_text_atomic
     from evaluation.runner import source_sentences
-    from translator.readout import SELECTION_PARTS, apply_readout, decode_features, fit_readout
+    from translator.readout import SELECTION_PARTS, SELECTION_REPEATS, apply_readout, decode_features, fit_readout
 
     selection_parts = SELECTION_PARTS if selection_parts is None else selection_parts
+    selection_repeats = SELECTION_REPEATS if selection_repeats is None else selection_repeats
 
     n = val["gex"].shape[0]
     if not 2 <= parts <= n:
@@ -216,10 +217,12 @@ def crossfit(translator, val: dict, directions: Sequence[str], arms: Sequence[Se
             for k in range(parts):
                 fit_rows, held = np.flatnonzero(part != k), np.flatnonzero(part == k)
                 params = fit_readout({key: v[fit_rows] for key, v in features.items()}, truth[fit_rows], direction, translator.meta, seed=seed,
-                                     aggregations=arm, selection_parts=selection_parts)
+                                     aggregations=arm, selection_parts=selection_parts,
+                                     selection_repeats=selection_repeats)
                 prediction[held] = apply_readout({key: v[held] for key, v in features.items()}, direction, translator.meta, params)
                 chosen.append(params["aggregation"])
-            in_sample = fit_readout(features, truth, direction, translator.meta, seed=seed, aggregations=arm, selection_parts=selection_parts)
+            in_sample = fit_readout(features, truth, direction, translator.meta, seed=seed, aggregations=arm, selection_parts=selection_parts,
+                                     selection_repeats=selection_repeats)
             metrics = compute_metrics(prediction, truth, target)["metrics"]
             fitted = compute_metrics(apply_readout(features, direction, translator.meta, in_sample), truth, target)["metrics"]
             row = {"cross_fitted": {k: float(metrics[k]) for k in ranked_keys(metrics)},
@@ -251,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parts", type=int, default=5, help="crossfit: the validation cells are split into this many parts")
     parser.add_argument("--selection_parts", type=int, help="crossfit: how each fit picks its aggregation (fit_readout's selection_parts; "
                         "default its own, cross-fitted over 5 parts; 0 = lowest in-sample RMSE, the rule before session 13)")
+    parser.add_argument("--selection_repeats", type=int, help="crossfit: the random partitions each fit's cross-fitted RMSE is averaged over "
+                        "(fit_readout's selection_repeats; default its own, 10; 1 = session 13's single partition)")
     parser.add_argument("--dataset_name", help="crossfit: the name eval.py was given (--dataset_name), so crossval pool pairs the folds")
     parser.add_argument("--output_dir", help="crossfit: write <output_dir>/<arm>/eval_results.json for evaluation.crossval pool")
     parser.add_argument("--cpu_threads", type=int, default=1)
@@ -271,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures = bootstrap(translator, train, val, args.directions, args.resamples)
     elif args.command == "crossfit":
         figures = crossfit(translator, val, args.directions, [a.split(",") for a in args.arms], args.parts, args.dataset_name or Path(args.dataset_dir).name, args.output_dir,
-                           selection_parts=args.selection_parts)
+                           selection_parts=args.selection_parts, selection_repeats=args.selection_repeats)
     else:
         if not args.members:
             raise SystemExit("ensemble needs --members: the model folders to average with --model")

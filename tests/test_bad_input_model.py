@@ -196,6 +196,7 @@ TRAIN_BAD_FLAGS = [
     (["--checkpointing_steps", "-1"], "--checkpointing_steps must be >= 0"),
     (["--calibration_cells", "-1"], "--calibration_cells must be >= 0"),
     (["--calibration_selection_parts", "1"], "--calibration_selection_parts must be 0 (in-sample) or at least 2"),
+    (["--calibration_selection_repeats", "0"], "--calibration_selection_repeats must be at least 1"),
     (["--dropout_rate", "1.5"], "--dropout_rate must be in [0, 1)"),
     (["--gex_source_truncation", "1"], "--gex_source_truncation must be in [0, 1)"),
     (["--mixed_precision", "fp8"], "--mixed_precision 'fp8' is unknown"),

@@ -235,6 +235,7 @@ def test_recalibrate_refuses_bad_input_with_one_line(model_dir, tmp_path):
         (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--calibration_cells", "0"], "--calibration_cells"),
         (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--aggregations", "depth"], "--aggregations"),
         (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--selection_parts", "1"], "--selection_parts"),
+        (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--selection_repeats", "0"], "--selection_repeats"),
     ]
     for args, flag in cases:
         result = subprocess.run([sys.executable, "-m", "translator.recalibrate", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)

@@ -273,13 +273,42 @@ def test_the_aggregation_is_chosen_on_cells_its_fit_did_not_see():
     chosen = fit_readout(features, truth, "atac2gex", meta)
     assert in_sample["aggregation"] == "profile_depth" and in_sample["selection"] == "in-sample"
     assert in_sample["validation_rmse"]["profile_depth"] < in_sample["validation_rmse"]["profile"]
-    assert chosen["aggregation"] == "profile" and chosen["selection"] == "cross-fitted over 5 parts of the cells"
+    assert chosen["aggregation"] == "profile" and chosen["selection"] == "cross-fitted over 5 parts of the cells, averaged over 10 random partitions"
     assert chosen["validation_rmse_cross_fitted"]["profile"] < chosen["validation_rmse_cross_fitted"]["profile_depth"]
     assert chosen["validation_rmse"] == in_sample["validation_rmse"]  # the fits on all cells are the same; only the choice moved
     new_features, new_truth = cells(rng, 500, gex_mean)
     assert _rmse(apply_readout(new_features, "atac2gex", meta, chosen), new_truth) < _rmse(apply_readout(new_features, "atac2gex", meta, in_sample), new_truth)
     few = fit_readout({k: v[:9] for k, v in features.items()}, truth[:9], "atac2gex", meta)  # fewer than 2 x 5 cells: in-sample
     assert few["selection"] == "in-sample" and "validation_rmse_cross_fitted" not in few
+    one = fit_readout(features, truth, "atac2gex", meta, selection_repeats=1)
+    assert one["selection"] == "cross-fitted over 5 parts of the cells"
+
+
+def test_repeated_partitions_average_the_cross_fitted_error_and_steady_the_choice():
+    """The repeated cross-fitted RMSE is the root of the mean of each partition's mean squared error; and on 40 cells
+    where the depth term is real but small (the 40-partition verdict keeps profile_depth), one partition's verdict often disagrees with that of 40
+    partitions, five partitions' verdict less often."""
+    from translator.readout import _cross_fitted_rmse
+
+    rng = np.random.default_rng(11)
+    n_cells, n_genes = 40, 200
+    gex_mean = rng.uniform(0.1, 1.5, n_genes)
+    meta = {"train_stats": {"gex_mean": gex_mean.tolist(), "gex_mean_detected": (gex_mean + 1).tolist()}}
+    size = rng.integers(30, 600, n_cells).astype(np.float32)
+    pattern = rng.normal(0, 0.4, (n_cells, n_genes))
+    log_size = np.log1p(size) - np.log1p(size).mean()
+    truth = np.clip(gex_mean + pattern + 0.2 * log_size[:, None] + rng.normal(0, 0.3, (n_cells, 1)) + rng.normal(0, 0.3, pattern.shape), 0, None)
+    features = {"profile": (pattern + rng.normal(0, 0.3, pattern.shape)).astype(np.float32), "source_length": size}
+    single = [_cross_fitted_rmse(features, truth, "atac2gex", meta, "profile", 5, seed, 10**6) for seed in range(3)]
+    assert _cross_fitted_rmse(features, truth, "atac2gex", meta, "profile", 5, 0, 10**6, repeats=3) == pytest.approx(np.sqrt(np.mean(np.square(single))), rel=1e-12)
+
+    def verdict(seed, repeats):
+        rmse = {a: _cross_fitted_rmse(features, truth, "atac2gex", meta, a, 5, seed, 10**6, repeats) for a in ("profile", "profile_depth")}
+        return rmse["profile_depth"] < rmse["profile"]
+
+    reference = verdict(1000, 40)
+    disagree = {repeats: sum(verdict(100 * seed, repeats) != reference for seed in range(20)) for repeats in (1, 5)}
+    assert disagree[1] >= 4 and disagree[5] <= disagree[1] - 2  # seeds 0-1900: 6 and 3 of 20
 
 
 def test_an_untrained_profile_head_is_exactly_the_mean(synthetic, tmp_path):

@@ -315,12 +315,19 @@ def check_aggregations(names: Sequence[str], what: str = "") -> None:
 
 
 SELECTION_PARTS = 5  # fit_readout picks an aggregation by its RMSE on cells each fit did not see, over this many parts
+SELECTION_REPEATS = 10  # ... averaged over this many random partitions (one partition of 46 BMMC cells flipped the choice)
 
 
 def check_selection_parts(parts: int, flag: str) -> None:
     """Refuse a ``selection_parts`` that is neither 0 (in-sample) nor a number of parts >= 2 (``flag``: the flag to name)."""
     if parts < 0 or parts == 1:
         raise ValueError(f"{flag} must be 0 (in-sample) or at least 2, got {parts}")
+
+
+def check_selection_repeats(repeats: int, flag: str) -> None:
+    """Refuse a ``selection_repeats`` below 1 (``flag``: the flag to name)."""
+    if repeats < 1:
+        raise ValueError(f"{flag} must be at least 1 (the random partitions the cross-fitted RMSE is averaged over), got {repeats}")
 
 
 def _fit_aggregation(features: dict[str, np.ndarray], dense_truth: np.ndarray, direction: str, meta: dict, aggregation: str,
@@ -342,25 +349,31 @@ def _fit_aggregation(features: dict[str, np.ndarray], dense_truth: np.ndarray, d
 
 
 def _cross_fitted_rmse(features: dict[str, np.ndarray], dense_truth: np.ndarray, direction: str, meta: dict, aggregation: str,
-                       parts: int, seed: int, max_entries: int) -> float | None:
-    """RMSE of ``aggregation`` over all cells, each part predicted by the calibration fitted on the other parts."""
+                       parts: int, seed: int, max_entries: int, repeats: int = 1) -> float | None:
+    """RMSE of ``aggregation`` over all cells, each part predicted by the calibration fitted on the other parts.
+
+    With ``repeats`` > 1 the squared errors are averaged over that many random partitions (seeds ``seed``,
+    ``seed + 1``, ...): on 46 cells one partition's verdict between two readouts can be the reverse of most others'.
+    """
     n = dense_truth.shape[0]
-    part = np.random.default_rng(seed).permutation(n) % parts
-    rng = np.random.default_rng(seed + 1)
     squared = 0.0
-    for k in range(parts):
-        fit_rows, held = np.flatnonzero(part != k), np.flatnonzero(part == k)
-        params = _fit_aggregation({key: v[fit_rows] for key, v in features.items()}, dense_truth[fit_rows], direction, meta, aggregation,
-                                  rng, max_entries)
-        if params is None:
-            return None
-        prediction = apply_readout({key: v[held] for key, v in features.items()}, direction, meta, params)
-        squared += float(np.sum((prediction - dense_truth[held]) ** 2))
-    return float(np.sqrt(squared / dense_truth.size))
+    for repeat in range(repeats):
+        part = np.random.default_rng(seed + repeat).permutation(n) % parts
+        rng = np.random.default_rng(seed + repeat + 1)
+        for k in range(parts):
+            fit_rows, held = np.flatnonzero(part != k), np.flatnonzero(part == k)
+            params = _fit_aggregation({key: v[fit_rows] for key, v in features.items()}, dense_truth[fit_rows], direction, meta, aggregation,
+                                      rng, max_entries)
+            if params is None:
+                return None
+            prediction = apply_readout({key: v[held] for key, v in features.items()}, direction, meta, params)
+            squared += float(np.sum((prediction - dense_truth[held]) ** 2))
+    return float(np.sqrt(squared / (dense_truth.size * repeats)))
 
 
 def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: str, meta: dict, seed: int = 0, max_entries: int = 2_000_000,
-                aggregations: Sequence[str] = AGGREGATIONS, selection_parts: int = SELECTION_PARTS) -> dict:
+                aggregations: Sequence[str] = AGGREGATIONS, selection_parts: int = SELECTION_PARTS,
+                selection_repeats: int = SELECTION_REPEATS) -> dict:
     """Fit the calibration of one direction on validation cells; try each aggregation and keep the best.
 
     Parameters
@@ -379,6 +392,9 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
         the others), so that a readout with more coefficients is not kept for fitting the very cells it is scored on
         (BMMC folds: GEX ``profile_depth`` lowers the in-sample RMSE and raises the cross-fitted one). Its coefficients
         are then fitted on all the cells. ``0`` (or too few cells): the lowest in-sample RMSE, the rule before session 13.
+    selection_repeats
+        The cross-fitted RMSE is averaged over this many random partitions (session 14; 1 = session 13's single
+        partition, whose verdict on 46 BMMC cells was the reverse of 9 in 10 other partitions').
 
     Returns
     -------
@@ -403,7 +419,8 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
     n_cells = int(truth.shape[0])
     cross_fitted = {}
     if selection_parts >= 2 and len(candidates) > 1 and n_cells >= 2 * selection_parts:
-        cross_fitted = {name: _cross_fitted_rmse(features, dense_truth, direction, meta, name, selection_parts, seed, max_entries)
+        cross_fitted = {name: _cross_fitted_rmse(features, dense_truth, direction, meta, name, selection_parts, seed, max_entries,
+                                                  selection_repeats)
                         for name in candidates}
         if any(v is None for v in cross_fitted.values()):  # a part with all targets 0 or 1: score in-sample instead
             cross_fitted = {}
@@ -417,7 +434,8 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
     result["validation_rmse"] = {name: p["rmse"] for name, p in candidates.items()}
     if cross_fitted:
         result["validation_rmse_cross_fitted"] = cross_fitted
-    result["selection"] = f"cross-fitted over {selection_parts} parts of the cells" if cross_fitted else "in-sample"
+    repeats = f", averaged over {selection_repeats} random partitions" if selection_repeats > 1 else ""
+    result["selection"] = f"cross-fitted over {selection_parts} parts of the cells{repeats}" if cross_fitted else "in-sample"
     result["validation_rmse_mean"] = _rmse(np.broadcast_to(mean, dense_truth.shape), truth)
     result["validation_rmse_uncalibrated"] = _rmse(apply_readout(features, direction, meta, None), truth)
     result["n_cells"] = n_cells

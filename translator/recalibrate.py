@@ -31,20 +31,30 @@ logger = logging.getLogger("recalibrate")
 
 
 def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, calibration_cells: int | None = None, cpu_threads: int = 1,
-                aggregations: Sequence[str] | None = None, selection_parts: int | None = None) -> dict:
+                aggregations: Sequence[str] | None = None, selection_parts: int | None = None, selection_repeats: int | None = None) -> dict:
     """Refit ``model_dir``'s calibration on ``dataset_dir``'s validation split; return ``{direction: (old, new)}`` summaries.
 
     ``aggregations`` restricts the readouts the calibration chooses from (default: all, as ``train.py``), e.g. to score
     one folder with and without ``profile_depth``. ``selection_parts`` is how the aggregation is chosen (default: the
     folder's ``train.py --calibration_selection_parts``, or :data:`translator.readout.SELECTION_PARTS` (cross-fitted, train.py's
     default since session 13) for folders trained before; ``0``: the lowest in-sample RMSE, the rule before session 13).
+    ``selection_repeats``: the random partitions that RMSE is averaged over (default: the folder's
+    ``--calibration_selection_repeats``, else :data:`translator.readout.SELECTION_REPEATS`, the default since session 14).
     """
     import datasets
 
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
     from .api import CellTranslator
-    from .readout import AGGREGATIONS, READOUT_FILE, SELECTION_PARTS, check_aggregations, check_selection_parts
+    from .readout import (
+        AGGREGATIONS,
+        READOUT_FILE,
+        SELECTION_PARTS,
+        SELECTION_REPEATS,
+        check_aggregations,
+        check_selection_parts,
+        check_selection_repeats,
+    )
     from .training import calibrate
 
     folder = Path(model_dir)
@@ -62,6 +72,8 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     check_aggregations(aggregations or (), "--aggregations")
     parts = int(training_args.get("calibration_selection_parts", SELECTION_PARTS) if selection_parts is None else selection_parts)
     check_selection_parts(parts, "--selection_parts")
+    repeats = int(training_args.get("calibration_selection_repeats", SELECTION_REPEATS) if selection_repeats is None else selection_repeats)
+    check_selection_repeats(repeats, "--selection_repeats")
     # Every check before the weights load (their progress bar would precede the one error line).
     check_vocabulary(load_tokenizer(folder), read_meta(dataset_dir), what=f"--dataset_dir {dataset_dir}")
     splits = datasets.load_from_disk(str(dataset_dir))
@@ -74,7 +86,7 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     new = calibrate(translator.model, translator.tokenizer, translator.meta, splits["validation"], directions,
                     int(readout["max_source_length"]), int(readout["max_target_length"]), cells,
                     int(training_args.get("per_device_eval_batch_size", 64)), int(training_args.get("seed", 0)), translator.profile_head,
-                    tuple(aggregations) if aggregations else AGGREGATIONS, parts)
+                    tuple(aggregations) if aggregations else AGGREGATIONS, parts, repeats)
     old = readout.get("calibration") or {}
     readout["calibration"] = new
     tmp = tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{READOUT_FILE}.", delete=False)
@@ -104,11 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "e.g. noisy_or sum profile to leave profile_depth out")
     parser.add_argument("--selection_parts", type=int, help="choose the aggregation by RMSE cross-fitted over this many parts of the cells "
                         "(default: the folder's train.py --calibration_selection_parts, else 5); 0 = the lowest in-sample RMSE, the rule before session 13")
+    parser.add_argument("--selection_repeats", type=int, help="average that cross-fitted RMSE over this many random partitions "
+                        "(default: the folder's train.py --calibration_selection_repeats, else 10); 1 = one partition, session 13's rule")
     parser.add_argument("--cpu_threads", type=int, default=1)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
-    summary = recalibrate(args.model, args.dataset_dir, args.calibration_cells, args.cpu_threads, args.aggregations, args.selection_parts)
+    summary = recalibrate(args.model, args.dataset_dir, args.calibration_cells, args.cpu_threads, args.aggregations, args.selection_parts, args.selection_repeats)
     for direction, row in summary.items():
         if direction != "seconds":
             print(f"{direction}: {row['before']} -> {row['after']}, validation RMSE {row['validation_rmse']:.6f} (mean {row['validation_rmse_mean']:.6f})")

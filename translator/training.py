@@ -23,7 +23,15 @@ from tokenizer import META_FILE, PREFIX, feature_token_ranges
 
 from .data import SOURCE_COLUMN, TARGET_MODALITY, names_to_ids, source_ids
 from .modeling import PROFILE_HEAD_FILE
-from .readout import AGGREGATIONS, READOUT_FILE, SELECTION_PARTS, decode_features, fit_readout, truth_matrices
+from .readout import (
+    AGGREGATIONS,
+    READOUT_FILE,
+    SELECTION_PARTS,
+    SELECTION_REPEATS,
+    decode_features,
+    fit_readout,
+    truth_matrices,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -125,9 +133,10 @@ def parameter_checksum(model: torch.nn.Module) -> str:
 
 
 def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int, max_cells: int = 500, batch_size: int = 64, seed: int = 0, profile_head=None,
-              aggregations: Sequence[str] = AGGREGATIONS, selection_parts: int = SELECTION_PARTS) -> dict:
+              aggregations: Sequence[str] = AGGREGATIONS, selection_parts: int = SELECTION_PARTS, selection_repeats: int = SELECTION_REPEATS) -> dict:
     """Fit the readout calibration of each direction on (up to ``max_cells`` evenly spaced) cells of ``split``, choosing among ``aggregations``
-    (by cross-fitted RMSE over ``selection_parts`` parts of the cells; 0: in-sample, see :func:`translator.readout.fit_readout`)."""
+    (by RMSE cross-fitted over ``selection_parts`` parts of the cells, averaged over ``selection_repeats`` random partitions; 0 parts:
+    in-sample, see :func:`translator.readout.fit_readout`)."""
     n = len(split)
     rows = np.unique(np.linspace(0, n - 1, min(n, max_cells)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
     cells = split.select(rows.tolist())
@@ -139,7 +148,8 @@ def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], ma
         ids = [source_ids(x, direction, tokenizer, max_source_length) for x in names]
         target = TARGET_MODALITY[direction]
         features, _ = decode_features(model, tokenizer, meta, ids, direction, ranges[target], max_target_length, batch_size, profile_head=profile_head)
-        out[direction] = fit_readout(features, truth[target], direction, meta, seed=seed, aggregations=aggregations, selection_parts=selection_parts)
+        out[direction] = fit_readout(features, truth[target], direction, meta, seed=seed, aggregations=aggregations, selection_parts=selection_parts,
+                                     selection_repeats=selection_repeats)
     return out
 
 
