@@ -49,12 +49,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--no_update_model_folder", action="store_true", help="leave the model folder untouched")
     run.add_argument("--seed", type=int, default=0, help="random seed of the SVD baselines")
     run.add_argument("--krr_landmarks", type=int, default=1000, help="Nystroem landmarks of the svd_krr baseline")
+    run.add_argument("--bootstrap", type=int, default=0, help="paired bootstrap resamples of the cells (e.g. 2000): how often the model "
+                     "stays first on each headline metric, and its margins with standard deviations; 0: off")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if not args.skip_model and not args.model:
         parser.error("give --model DIR (or a Hub id), or --skip_model to score the baselines only")
     if args.max_cells is not None and args.max_cells <= 0:
         parser.error("--max_cells must be positive")
+    if args.bootstrap < 0:
+        parser.error(f"--bootstrap must be 0 (off) or a number of resamples, got {args.bootstrap}")
     for name in ("batch_size", "krr_landmarks"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -81,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         krr_landmarks=args.krr_landmarks,
         allow_pickle=args.allow_pickle,
         device=args.device,
+        bootstrap=args.bootstrap,
     )
     for direction, block in results["directions"].items():
         rows = ([("model", block["model"])] if "model" in block else []) + list(block["baselines"].items())

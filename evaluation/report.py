@@ -112,7 +112,27 @@ def markdown_table(results: dict) -> str:
                 cells.append(f"**{text}**" if key in best and values.get(key) == best[key] else text)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+        summary = bootstrap_summary(results, direction)
+        if summary:
+            lines.extend([summary, ""])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def bootstrap_summary(results: dict, direction: str) -> str:
+    """One line of a direction's paired bootstrap (``eval.py --bootstrap``): how often the model is first on each
+    headline metric, and the method closest to it with the margin's standard deviation; ``""`` when none was run."""
+    boot = results.get("bootstrap", {}).get(direction)
+    if not boot:
+        return ""
+    parts = []
+    for key, row in boot["metrics"].items():
+        text = f"{HEADERS.get(key, key)} {100 * row['share_first']:.1f}%"
+        if row["versus"]:
+            sign = 1 if key in LOWER_IS_BETTER else -1
+            name, closest = min(row["versus"].items(), key=lambda item: sign * -item[1]["difference"])
+            text += f" (closest: {name}, margin {closest['difference']:+.6f}, sd {closest['sd']:.6f})"
+        parts.append(text)
+    return f"Paired bootstrap over the cells ({boot['resamples']} resamples): the model is first in " + "; ".join(parts) + "."
 
 
 def model_index(results: dict, model_name: str) -> list[dict]:
@@ -232,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             mean = results["directions"][direction].get("baselines", {}).get("mean", {}).get("rmse")
             cut = f", RMSE cut over the mean {100 * (1 - results['directions'][direction]['model']['rmse'] / mean):.2f}%" if mean else ""
             print(f"{results.get('dataset')} {direction}: model rank " + ", ".join(f"{k} {v}" for k, v in ranks.items()) + cut)
+            summary = bootstrap_summary(results, direction)
+            if summary:
+                print(f"  {summary}")
     return 0
 
 

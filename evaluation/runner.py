@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from evaluation import plots
 from evaluation.baselines import BASELINES, fit_baselines
 from evaluation.data import binary_gex_sentences, load_split_matrices, rank_gex_sentences
-from evaluation.metrics_core import MetricAccumulator, default_chunk_cells, iter_row_chunks
+from evaluation.metrics_core import MetricAccumulator, default_chunk_cells, iter_row_chunks, paired_bootstrap
 from evaluation.report import markdown_table, merge_model_index, results_json, write_text_atomic
 
 DIRECTIONS = ("gex2atac", "atac2gex")
@@ -192,6 +192,7 @@ def run_evaluation(
     krr_landmarks: int = 1000,
     allow_pickle: bool = False,
     device: str | None = None,
+    bootstrap: int = 0,
 ) -> dict:
     """Evaluate a translator and the baselines on one split; write results, table and plots.
 
@@ -222,6 +223,10 @@ def run_evaluation(
         trusted folders (safetensors are always preferred).
     device
         Where the model and seed model run: ``auto`` / None (a GPU when torch sees one), ``cpu``, ``cuda[:N]``.
+    bootstrap
+        With a model and ``bootstrap`` > 0: that many paired bootstrap resamples of the cells
+        (:func:`evaluation.metrics_core.paired_bootstrap`, seeded by ``seed``), recorded per direction under ``bootstrap``:
+        how often the model stays first on each headline metric, and its margin over each method with a standard deviation.
 
     Returns
     -------
@@ -229,6 +234,8 @@ def run_evaluation(
         The ``eval_results.json`` content.
     """
     start = time.perf_counter()
+    if bootstrap < 0:
+        raise ValueError(f"--bootstrap must be 0 (off) or a number of resamples, got {bootstrap}")
     unknown = sorted(set(directions) - set(DIRECTIONS))
     if unknown or not directions:
         raise ValueError(f"--directions must be among {DIRECTIONS}, got {list(directions)}")
@@ -284,6 +291,8 @@ def run_evaluation(
             block["model"] = outcome["model"]["metrics"]
         block["baselines"] = {name: out["metrics"] for name, out in outcome.items() if name != "model"}
         results["directions"][direction] = block
+        if bootstrap and "model" in accs:
+            results.setdefault("bootstrap", {})[direction] = paired_bootstrap(accs, "model", bootstrap, seed)
         extras["details"][direction] = {name: out["details"] for name, out in outcome.items()}
         if data["cell_type"] is not None:
             extras["by_cell_type"][direction] = {name: out["by_cell_type"] for name, out in outcome.items()}

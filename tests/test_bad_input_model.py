@@ -246,6 +246,7 @@ def test_predict_refuses_invalid_values(setup, tmp_path, capsys, flags, message)
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--max_cells", "-3"], "--max_cells must be positive"),
     (["--krr_landmarks", "0"], "--krr_landmarks must be >= 1"),
+    (["--bootstrap", "-5"], "--bootstrap must be 0 (off) or a number of resamples"),
     (["--split", "dev"], "invalid choice: 'dev'"),
 ])
 def test_eval_refuses_invalid_values(setup, tmp_path, capsys, flags, message):
