@@ -466,7 +466,7 @@ BOOTSTRAP_KEYS = ("rmse", "pearson_cell", "auroc_cell", "ap_cell")  # the headli
 
 
 def paired_bootstrap(accs: dict[str, MetricAccumulator], reference: str = "model", resamples: int = 1000, seed: int = 0,
-                     max_entries: int = 1 << 24) -> dict:
+                     max_entries: int = 1 << 24, point: dict[str, dict] | None = None) -> dict:
     """How firmly ``reference`` leads: a paired bootstrap over cells of every headline metric.
 
     Each resample draws the split's cells with replacement, the same cells for every method, and recomputes RMSE
@@ -475,7 +475,8 @@ def paired_bootstrap(accs: dict[str, MetricAccumulator], reference: str = "model
     which ``reference`` is strictly better than every other method, and per other method the point ``difference``
     (``reference`` minus it; negative is better for RMSE), its bootstrap ``sd``, and ``share_ahead``. Methods without a
     finite value on a metric are left out of that metric. ``max_entries`` bounds the
-    ``[resamples, cells]`` count matrix held at once.
+    ``[resamples, cells]`` count matrix held at once. ``point``: each method's ``result()["metrics"]`` when the caller
+    already has them (otherwise computed here).
     """
     if reference not in accs:
         raise ValueError(f"paired_bootstrap: no method named {reference!r} among {sorted(accs)}")
@@ -507,7 +508,7 @@ def paired_bootstrap(accs: dict[str, MetricAccumulator], reference: str = "model
                     weight = counts[:, finite].sum(axis=1)
                     with np.errstate(invalid="ignore", divide="ignore"):
                         draws[name][k][begin : begin + rows] = np.where(weight > 0, total / weight, np.nan)
-    point = {name: acc.result()["metrics"] for name, acc in accs.items()}
+    point = point or {name: acc.result()["metrics"] for name, acc in accs.items()}
     out: dict = {"resamples": int(resamples), "seed": int(seed), "reference": reference, "metrics": {}}
     for k in keys:
         sign = 1.0 if k == "rmse" else -1.0  # sign * value: lower is better

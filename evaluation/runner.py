@@ -292,7 +292,8 @@ def run_evaluation(
         block["baselines"] = {name: out["metrics"] for name, out in outcome.items() if name != "model"}
         results["directions"][direction] = block
         if bootstrap and "model" in accs:
-            results.setdefault("bootstrap", {})[direction] = paired_bootstrap(accs, "model", bootstrap, seed)
+            results.setdefault("bootstrap", {})[direction] = paired_bootstrap(accs, "model", bootstrap, seed,
+                                                                          point={name: out["metrics"] for name, out in outcome.items()})
         extras["details"][direction] = {name: out["details"] for name, out in outcome.items()}
         if data["cell_type"] is not None:
             extras["by_cell_type"][direction] = {name: out["by_cell_type"] for name, out in outcome.items()}
