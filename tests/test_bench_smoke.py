@@ -194,3 +194,40 @@ def test_readout_diagnostics_quick(tmp_path):
         for row in rows.values():
             assert row["difference"] == pytest.approx(row["model_rmse"] - row["baseline_rmse"])
             assert row["bootstrap_sd"] >= 0 and 0 <= row["share_model_ahead"] <= 1
+
+
+def test_gpu_t5small_script_smoke(tmp_path):
+    """bench/gpu/t5small_mop.sh end to end on CPU (SMOKE=1: a 4-step tiny model) from a staged data.tgz: what comes back."""
+    import os
+    import shutil
+    import subprocess
+    import tarfile
+
+    from tests.translator_fixtures import make_dataset_and_tokenizer
+
+    data, tok = make_dataset_and_tokenizer(tmp_path / "src", n_cells=90, n_genes=20, n_peaks=30)
+    stage = tmp_path / "gpu"
+    stage.mkdir()
+    with tarfile.open(stage / "data.tgz", "w:gz") as archive:
+        archive.add(data, arcname="mop")
+        archive.add(tok, arcname="mop_tok")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "WORK": str(tmp_path / "work"), "GPU_DIR": str(stage), "SMOKE": "1",
+           "EVAL_CELLS_SMOKE": "15"}  # 15 validation cells: enough for the cross-fitted choice (>= 10)
+    script = REPO / "bench" / "gpu" / "t5small_mop.sh"
+    done = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all done" in done.stdout
+    assert {"train.log", "eval_validation.log", "eval_test.log", "env.log", "readout.json", "eval_validation.json",
+            "eval_test.json"} <= {p.name for p in out.iterdir()}
+    for split in ("validation", "test"):
+        result = json.loads((out / f"eval_{split}.json").read_text())
+        assert result["split"] == split and set(result["directions"]) == {"gex2atac", "atac2gex"}
+        assert "mean" in result["directions"]["gex2atac"]["baselines"] and "rmse" in result["directions"]["gex2atac"]["model"]
+    readout = json.loads((out / "readout.json").read_text())
+    assert "averaged over 2 random partitions" in readout["calibration"]["gex2atac"]["selection"]
+    shutil.rmtree(tmp_path / "work")
+    missing = subprocess.run(["bash", str(script)], cwd=REPO, env={**env, "GPU_DIR": str(tmp_path / "nowhere")}, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 2 and "data.tgz is missing" in missing.stderr

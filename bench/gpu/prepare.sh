@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Stage what bench/gpu/t5small_mop.sh needs on a lent GPU machine, which reaches no package registry:
+# wheels of the packages its image lacks (cp312, manylinux x86-64) and the built MOp datasets and tokenizers.
+# Run here, from the repository root, with the datasets already built (docs/results.md, MOp section):
+#   bash bench/gpu/prepare.sh .dev/mop10k .dev/mop10k_tok
+# Writes .gpu/ (ignored through .git/info/exclude) and prints its size; the device tool carries at most 64 MiB.
+set -euo pipefail
+DATA=${1:?usage: prepare.sh DATASET_DIR TOKENIZER_DIR}
+TOK=${2:?usage: prepare.sh DATASET_DIR TOKENIZER_DIR}
+for d in "$DATA" "$TOK"; do [ -d "$d" ] || { echo "prepare.sh: $d is not a folder; build it first (docs/results.md, MOp commands)" >&2; exit 2; }; done
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.gpu/' >> .git/info/exclude; }
+rm -rf .gpu.partial && mkdir -p .gpu.partial/whl
+# The image holds torch, accelerate, tokenizers, huggingface-hub, pandas, pyarrow, scipy, scikit-learn, h5py, matplotlib
+# (KINDS.md); these are missing or older there. Versions: the ones the test suite runs with here.
+PKGS="datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 evaluate==0.4.6 transformers==5.24.0 anndata==0.12.19 mudata==0.3.10
+array-api-compat==1.16.0 legacy-api-wrap==1.5 natsort==8.4.0 scverse-misc==0.0.3 session-info2==0.4.1 zarr==3.1.6
+numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0"
+python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .gpu.partial/whl $PKGS
+# the Arrow records compress ~3x (37 MB -> 12 MB for mop10k with its tokenizer)
+mkdir -p .gpu.partial/stage && cp -r "$DATA" .gpu.partial/stage/mop && cp -r "$TOK" .gpu.partial/stage/mop_tok
+tar czf .gpu.partial/data.tgz -C .gpu.partial/stage mop mop_tok && rm -rf .gpu.partial/stage
+rm -rf .gpu && mv .gpu.partial .gpu
+du -sh .gpu .gpu/whl .gpu/data.tgz
