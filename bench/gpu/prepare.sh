@@ -11,10 +11,10 @@ for d in "$DATA" "$TOK"; do [ -d "$d" ] || { echo "prepare.sh: $d is not a folde
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.gpu/' >> .git/info/exclude; }
 rm -rf .gpu.partial && mkdir -p .gpu.partial/whl
 # The image holds torch, accelerate, tokenizers, huggingface-hub, pandas, pyarrow, scipy, scikit-learn, h5py, matplotlib
-# (KINDS.md); these are missing or older there. Versions: the ones the test suite runs with here.
+# (KINDS.md); these are missing or older there (regex and fsspec pinned: transformers and datasets check them at import). Versions: the ones the test suite runs with here.
 PKGS="datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 evaluate==0.4.6 transformers==5.24.0 anndata==0.12.19 mudata==0.3.10
 array-api-compat==1.16.0 legacy-api-wrap==1.5 natsort==8.4.0 scverse-misc==0.0.3 session-info2==0.4.1 zarr==3.1.6
-numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0"
+numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 regex==2026.11.19 fsspec==2026.9.0"
 python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .gpu.partial/whl $PKGS
