@@ -3,12 +3,11 @@
 # wheels of the packages its image lacks (cp312, manylinux x86-64) and the built MOp datasets and tokenizers.
 # Run here, from the repository root, with the datasets already built (docs/results.md, MOp section):
 #   bash bench/gpu/prepare.sh .dev/mop10k .dev/mop10k_tok
-# Writes .gpu/ (ignored through .git/info/exclude) and prints its size; the device tool carries at most 64 MiB.
+# Writes .gpu/ (ignored by .gitignore) and prints its size; the device tool carries at most 64 MiB.
 set -euo pipefail
 DATA=${1:?usage: prepare.sh DATASET_DIR TOKENIZER_DIR}
 TOK=${2:?usage: prepare.sh DATASET_DIR TOKENIZER_DIR}
 for d in "$DATA" "$TOK"; do [ -d "$d" ] || { echo "prepare.sh: $d is not a folder; build it first (docs/results.md, MOp commands)" >&2; exit 2; }; done
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.gpu/' >> .git/info/exclude; }
 rm -rf .gpu.partial && mkdir -p .gpu.partial/whl
 # The image holds torch, accelerate, tokenizers, huggingface-hub, pandas, pyarrow, scipy, scikit-learn, h5py, matplotlib
 # (KINDS.md); these are missing or older there (regex and fsspec pinned: transformers and datasets check them at import). Versions: the ones the test suite runs with here.
