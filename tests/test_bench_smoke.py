@@ -219,8 +219,8 @@ def test_gpu_t5small_script_smoke(tmp_path):
     done = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all done" in done.stdout
-    assert {"train.log", "eval_validation.log", "eval_test.log", "env.log", "readout.json", "eval_validation.json",
-            "eval_test.json"} <= {p.name for p in out.iterdir()}
+    assert {"train.log", "eval_validation.log", "eval_test.log", "env.log", "readout.json", "training_args.json",
+            "eval_validation.json", "eval_test.json"} <= {p.name for p in out.iterdir()}
     for split in ("validation", "test"):
         result = json.loads((out / f"eval_{split}.json").read_text())
         assert result["split"] == split and set(result["directions"]) == {"gex2atac", "atac2gex"}

@@ -21,4 +21,4 @@ python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:
 mkdir -p .gpu.partial/stage && cp -r "$DATA" .gpu.partial/stage/mop && cp -r "$TOK" .gpu.partial/stage/mop_tok
 tar czf .gpu.partial/data.tgz -C .gpu.partial/stage mop mop_tok && rm -rf .gpu.partial/stage
 rm -rf .gpu && mv .gpu.partial .gpu
-du -sh .gpu .gpu/whl .gpu/data.tgz
+du -sh .gpu/whl .gpu/data.tgz && du -sh .gpu

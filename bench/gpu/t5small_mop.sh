@@ -3,8 +3,9 @@
 # (docs/results.md), calibrate it as train.py does, and score it with eval.py on validation and on test.
 # Inputs staged by bench/gpu/prepare.sh (.gpu/whl, .gpu/data.tgz); from here:
 #   run(command="bash bench/gpu/t5small_mop.sh", carry=[".gpu"], timeout_s=600)
-# What comes back under $OUT: the logs, both eval_results.json, the folder's readout.json and train_summary.json.
-# Score the validation file here with `python -m evaluation.crossval pool --baselines evbase_mop --candidate t5small <dir>`.
+# What comes back under $OUT: the logs, both eval_results.json (as eval_validation.json, eval_test.json), the folder's readout.json and
+# training_args.json. Score validation here: copy eval_validation.json to D/eval_results.json, then
+# `python -m evaluation.crossval pool --baselines evbase_mop --candidate t5small D ...` beside the CPU picks' validation runs.
 # Knobs (environment): STEPS (1000), BATCH (128), LR (5e-4), WARMUP (100), PRECISION (no: fp32; session 10's bf16 at
 # lr 1e-3 diverged), REPEATS (1: the calibration's partitions; on MOp's 841 cells 1 and 10 gave both final models
 # bit-identical readouts in session 14, and 10 cost ~4 more minutes on a CPU, too many for one 10-minute call), SHAPE (t5-small), THREADS (16), and SMOKE=1 for a
@@ -29,7 +30,7 @@ M=$WORK/model_$SHAPE
 collect() {  # whatever exists comes back, also after a timeout
   cp "$WORK"/*.log "$OUT"/ 2>/dev/null
   cp "$M/readout.json" "$OUT/readout.json" 2>/dev/null
-  cp "$M/train_summary.json" "$OUT/train_summary.json" 2>/dev/null
+  cp "$M/training_args.json" "$OUT/training_args.json" 2>/dev/null
   cp "$WORK/eval_validation/eval_results.json" "$OUT/eval_validation.json" 2>/dev/null
   cp "$WORK/eval_test/eval_results.json" "$OUT/eval_test.json" 2>/dev/null
   true
