@@ -10,6 +10,10 @@
   metrics core (RMSE, per-cell Pearson, AUROC, AP) beside each member alone.
 - ``bootstrap``: how well the validation split can rank the model against the tuned baselines: a paired bootstrap over
   its cells of the RMSE difference (model minus baseline).
+- ``sampled``: the issue's "several sampled sentences" readout: ``--samples`` sentences drawn per validation cell
+  (each step's name drawn from its distribution at ``--temperature``), the share of draws naming each feature
+  calibrated as the greedy readout's aggregates are, against the profile readout, both cross-fitted over ``--parts``,
+  and the best blend of the two (an upper bound on what the draws add).
 - ``crossfit``: the calibration scored on cells it was not fitted on. ``train.py`` fits ``readout.json``'s calibration
   on the validation cells that ``eval.py --split validation`` then scores, so a readout with more coefficients looks
   better there than it is. This splits the validation cells into ``--parts`` parts, fits the calibration (the same
@@ -24,6 +28,7 @@ Usage::
     python bench/readout_diagnostics.py centre --model mop_P5400c6d2 --dataset_dir mop10k
     python bench/readout_diagnostics.py bootstrap --model bmmc_S50 --dataset_dir bmmc
     python bench/readout_diagnostics.py ensemble --model mop_P5400c6d2 --members mop_P5400c6d2s7 --dataset_dir mop10k
+    python bench/readout_diagnostics.py sampled --model mop_P5400c6d2ls1sd1 --dataset_dir mop10k --samples 8
     python bench/readout_diagnostics.py crossfit --model m_S50r_0 --dataset_dir f0 --arms profile profile,profile_depth \
         --output_dir crossfit_S50r_0     # writes crossfit_S50r_0/<arm>/eval_results.json
 
@@ -186,6 +191,115 @@ def ensemble(translator, members: Sequence[str], val: dict, directions: Sequence
     return out
 
 
+def _cross_fitted(features: dict[str, np.ndarray], truth, direction: str, meta: dict, arm: Sequence[str], part: np.ndarray, seed: int,
+                  selection_parts: int, selection_repeats: int) -> tuple[np.ndarray, list[str]]:
+    """Each part's prediction from the calibration (``fit_readout`` over ``arm``) fitted on the other parts; the aggregation each kept."""
+    from translator.readout import apply_readout, fit_readout
+
+    prediction = np.zeros(truth.shape, dtype=np.float32)
+    chosen = []
+    for k in range(int(part.max()) + 1):
+        fit_rows, held = np.flatnonzero(part != k), np.flatnonzero(part == k)
+        params = fit_readout({key: v[fit_rows] for key, v in features.items()}, truth[fit_rows], direction, meta, seed=seed,
+                             aggregations=arm, selection_parts=selection_parts, selection_repeats=selection_repeats)
+        prediction[held] = apply_readout({key: v[held] for key, v in features.items()}, direction, meta, params)
+        chosen.append(params["aggregation"])
+    return prediction, chosen
+
+
+def sampled_features(translator, source_ids: Sequence[np.ndarray], direction: str, samples: int, temperature: float, seed: int = 0,
+                     batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Per-feature aggregates of ``samples`` sentences drawn per cell (``constrained_decode`` with a generator).
+
+    ``noisy_or`` and ``sum``: the share of the draws that name the feature; ``weighted`` (GEX targets): the mean over
+    the draws of the train mean value at the rank where the gene was named (0 where it was not), the sampled
+    counterpart of the greedy readout's expected value. Plus ``profile`` and ``source_length`` as ``decode_features``
+    gives them, so that ``fit_readout`` calibrates the draws exactly as it does the greedy step aggregates.
+    """
+    from translator.modeling import constrained_decode
+    from translator.readout import decode_features
+
+    target = TARGET[direction]
+    start, stop = translator.ranges[target]
+    features, _ = decode_features(translator.model, translator.tokenizer, translator.meta, source_ids, direction, (start, stop),
+                                  translator.max_target_length, decode=False, profile_head=translator.profile_head)
+    rank_value = np.asarray(translator.meta["train_stats"]["rank_value"], dtype=np.float32)
+    ordered = direction == "gex2atac" or translator.meta.get("gex_target_order", "rank") == "gene"
+    share = np.zeros((len(source_ids), stop - start), dtype=np.float32)
+    weighted = np.zeros_like(share)
+    generator = torch.Generator().manual_seed(seed)
+    order = np.argsort([-len(s) for s in source_ids], kind="stable")
+    for begin in range(0, len(order), batch_size):
+        rows = order[begin : begin + batch_size]
+        length = max(len(source_ids[r]) for r in rows)
+        input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(source_ids[r])] = torch.from_numpy(np.asarray(source_ids[r]))
+            mask[i, : len(source_ids[r])] = 1
+        for _ in range(samples):
+            result = constrained_decode(translator.model, input_ids, mask, (start, stop), ordered=ordered, max_new_tokens=translator.max_target_length,
+                                        generator=generator, temperature=temperature)
+            for i, r in enumerate(rows):
+                named = np.asarray(result.sequences[i], dtype=np.int64) - start
+                share[r, named] += 1.0 / samples
+                if len(named) and len(rank_value):
+                    weighted[r, named] += rank_value[np.minimum(np.arange(len(named)), len(rank_value) - 1)] / samples
+    features.update(noisy_or=share, sum=share.copy())
+    if direction == "atac2gex":
+        features["weighted"] = weighted
+    return features
+
+
+def sampled(translator, val: dict, directions: Sequence[str], samples: int, temperature: float, parts: int, seed: int = 0,
+            selection_parts: int | None = None, selection_repeats: int | None = None) -> dict:
+    """The issue's "several sampled sentences" readout against the profile readout, both calibrated cross-fitted.
+
+    Arms: ``profile,profile_depth`` (the readout ``train.py`` calibrates), ``sampled`` (``samples`` sentences a cell,
+    the share naming each feature calibrated as the greedy readout's aggregates are), and the best blend
+    ``w * sampled + (1 - w) * profile`` over a grid of ``w``, chosen on the same pooled cross-fitted predictions it is
+    scored on: an upper bound on what the draws add to the profile readout.
+    """
+    from evaluation.metrics_core import compute_metrics
+    from evaluation.runner import source_sentences
+    from translator.readout import SELECTION_PARTS, SELECTION_REPEATS
+
+    selection_parts = SELECTION_PARTS if selection_parts is None else selection_parts
+    selection_repeats = SELECTION_REPEATS if selection_repeats is None else selection_repeats
+    n = val["gex"].shape[0]
+    if not 2 <= parts <= n:
+        raise SystemExit(f"--parts must be from 2 to the {n} validation cells, got {parts}")
+    part = np.random.default_rng(seed).permutation(n) % parts
+    out = {}
+    for direction in directions:
+        target = TARGET[direction]
+        truth = val[target].tocsr()
+        ids = translator.encode_sources(source_sentences(val, direction, translator.meta), direction, allow_empty=True)
+        began = time.perf_counter()
+        features = sampled_features(translator, ids, direction, samples, temperature, seed)
+        seconds = time.perf_counter() - began
+        aggregation = "noisy_or" if direction == "gex2atac" else "sum"
+        arms = {"profile,profile_depth": ["profile", "profile_depth"], "sampled": [aggregation]}
+        predictions, rows = {}, {}
+        for name, arm in arms.items():
+            predictions[name], chosen = _cross_fitted(features, truth, direction, translator.meta, arm, part, seed, selection_parts, selection_repeats)
+            rows[name] = {"aggregation_per_part": chosen}
+        dense = truth.toarray()
+        blends = {w: _rmse(w * predictions["sampled"] + (1 - w) * predictions["profile,profile_depth"], dense) for w in np.linspace(0, 1, 11)}
+        best = min(blends, key=blends.get)
+        predictions["best blend"] = best * predictions["sampled"] + (1 - best) * predictions["profile,profile_depth"]
+        rows["best blend"] = {"weight_of_sampled": float(best), "rmse_by_weight": {f"{w:.1f}": r for w, r in blends.items()}}
+        for name, prediction in predictions.items():
+            metrics = compute_metrics(prediction, truth, target)["metrics"]
+            rows[name]["cross_fitted"] = {k: float(metrics[k]) for k in ranked_keys(metrics)}
+        rows["sampled"]["mean_names_per_draw"] = float(features["sum"].sum(axis=1).mean())
+        rows["sampled"]["seconds"] = round(seconds, 1)
+        out[direction] = rows
+        print(f"{direction}: " + ", ".join(f"{name} {row['cross_fitted']['rmse']:.6f}" for name, row in rows.items())
+              + f" (blend weight {best:.1f}; {samples} draws a cell in {seconds:.0f} s)", flush=True)
+    return out
+
+
 def crossfit(translator, val: dict, directions: Sequence[str], arms: Sequence[Sequence[str]], parts: int, dataset: str,
              output_dir: str | None, seed: int = 0, selection_parts: int | None = None, selection_repeats: int | None = None) -> dict:
     """Cross-fitted calibration of each arm (a set of aggregations); see the module docstring."""
@@ -212,15 +326,7 @@ def crossfit(translator, val: dict, directions: Sequence[str], arms: Sequence[Se
                                       translator.max_target_length, decode=False, profile_head=translator.profile_head)
         out[direction] = {}
         for arm in arms:
-            prediction = np.zeros(truth.shape, dtype=np.float32)
-            chosen = []
-            for k in range(parts):
-                fit_rows, held = np.flatnonzero(part != k), np.flatnonzero(part == k)
-                params = fit_readout({key: v[fit_rows] for key, v in features.items()}, truth[fit_rows], direction, translator.meta, seed=seed,
-                                     aggregations=arm, selection_parts=selection_parts,
-                                     selection_repeats=selection_repeats)
-                prediction[held] = apply_readout({key: v[held] for key, v in features.items()}, direction, translator.meta, params)
-                chosen.append(params["aggregation"])
+            prediction, chosen = _cross_fitted(features, truth, direction, translator.meta, arm, part, seed, selection_parts, selection_repeats)
             in_sample = fit_readout(features, truth, direction, translator.meta, seed=seed, aggregations=arm, selection_parts=selection_parts,
                                      selection_repeats=selection_repeats)
             metrics = compute_metrics(prediction, truth, target)["metrics"]
@@ -240,7 +346,7 @@ def crossfit(translator, val: dict, directions: Sequence[str], arms: Sequence[Se
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("kernel", "centre", "bootstrap", "ensemble", "crossfit"))
+    parser.add_argument("command", choices=("kernel", "centre", "bootstrap", "ensemble", "crossfit", "sampled"))
     parser.add_argument("--model", required=True, help="model folder written by train.py")
     parser.add_argument("--dataset_dir", required=True, help="dataset folder (train and validation splits are read)")
     parser.add_argument("--members", nargs="+", default=[], help="ensemble: the other model folders averaged with --model")
@@ -251,7 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--arms", nargs="+", default=["profile", "profile,profile_depth"],
                         help="crossfit: each arm a comma-separated set of readout aggregations the calibration chooses from")
-    parser.add_argument("--parts", type=int, default=5, help="crossfit: the validation cells are split into this many parts")
+    parser.add_argument("--parts", type=int, default=5, help="crossfit, sampled: the validation cells are split into this many parts")
+    parser.add_argument("--samples", type=int, default=8, help="sampled: sentences drawn per cell")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampled: the temperature of each step's draw")
     parser.add_argument("--selection_parts", type=int, help="crossfit: how each fit picks its aggregation (fit_readout's selection_parts; "
                         "default its own, cross-fitted over 5 parts; 0 = lowest in-sample RMSE, the rule before session 13)")
     parser.add_argument("--selection_repeats", type=int, help="crossfit: the random partitions each fit's cross-fitted RMSE is averaged over "
@@ -274,6 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures = centre(translator, train, val, args.directions, args.dataset_dir)
     elif args.command == "bootstrap":
         figures = bootstrap(translator, train, val, args.directions, args.resamples)
+    elif args.command == "sampled":
+        if args.samples < 1 or args.temperature <= 0:
+            raise SystemExit(f"--samples must be at least 1 and --temperature above 0, got {args.samples} and {args.temperature}")
+        figures = sampled(translator, val, args.directions, args.samples, args.temperature, args.parts,
+                          selection_parts=args.selection_parts, selection_repeats=args.selection_repeats)
     elif args.command == "crossfit":
         figures = crossfit(translator, val, args.directions, [a.split(",") for a in args.arms], args.parts, args.dataset_name or Path(args.dataset_dir).name, args.output_dir,
                            selection_parts=args.selection_parts, selection_repeats=args.selection_repeats)

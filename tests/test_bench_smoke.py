@@ -180,6 +180,16 @@ def test_readout_diagnostics_quick(tmp_path):
     for direction, rows in crossfit.items():
         assert pooled["candidates"]["depth"]["metrics"][direction]["rmse"] == pytest.approx(rows["profile,profile_depth"]["cross_fitted"]["rmse"])
         assert rows["profile"]["cross_fitted"]["rmse"] != rows["profile"]["in_sample"]["rmse"]  # held-out cells, not the fitted ones
+    assert readout_diagnostics.main(["sampled", "--model", str(model), "--dataset_dir", str(data), "--parts", "3", "--samples", "3",
+                                     "--quick", "--results_dir", str(tmp_path)]) == 0
+    for direction, rows in _results(tmp_path, "readout_sampled")["directions"].items():
+        # the blend's grid holds both ends, so the best blend is no worse than either readout alone
+        assert rows["best blend"]["cross_fitted"]["rmse"] <= min(
+            rows["sampled"]["cross_fitted"]["rmse"], rows["profile,profile_depth"]["cross_fitted"]["rmse"]) + 1e-6
+        assert rows["profile,profile_depth"]["cross_fitted"]["rmse"] == pytest.approx(crossfit[direction]["profile,profile_depth"]["cross_fitted"]["rmse"])
+        assert 0 < rows["sampled"]["mean_names_per_draw"] <= 128 and len(rows["sampled"]["aggregation_per_part"]) == 3
+    with pytest.raises(SystemExit, match="--samples must be at least 1"):
+        readout_diagnostics.main(["sampled", "--model", str(model), "--dataset_dir", str(data), "--samples", "0", "--results_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--parts must be from 2"):
         readout_diagnostics.main(["crossfit", "--model", str(model), "--dataset_dir", str(data), "--parts", "1", "--quick", "--results_dir", str(tmp_path)])
     kernel = _results(tmp_path, "readout_kernel")["directions"]

@@ -92,6 +92,31 @@ def test_cached_decoding_matches_a_full_forward_pass(model):
         assert int(scores.argmax()) + GEX[0] == token
 
 
+def test_sampled_decoding_is_valid_seeded_and_follows_the_step_distribution(model):
+    batch = _batch(3)
+
+    def draw(seed, **kw):
+        return constrained_decode(model, batch["input_ids"], batch["attention_mask"], ATAC, ordered=True, max_new_tokens=15,
+                                  generator=torch.Generator().manual_seed(seed), **kw).sequences
+
+    for seq in draw(0):
+        assert all(ATAC[0] <= t < ATAC[1] for t in seq) and all(a < b for a, b in zip(seq, seq[1:], strict=False))
+    assert draw(0) == draw(0)  # the generator alone decides the draw
+    assert len({str(draw(seed)) for seed in range(6)}) > 1  # an untrained model's steps are spread out: draws differ
+    assert draw(0, temperature=1e-4) == draw(5, temperature=1e-4)  # near 0 every seed takes the most likely step
+    # the first step's draws follow its distribution: the empirical frequencies approach the first-step probabilities
+    first = constrained_decode(model, batch["input_ids"][:1], batch["attention_mask"][:1], ATAC, ordered=True, max_new_tokens=1)
+    p = first.aggregates["sum"][0].numpy()
+    g = torch.Generator().manual_seed(1)
+    counts = np.zeros_like(p)
+    ids, mask = batch["input_ids"][:1].repeat(400, 1), batch["attention_mask"][:1].repeat(400, 1)
+    for seq in constrained_decode(model, ids, mask, ATAC, ordered=True, max_new_tokens=1, generator=g).sequences:
+        for t in seq:
+            counts[t - ATAC[0]] += 1
+    assert abs(counts.sum() / 400 - p.sum()) < 0.1  # the share of draws that name a peak rather than </s>
+    assert np.abs(counts / 400 - p).max() < 0.1
+
+
 def test_caps_keep_top_genes_and_spread_peaks():
     ids = np.arange(100, 200)
     assert cap_names(ids, 10, "gex").tolist() == list(range(100, 110))

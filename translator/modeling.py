@@ -449,11 +449,15 @@ def constrained_decode(
     ordered: bool,
     max_new_tokens: int,
     step_weight: Callable[[int], float] | None = None,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
 ) -> DecodeResult:
-    """Greedy decoding restricted to the target modality's names, with a key/value cache.
+    """Greedy (or sampled) decoding restricted to the target modality's names, with a key/value cache.
 
     Each step names the most likely allowed name, or ends the sentence when ``</s>`` has probability
-    at least 0.5. Allowed names are those of ``target_range`` not generated yet; with ``ordered``
+    at least 0.5. With ``generator``, each step instead draws its name or ``</s>`` from the allowed
+    names' distribution at ``temperature`` (one sampled sentence per source; the aggregates are those
+    of the drawn path's steps). Allowed names are those of ``target_range`` not generated yet; with ``ordered``
     (ATAC targets, written in genomic order = increasing id) only names after the previous one.
     The step's distribution over the allowed names is aggregated per feature while decoding, so
     nothing of size ``[steps, cells, features]`` is kept:
@@ -506,7 +510,11 @@ def constrained_decode(
         # Stop only when </s> holds most of the mass. A plain argmax lets </s> win as the single most
         # likely token while continuing is far more likely overall (the mass is spread over thousands of
         # names), and an undertrained model then emits nothing at all.
-        choice = torch.where(probs[:, 0] >= 0.5, torch.zeros_like(last), probs[:, 1:].argmax(dim=-1) + 1)
+        if generator is None:
+            choice = torch.where(probs[:, 0] >= 0.5, torch.zeros_like(last), probs[:, 1:].argmax(dim=-1) + 1)
+        else:
+            draw = probs if temperature == 1.0 else torch.softmax(logits / temperature, dim=-1)
+            choice = torch.multinomial(draw, 1, generator=generator).squeeze(1)
         finished = (choice == 0) | ~active
         for row in torch.nonzero(~finished).flatten().tolist():
             sequences[row].append(start + int(choice[row]) - 1)
