@@ -69,6 +69,7 @@ class ModelArguments:
     embedding_init: str = field(default="lsi", metadata={"help": "name embeddings at the start: lsi (TF-IDF + SVD of the train sentences) | random"})
     source_dropout: float = field(default=0.0, metadata={"help": "probability of hiding each source name in training (augmentation)"})
     gex_source_truncation: float = field(default=0.0, metadata={"help": "probability of cutting a training GEX source to its top k genes, k log-uniform in [1, n] (augmentation: short sentences of the most expressed genes); 0: off"})
+    gex_source_downsample: float = field(default=0.0, metadata={"help": "probability of thinning a training GEX source's UMI counts (keep rate uniform in [0.2, 1)) and writing it again in the thinned rank order (augmentation: a shallower cell); 0: off"})
 
 
 @dataclass
@@ -162,7 +163,7 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
     if not (math.isfinite(model_args.profile_weight) and model_args.profile_weight >= 0):
         raise ValueError(f"--profile_weight must be a number >= 0, got {model_args.profile_weight}")
     for name, value in (("dropout_rate", model_args.dropout_rate), ("label_smoothing", run.label_smoothing), ("source_dropout", model_args.source_dropout),
-                        ("gex_source_truncation", model_args.gex_source_truncation)):
+                        ("gex_source_truncation", model_args.gex_source_truncation), ("gex_source_downsample", model_args.gex_source_downsample)):
         if not 0 <= value < 1:
             raise ValueError(f"--{name} must be in [0, 1), got {value}")
     if not 0 <= run.weight_average_fraction <= 1:
@@ -281,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     if tokenizer is None:
         raise ValueError("--tokenizer_dir is required; build one with `python -m tokenizer --dataset DIR --output_dir TOK`")
     check_vocabulary(tokenizer, meta, what=f"dataset {data_args.dataset_dir}")
+    if model_args.gex_source_downsample > 0 and "gex2atac" in data_args.directions and meta.get("gex_encoding", "rank") != "rank":
+        raise ValueError(f"--gex_source_downsample needs rank-order GEX sentences of every detected gene, and dataset {data_args.dataset_dir} "
+                         f"has gex_encoding {meta.get('gex_encoding')!r}; build the dataset with --gex_encoding rank or drop the flag")
     accelerator = Accelerator(
         gradient_accumulation_steps=run.gradient_accumulation_steps,
         mixed_precision=run.mixed_precision,
@@ -308,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = datasets.load_from_disk(data_args.dataset_dir)
     caps = (data_args.max_source_length, data_args.max_target_length)
     train_examples = TranslationExamples(splits["train"], tokenizer, data_args.directions, *caps, data_args.gex_target_order, data_args.max_gex_target_length,
-                                        data_args.gex_target_min_value)
+                                        data_args.gex_target_min_value, source_counts=model_args.gex_source_downsample > 0)
     validation = splits["validation"].select(range(min(len(splits["validation"]), data_args.max_eval_cells)))
     eval_examples = TranslationExamples(validation, tokenizer, data_args.directions, *caps, data_args.gex_target_order, data_args.max_gex_target_length,
                                         data_args.gex_target_min_value)
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("name embeddings from LSI of the train sentences (%s components) in %.1f s", used, time.perf_counter() - started_init)
     loss_module = TranslationLoss(model, model_args.n_negatives, run.label_smoothing, model_args.profile_weight,
                                   profile_offsets(tokenizer, meta), model_args.source_dropout, model_args.gex_source_truncation,
-                                  tokenizer.convert_tokens_to_ids(PREFIX["gex2atac"]))
+                                  tokenizer.convert_tokens_to_ids(PREFIX["gex2atac"]), gex_source_downsample=model_args.gex_source_downsample)
     decay = [p for n, p in loss_module.named_parameters() if "layer_norm" not in n and not n.endswith("bias")]
     no_decay = [p for n, p in loss_module.named_parameters() if "layer_norm" in n or n.endswith("bias")]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=run.learning_rate)

@@ -11,9 +11,10 @@
 - ``bootstrap``: how well the validation split can rank the model against the tuned baselines: a paired bootstrap over
   its cells of the RMSE difference (model minus baseline).
 - ``sampled``: the issue's "several sampled sentences" readout: ``--samples`` sentences drawn per validation cell
-  (each step's name drawn from its distribution at ``--temperature``), the share of draws naming each feature
-  calibrated as the greedy readout's aggregates are, against the profile readout, both cross-fitted over ``--parts``,
-  and the best blend of the two (an upper bound on what the draws add).
+  (each step's name drawn from its distribution at ``--temperature``), read two ways (the share of draws naming each
+  feature; the mean of the drawn paths' step-probability aggregates) and calibrated as the greedy readout's
+  aggregates are, against the profile readout and the greedy sentence, all cross-fitted over ``--parts``, and the best
+  blend of each with the profile readout (an upper bound on what the draws add).
 - ``crossfit``: the calibration scored on cells it was not fitted on. ``train.py`` fits ``readout.json``'s calibration
   on the validation cells that ``eval.py --split validation`` then scores, so a readout with more coefficients looks
   better there than it is. This splits the validation cells into ``--parts`` parts, fits the calibration (the same
@@ -208,61 +209,75 @@ def _cross_fitted(features: dict[str, np.ndarray], truth, direction: str, meta: 
 
 
 def sampled_features(translator, source_ids: Sequence[np.ndarray], direction: str, samples: int, temperature: float, seed: int = 0,
-                     batch_size: int = 64) -> dict[str, np.ndarray]:
+                     batch_size: int = 64) -> dict[str, dict[str, np.ndarray]]:
     """Per-feature aggregates of ``samples`` sentences drawn per cell (``constrained_decode`` with a generator).
 
-    ``noisy_or`` and ``sum``: the share of the draws that name the feature; ``weighted`` (GEX targets): the mean over
-    the draws of the train mean value at the rank where the gene was named (0 where it was not), the sampled
-    counterpart of the greedy readout's expected value. Plus ``profile`` and ``source_length`` as ``decode_features``
-    gives them, so that ``fit_readout`` calibrates the draws exactly as it does the greedy step aggregates.
+    Two estimates from the same draws, each a features dict that ``fit_readout`` calibrates exactly as it does the
+    greedy step aggregates (plus ``profile`` and ``source_length`` as ``decode_features`` gives them):
+
+    - ``share``: ``noisy_or`` and ``sum`` are the share of the draws that name the feature; ``weighted`` (GEX
+      targets) the mean over the draws of the train mean value at the rank where the gene was named (0 where not);
+    - ``paths``: the mean over the draws of each drawn path's step-probability aggregates (``noisy_or``, ``sum``,
+      ``weighted``, as the greedy readout aggregates its one path): the same quantity with far less variance than
+      the share of a few draws.
     """
     from translator.modeling import constrained_decode
     from translator.readout import decode_features
 
-    target = TARGET[direction]
-    start, stop = translator.ranges[target]
-    features, _ = decode_features(translator.model, translator.tokenizer, translator.meta, source_ids, direction, (start, stop),
-                                  translator.max_target_length, decode=False, profile_head=translator.profile_head)
+    start, stop = translator.ranges[TARGET[direction]]
+    profile, _ = decode_features(translator.model, translator.tokenizer, translator.meta, source_ids, direction, (start, stop),
+                                 translator.max_target_length, decode=False, profile_head=translator.profile_head)
     rank_value = np.asarray(translator.meta["train_stats"]["rank_value"], dtype=np.float32)
+
+    def step_weight(step: int) -> float:
+        return float(rank_value[min(step, len(rank_value) - 1)]) if len(rank_value) else 0.0
+
     ordered = direction == "gex2atac" or translator.meta.get("gex_target_order", "rank") == "gene"
-    share = np.zeros((len(source_ids), stop - start), dtype=np.float32)
-    weighted = np.zeros_like(share)
+    shape = (len(source_ids), stop - start)
+    share = {key: np.zeros(shape, dtype=np.float32) for key in ("noisy_or", "weighted")}
+    paths = {key: np.zeros(shape, dtype=np.float32) for key in ("noisy_or", "sum", "weighted")}
     generator = torch.Generator().manual_seed(seed)
     order = np.argsort([-len(s) for s in source_ids], kind="stable")
-    for begin in range(0, len(order), batch_size):
-        rows = order[begin : begin + batch_size]
-        length = max(len(source_ids[r]) for r in rows)
-        input_ids = torch.zeros(len(rows), length, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(source_ids[r])] = torch.from_numpy(np.asarray(source_ids[r]))
-            mask[i, : len(source_ids[r])] = 1
-        for _ in range(samples):
-            result = constrained_decode(translator.model, input_ids, mask, (start, stop), ordered=ordered, max_new_tokens=translator.max_target_length,
-                                        generator=generator, temperature=temperature)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, translator.model.config.d_model // 256)))  # as decode_features: narrow steps
+    try:
+        for begin in range(0, len(order), batch_size):
+            rows = order[begin : begin + batch_size]
+            length = max(len(source_ids[r]) for r in rows)
+            input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+            mask = torch.zeros(len(rows), length, dtype=torch.long)
             for i, r in enumerate(rows):
-                named = np.asarray(result.sequences[i], dtype=np.int64) - start
-                share[r, named] += 1.0 / samples
-                if len(named) and len(rank_value):
-                    weighted[r, named] += rank_value[np.minimum(np.arange(len(named)), len(rank_value) - 1)] / samples
-    features.update(noisy_or=share, sum=share.copy())
-    if direction == "atac2gex":
-        features["weighted"] = weighted
-    return features
+                input_ids[i, : len(source_ids[r])] = torch.from_numpy(np.asarray(source_ids[r]))
+                mask[i, : len(source_ids[r])] = 1
+            for _ in range(samples):
+                result = constrained_decode(translator.model, input_ids, mask, (start, stop), ordered=ordered, max_new_tokens=translator.max_target_length,
+                                            step_weight=step_weight, generator=generator, temperature=temperature)
+                for key in paths:
+                    paths[key][rows] += result.aggregates[key].numpy() / samples
+                for i, r in enumerate(rows):
+                    named = np.asarray(result.sequences[i], dtype=np.int64) - start
+                    share["noisy_or"][r, named] += 1.0 / samples
+                    if len(named) and len(rank_value):
+                        share["weighted"][r, named] += rank_value[np.minimum(np.arange(len(named)), len(rank_value) - 1)] / samples
+    finally:
+        torch.set_num_threads(threads)
+    share["sum"] = share["noisy_or"].copy()
+    return {name: {**profile, **estimate} for name, estimate in (("share", share), ("paths", paths))}
 
 
 def sampled(translator, val: dict, directions: Sequence[str], samples: int, temperature: float, parts: int, seed: int = 0,
             selection_parts: int | None = None, selection_repeats: int | None = None) -> dict:
-    """The issue's "several sampled sentences" readout against the profile readout, both calibrated cross-fitted.
+    """The issue's "several sampled sentences" readout against the profile readout, all calibrated cross-fitted.
 
-    Arms: ``profile,profile_depth`` (the readout ``train.py`` calibrates), ``sampled`` (``samples`` sentences a cell,
-    the share naming each feature calibrated as the greedy readout's aggregates are), and the best blend
-    ``w * sampled + (1 - w) * profile`` over a grid of ``w``, chosen on the same pooled cross-fitted predictions it is
-    scored on: an upper bound on what the draws add to the profile readout.
+    Arms: ``profile,profile_depth`` (the readout ``train.py`` calibrates), ``greedy`` (the one greedy sentence's step
+    aggregates, session 1's readout), ``sampled share`` and ``sampled paths`` (``samples`` sentences a cell, the two
+    estimates of :func:`sampled_features`), and for each sampled arm the best blend ``w * sampled + (1 - w) * profile``
+    over a grid of ``w``, chosen on the same pooled cross-fitted predictions it is scored on: an upper bound on what
+    the draws add to the profile readout.
     """
     from evaluation.metrics_core import compute_metrics
     from evaluation.runner import source_sentences
-    from translator.readout import SELECTION_PARTS, SELECTION_REPEATS
+    from translator.readout import SELECTION_PARTS, SELECTION_REPEATS, decode_features
 
     selection_parts = SELECTION_PARTS if selection_parts is None else selection_parts
     selection_repeats = SELECTION_REPEATS if selection_repeats is None else selection_repeats
@@ -276,27 +291,34 @@ def sampled(translator, val: dict, directions: Sequence[str], samples: int, temp
         truth = val[target].tocsr()
         ids = translator.encode_sources(source_sentences(val, direction, translator.meta), direction, allow_empty=True)
         began = time.perf_counter()
-        features = sampled_features(translator, ids, direction, samples, temperature, seed)
+        greedy, greedy_ids = decode_features(translator.model, translator.tokenizer, translator.meta, ids, direction, translator.ranges[target],
+                                    translator.max_target_length, profile_head=translator.profile_head)
+        greedy_seconds = time.perf_counter() - began
+        began = time.perf_counter()
+        drawn = sampled_features(translator, ids, direction, samples, temperature, seed)
         seconds = time.perf_counter() - began
-        aggregation = "noisy_or" if direction == "gex2atac" else "sum"
-        arms = {"profile,profile_depth": ["profile", "profile_depth"], "sampled": [aggregation]}
+        aggregation = ["noisy_or", "sum"]  # the decoded aggregates fit_readout chooses between
+        arms = {"profile,profile_depth": (greedy, ["profile", "profile_depth"]), "greedy": (greedy, aggregation),
+                "sampled share": (drawn["share"], aggregation), "sampled paths": (drawn["paths"], aggregation)}
         predictions, rows = {}, {}
-        for name, arm in arms.items():
+        for name, (features, arm) in arms.items():
             predictions[name], chosen = _cross_fitted(features, truth, direction, translator.meta, arm, part, seed, selection_parts, selection_repeats)
             rows[name] = {"aggregation_per_part": chosen}
         dense = truth.toarray()
-        blends = {w: _rmse(w * predictions["sampled"] + (1 - w) * predictions["profile,profile_depth"], dense) for w in np.linspace(0, 1, 11)}
-        best = min(blends, key=blends.get)
-        predictions["best blend"] = best * predictions["sampled"] + (1 - best) * predictions["profile,profile_depth"]
-        rows["best blend"] = {"weight_of_sampled": float(best), "rmse_by_weight": {f"{w:.1f}": r for w, r in blends.items()}}
+        profile = predictions["profile,profile_depth"]
+        for name in ("sampled share", "sampled paths"):
+            blends = {w: _rmse(w * predictions[name] + (1 - w) * profile, dense) for w in np.linspace(0, 1, 11)}
+            best = min(blends, key=blends.get)
+            predictions[f"best blend, {name}"] = best * predictions[name] + (1 - best) * profile
+            rows[f"best blend, {name}"] = {"weight_of_sampled": float(best), "rmse_by_weight": {f"{w:.1f}": r for w, r in blends.items()}}
         for name, prediction in predictions.items():
             metrics = compute_metrics(prediction, truth, target)["metrics"]
             rows[name]["cross_fitted"] = {k: float(metrics[k]) for k in ranked_keys(metrics)}
-        rows["sampled"]["mean_names_per_draw"] = float(features["sum"].sum(axis=1).mean())
-        rows["sampled"]["seconds"] = round(seconds, 1)
+        rows["greedy"].update(mean_names=float(np.mean([len(s) for s in greedy_ids])), seconds=round(greedy_seconds, 1))
+        rows["sampled share"].update(mean_names_per_draw=float(drawn["share"]["sum"].sum(axis=1).mean()), seconds=round(seconds, 1))
         out[direction] = rows
         print(f"{direction}: " + ", ".join(f"{name} {row['cross_fitted']['rmse']:.6f}" for name, row in rows.items())
-              + f" (blend weight {best:.1f}; {samples} draws a cell in {seconds:.0f} s)", flush=True)
+              + f" ({samples} draws a cell in {seconds:.0f} s, greedy {greedy_seconds:.0f} s)", flush=True)
     return out
 
 

@@ -199,6 +199,7 @@ TRAIN_BAD_FLAGS = [
     (["--calibration_selection_repeats", "0"], "--calibration_selection_repeats must be at least 1"),
     (["--dropout_rate", "1.5"], "--dropout_rate must be in [0, 1)"),
     (["--gex_source_truncation", "1"], "--gex_source_truncation must be in [0, 1)"),
+    (["--gex_source_downsample", "-0.1"], "--gex_source_downsample must be in [0, 1)"),
     (["--mixed_precision", "fp8"], "--mixed_precision 'fp8' is unknown"),
     (["--model_size", "huge"], "--model_size 'huge' is unknown"),
     (["--directions", "gex2rna"], "--directions"),

@@ -140,6 +140,7 @@ def test_bench_predict_quick(tmp_path):
 def test_readout_diagnostics_quick(tmp_path):
     """kernel / centre / bootstrap on a 2-step tiny model of synthetic cells in two batches."""
     import datasets
+    import numpy as np
     import torch
 
     import train
@@ -183,11 +184,22 @@ def test_readout_diagnostics_quick(tmp_path):
     assert readout_diagnostics.main(["sampled", "--model", str(model), "--dataset_dir", str(data), "--parts", "3", "--samples", "3",
                                      "--quick", "--results_dir", str(tmp_path)]) == 0
     for direction, rows in _results(tmp_path, "readout_sampled")["directions"].items():
-        # the blend's grid holds both ends, so the best blend is no worse than either readout alone
-        assert rows["best blend"]["cross_fitted"]["rmse"] <= min(
-            rows["sampled"]["cross_fitted"]["rmse"], rows["profile,profile_depth"]["cross_fitted"]["rmse"]) + 1e-6
+        for arm in ("sampled share", "sampled paths"):  # the blend's grid holds both ends: no worse than either readout alone
+            assert rows[f"best blend, {arm}"]["cross_fitted"]["rmse"] <= min(
+                rows[arm]["cross_fitted"]["rmse"], rows["profile,profile_depth"]["cross_fitted"]["rmse"]) + 1e-6
+            assert len(rows[arm]["aggregation_per_part"]) == 3
         assert rows["profile,profile_depth"]["cross_fitted"]["rmse"] == pytest.approx(crossfit[direction]["profile,profile_depth"]["cross_fitted"]["rmse"])
-        assert 0 < rows["sampled"]["mean_names_per_draw"] <= 128 and len(rows["sampled"]["aggregation_per_part"]) == 3
+        assert 0 < rows["sampled share"]["mean_names_per_draw"] <= 128 and 0 <= rows["greedy"]["mean_names"] <= 128
+    # the two estimates from the same draws: the share of 3 draws is a multiple of 1/3; the paths' noisy-or a probability
+    from translator.api import CellTranslator
+
+    translator = CellTranslator.from_pretrained(str(model))
+    ids = translator.encode_sources(splits["validation"]["gex_text"][:4], "gex2atac")
+    drawn = readout_diagnostics.sampled_features(translator, ids, "gex2atac", samples=3, temperature=1.0)
+    share, paths = drawn["share"]["noisy_or"], drawn["paths"]["noisy_or"]
+    assert np.allclose(share * 3, np.round(share * 3), atol=1e-5) and share.max() <= 1 + 1e-6 and share.sum() > 0
+    assert paths.shape == share.shape and 0 < paths.min() and paths.max() < 1
+    assert drawn["share"]["profile"] is drawn["paths"]["profile"]  # one profile pass serves both
     with pytest.raises(SystemExit, match="--samples must be at least 1"):
         readout_diagnostics.main(["sampled", "--model", str(model), "--dataset_dir", str(data), "--samples", "0", "--results_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--parts must be from 2"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -420,3 +421,91 @@ def test_gex_source_truncation_keeps_a_top_ranked_prefix_of_gex_sources_only():
     assert 0.3 < float(cut.float().mean()) < 0.6  # about half, less the rows whose draw kept everything
     assert (kept >= 1).all()
     assert torch.equal(truncate_sources(input_ids, attention_mask, gex_prefix, probability=0.0), attention_mask)
+
+
+def test_count_downsampling_thins_and_reranks_gex_sources_only():
+    from translator.modeling import DOWNSAMPLE_MIN_RATE, downsample_sources
+
+    torch.manual_seed(0)
+    gex_prefix, atac_prefix, eos = 7, 8, 1
+    rows, width = 600, 12
+    input_ids = torch.zeros(rows, width, dtype=torch.long)
+    attention_mask = torch.zeros(rows, width, dtype=torch.long)
+    counts = torch.zeros(rows, width)
+    lengths = torch.randint(1, width - 1, (rows,))
+    for i, n in enumerate(lengths.tolist()):
+        input_ids[i, 0] = gex_prefix if i % 2 == 0 else atac_prefix
+        input_ids[i, 1:n + 1] = torch.arange(100, 100 + n)  # rank order: name 100 the most expressed
+        input_ids[i, n + 1] = eos
+        attention_mask[i, : n + 2] = 1
+        counts[i, 1:n + 1] = torch.linspace(40, 1, n).round() if n > 1 else torch.tensor([3.0])
+    new_ids, mask = downsample_sources(input_ids, attention_mask, counts, gex_prefix, probability=1.0)
+    assert torch.equal(new_ids[1::2], input_ids[1::2]) and torch.equal(mask[1::2], attention_mask[1::2])  # ATAC untouched
+    reordered = 0
+    for i in range(0, rows, 2):
+        n = int(lengths[i])
+        assert new_ids[i, 0] == gex_prefix and new_ids[i, n + 1] == eos and mask[i, 0] == 1 and mask[i, n + 1] == 1
+        assert sorted(new_ids[i, 1:n + 1].tolist()) == list(range(100, 100 + n))  # the same names, reordered
+        assert torch.equal(mask[i, 1:n + 1], torch.sort(mask[i, 1:n + 1], descending=True).values)  # kept names first, contiguous
+        assert (mask[i, n + 2:] == 0).all()
+        visible = new_ids[i, 1:n + 1][mask[i, 1:n + 1].bool()].tolist()
+        reordered += visible != sorted(visible)
+    assert 0 < reordered < rows // 2  # close counts swap ranks after thinning; most rows keep their order
+    kept = mask[0::2, 1:].sum(1) - 1  # visible names (the </s> is visible too)
+    dropped_share = 1 - float(kept.sum()) / float(lengths[0::2].sum())
+    assert 0.05 < dropped_share < 0.6  # count-1 genes vanish at rates 1 - r, r in [0.2, 1)
+    # low counts vanish more often than high ones: the last-ranked name (count 1) against the first (count 40)
+    long_rows = [i for i in range(0, rows, 2) if lengths[i] >= 6]
+    last_lost = np.mean([int(100 + lengths[i] - 1) not in new_ids[i][mask[i].bool()].tolist() for i in long_rows])
+    first_lost = np.mean([100 not in new_ids[i][mask[i].bool()].tolist() for i in long_rows])
+    assert first_lost < 0.01 and last_lost > 0.25
+    assert DOWNSAMPLE_MIN_RATE == 0.2
+    same_ids, same_mask = downsample_sources(input_ids, attention_mask, counts, gex_prefix, probability=0.0)
+    assert torch.equal(same_ids, input_ids) and torch.equal(same_mask, attention_mask)
+
+
+def test_estimated_counts_recover_umis_from_log_norm():
+    from translator.data import estimated_counts
+
+    counts = np.array([37, 12, 5, 2, 1, 1], dtype=np.float64)
+    size_factor = 1.7
+    np.testing.assert_array_equal(estimated_counts(np.log1p(counts / size_factor)), counts.astype(np.float32))
+    assert estimated_counts([]).shape == (0,)
+
+
+def test_count_downsampling_runs_in_training_and_refuses_sentences_without_every_gene(tmp_path):
+    import datasets
+
+    import train
+    from tests.translator_fixtures import tiny_args
+    from translator.data import estimated_counts
+
+    torch.set_num_threads(1)
+    data, tok = make_dataset_and_tokenizer(tmp_path, n_cells=60, n_genes=20, n_peaks=30)
+    split = datasets.load_from_disk(str(data))["train"]
+    tokenizer = load_tokenizer(str(tok))
+    examples = TranslationExamples(split, tokenizer, ("gex2atac", "atac2gex"), 8, 16, source_counts=True)
+    batch = TranslationCollator(examples.ranges)([examples[0], examples[1]])  # two GEX sources, capped at 6 names
+    for row in range(2):
+        n = len(examples[row]["source"]) - 2
+        assert torch.equal(batch["source_counts"][row, 1:1 + n], torch.from_numpy(estimated_counts(split[row]["gex_value"])[:n]))
+        assert (batch["source_counts"][row, 1 + n:] == 0).all() and batch["source_counts"][row, 0] == 0
+    atac_source = len(split)  # the ATAC-source examples follow the GEX-source ones and carry no counts
+    assert "source_counts" not in TranslationCollator(examples.ranges)([examples[atac_source], examples[atac_source + 1]])
+    out = tmp_path / "model"
+    assert train.main(tiny_args(data, tok, out, "--max_steps", "3", "--checkpointing_steps", "0", "--calibration_cells", "8",
+                                "--max_eval_cells", "8", "--gex_source_downsample", "0.5")) == 0
+    assert json.loads((out / "training_args.json").read_text())["gex_source_downsample"] == 0.5
+    # a GEX sentence that does not list every detected gene (the binary encoding) cannot be thinned by its values:
+    # train.py refuses such a dataset by its metadata before writing anything, TranslationExamples by the cells
+    binary = tmp_path / "binary"
+    shutil.copytree(data, binary)
+    meta = json.loads((binary / "cell_sentences.json").read_text())
+    (binary / "cell_sentences.json").write_text(json.dumps({**meta, "gex_encoding": "binary"}))
+    refused = tmp_path / "refused"
+    with pytest.raises(ValueError, match="--gex_source_downsample needs rank-order GEX sentences.*--gex_encoding rank") as err:
+        train.main(tiny_args(binary, tok, refused, "--max_steps", "1", "--gex_source_downsample", "0.5"))
+    assert "\n" not in str(err.value) and not refused.exists()
+    cut = split.map(lambda row: {"gex_text": " ".join(row["gex_text"].split()[:1])})
+    with pytest.raises(ValueError, match="--gex_source_downsample needs rank-order GEX sentences"):
+        TranslationExamples(cut, tokenizer, ("gex2atac",), source_counts=True)

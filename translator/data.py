@@ -94,6 +94,18 @@ def target_ids(names: np.ndarray, direction: str, tokenizer, max_target_length: 
     return np.concatenate([names, [tokenizer.eos_token_id]]).astype(np.int64)
 
 
+def estimated_counts(log_norm: Sequence[float]) -> np.ndarray:
+    """A cell's UMI counts from its detected genes' ``log1p(counts / size_factor)`` values (float32, same order).
+
+    ``expm1`` of the values is ``counts / size_factor``; the least expressed detected gene of a cell nearly always
+    has one count, so dividing by the smallest ``expm1`` and rounding recovers the counts (exactly when it has one).
+    """
+    scaled = np.expm1(np.asarray(log_norm, dtype=np.float64))
+    if not len(scaled):
+        return np.zeros(0, dtype=np.float32)
+    return np.maximum(np.rint(scaled / scaled.min()), 1).astype(np.float32)
+
+
 class TranslationExamples(Dataset):
     """Both directions of every cell of one split, as token ids.
 
@@ -117,10 +129,14 @@ class TranslationExamples(Dataset):
         GEX targets (``atac2gex``) keep only the genes with log-norm value >= this (0: off): a prefix of the
         rank-order sentence whose length varies by cell, the gene set of the paper's binary sentence (at 2.0)
         in rank order. Needs the ``gex_index``/``gex_value`` columns; combines with ``max_gex_target_length``.
+    source_counts
+        Also keep, for each GEX source (``gex2atac``), the estimated UMI count of each name it holds
+        (:func:`estimated_counts`), given to the collator as ``source_counts`` for the count down-sampling
+        augmentation (``TranslationLoss(gex_source_downsample=...)``). Needs the ``gex_value`` column.
     """
 
     def __init__(self, split, tokenizer, directions: Sequence[str] = DIRECTIONS, max_source_length: int = 512, max_target_length: int = 512,
-                 gex_target_order: str = "rank", max_gex_target_length: int = 0, gex_target_min_value: float = 0.0):
+                 gex_target_order: str = "rank", max_gex_target_length: int = 0, gex_target_min_value: float = 0.0, source_counts: bool = False):
         for direction in directions:
             if direction not in DIRECTIONS:
                 raise ValueError(f"--directions {direction!r} is unknown; choose from {', '.join(DIRECTIONS)}")
@@ -141,6 +157,10 @@ class TranslationExamples(Dataset):
         columns = split.column_names if hasattr(split, "column_names") else list(split)
         if "atac2gex" in directions and gex_target_min_value > 0 and not {"gex_index", "gex_value"} <= set(columns):
             raise ValueError("--gex_target_min_value needs the dataset's gex_index/gex_value columns; rebuild it with `python -m dataset_builder`")
+        if source_counts and "gex2atac" in directions and "gex_value" not in columns:
+            raise ValueError("--gex_source_downsample needs the dataset's gex_value column; rebuild it with `python -m dataset_builder`")
+        self.source_counts: list[np.ndarray] | None = [] if source_counts and "gex2atac" in directions else None
+        cell_counts = [estimated_counts(v) for v in split["gex_value"]] if self.source_counts is not None else None
         if "atac2gex" in directions and "gex_index" in columns:
             gex_profiles = [(np.asarray(ix, dtype=np.int64), np.asarray(v, dtype=np.float32)) for ix, v in zip(split["gex_index"], split["gex_value"], strict=True)]
         for direction in directions:
@@ -152,6 +172,13 @@ class TranslationExamples(Dataset):
                     # gex_value is in the sentence's (descending) order: the genes at or above the value are a prefix.
                     tgt = tgt[: int(np.count_nonzero(gex_profiles[i][1] >= gex_target_min_value))]
                 self.sources.append(source_ids(src, direction, tokenizer, max_source_length))
+                if self.source_counts is not None:
+                    # GEX sources keep their top-ranked names (a prefix), so the first len - 2 values are theirs.
+                    counts = cell_counts[i] if direction == "gex2atac" else np.zeros(0, dtype=np.float32)
+                    if direction == "gex2atac" and len(counts) != len(src):
+                        raise ValueError(f"--gex_source_downsample needs rank-order GEX sentences of every detected gene (cell {i}: {len(src)} names, "
+                                         f"{len(counts)} values); build the dataset with --gex_encoding rank")
+                    self.source_counts.append(counts[: len(self.sources[-1]) - 2])
                 self.targets.append(target_ids(tgt, direction, tokenizer, cap, gex_target_order))
                 self.directions.append(code)
                 if direction == "atac2gex" and gex_profiles is not None:
@@ -163,7 +190,10 @@ class TranslationExamples(Dataset):
         return len(self.sources)
 
     def __getitem__(self, index: int) -> dict:
-        return {"source": self.sources[index], "target": self.targets[index], "direction": self.directions[index], "profile": self.profiles[index]}
+        example = {"source": self.sources[index], "target": self.targets[index], "direction": self.directions[index], "profile": self.profiles[index]}
+        if self.source_counts is not None:
+            example["source_counts"] = self.source_counts[index]
+        return example
 
     @property
     def lengths(self) -> np.ndarray:
@@ -241,7 +271,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 class TranslationCollator:
     """Pads a list of examples of one direction: ``input_ids``/``attention_mask`` with 0, ``labels`` with -100.
 
-    Examples that carry a ``profile`` also give ``profile_values`` ``[B, n_features]`` (dense, zeros elsewhere).
+    Examples that carry a ``profile`` also give ``profile_values`` ``[B, n_features]`` (dense, zeros elsewhere);
+    GEX-source examples that carry ``source_counts`` give ``source_counts`` ``[B, source length]`` (each name's count
+    at its position, 0 at the prefix, ``</s>`` and padding).
     """
 
     ranges: Sequence[tuple[int, int]]
@@ -273,4 +305,9 @@ class TranslationCollator:
                 index, value = ex["profile"]
                 values[row, torch.from_numpy(index)] = torch.from_numpy(value)
             batch["profile_values"] = values
+        if all("source_counts" in ex for ex in examples) and any(len(ex["source_counts"]) for ex in examples):
+            counts = torch.zeros(len(examples), src_len, dtype=torch.float32)
+            for row, ex in enumerate(examples):
+                counts[row, 1 : 1 + len(ex["source_counts"])] = torch.from_numpy(ex["source_counts"])
+            batch["source_counts"] = counts
         return batch

@@ -95,6 +95,7 @@ PROFILE_HEAD_FILE = "profile_head.safetensors"
 
 
 PROFILE_INPUTS = 3  # decoder state after the prefix, mean encoder state, mean input embedding
+DOWNSAMPLE_MIN_RATE = 0.2  # the count down-sampling augmentation keeps each UMI with a rate drawn in [this, 1)
 
 
 class ProfileHead(nn.Module):
@@ -352,6 +353,33 @@ def truncate_sources(input_ids: torch.Tensor, attention_mask: torch.Tensor, pref
     return attention_mask * ~hide
 
 
+def downsample_sources(input_ids: torch.Tensor, attention_mask: torch.Tensor, counts: torch.Tensor, prefix_id: int, probability: float,
+                       min_rate: float = DOWNSAMPLE_MIN_RATE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin the UMI counts of GEX sources and write each again in the new rank order (augmentation).
+
+    In the rows that start with ``prefix_id``, with ``probability``, each name's count (``counts`` ``[B, L]``, 0 off
+    the names) is thinned binomially at a keep rate drawn uniformly in ``[min_rate, 1)`` for the row, as if the cell
+    had been sequenced less deeply; the names are sorted again by their thinned counts (descending, ties in the old
+    rank order) and those left with no count are hidden through the attention mask. The prefix, ``</s>`` and padding
+    stay where they are. Returns the new ``(input_ids, attention_mask)`` (torch's global RNG).
+    """
+    rows = (input_ids[:, 0] == prefix_id) & (torch.rand(len(input_ids), device=input_ids.device) < probability)
+    if not rows.any():
+        return input_ids, attention_mask
+    rate = min_rate + (1 - min_rate) * torch.rand(len(input_ids), 1, device=input_ids.device)
+    thinned = torch.binomial(counts, rate.expand_as(counts)) * (counts > 0)
+    is_name = counts > 0
+    # Sort key within each row: the prefix first, then the names by thinned count, then </s> and padding; a
+    # stable sort keeps the old order among ties, so the untouched positions stay put.
+    key = torch.where(is_name, -thinned, torch.full_like(thinned, 1.0))
+    key[:, 0] = -float("inf")
+    order = torch.sort(key, dim=1, stable=True).indices
+    order = torch.where(rows[:, None], order, torch.arange(input_ids.shape[1], device=input_ids.device)[None, :])
+    new_ids = torch.gather(input_ids, 1, order)
+    dropped = torch.gather(is_name & (thinned == 0), 1, order) & rows[:, None]
+    return new_ids, attention_mask * ~dropped
+
+
 class TranslationLoss(nn.Module):
     """Wraps the seq2seq model so the losses run inside ``forward`` (what DDP needs to sync gradients).
 
@@ -365,7 +393,10 @@ class TranslationLoss(nn.Module):
     starting with ``gex_source_prefix``) with that probability during training to its top-ranked ``k``
     genes, ``k = ceil(n ** u)`` for ``n`` names and ``u ~ U(0, 1)`` (log-uniform in ``[1, n]``, median
     ``sqrt(n)``): short sentences of the most expressed genes, like the paper's binary ones, beside the
-    whole ones. Both hide names through the attention mask; evaluation always reads whole sources.
+    whole ones. ``gex_source_downsample`` thins the counts of a GEX source (with that probability, a keep
+    rate uniform in ``[0.2, 1)``) and writes it again in the thinned rank order (:func:`downsample_sources`;
+    the batch then carries ``source_counts``). All hide names through the attention mask; evaluation always
+    reads whole sources.
     """
 
     def __init__(
@@ -379,6 +410,7 @@ class TranslationLoss(nn.Module):
         gex_source_truncation: float = 0.0,
         gex_source_prefix: int | None = None,
         chunk_elements: int | None = None,
+        gex_source_downsample: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -388,8 +420,9 @@ class TranslationLoss(nn.Module):
         self.profile_weight = float(profile_weight)
         self.source_dropout = float(source_dropout)
         self.gex_source_truncation = float(gex_source_truncation)
-        if self.gex_source_truncation > 0 and gex_source_prefix is None:
-            raise ValueError("gex_source_truncation needs gex_source_prefix, the id of the GEX-source direction prefix")
+        self.gex_source_downsample = float(gex_source_downsample)
+        if (self.gex_source_truncation > 0 or self.gex_source_downsample > 0) and gex_source_prefix is None:
+            raise ValueError("gex_source_truncation and gex_source_downsample need gex_source_prefix, the id of the GEX-source direction prefix")
         self.gex_source_prefix = gex_source_prefix
         self.binary: dict[int, bool] = {}
         for start, (offset, binary) in (offsets or {}).items():
@@ -400,10 +433,14 @@ class TranslationLoss(nn.Module):
         self.last_parts: dict[str, torch.Tensor] = {}
         self.profile_head = ProfileHead(model.config.vocab_size, PROFILE_INPUTS * model.config.d_model) if self.profile_weight > 0 else None
 
-    def forward(self, input_ids, attention_mask, labels, target_start, target_stop, profile_values=None, full_vocabulary: bool = False):
+    def forward(self, input_ids, attention_mask, labels, target_start, target_stop, profile_values=None, full_vocabulary: bool = False,
+                source_counts=None):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if full_vocabulary:
             return full_vocabulary_loss(self.model, batch, self.label_smoothing)
+        if self.training and self.gex_source_downsample > 0 and source_counts is not None:
+            input_ids, attention_mask = downsample_sources(input_ids, attention_mask, source_counts, self.gex_source_prefix, self.gex_source_downsample)
+            batch.update(input_ids=input_ids, attention_mask=attention_mask)
         if self.training and self.gex_source_truncation > 0:
             attention_mask = truncate_sources(input_ids, attention_mask, self.gex_source_prefix, self.gex_source_truncation)
             batch["attention_mask"] = attention_mask
