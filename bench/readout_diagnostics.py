@@ -192,6 +192,18 @@ def ensemble(translator, members: Sequence[str], val: dict, directions: Sequence
     return out
 
 
+def _partition(val: dict, parts: int, seed: int, selection_parts: int | None, selection_repeats: int | None) -> tuple[np.ndarray, int, int]:
+    """Each validation cell's part (``parts`` random parts), and ``fit_readout``'s selection settings with its defaults filled in."""
+    from translator.readout import SELECTION_PARTS, SELECTION_REPEATS
+
+    n = val["gex"].shape[0]
+    if not 2 <= parts <= n:
+        raise SystemExit(f"--parts must be from 2 to the {n} validation cells, got {parts}")
+    part = np.random.default_rng(seed).permutation(n) % parts
+    return (part, SELECTION_PARTS if selection_parts is None else selection_parts,
+            SELECTION_REPEATS if selection_repeats is None else selection_repeats)
+
+
 def _cross_fitted(features: dict[str, np.ndarray], truth, direction: str, meta: dict, arm: Sequence[str], part: np.ndarray, seed: int,
                   selection_parts: int, selection_repeats: int) -> tuple[np.ndarray, list[str]]:
     """Each part's prediction from the calibration (``fit_readout`` over ``arm``) fitted on the other parts; the aggregation each kept."""
@@ -222,7 +234,7 @@ def sampled_features(translator, source_ids: Sequence[np.ndarray], direction: st
       the share of a few draws.
     """
     from translator.modeling import constrained_decode
-    from translator.readout import decode_features
+    from translator.readout import decode_features, pad_sources
 
     start, stop = translator.ranges[TARGET[direction]]
     profile, _ = decode_features(translator.model, translator.tokenizer, translator.meta, source_ids, direction, (start, stop),
@@ -243,12 +255,7 @@ def sampled_features(translator, source_ids: Sequence[np.ndarray], direction: st
     try:
         for begin in range(0, len(order), batch_size):
             rows = order[begin : begin + batch_size]
-            length = max(len(source_ids[r]) for r in rows)
-            input_ids = torch.zeros(len(rows), length, dtype=torch.long)
-            mask = torch.zeros(len(rows), length, dtype=torch.long)
-            for i, r in enumerate(rows):
-                input_ids[i, : len(source_ids[r])] = torch.from_numpy(np.asarray(source_ids[r]))
-                mask[i, : len(source_ids[r])] = 1
+            input_ids, mask = pad_sources(source_ids, rows)
             for _ in range(samples):
                 result = constrained_decode(translator.model, input_ids, mask, (start, stop), ordered=ordered, max_new_tokens=translator.max_target_length,
                                             step_weight=step_weight, generator=generator, temperature=temperature)
@@ -277,14 +284,9 @@ def sampled(translator, val: dict, directions: Sequence[str], samples: int, temp
     """
     from evaluation.metrics_core import compute_metrics
     from evaluation.runner import source_sentences
-    from translator.readout import SELECTION_PARTS, SELECTION_REPEATS, decode_features
+    from translator.readout import decode_features
 
-    selection_parts = SELECTION_PARTS if selection_parts is None else selection_parts
-    selection_repeats = SELECTION_REPEATS if selection_repeats is None else selection_repeats
-    n = val["gex"].shape[0]
-    if not 2 <= parts <= n:
-        raise SystemExit(f"--parts must be from 2 to the {n} validation cells, got {parts}")
-    part = np.random.default_rng(seed).permutation(n) % parts
+    part, selection_parts, selection_repeats = _partition(val, parts, seed, selection_parts, selection_repeats)
     out = {}
     for direction in directions:
         target = TARGET[direction]
@@ -328,15 +330,10 @@ def crossfit(translator, val: dict, directions: Sequence[str], arms: Sequence[Se
     from evaluation.metrics_core import compute_metrics
     from evaluation.report import write_text_atomic
     from evaluation.runner import source_sentences
-    from translator.readout import SELECTION_PARTS, SELECTION_REPEATS, apply_readout, decode_features, fit_readout
+    from translator.readout import apply_readout, decode_features, fit_readout
 
-    selection_parts = SELECTION_PARTS if selection_parts is None else selection_parts
-    selection_repeats = SELECTION_REPEATS if selection_repeats is None else selection_repeats
-
-    n = val["gex"].shape[0]
-    if not 2 <= parts <= n:
-        raise SystemExit(f"--parts must be from 2 to the {n} validation cells, got {parts}")
-    part = np.random.default_rng(seed).permutation(n) % parts
+    part, selection_parts, selection_repeats = _partition(val, parts, seed, selection_parts, selection_repeats)
+    n = len(part)
     out, results = {}, {",".join(arm): {"dataset": dataset, "split": "validation", "n_cells": n, "directions": {},
                                              "readout": f"calibration cross-fitted over {parts} parts of the validation cells"}
                         for arm in arms}

@@ -394,12 +394,9 @@ def test_reduced_rank_head_projects_the_train_scores_on_their_top_directions():
     assert report0["rank"] == 0 and torch.equal(w0, w) and torch.equal(b0, b)
 
 
-def test_gex_source_truncation_keeps_a_top_ranked_prefix_of_gex_sources_only():
-    from translator.modeling import truncate_sources
-
+def _source_rows(rows: int, width: int, gex_prefix: int, atac_prefix: int, eos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded sources ``<prefix> 100 101 ... </s>``, GEX and ATAC rows alternating, 1 to ``width - 2`` names each (seed 0)."""
     torch.manual_seed(0)
-    gex_prefix, atac_prefix, eos = 7, 8, 1
-    rows, width = 400, 12
     input_ids = torch.zeros(rows, width, dtype=torch.long)
     attention_mask = torch.zeros(rows, width, dtype=torch.long)
     lengths = torch.randint(1, width - 1, (rows,))  # names per row; prefix + names + </s> fit in width
@@ -408,6 +405,14 @@ def test_gex_source_truncation_keeps_a_top_ranked_prefix_of_gex_sources_only():
         input_ids[i, 1:n + 1] = torch.arange(100, 100 + n)
         input_ids[i, n + 1] = eos
         attention_mask[i, : n + 2] = 1
+    return input_ids, attention_mask, lengths
+
+
+def test_gex_source_truncation_keeps_a_top_ranked_prefix_of_gex_sources_only():
+    from translator.modeling import truncate_sources
+
+    gex_prefix, eos = 7, 1
+    input_ids, attention_mask, lengths = _source_rows(400, 12, gex_prefix, 8, eos)
     mask = truncate_sources(input_ids, attention_mask, gex_prefix, probability=0.5)
     assert torch.equal(mask[1::2], attention_mask[1::2])  # ATAC sources untouched
     assert torch.equal(mask * attention_mask, mask)  # padding stays hidden
@@ -426,18 +431,10 @@ def test_gex_source_truncation_keeps_a_top_ranked_prefix_of_gex_sources_only():
 def test_count_downsampling_thins_and_reranks_gex_sources_only():
     from translator.modeling import DOWNSAMPLE_MIN_RATE, downsample_sources
 
-    torch.manual_seed(0)
-    gex_prefix, atac_prefix, eos = 7, 8, 1
-    rows, width = 600, 12
-    input_ids = torch.zeros(rows, width, dtype=torch.long)
-    attention_mask = torch.zeros(rows, width, dtype=torch.long)
+    gex_prefix, eos, rows, width = 7, 1, 600, 12
+    input_ids, attention_mask, lengths = _source_rows(rows, width, gex_prefix, 8, eos)  # rank order: name 100 the most expressed
     counts = torch.zeros(rows, width)
-    lengths = torch.randint(1, width - 1, (rows,))
     for i, n in enumerate(lengths.tolist()):
-        input_ids[i, 0] = gex_prefix if i % 2 == 0 else atac_prefix
-        input_ids[i, 1:n + 1] = torch.arange(100, 100 + n)  # rank order: name 100 the most expressed
-        input_ids[i, n + 1] = eos
-        attention_mask[i, : n + 2] = 1
         counts[i, 1:n + 1] = torch.linspace(40, 1, n).round() if n > 1 else torch.tensor([3.0])
     new_ids, mask = downsample_sources(input_ids, attention_mask, counts, gex_prefix, probability=1.0)
     assert torch.equal(new_ids[1::2], input_ids[1::2]) and torch.equal(mask[1::2], attention_mask[1::2])  # ATAC untouched

@@ -133,6 +133,17 @@ def decode_features(
         torch.set_num_threads(threads)
 
 
+def pad_sources(source_ids: Sequence[np.ndarray], rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[len(rows), longest]`` of the given sources, padded with 0."""
+    length = max(len(source_ids[r]) for r in rows)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(source_ids[r])] = torch.from_numpy(np.asarray(source_ids[r]))
+        mask[i, : len(source_ids[r])] = 1
+    return input_ids, mask
+
+
 def _decode_batches(model, source_ids, direction, target_range, max_new_tokens, batch_size, step_weight, device, decode=True, profile_head=None,
                     ordered=None):
     ordered = direction == "gex2atac" if ordered is None else ordered
@@ -144,12 +155,7 @@ def _decode_batches(model, source_ids, direction, target_range, max_new_tokens, 
     sequences: list[list[int]] = [[] for _ in source_ids]
     for begin in range(0, len(order), batch_size):
         rows = order[begin : begin + batch_size]
-        length = max(len(source_ids[r]) for r in rows)
-        input_ids = torch.zeros(len(rows), length, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(source_ids[r])] = torch.from_numpy(np.asarray(source_ids[r]))
-            mask[i, : len(source_ids[r])] = 1
+        input_ids, mask = pad_sources(source_ids, rows)
         input_ids, mask = input_ids.to(device), mask.to(device)
         with torch.no_grad():
             model.eval()
