@@ -367,7 +367,7 @@ def downsample_sources(input_ids: torch.Tensor, attention_mask: torch.Tensor, co
     if not rows.any():
         return input_ids, attention_mask
     rate = min_rate + (1 - min_rate) * torch.rand(len(input_ids), 1, device=input_ids.device)
-    thinned = torch.binomial(counts, rate.expand_as(counts)) * (counts > 0)
+    thinned = torch.binomial(counts, rate.expand_as(counts))  # a count of 0 (prefix, </s>, padding) stays 0
     is_name = counts > 0
     # Sort key within each row: the prefix first, then the names by thinned count, then </s> and padding; a
     # stable sort keeps the old order among ties, so the untouched positions stay put.
