@@ -104,6 +104,11 @@ class RunArguments:
                                                                             "(tail averaging, e.g. 0.25; 0: off); the refit and calibration use the mean"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    tf32: bool = field(default=False, metadata={"help": "let fp32 matrix products use TF32 tensor cores on NVIDIA Ampere or newer GPUs (weights, "
+                                                       "optimizer and range stay fp32; several times faster than plain fp32); no effect on CPU"})
+    max_train_seconds: float = field(default=0.0, metadata={"help": "end training at the first optimizer step past this many seconds of training and "
+                                                                     "go on as if it were the last (refit, calibration, model folder); the learning-rate "
+                                                                     "schedule keeps --max_steps, so a cut run ends above its final rate (0: off)"})
     seed: int = field(default=42, metadata={"help": "random seed (weights, batches, dropout)"})
     eval_steps: int = field(default=200, metadata={"help": "validation loss every N steps (0: only at the end)"})
     checkpointing_steps: int = field(default=200, metadata={"help": "checkpoint every N steps (0: none)"})
@@ -172,6 +177,8 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
         raise ValueError(f"--mixed_precision {run.mixed_precision!r} is unknown; choose no, fp16 or bf16")
     if run.max_steps <= 0 and run.num_train_epochs <= 0:
         raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
+    if not (math.isfinite(run.max_train_seconds) and run.max_train_seconds >= 0):
+        raise ValueError(f"--max_train_seconds must be a number of seconds >= 0 (0: off), got {run.max_train_seconds}")
     if not set(data_args.directions) <= set(DIRECTIONS) or not data_args.directions:
         raise ValueError(f"--directions {data_args.directions} must be a non-empty subset of {DIRECTIONS}")
     if run.push_to_hub and not run.hub_model_id:
@@ -294,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         project_config=ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "logs")),
     )
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if run.tf32:
+        enable_tf32()
     datasets.utils.logging.set_verbosity_error()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "removed shared tensor": T5's tied embeddings
@@ -369,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("%d train examples, %d steps (%d epochs), %.1fM parameters, %d processes", len(train_examples), max_steps, num_epochs, n_params / 1e6, accelerator.num_processes)
     progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process, desc="train")
-    history, tokens, started, running, parts = [], 0, time.perf_counter(), [], []
+    history, tokens, started, running, parts, time_cut = [], 0, time.perf_counter(), [], [], 0
     micro_step = starting_epoch * len(train_loader) + resume_batches  # batches seen by this process
     loss_module.train()
     for epoch in range(starting_epoch, num_epochs):
@@ -420,12 +429,16 @@ def main(argv: list[str] | None = None) -> int:
                 logger.info("step %d validation_loss %.4f (sentence %.4f, profile %.4f)", completed_steps, *val.values())
             if run.checkpointing_steps > 0 and completed_steps % run.checkpointing_steps == 0:
                 save_checkpoint(accelerator, run.output_dir, completed_steps, {"completed_steps": completed_steps, "epoch": epoch, "batches_seen": micro_step})
-            if completed_steps >= max_steps or completed_steps == run.stop_after_steps:
+            if run.max_train_seconds > 0 and completed_steps < max_steps and out_of_time(accelerator, started, run.max_train_seconds):
+                logger.warning("--max_train_seconds %g reached: training ends at step %d of %d (the learning rate is %.3g, not yet decayed)",
+                               run.max_train_seconds, completed_steps, max_steps, scheduler.get_last_lr()[0])
+                time_cut = completed_steps
+            if completed_steps >= max_steps or completed_steps == run.stop_after_steps or time_cut:
                 break
-        if completed_steps >= max_steps or completed_steps == run.stop_after_steps:
+        if completed_steps >= max_steps or completed_steps == run.stop_after_steps or time_cut:
             break
     progress.close()
-    if completed_steps < max_steps:
+    if completed_steps < max_steps and not time_cut:
         accelerator.print(f"stopped after step {completed_steps} of {max_steps}; resume with --resume_from_checkpoint latest")
         wrapper = weakref.ref(loss_module)
         loss_module = loss = batch = None  # noqa: F841 -- see below
@@ -434,9 +447,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     elapsed = time.perf_counter() - started
     accelerator.wait_for_everyone()
-    if average is not None:
+    if average is not None and average.count:
         average.copy_to_module()
         logger.info("weights: the mean of the last %d steps", average.count)
+    elif average is not None:
+        logger.warning("weights: the last step's (--max_train_seconds ended training before the averaging began)")
     profile_head = accelerator.unwrap_model(loss_module).profile_head
     model = accelerator.unwrap_model(loss_module).model
     # Every rank prints its own checksum: equal lines prove the ranks ended in step.
@@ -452,8 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.end_training()
 
     if accelerator.is_main_process:
-        model = model.cpu().eval()
-        profile_head = profile_head.cpu().eval() if profile_head is not None else None
+        # The refit and the calibration decode every validation cell: on the main process's GPU when there is one.
+        device = accelerator.device if accelerator.device.type == "cuda" else torch.device("cpu")
+        model = model.to(device).eval()
+        profile_head = profile_head.to(device).eval() if profile_head is not None else None
         calibration, refit = {}, {}
         if profile_head is not None and model_args.profile_refit and len(validation):
             refit = refit_head(model, profile_head, tokenizer, meta, splits["train"], validation, train_examples, eval_examples, run.per_device_eval_batch_size,
@@ -477,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             saved[key] = Path(saved[key]).name if saved[key] else None
         saved.update(dataset_name=Path(data_args.dataset_dir).name, n_parameters=n_params, completed_steps=completed_steps,
                      num_processes=accelerator.num_processes, train_tokens_per_second=round(tokens_total / max(elapsed, 1e-9), 1),
-                     validation_history=history, train_seconds=round(elapsed, 1))
+                     validation_history=history, train_seconds=round(elapsed, 1), planned_steps=max_steps, stopped_by_time_limit=bool(time_cut))
         write_model_folder(run.output_dir, model, tokenizer, meta, readout, saved, caps[1], profile_head)
         evaluate_folder(run, data_args)
         from translator.card import render_model_card
@@ -490,6 +507,23 @@ def main(argv: list[str] | None = None) -> int:
             files = push_model_folder(run.output_dir, run.hub_model_id)
             logger.info("pushed %d files to %s", len(files), run.hub_model_id)
     return 0
+
+
+def enable_tf32() -> None:
+    """Let CUDA fp32 matrix products use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation); CPU products are untouched."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+
+
+def out_of_time(accelerator: Accelerator, started: float, limit: float) -> bool:
+    """Whether ``limit`` seconds have passed since ``started``; with several processes, on any of them (all ranks stop together)."""
+    over = time.perf_counter() - started > limit
+    if accelerator.num_processes == 1:
+        return over
+    return bool(accelerator.reduce(torch.tensor(float(over), device=accelerator.device), reduction="sum").item() > 0)
 
 
 def release_ddp(accelerator: Accelerator, wrapper: weakref.ref) -> None:

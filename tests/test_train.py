@@ -191,6 +191,9 @@ def test_bad_flags_get_one_line_errors(bmmc, tmp_path):
         train.main(tiny_args(*bmmc, tmp_path / "x", "--directions", "gex2rna", "--max_steps", "2"))
     with pytest.raises(ValueError, match=r"--weight_average_fraction must be in \[0, 1\]"):
         train.main(tiny_args(*bmmc, tmp_path / "x", "--weight_average_fraction", "1.5", "--max_steps", "2"))
+    with pytest.raises(ValueError, match="--max_train_seconds must be a number of seconds >= 0"):
+        train.main(tiny_args(*bmmc, tmp_path / "x", "--max_train_seconds", "-5", "--max_steps", "2"))
+    assert not (tmp_path / "x").exists()
 
 
 def test_weight_averaging_is_the_mean_of_the_last_steps_and_resumes(bmmc, tmp_path):
@@ -218,6 +221,32 @@ def test_weight_averaging_is_the_mean_of_the_last_steps_and_resumes(bmmc, tmp_pa
     _assert_same_weights(tmp_path / "avg", tmp_path / "resumed")
     with pytest.raises(ValueError, match="was written without --weight_average_fraction"):
         train.main([*base, "--weight_average_fraction", "0.3", "--resume_from_checkpoint", "latest"])
+
+
+def test_a_time_limit_ends_training_early_and_writes_the_folder(bmmc, tmp_path):
+    """--max_train_seconds: a run planned for 300 steps whose limit has passed after its first step writes a complete
+    folder with step 1's weights under the planned schedule (those of a checkpoint after step 1 of the plain 300-step run;
+    the tail average, not begun, is not applied) and says so in training_args.json. --tf32 is recorded and leaves CPU runs alone."""
+    flags = ("--max_steps", "300", "--eval_steps", "0", "--calibration_cells", "0")
+    _train(tiny_args(*bmmc, tmp_path / "plain", *flags, "--checkpointing_steps", "1", "--stop_after_steps", "1"))
+    cuda_precision = torch.backends.cuda.matmul.fp32_precision
+    try:
+        _train(tiny_args(*bmmc, tmp_path / "cut", *flags, "--checkpointing_steps", "0", "--max_train_seconds", "1e-9",
+                         "--weight_average_fraction", "0.5", "--tf32"))
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = cuda_precision
+    args = json.loads((tmp_path / "cut" / "training_args.json").read_text())
+    assert (args["completed_steps"], args["planned_steps"], args["stopped_by_time_limit"], args["tf32"]) == (1, 300, True, True)
+    step1 = load_file(str(tmp_path / "plain" / "checkpoints" / "step_1" / "model.safetensors"))
+    got = _weights(tmp_path / "cut")
+    compared = 0
+    for key, value in got.items():
+        if f"model.{key}" in step1:
+            assert np.array_equal(value, step1[f"model.{key}"]), key
+            compared += 1
+    assert compared > 10
+    assert (tmp_path / "cut" / "readout.json").exists() and (tmp_path / "cut" / "README.md").exists()
 
 
 def test_a_diverging_run_stops_at_once_and_writes_nothing(bmmc, tmp_path):

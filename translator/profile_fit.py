@@ -231,7 +231,7 @@ def refit_profile_head(
             logger.info("%s profile head reduced rank: %s (validation RMSE by rank: %s)", direction, report["reduced_rank"]["rank"] or "none",
                         ", ".join(f"{k} {v:.6f}" for k, v in report["reduced_rank"]["validation_rmse"].items()))
         with torch.no_grad():
-            head.weight[start:stop] = w.to(head.weight.dtype)
-            head.bias[start:stop] = b.to(head.bias.dtype)
+            head.weight[start:stop] = w.to(head.weight)  # dtype and device (the refit solves on the CPU)
+            head.bias[start:stop] = b.to(head.bias)
         reports[direction] = report
     return reports
