@@ -246,7 +246,8 @@ def test_a_time_limit_ends_training_early_and_writes_the_folder(bmmc, tmp_path):
             assert np.array_equal(value, step1[f"model.{key}"]), key
             compared += 1
     assert compared > 10
-    assert (tmp_path / "cut" / "readout.json").exists() and (tmp_path / "cut" / "README.md").exists()
+    assert (tmp_path / "cut" / "readout.json").exists()
+    assert "1 steps (of 300 planned: stopped by --max_train_seconds)" in (tmp_path / "cut" / "README.md").read_text()
 
 
 def test_a_diverging_run_stops_at_once_and_writes_nothing(bmmc, tmp_path):

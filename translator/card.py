@@ -135,7 +135,9 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, tem
         "max_source_length": readout.get("max_source_length", args.get("max_source_length")),
         "max_target_length": readout.get("max_target_length", args.get("max_target_length")),
         "training_text": (
-            f"{args.get('completed_steps', '?')} steps, batch {args.get('per_device_train_batch_size', '?')} x "
+            f"{args.get('completed_steps', '?')} steps"
+            + (f" (of {args.get('planned_steps')} planned: stopped by --max_train_seconds)" if args.get("stopped_by_time_limit") else "")
+            + f", batch {args.get('per_device_train_batch_size', '?')} x "
             f"{args.get('num_processes', 1)} processes, learning rate {args.get('learning_rate', '?')}, "
             f"directions {', '.join(args.get('directions', ['gex2atac', 'atac2gex']))}, seed {args.get('seed', '?')}"
         ),
