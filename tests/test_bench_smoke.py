@@ -235,12 +235,15 @@ def test_gpu_t5small_script_smoke(tmp_path):
         archive.add(tok, arcname="mop_tok")
     out = tmp_path / "out"
     out.mkdir()
+    # An earlier run whose validation RMSE this one beats in both directions: test is scored (TEST_IF_BETTER_THAN).
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps({"directions": {d: {"model": {"rmse": 9.0}} for d in ("gex2atac", "atac2gex")}}))
     env = {**os.environ, "OUT": str(out), "WORK": str(tmp_path / "work"), "GPU_DIR": str(stage), "SMOKE": "1",
-           "EVAL_CELLS_SMOKE": "15"}  # 15 validation cells: enough for the cross-fitted choice (>= 10)
+           "EVAL_CELLS_SMOKE": "15", "TEST_IF_BETTER_THAN": str(reference)}  # 15 validation cells: enough for the cross-fitted choice (>= 10)
     script = REPO / "bench" / "gpu" / "t5small_mop.sh"
     done = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "all done" in done.stdout
+    assert "all done" in done.stdout and "validation RMSE, this run vs the reference" in done.stdout
     assert {"train.log", "eval_validation.log", "eval_test.log", "env.log", "readout.json", "training_args.json",
             "eval_validation.json", "eval_test.json"} <= {p.name for p in out.iterdir()}
     for split in ("validation", "test"):

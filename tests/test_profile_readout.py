@@ -394,6 +394,33 @@ def test_reduced_rank_head_projects_the_train_scores_on_their_top_directions():
     assert report0["rank"] == 0 and torch.equal(w0, w) and torch.equal(b0, b)
 
 
+def test_the_refit_solves_where_it_is_told_and_in_full_fp32_on_a_gpu():
+    """fit_profile_rows(device=...) returns CPU tensors equal to the default run's; on a CUDA device its products are
+    full fp32 (TF32 off) for the solve and the caller's setting comes back after it (checked on the setting: no GPU here)."""
+    from translator.profile_fit import _full_fp32, fit_profile_rows
+
+    rng = np.random.default_rng(1)
+    x, xv = torch.randn(120, 8), torch.randn(40, 8)
+    y = sp.csr_matrix((rng.random((120, 25)) < 0.2).astype(np.float32))
+    yv = sp.csr_matrix((rng.random((40, 25)) < 0.2).astype(np.float32))
+    default = fit_profile_rows(x, y, xv, yv, torch.zeros(25), True, (1e-2, 1e-4), chunk_features=10)
+    told = fit_profile_rows(x, y, xv, yv, torch.zeros(25), True, (1e-2, 1e-4), chunk_features=10, device="cpu")
+    assert torch.equal(default[0], told[0]) and torch.equal(default[1], told[1]) and default[2] == told[2]
+    assert told[0].device.type == "cpu" and told[0].shape == (25, 8)
+    matmul = torch.backends.cuda.matmul
+    key = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, key)
+    try:
+        setattr(matmul, key, "tf32" if key == "fp32_precision" else True)
+        with _full_fp32(torch.device("cuda")):
+            assert getattr(matmul, key) in ("ieee", False)
+        assert getattr(matmul, key) in ("tf32", True)
+        with _full_fp32(torch.device("cpu")):
+            assert getattr(matmul, key) in ("tf32", True)
+    finally:
+        setattr(matmul, key, before)
+
+
 def _source_rows(rows: int, width: int, gex_prefix: int, atac_prefix: int, eos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Padded sources ``<prefix> 100 101 ... </s>``, GEX and ATAC rows alternating, 1 to ``width - 2`` names each (seed 0)."""
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import scipy.sparse as sp
@@ -89,37 +90,60 @@ def fit_profile_rows(
     l2_grid: Sequence[float] = L2_GRID,
     iterations: int = 25,
     chunk_features: int = 2048,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Fit head rows ``W [features, d]`` and biases ``b [features]`` for one target modality.
 
     Penalties are tried from the largest down, each warm-started from the previous solution; the
     one with the lowest validation RMSE of ``sigmoid(offset + xW' + b)`` (ATAC) or
-    ``max(offset + xW' + b, 0)`` (GEX) is kept.
+    ``max(offset + xW' + b, 0)`` (GEX) is kept. The solves run on ``device`` (default: ``x_train``'s;
+    a GPU's products in full fp32, TF32 off) and the result comes back on the CPU.
 
     Returns
     -------
     ``(W, b, report)``, ``report`` = ``{"l2": chosen, "validation_rmse": {l2: rmse}, "validation_rmse_mean": ...}``.
     """
+    device = torch.device(device) if device is not None else x_train.device
+    with _full_fp32(device):
+        return _fit_profile_rows(x_train.to(device), y_train, x_val.to(device), y_val, offset.to(device), binary, l2_grid, iterations, chunk_features)
+
+
+@contextmanager
+def _full_fp32(device: torch.device):
+    """On a CUDA device, fp32 matrix products in full precision (TF32 off) for the duration; elsewhere nothing."""
+    matmul = torch.backends.cuda.matmul
+    key = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"  # torch >= 2.9 / older
+    saved = getattr(matmul, key)
+    if device.type == "cuda":
+        setattr(matmul, key, "ieee" if key == "fp32_precision" else False)
+    try:
+        yield
+    finally:
+        setattr(matmul, key, saved)
+
+
+def _fit_profile_rows(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features):
+    device = x_train.device
     n_features, d = y_train.shape[1], x_train.shape[1]
     sse = {l2: 0.0 for l2 in l2_grid}
     sse_mean = 0.0
     solutions: dict[float, tuple[list, list]] = {l2: ([], []) for l2 in l2_grid}
     for begin in range(0, n_features, chunk_features):
         cols = slice(begin, min(n_features, begin + chunk_features))
-        y = torch.from_numpy(y_train[:, cols].toarray().astype(np.float32))
-        yv = torch.from_numpy(y_val[:, cols].toarray().astype(np.float32))
+        y = torch.from_numpy(y_train[:, cols].toarray().astype(np.float32)).to(device)
+        yv = torch.from_numpy(y_val[:, cols].toarray().astype(np.float32)).to(device)
         if binary:
             y, yv = (y > 0).float(), (yv > 0).float()
         off = offset[cols]
         mean_prediction = torch.sigmoid(off) if binary else off.clamp(min=0)
         sse_mean += float(((yv - mean_prediction) ** 2).sum())
-        w = torch.zeros(cols.stop - cols.start, d)
-        b = torch.zeros(cols.stop - cols.start)
+        w = torch.zeros(cols.stop - cols.start, d, device=device)
+        b = torch.zeros(cols.stop - cols.start, device=device)
         for l2 in sorted(l2_grid, reverse=True):
             w, b = _solve_chunk(x_train, y, off, binary, l2, w, b, iterations)
             sse[l2] += float(((yv - _predict(x_val, w, b, off, binary)) ** 2).sum())
-            solutions[l2][0].append(w)
-            solutions[l2][1].append(b)
+            solutions[l2][0].append(w.cpu())
+            solutions[l2][1].append(b.cpu())
     n_entries = max(1, x_val.shape[0] * n_features)
     rmse = {l2: float(np.sqrt(v / n_entries)) for l2, v in sse.items()}
     best = min(rmse, key=rmse.get)
@@ -223,7 +247,8 @@ def refit_profile_head(
         offset, binary = offsets[start]
         x_train = profile_states(model, train_ids, batch_size)
         x_val = profile_states(model, val_ids, batch_size)
-        w, b, report = fit_profile_rows(x_train, truths[direction][0], x_val, truths[direction][1], offset.float(), binary, l2_grid)
+        w, b, report = fit_profile_rows(x_train, truths[direction][0], x_val, truths[direction][1], offset.float(), binary, l2_grid,
+                                        device=next(model.parameters()).device)  # the model's GPU, when it has one
         logger.info("%s profile head refit: l2 %g, validation RMSE %.6f (per-feature mean %.6f)", direction, report["l2"],
                     report["validation_rmse"][str(report["l2"])], report["validation_rmse_mean"])
         if ranks:

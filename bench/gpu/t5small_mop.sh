@@ -7,7 +7,8 @@
 # training_args.json. Score validation here: copy eval_validation.json to D/eval_results.json, then
 # `python -m evaluation.crossval pool --baselines evbase_mop --candidate t5small D ...` beside the CPU picks' validation runs.
 # Knobs (environment): STEPS (1000), BATCH (128), LR (5e-4), WARMUP (100), PRECISION (no: fp32 with TF32 matrix products,
-# train.py --tf32; session 10's bf16 at lr 1e-3 diverged), TRAIN_SECONDS (240: train.py --max_train_seconds, the guard
+# train.py --tf32; session 10's bf16 at lr 1e-3 diverged), TEST_IF_BETTER_THAN (unset: always score test; else an earlier
+# run's eval_validation.json: test is scored only when this run's validation RMSE is lower in both directions), TRAIN_SECONDS (240: train.py --max_train_seconds, the guard
 # that keeps training, refit, calibration and both evaluations inside one 10-minute call), EVAL_BATCH (128), REPEATS (1: the calibration's partitions; on MOp's 841 cells 1 and 10 gave both final models
 # bit-identical readouts in session 14, and 10 cost ~4 more minutes on a CPU, too many for one 10-minute call), SHAPE (t5-small), THREADS (16), and SMOKE=1 for a
 # few tiny CPU steps that check the plumbing (tests/test_bench_smoke.py runs it on synthetic cells, GPU_DIR: where
@@ -54,6 +55,15 @@ rc=$?; echo "train rc $rc after $(( $(date +%s) - start )) s"; tail -3 "$WORK/tr
 [ $rc = 0 ] || exit $rc
 for split in validation test; do
   s=$(date +%s)
+  if [ $split = test ] && [ -n "${TEST_IF_BETTER_THAN:-}" ]; then
+    python3 - "$WORK/eval_validation/eval_results.json" "$TEST_IF_BETTER_THAN" <<'PY' || { echo "test not scored: validation RMSE not lower in both directions than $TEST_IF_BETTER_THAN"; break; }
+import json, sys
+new, old = (json.load(open(f))["directions"] for f in sys.argv[1:3])
+better = {d: new[d]["model"]["rmse"] < old[d]["model"]["rmse"] for d in old}
+print("validation RMSE, this run vs the reference:", {d: (round(new[d]["model"]["rmse"], 6), round(old[d]["model"]["rmse"], 6)) for d in old})
+sys.exit(0 if all(better.values()) else 1)
+PY
+  fi
   python3 eval.py --model "$M" --dataset_dir "$WORK/mop" --dataset_name mop_snareseq --split $split --baselines mean --batch_size "$EVAL_BATCH" \
     --no_plots --no_update_model_folder --output_dir "$WORK/eval_$split" > "$WORK/eval_$split.log" 2>&1
   rc=$?; echo "eval $split rc $rc after $(( $(date +%s) - s )) s"
