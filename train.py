@@ -42,7 +42,7 @@ from translator.data import (
     check_gex_target_cap,
     check_gex_target_min_value,
 )
-from translator.modeling import MODEL_SHAPES, TranslationLoss, make_config, make_model
+from translator.modeling import MODEL_SHAPES, TranslationLoss, cuda_tf32, make_config, make_model
 from translator.readout import SELECTION_REPEATS, check_selection_parts, check_selection_repeats, profile_offsets
 from translator.training import (
     AVERAGE_STATE_FILE,
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     if run.tf32:
-        enable_tf32()
+        cuda_tf32(True)  # for the rest of the process: training, refit features, calibration
     datasets.utils.logging.set_verbosity_error()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "removed shared tensor": T5's tied embeddings
@@ -507,15 +507,6 @@ def main(argv: list[str] | None = None) -> int:
             files = push_model_folder(run.output_dir, run.hub_model_id)
             logger.info("pushed %d files to %s", len(files), run.hub_model_id)
     return 0
-
-
-def enable_tf32() -> None:
-    """Let CUDA fp32 matrix products use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation); CPU products are untouched."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        matmul.fp32_precision = "tf32"
-    else:
-        matmul.allow_tf32 = True
 
 
 def out_of_time(accelerator: Accelerator, started: float, limit: float) -> bool:

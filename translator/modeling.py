@@ -134,6 +134,18 @@ class ProfileHead(nn.Module):
         return head.eval()
 
 
+def cuda_tf32(enabled: bool):
+    """Allow (or forbid) TF32 tensor cores for CUDA fp32 matrix products; CPU products are untouched.
+
+    Returns a function that puts the previous setting back (torch >= 2.9 names it ``fp32_precision``, older ``allow_tf32``).
+    """
+    matmul = torch.backends.cuda.matmul
+    key = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    saved = getattr(matmul, key)
+    setattr(matmul, key, ("tf32" if enabled else "ieee") if key == "fp32_precision" else enabled)
+    return lambda: setattr(matmul, key, saved)
+
+
 def profile_features(model: T5ForConditionalGeneration, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """What the profile head reads, ``[B, 3 * d_model]`` scaled by ``d_model ** -0.5``.
 

@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .modeling import PROFILE_INPUTS, ProfileHead, profile_features
+from .modeling import PROFILE_INPUTS, ProfileHead, cuda_tf32, profile_features
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +111,12 @@ def fit_profile_rows(
 @contextmanager
 def _full_fp32(device: torch.device):
     """On a CUDA device, fp32 matrix products in full precision (TF32 off) for the duration; elsewhere nothing."""
-    matmul = torch.backends.cuda.matmul
-    key = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"  # torch >= 2.9 / older
-    saved = getattr(matmul, key)
-    if device.type == "cuda":
-        setattr(matmul, key, "ieee" if key == "fp32_precision" else False)
+    restore = cuda_tf32(False) if device.type == "cuda" else None
     try:
         yield
     finally:
-        setattr(matmul, key, saved)
+        if restore is not None:
+            restore()
 
 
 def _fit_profile_rows(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features):
