@@ -336,19 +336,81 @@ def check_selection_repeats(repeats: int, flag: str) -> None:
         raise ValueError(f"{flag} must be at least 1 (the random partitions the cross-fitted RMSE is averaged over), got {repeats}")
 
 
+LOGISTIC_C = 1e4  # inverse L2 strength on the weights (not the intercept), as scikit-learn's LogisticRegression(C=1e4)
+
+
+def logistic_fit(x: np.ndarray, y: np.ndarray, c: float = LOGISTIC_C, tol: float = 1e-10, max_iter: int = 100) -> tuple[np.ndarray, float]:
+    """Weights and intercept minimising ``sum_i logloss(y_i, x_i w + b) + |w|^2 / (2 c)``: scikit-learn's
+    ``LogisticRegression(C=c)`` objective, solved by Newton's method to a tight optimum.
+
+    The calibration has 2-4 columns and millions of rows: each Newton step is a few passes over ``x`` and a
+    tiny solve, and ~10 steps reach the optimum, where scikit-learn's default lbfgs took 12-23 gradient
+    passes of its own (3-5 s a fit at 1.6 M rows; 204 fits for 200 MOp cells, 765 of the calibration's 885 s)
+    and stopped short of the optimum at its tolerance (coefficients off by up to 0.07). Starts from the
+    intercept-only optimum; stops when the largest gradient entry, per row, is under ``tol`` or the Newton step
+    would lower the objective by less than its rounding; a step is halved until the objective does not rise.
+    """
+    from scipy.special import expit
+
+    y = np.asarray(y, dtype=np.float64)
+    n, k = np.shape(x)
+    design = np.empty((k + 1, n))  # one contiguous row per column: the passes below read it row by row
+    design[:k] = np.asarray(x, dtype=np.float64).T
+    design[k] = 1.0
+    penalty = np.full(k + 1, 1.0 / c)
+    penalty[k] = 0.0
+    w = np.zeros(k + 1)
+    rate = float(np.clip(y.mean(), 1e-12, 1.0 - 1e-12)) if n else 0.5
+    w[k] = np.log(rate / (1.0 - rate))
+
+    def evaluate(w: np.ndarray) -> tuple[np.ndarray, float]:
+        # log(1 + e^eta) = -log(1 - sigmoid(eta)), with 1 - sigmoid(eta) = sigmoid(-eta) computed as such (no cancellation)
+        eta = w @ design
+        closed = expit(-eta)
+        value = float(-np.sum(np.log(closed)) - y @ eta + 0.5 * np.sum(penalty * w * w))
+        return closed, value
+
+    closed, value = evaluate(w)
+    for _ in range(max_iter):
+        p = 1.0 - closed
+        gradient = design @ (p - y) + penalty * w
+        if np.max(np.abs(gradient)) / max(n, 1) < tol:
+            break
+        hessian = (design * (p * closed)) @ design.T + np.diag(penalty)
+        step = np.linalg.solve(hessian, gradient)
+        if gradient @ step <= 1e-12 * (abs(value) + 1.0):
+            # the Newton decrement: the step would lower the objective by less than its rounding; take it and stop
+            w = w - step
+            break
+        for _ in range(50):
+            trial = w - step
+            trial_closed, trial_value = evaluate(trial)
+            if trial_value <= value:
+                break
+            step = step / 2.0
+        else:
+            break  # no decrease along the Newton direction: at the optimum to rounding
+        w, closed, value = trial, trial_closed, trial_value
+    return w[:k], float(w[k])
+
+
 def _fit_aggregation(features: dict[str, np.ndarray], dense_truth: np.ndarray, direction: str, meta: dict, aggregation: str,
                      rng: np.random.Generator, max_entries: int) -> dict | None:
-    """One aggregation's calibration fitted on all the given cells (``None`` when the targets are all 0 or all 1)."""
-    from sklearn.linear_model import LogisticRegression
+    """One aggregation's calibration fitted on all the given cells (``None`` when the targets are all 0 or all 1).
 
+    ATAC: a logistic regression (:func:`logistic_fit`) on at most ``max_entries`` (cell, peak) entries drawn at
+    random; only the drawn entries of the design are built.
+    """
     if direction == "gex2atac":
-        x = np.stack([np.asarray(c).ravel() for c in _atac_design(features, aggregation, meta)], axis=1)
+        n_features = dense_truth.shape[1]
         y = dense_truth.ravel() > 0
         pick = rng.choice(len(y), size=min(max_entries, len(y)), replace=False)
         if y[pick].all() or not y[pick].any():
             return None
-        fit = LogisticRegression(C=1e4, max_iter=500).fit(x[pick], y[pick])
-        return {"aggregation": aggregation, "coef": fit.coef_[0].tolist(), "intercept": float(fit.intercept_[0])}
+        rows, columns = np.divmod(pick, n_features)
+        x = np.stack([np.broadcast_to(c, dense_truth.shape)[rows, columns] for c in _atac_design(features, aggregation, meta)], axis=1)
+        coef, intercept = logistic_fit(x, y[pick])
+        return {"aggregation": aggregation, "coef": coef.tolist(), "intercept": intercept}
     design = np.stack([np.asarray(d).ravel() for d in _gex_design(features, aggregation, meta)], axis=1)
     coef, *_ = np.linalg.lstsq(design, dense_truth.ravel(), rcond=None)
     return {"aggregation": aggregation, "coef": coef.tolist()}
