@@ -23,6 +23,15 @@
   core's RMSE, per-cell Pearson, AUROC, AP) that ``python -m evaluation.crossval pool`` reads as a candidate; beside it
   the in-sample figures (fitted and scored on all cells, what ``eval.py`` reports).
 
+- ``foldpool``: the calibration fitted on the cells of several cross-validation folds at once (issue 5's "more cells to
+  calibrate on"). ``--model`` / ``--dataset_dir`` and ``--members`` / ``--member_dataset_dirs`` are the fold models
+  with the dataset folders whose validation split is each one's held-out fold. For every fold ``k`` the calibration
+  (the same ``fit_readout`` rule over each arm) is fitted on the other folds' cells as their own fold models read
+  them, plus, for each of ``--parts`` parts of fold ``k``, the rest of fold ``k`` as its model reads it, and predicts
+  that part with fold ``k``'s model (arm ``pooled``); ``others``: fitted on the other folds' cells only. Each row keeps
+  the per-feature train mean of the model that read it. Writes ``<output_dir>/fold_<k>/<mode>/<arm>/eval_results.json``
+  for ``python -m evaluation.crossval pool``.
+
 Usage::
 
     python bench/readout_diagnostics.py kernel --model mop_P5400c6d2 --dataset_dir mop10k
@@ -32,6 +41,8 @@ Usage::
     python bench/readout_diagnostics.py sampled --model mop_P5400c6d2ls1sd1 --dataset_dir mop10k --samples 8
     python bench/readout_diagnostics.py crossfit --model m_S50r_0 --dataset_dir f0 --arms profile profile,profile_depth \
         --output_dir crossfit_S50r_0     # writes crossfit_S50r_0/<arm>/eval_results.json
+    python bench/readout_diagnostics.py foldpool --model m_0 --dataset_dir f0 --members m_1 m_2 m_3 m_4 \
+        --member_dataset_dirs f1 f2 f3 f4 --dataset_name bmmc_starter --output_dir foldpool_m
 
 Each writes ``bench/results/readout_<command>[_<tag>].json`` (``--results_dir`` to change the folder).
 """
@@ -45,6 +56,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from bench_common import write_results
 
@@ -363,12 +375,82 @@ def crossfit(translator, val: dict, directions: Sequence[str], arms: Sequence[Se
     return out
 
 
+def foldpool(models: Sequence[str], dataset_dirs: Sequence[str], directions: Sequence[str], arms: Sequence[Sequence[str]], parts: int,
+             dataset: str, output_dir: str | None, seed: int = 0, selection_parts: int | None = None, selection_repeats: int | None = None) -> dict:
+    """The calibration fitted on pooled folds (see the module docstring): for each fold, arm and mode, the fold's metrics."""
+    from evaluation.data import load_split_matrices
+    from evaluation.metrics_core import compute_metrics
+    from evaluation.report import write_text_atomic
+    from evaluation.runner import source_sentences
+    from translator.api import CellTranslator
+    from translator.readout import ROW_STATS, apply_readout, decode_features, fit_readout
+
+    if len(models) != len(dataset_dirs) or len(models) < 2:
+        raise SystemExit(f"foldpool needs one --member_dataset_dirs entry per --members model and at least 2 folds, got {len(models)} models and {len(dataset_dirs)} folders")
+    folds = []
+    for model, dataset_dir in zip(models, dataset_dirs, strict=True):
+        translator, val = CellTranslator.from_pretrained(model), load_split_matrices(dataset_dir, "validation")
+        part, selection_parts, selection_repeats = _partition(val, parts, seed, selection_parts, selection_repeats)
+        features = {}
+        for direction in directions:
+            ids = translator.encode_sources(source_sentences(val, direction, translator.meta), direction, allow_empty=True)
+            features[direction], _ = decode_features(translator.model, translator.tokenizer, translator.meta, ids, direction,
+                                                     translator.ranges[TARGET[direction]], translator.max_target_length, decode=False,
+                                                     profile_head=translator.profile_head)
+            for key in ROW_STATS:  # each cell keeps the train statistics of the model that read it
+                stat = np.asarray(translator.meta["train_stats"][key], dtype=np.float64)
+                features[direction][key] = np.broadcast_to(stat, (len(ids), len(stat)))
+        folds.append({"meta": translator.meta, "val": val, "part": part, "features": features})
+
+    def fit(direction, arm, rows):  # rows: (fold index, cell indices) read by that fold's model, each with its model's train means
+        feats = [{key: v[r] for key, v in folds[i]["features"][direction].items()} for i, r in rows]
+        pooled = {key: np.concatenate([f[key] for f in feats]) for key in feats[0]}
+        truth = sp.vstack([folds[i]["val"][TARGET[direction]].tocsr()[r] for i, r in rows]).tocsr()
+        return fit_readout(pooled, truth, direction, folds[0]["meta"], seed=seed, aggregations=arm, selection_parts=selection_parts,
+                           selection_repeats=selection_repeats)
+
+    out = {}
+    for k, fold in enumerate(folds):
+        out[f"fold_{k}"] = {}
+        others = [(i, np.arange(f["val"]["gex"].shape[0])) for i, f in enumerate(folds) if i != k]
+        for direction in directions:
+            target = TARGET[direction]
+            truth, features = fold["val"][target].tocsr(), fold["features"][direction]
+            for arm in arms:
+                name = ",".join(arm)
+                predictions, chosen = {}, {}
+                params = fit(direction, arm, others)
+                predictions["others"] = apply_readout(features, direction, fold["meta"], params)
+                chosen["others"] = [params["aggregation"]]
+                prediction, chosen["pooled"] = np.zeros(truth.shape, dtype=np.float32), []
+                for p in range(int(fold["part"].max()) + 1):
+                    fit_rows, held = np.flatnonzero(fold["part"] != p), np.flatnonzero(fold["part"] == p)
+                    params = fit(direction, arm, [*others, (k, fit_rows)])
+                    prediction[held] = apply_readout({key: v[held] for key, v in features.items()}, direction, fold["meta"], params)
+                    chosen["pooled"].append(params["aggregation"])
+                predictions["pooled"] = prediction
+                for mode, matrix in predictions.items():
+                    metrics = compute_metrics(matrix, truth, target)["metrics"]
+                    row = {m: float(metrics[m]) for m in ranked_keys(metrics)}
+                    out[f"fold_{k}"].setdefault(mode, {}).setdefault(name, {})[direction] = {"metrics": row, "aggregations": chosen[mode]}
+                    if output_dir:
+                        path = Path(output_dir) / f"fold_{k}" / mode / name / "eval_results.json"
+                        result = json.loads(path.read_text()) if path.exists() else {
+                            "dataset": dataset, "split": "validation", "n_cells": int(truth.shape[0]), "directions": {},
+                            "readout": f"calibration fitted on the other folds' cells ({mode})"}
+                        result["directions"][direction] = {"model": row}
+                        write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+                    print(f"fold {k} {direction} {name} {mode}: RMSE {row['rmse']:.6f} ({', '.join(chosen[mode])})", flush=True)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("kernel", "centre", "bootstrap", "ensemble", "crossfit", "sampled"))
+    parser.add_argument("command", choices=("kernel", "centre", "bootstrap", "ensemble", "crossfit", "sampled", "foldpool"))
     parser.add_argument("--model", required=True, help="model folder written by train.py")
     parser.add_argument("--dataset_dir", required=True, help="dataset folder (train and validation splits are read)")
-    parser.add_argument("--members", nargs="+", default=[], help="ensemble: the other model folders averaged with --model")
+    parser.add_argument("--members", nargs="+", default=[], help="ensemble: the other model folders averaged with --model; foldpool: the other folds' models")
+    parser.add_argument("--member_dataset_dirs", nargs="+", default=[], help="foldpool: each --members model's dataset folder (its validation split the model's held-out fold)")
     parser.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS))
     parser.add_argument("--gamma_scales", nargs="+", type=float, default=[0.25, 0.5, 1.0, 2.0])
     parser.add_argument("--ridges", nargs="+", type=float, default=[1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0])
@@ -394,6 +476,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.gamma_scales, args.ridges, args.landmarks, args.resamples = [1.0], [1.0, 100.0], 50, 100
     started = time.perf_counter()
+    if args.command == "foldpool":  # several models, each with its own folder: nothing to load here
+        figures = foldpool([args.model, *args.members], [args.dataset_dir, *args.member_dataset_dirs], args.directions, [a.split(",") for a in args.arms],
+                           args.parts, args.dataset_name or Path(args.dataset_dir).name, args.output_dir,
+                           selection_parts=args.selection_parts, selection_repeats=args.selection_repeats)
+        write_results("readout_foldpool" + (f"_{args.tag}" if args.tag else ""), {"models": [args.model, *args.members], "directions": figures,
+                      "seconds": round(time.perf_counter() - started, 1)}, args.quick, args.results_dir)
+        return 0
     translator, train, val = _load(args.model, args.dataset_dir)
     if args.command == "kernel":
         figures = kernel(translator, train, val, args.directions, args.gamma_scales, args.ridges, args.landmarks)

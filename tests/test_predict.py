@@ -218,6 +218,16 @@ def test_recalibrate_is_the_last_stage_of_train_py_and_upgrades_an_old_folder(mo
         assert params["aggregation"] == min(params["validation_rmse"], key=params["validation_rmse"].get)
         assert params["validation_rmse"] == trained["calibration"][direction]["validation_rmse"]
         assert trained["calibration"][direction]["selection"].startswith("cross-fitted")
+    # --pool: the same model reading the same cells a second time doubles every cell: the pooled fit sees each twice
+    pooled_summary = recalibrate(folder, model_dir.parent / "data", selection_parts=0, pool=[(model_dir, model_dir.parent / "data")])
+    pooled = json.loads((folder / "readout.json").read_text())["calibration"]
+    for direction, params in pooled.items():
+        n = in_sample[direction]["n_cells"]
+        assert params["n_cells"] == 2 * n and params["pooled_cells"] == [n, n]
+        assert params["pooled_from"] == [[folder.name, "data"], [model_dir.name, "data"]]
+        assert params["aggregation"] == in_sample[direction]["aggregation"] == pooled_summary[direction]["after"]
+        assert params["validation_rmse"] == pytest.approx(in_sample[direction]["validation_rmse"], rel=1e-6)  # duplicated cells: the same fit
+        assert "pooled_cells" not in in_sample[direction]
 
 
 def test_recalibrate_refuses_bad_input_with_one_line(model_dir, tmp_path):
@@ -236,6 +246,8 @@ def test_recalibrate_refuses_bad_input_with_one_line(model_dir, tmp_path):
         (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--aggregations", "depth"], "--aggregations"),
         (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--selection_parts", "1"], "--selection_parts"),
         (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--selection_repeats", "0"], "--selection_repeats"),
+        (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--pool", str(tmp_path / "missing"), str(model_dir.parent / "data")], "--pool"),
+        (["--model", str(folder), "--dataset_dir", str(model_dir.parent / "data"), "--pool", str(model_dir), str(other)], "--pool"),
     ]
     for args, flag in cases:
         result = subprocess.run([sys.executable, "-m", "translator.recalibrate", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)

@@ -561,3 +561,33 @@ def test_count_downsampling_runs_in_training_and_refuses_sentences_without_every
     cut = split.map(lambda row: {"gex_text": " ".join(row["gex_text"].split()[:1])})
     with pytest.raises(ValueError, match="--gex_source_downsample needs rank-order GEX sentences"):
         TranslationExamples(cut, tokenizer, ("gex2atac",), source_counts=True)
+
+
+def test_a_calibration_pooled_over_models_keeps_each_cells_train_mean():
+    """Cells read by two models (two cross-validation folds, two train splits) carry each model's train mean in the
+    features: the fit and the readout use each row's own mean, and rows that carry the meta's mean change nothing."""
+    rng = np.random.default_rng(11)
+    n_cells, n_peaks = 240, 150
+    means = [rng.uniform(0.02, 0.3, n_peaks), rng.uniform(0.02, 0.3, n_peaks)]  # two folds' train means, far apart
+    meta = {"train_stats": {"atac_mean": means[0].tolist()}}
+    half = n_cells // 2
+    row_mean = np.concatenate([np.broadcast_to(means[0], (half, n_peaks)), np.broadcast_to(means[1], (half, n_peaks))])
+    z = rng.normal(0, 1.0, (n_cells, n_peaks))
+    logit = np.log(row_mean) - np.log1p(-row_mean) + 0.8 * z
+    truth = sp.csr_matrix((rng.random((n_cells, n_peaks)) < 1 / (1 + np.exp(-logit))).astype(np.float32))
+    size = rng.integers(20, 400, n_cells).astype(np.float32)
+    features = {"profile": z.astype(np.float32), "source_length": size}
+    plain = fit_readout(features, truth, "gex2atac", meta)
+    same = fit_readout({**features, "atac_mean": np.broadcast_to(means[0], (n_cells, n_peaks))}, truth, "gex2atac", meta)
+    assert same["coef"] == pytest.approx(plain["coef"]) and same["validation_rmse"] == pytest.approx(plain["validation_rmse"])
+    pooled = fit_readout({**features, "atac_mean": row_mean}, truth, "gex2atac", meta)
+    # with each row's own mean the data are the model itself: the mean term's weight ~1 and a lower RMSE than with one mean
+    coef = pooled["coef"]
+    mean_weight = coef[0] + coef[1] if pooled["aggregation"] == "profile" else coef[3]  # profile reads z + logit(mean) and logit(mean)
+    assert mean_weight == pytest.approx(1.0, abs=0.1) and pooled["validation_rmse"][pooled["aggregation"]] < plain["validation_rmse"][plain["aggregation"]]
+    assert pooled["validation_rmse_mean"] < plain["validation_rmse_mean"]  # the mean baseline is each row's own too
+    rows = np.arange(half, n_cells)  # the second fold's cells alone, read with their own mean: as if its meta were the meta
+    alone = apply_readout({"profile": z[rows].astype(np.float32), "source_length": size[rows]}, "gex2atac",
+                          {"train_stats": {"atac_mean": means[1].tolist()}}, pooled)
+    carried = apply_readout({"profile": z[rows].astype(np.float32), "source_length": size[rows], "atac_mean": row_mean[rows]}, "gex2atac", meta, pooled)
+    np.testing.assert_allclose(carried, alone, rtol=1e-6)

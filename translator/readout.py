@@ -54,6 +54,21 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+ROW_STATS = ("atac_mean", "gex_mean", "gex_mean_detected")  # train statistics a features dict may carry per cell (pooled calibrations)
+
+
+def _train_stat(features: dict[str, np.ndarray] | None, meta: dict, key: str) -> np.ndarray:
+    """``meta``'s per-feature train statistic ``key``, or ``features[key]`` (``[cells, features]``) where the features carry it.
+
+    A calibration pooled over several models' readings (:func:`translator.training.calibration_features` of cross-validation
+    fold models) keeps, for each cell, the train statistics of the model that read it; row selections of the features dict
+    select them with the rest.
+    """
+    if features is not None and key in features:
+        return np.asarray(features[key], dtype=np.float64)
+    return np.asarray(meta["train_stats"][key], dtype=np.float64)
+
+
 def profile_offsets(tokenizer, meta: dict) -> dict[int, tuple[torch.Tensor, bool]]:
     """Per-feature offsets of the profile readout, keyed by the target range's first token id.
 
@@ -201,7 +216,7 @@ def _log_source_length(features: dict[str, np.ndarray]) -> np.ndarray:
 
 def _atac_design(features: dict[str, np.ndarray], aggregation: str, meta: dict) -> list[np.ndarray]:
     """The columns the ATAC calibration weighs: ``[score, logit(mean)]``; ``profile_depth``: ``[z - u, u, log(1 + n), logit(mean)]``."""
-    mean_logit = _logit(np.asarray(meta["train_stats"]["atac_mean"], dtype=np.float64))
+    mean_logit = _logit(_train_stat(features, meta, "atac_mean"))
     shape = features[_feature_key(aggregation)].shape
     if aggregation == "profile_depth":
         return [*_depth_columns(features), np.broadcast_to(mean_logit, shape)]
@@ -221,9 +236,8 @@ def _depth_columns(features: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 def _gex_design(features: dict[str, np.ndarray], aggregation: str, meta: dict) -> list[np.ndarray]:
     """The columns the GEX calibration weighs: ``[r, mean, 1]`` (``profile``); ``profile_depth``: ``[z - u, u, log(1 + n), mean, 1]``."""
-    stats = meta["train_stats"]
-    mean = np.asarray(stats["gex_mean"], dtype=np.float64)
-    mean_detected = np.asarray(stats["gex_mean_detected"], dtype=np.float64)
+    mean = _train_stat(features, meta, "gex_mean")
+    mean_detected = _train_stat(features, meta, "gex_mean_detected")
     if aggregation == "profile_depth":
         shape = features["profile"].shape
         return [*_depth_columns(features), np.broadcast_to(mean, shape), np.ones(shape)]
@@ -239,7 +253,8 @@ def _gex_design(features: dict[str, np.ndarray], aggregation: str, meta: dict) -
     ]
 
 
-def _profile_readout(profile: np.ndarray, direction: str, meta: dict, params: dict, log_source_length: np.ndarray | None = None) -> np.ndarray:
+def _profile_readout(profile: np.ndarray, direction: str, meta: dict, params: dict, log_source_length: np.ndarray | None = None,
+                     features: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """The calibrated profile readout, in float32 and in place on one copy of ``profile``.
 
     The same affine map as the design matrices of :func:`_atac_design` / :func:`_gex_design`, with the
@@ -250,10 +265,9 @@ def _profile_readout(profile: np.ndarray, direction: str, meta: dict, params: di
     (b * mean + c))``). At 116,490 peaks the float64 design took ~8 ms a cell
     and several [cells, features] temporaries; this takes one array and a few in-place passes.
     """
-    stats = meta["train_stats"]
     x = np.array(profile, dtype=np.float32, copy=True)
     if direction == "gex2atac":
-        mean_logit = _logit(np.asarray(stats["atac_mean"], dtype=np.float64))
+        mean_logit = _logit(_train_stat(features, meta, "atac_mean"))
         if params["aggregation"] == "profile_depth":
             a, d, e, b = params["coef"]
             depth = x.mean(axis=1, dtype=np.float64)
@@ -270,7 +284,7 @@ def _profile_readout(profile: np.ndarray, direction: str, meta: dict, params: di
             np.exp(x, out=x)
         x += np.float32(1.0)
         return np.reciprocal(x, out=x)
-    mean = np.asarray(stats["gex_mean"], dtype=np.float64)
+    mean = _train_stat(features, meta, "gex_mean")
     if params["aggregation"] == "profile_depth":
         a, d, e, b, c = params["coef"]
         depth = x.mean(axis=1, dtype=np.float64)
@@ -295,7 +309,7 @@ def apply_readout(features: dict[str, np.ndarray], direction: str, meta: dict, p
         params = {"aggregation": "profile", "coef": [1.0, 0.0], "intercept": 0.0} if direction == "gex2atac" else {"aggregation": "profile", "coef": [1.0, 0.0, 0.0]}
     if is_profile(params):
         size = _log_source_length(features) if params["aggregation"] == "profile_depth" else None
-        return _profile_readout(features["profile"], direction, meta, params, size)
+        return _profile_readout(features["profile"], direction, meta, params, size, features)
     if direction == "gex2atac":
         if params is None:
             return _inclusion(features, "noisy_or").astype(np.float32)
@@ -496,8 +510,7 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
         best = candidates[min(cross_fitted, key=lambda name: (cross_fitted[name], candidates[name]["rmse"]))]
     else:
         best = min(candidates.values(), key=lambda p: p["rmse"])
-    key = "atac_mean" if direction == "gex2atac" else "gex_mean"
-    mean = np.asarray(meta["train_stats"][key], dtype=np.float64)
+    mean = _train_stat(features, meta, "atac_mean" if direction == "gex2atac" else "gex_mean")
     result = {k: v for k, v in best.items() if k != "rmse"}
     result["validation_rmse"] = {name: p["rmse"] for name, p in candidates.items()}
     if cross_fitted:

@@ -8,9 +8,16 @@ the settings in the folder's ``training_args.json`` (``calibration_cells``, ``di
 ``train.py`` run with today's code would leave it. Only ``readout.json``'s ``calibration`` changes; the file
 is replaced in one move.
 
+``--pool MODEL DATASET_DIR`` (repeatable) fits the calibration on more cells: the validation cells of each
+``DATASET_DIR`` as its ``MODEL`` reads them, beside the folder's own. Made for cross-validation fold models: fold 0's
+model calibrated on every fold, each fold read by the model that did not train on it (each cell keeps the per-feature
+train statistics of the model that read it). With one training donor of 221 cells (BMMC) that is 221 calibration cells
+instead of 46 (results.md, session 20).
+
 Usage::
 
     python -m translator.recalibrate --model mop_P5400c6d2ls1 --dataset_dir mop10k
+    python -m translator.recalibrate --model m_0 --dataset_dir f0 --pool m_1 f1 --pool m_2 f2 --pool m_3 f3 --pool m_4 f4
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ logger = logging.getLogger("recalibrate")
 
 
 def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, calibration_cells: int | None = None, cpu_threads: int = 1,
-                aggregations: Sequence[str] | None = None, selection_parts: int | None = None, selection_repeats: int | None = None) -> dict:
+                aggregations: Sequence[str] | None = None, selection_parts: int | None = None, selection_repeats: int | None = None,
+                pool: Sequence[tuple[str | os.PathLike, str | os.PathLike]] = ()) -> dict:
     """Refit ``model_dir``'s calibration on ``dataset_dir``'s validation split; return ``{direction: (old, new)}`` summaries.
 
     ``aggregations`` restricts the readouts the calibration chooses from (default: all, as ``train.py``), e.g. to score
@@ -40,6 +48,8 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     default since session 13) for folders trained before; ``0``: the lowest in-sample RMSE, the rule before session 13).
     ``selection_repeats``: the random partitions that RMSE is averaged over (default: the folder's
     ``--calibration_selection_repeats``, else :data:`translator.readout.SELECTION_REPEATS`, the default since session 14).
+    ``pool``: ``(model folder, dataset folder)`` pairs whose validation cells, as that model reads them, are fitted on too
+    (see the module docstring); every pair must name the same genes and peaks as ``model_dir``.
     """
     import datasets
 
@@ -55,7 +65,7 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
         check_selection_parts,
         check_selection_repeats,
     )
-    from .training import calibrate
+    from .training import calibrate, calibration_features
 
     folder = Path(model_dir)
     if not folder.is_dir():
@@ -79,14 +89,36 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     splits = datasets.load_from_disk(str(dataset_dir))
     if "validation" not in splits or not len(splits["validation"]):
         raise ValueError(f"--dataset_dir {dataset_dir} has no validation cells; the calibration is fitted on them")
+    own_meta = read_meta(folder)
+    pooled_splits = []
+    for pool_model, pool_data in pool:
+        what = f"--pool {pool_model} {pool_data}"
+        if not (Path(pool_model) / READOUT_FILE).exists():
+            raise FileNotFoundError(f"{what}: {pool_model} is not a model folder written by train.py")
+        pool_meta = read_meta(pool_model)
+        if pool_meta["genes"] != own_meta["genes"] or pool_meta["peaks"] != own_meta["peaks"]:
+            raise ValueError(f"{what}: its genes or peaks differ from --model's; pool only models of the same dataset (cross-validation folds)")
+        check_vocabulary(load_tokenizer(pool_model), read_meta(pool_data), what=what)
+        pool_split = datasets.load_from_disk(str(pool_data))
+        if "validation" not in pool_split or not len(pool_split["validation"]):
+            raise ValueError(f"{what}: {pool_data} has no validation cells to fit on")
+        pooled_splits.append((pool_model, pool_split["validation"]))
     translator = CellTranslator.from_pretrained(folder)
     directions = training_args.get("directions") or list(readout.get("calibration") or {})
     torch.set_num_threads(max(1, cpu_threads))
     started = time.perf_counter()
-    new = calibrate(translator.model, translator.tokenizer, translator.meta, splits["validation"], directions,
-                    int(readout["max_source_length"]), int(readout["max_target_length"]), cells,
-                    int(training_args.get("per_device_eval_batch_size", 64)), int(training_args.get("seed", 0)), translator.profile_head,
-                    tuple(aggregations) if aggregations else AGGREGATIONS, parts, repeats)
+    caps, batch = (int(readout["max_source_length"]), int(readout["max_target_length"])), int(training_args.get("per_device_eval_batch_size", 64))
+    pooled = []
+    for pool_model, pool_split in pooled_splits:
+        reader = CellTranslator.from_pretrained(pool_model)
+        pooled.append(calibration_features(reader.model, reader.tokenizer, reader.meta, pool_split, directions, *caps, cells, batch,
+                                           reader.profile_head, row_stats=True))
+    new = calibrate(translator.model, translator.tokenizer, translator.meta, splits["validation"], directions, *caps, cells, batch,
+                    int(training_args.get("seed", 0)), translator.profile_head,
+                    tuple(aggregations) if aggregations else AGGREGATIONS, parts, repeats, pool=pooled)
+    for params in new.values():
+        if pool:
+            params["pooled_from"] = [[Path(folder).name, Path(dataset_dir).name], *([Path(m).name, Path(d).name] for m, d in pool)]
     old = readout.get("calibration") or {}
     readout["calibration"] = new
     tmp = tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{READOUT_FILE}.", delete=False)
@@ -118,11 +150,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(default: the folder's train.py --calibration_selection_parts, else 5); 0 = the lowest in-sample RMSE, the rule before session 13")
     parser.add_argument("--selection_repeats", type=int, help="average that cross-fitted RMSE over this many random partitions "
                         "(default: the folder's train.py --calibration_selection_repeats, else 10); 1 = one partition, session 13's rule")
+    parser.add_argument("--pool", nargs=2, action="append", default=[], metavar=("MODEL", "DATASET_DIR"),
+                        help="also fit on DATASET_DIR's validation cells as MODEL reads them (repeatable; cross-validation fold models)")
     parser.add_argument("--cpu_threads", type=int, default=1)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
-    summary = recalibrate(args.model, args.dataset_dir, args.calibration_cells, args.cpu_threads, args.aggregations, args.selection_parts, args.selection_repeats)
+    summary = recalibrate(args.model, args.dataset_dir, args.calibration_cells, args.cpu_threads, args.aggregations, args.selection_parts, args.selection_repeats,
+                          [tuple(p) for p in args.pool])
     for direction, row in summary.items():
         if direction != "seconds":
             print(f"{direction}: {row['before']} -> {row['after']}, validation RMSE {row['validation_rmse']:.6f} (mean {row['validation_rmse_mean']:.6f})")

@@ -26,6 +26,7 @@ from .modeling import PROFILE_HEAD_FILE
 from .readout import (
     AGGREGATIONS,
     READOUT_FILE,
+    ROW_STATS,
     SELECTION_PARTS,
     SELECTION_REPEATS,
     decode_features,
@@ -132,11 +133,14 @@ def parameter_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int, max_cells: int = 500, batch_size: int = 64, seed: int = 0, profile_head=None,
-              aggregations: Sequence[str] = AGGREGATIONS, selection_parts: int = SELECTION_PARTS, selection_repeats: int = SELECTION_REPEATS) -> dict:
-    """Fit the readout calibration of each direction on (up to ``max_cells`` evenly spaced) cells of ``split``, choosing among ``aggregations``
-    (by RMSE cross-fitted over ``selection_parts`` parts of the cells, averaged over ``selection_repeats`` random partitions; 0 parts:
-    in-sample, see :func:`translator.readout.fit_readout`)."""
+def calibration_features(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int,
+                         max_cells: int = 500, batch_size: int = 64, profile_head=None, row_stats: bool = False) -> dict:
+    """What a calibration is fitted on: ``{direction: (features, truth)}`` for (up to ``max_cells`` evenly spaced) cells of ``split``.
+
+    ``row_stats``: the features also carry the model's per-feature train statistics as one row per cell
+    (:data:`translator.readout.ROW_STATS`), so that readings of several models (cross-validation fold models, each
+    with its own train split) can be pooled into one calibration.
+    """
     n = len(split)
     rows = np.unique(np.linspace(0, n - 1, min(n, max_cells)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
     cells = split.select(rows.tolist())
@@ -148,8 +152,38 @@ def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], ma
         ids = [source_ids(x, direction, tokenizer, max_source_length) for x in names]
         target = TARGET_MODALITY[direction]
         features, _ = decode_features(model, tokenizer, meta, ids, direction, ranges[target], max_target_length, batch_size, profile_head=profile_head)
-        out[direction] = fit_readout(features, truth[target], direction, meta, seed=seed, aggregations=aggregations, selection_parts=selection_parts,
+        if row_stats:
+            for key in ROW_STATS:
+                stat = np.asarray(meta["train_stats"][key], dtype=np.float64)
+                features[key] = np.broadcast_to(stat, (len(rows), len(stat)))
+        out[direction] = (features, truth[target])
+    return out
+
+
+def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int, max_cells: int = 500, batch_size: int = 64, seed: int = 0, profile_head=None,
+              aggregations: Sequence[str] = AGGREGATIONS, selection_parts: int = SELECTION_PARTS, selection_repeats: int = SELECTION_REPEATS,
+              pool: Sequence[dict] = ()) -> dict:
+    """Fit the readout calibration of each direction on (up to ``max_cells`` evenly spaced) cells of ``split``, choosing among ``aggregations``
+    (by RMSE cross-fitted over ``selection_parts`` parts of the cells, averaged over ``selection_repeats`` random partitions; 0 parts:
+    in-sample, see :func:`translator.readout.fit_readout`).
+
+    ``pool``: more cells to fit on, as other models read them (:func:`calibration_features` with ``row_stats=True``, one dict
+    per model: the other folds of a cross-validation, each read by the fold model that did not train on it); each cell
+    keeps the train statistics of the model that read it. The coefficients are then fitted on all of them together.
+    """
+    import scipy.sparse as sp
+
+    own = calibration_features(model, tokenizer, meta, split, directions, max_source_length, max_target_length, max_cells, batch_size,
+                               profile_head, row_stats=bool(pool))
+    out = {}
+    for direction in directions:
+        parts = [own[direction], *(extra[direction] for extra in pool)]
+        features = {key: np.concatenate([np.asarray(f[key]) for f, _ in parts]) for key in parts[0][0]}
+        truth = sp.vstack([t for _, t in parts]).tocsr()
+        out[direction] = fit_readout(features, truth, direction, meta, seed=seed, aggregations=aggregations, selection_parts=selection_parts,
                                      selection_repeats=selection_repeats)
+        if pool:
+            out[direction]["pooled_cells"] = [int(t.shape[0]) for _, t in parts]
     return out
 
 
