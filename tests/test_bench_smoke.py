@@ -181,6 +181,21 @@ def test_readout_diagnostics_quick(tmp_path):
     for direction, rows in crossfit.items():
         assert pooled["candidates"]["depth"]["metrics"][direction]["rmse"] == pytest.approx(rows["profile,profile_depth"]["cross_fitted"]["rmse"])
         assert rows["profile"]["cross_fitted"]["rmse"] != rows["profile"]["in_sample"]["rmse"]  # held-out cells, not the fitted ones
+    # foldpool with two identical folds: each fold's "others" calibration is fitted on the same cells as the same model reads them,
+    # i.e. the in-sample fit; "pooled" sees each cell twice less a part of one copy
+    foldpool_dir = tmp_path / "foldpool"
+    assert readout_diagnostics.main(["foldpool", "--model", str(model), "--dataset_dir", str(data), "--members", str(model), "--member_dataset_dirs",
+                                     str(data), "--arms", "profile", "--parts", "3", "--dataset_name", "syn", "--output_dir", str(foldpool_dir),
+                                     "--quick", "--results_dir", str(tmp_path)]) == 0
+    folds = _results(tmp_path, "readout_foldpool")["directions"]
+    assert set(folds) == {"fold_0", "fold_1"} and folds["fold_0"] == folds["fold_1"]
+    for direction, row in folds["fold_0"]["others"]["profile"].items():
+        assert row["metrics"]["rmse"] == pytest.approx(crossfit[direction]["profile"]["in_sample"]["rmse"], rel=1e-5)
+        assert folds["fold_0"]["pooled"]["profile"][direction]["aggregations"] == ["profile"] * 3
+    pooled = pool_folds([tmp_path / "ev_base"] * 2, {"pooled": [foldpool_dir / f"fold_{k}" / "pooled" / "profile" for k in (0, 1)]})
+    assert pooled["candidates"]["pooled"]["metrics"]["gex2atac"]["rmse"] == pytest.approx(folds["fold_0"]["pooled"]["profile"]["gex2atac"]["metrics"]["rmse"])
+    with pytest.raises(SystemExit, match="--member_dataset_dirs"):
+        readout_diagnostics.main(["foldpool", "--model", str(model), "--dataset_dir", str(data), "--members", str(model), "--results_dir", str(tmp_path)])
     assert readout_diagnostics.main(["sampled", "--model", str(model), "--dataset_dir", str(data), "--parts", "3", "--samples", "3",
                                      "--quick", "--results_dir", str(tmp_path)]) == 0
     for direction, rows in _results(tmp_path, "readout_sampled")["directions"].items():
