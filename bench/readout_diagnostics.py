@@ -383,7 +383,7 @@ def foldpool(models: Sequence[str], dataset_dirs: Sequence[str], directions: Seq
     from evaluation.report import write_text_atomic
     from evaluation.runner import source_sentences
     from translator.api import CellTranslator
-    from translator.readout import ROW_STATS, apply_readout, decode_features, fit_readout
+    from translator.readout import apply_readout, decode_features, fit_readout, with_row_stats
 
     if len(models) != len(dataset_dirs) or len(models) < 2:
         raise SystemExit(f"foldpool needs one --member_dataset_dirs entry per --members model and at least 2 folds, got {len(models)} models and {len(dataset_dirs)} folders")
@@ -397,9 +397,7 @@ def foldpool(models: Sequence[str], dataset_dirs: Sequence[str], directions: Seq
             features[direction], _ = decode_features(translator.model, translator.tokenizer, translator.meta, ids, direction,
                                                      translator.ranges[TARGET[direction]], translator.max_target_length, decode=False,
                                                      profile_head=translator.profile_head)
-            for key in ROW_STATS:  # each cell keeps the train statistics of the model that read it
-                stat = np.asarray(translator.meta["train_stats"][key], dtype=np.float64)
-                features[direction][key] = np.broadcast_to(stat, (len(ids), len(stat)))
+            with_row_stats(features[direction], translator.meta, len(ids))  # each cell keeps the statistics of the model that read it
         folds.append({"meta": translator.meta, "val": val, "part": part, "features": features})
 
     def fit(direction, arm, rows):  # rows: (fold index, cell indices) read by that fold's model, each with its model's train means

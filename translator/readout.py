@@ -69,6 +69,15 @@ def _train_stat(features: dict[str, np.ndarray] | None, meta: dict, key: str) ->
     return np.asarray(meta["train_stats"][key], dtype=np.float64)
 
 
+def with_row_stats(features: dict[str, np.ndarray], meta: dict, n_cells: int) -> dict[str, np.ndarray]:
+    """``features`` plus ``meta``'s train statistics (:data:`ROW_STATS`) as one (broadcast, uncopied) row per cell, so that
+    readings of several models can be concatenated into one calibration, each cell keeping its own model's statistics."""
+    for key in ROW_STATS:
+        stat = np.asarray(meta["train_stats"][key], dtype=np.float64)
+        features[key] = np.broadcast_to(stat, (n_cells, len(stat)))
+    return features
+
+
 def profile_offsets(tokenizer, meta: dict) -> dict[int, tuple[torch.Tensor, bool]]:
     """Per-feature offsets of the profile readout, keyed by the target range's first token id.
 

@@ -116,8 +116,8 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     new = calibrate(translator.model, translator.tokenizer, translator.meta, splits["validation"], directions, *caps, cells, batch,
                     int(training_args.get("seed", 0)), translator.profile_head,
                     tuple(aggregations) if aggregations else AGGREGATIONS, parts, repeats, pool=pooled)
-    for params in new.values():
-        if pool:
+    if pool:
+        for params in new.values():
             params["pooled_from"] = [[Path(folder).name, Path(dataset_dir).name], *([Path(m).name, Path(d).name] for m, d in pool)]
     old = readout.get("calibration") or {}
     readout["calibration"] = new

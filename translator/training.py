@@ -26,12 +26,12 @@ from .modeling import PROFILE_HEAD_FILE
 from .readout import (
     AGGREGATIONS,
     READOUT_FILE,
-    ROW_STATS,
     SELECTION_PARTS,
     SELECTION_REPEATS,
     decode_features,
     fit_readout,
     truth_matrices,
+    with_row_stats,
 )
 
 CHECKPOINT_DIR = "checkpoints"
@@ -153,9 +153,7 @@ def calibration_features(model, tokenizer, meta: dict, split, directions: Sequen
         target = TARGET_MODALITY[direction]
         features, _ = decode_features(model, tokenizer, meta, ids, direction, ranges[target], max_target_length, batch_size, profile_head=profile_head)
         if row_stats:
-            for key in ROW_STATS:
-                stat = np.asarray(meta["train_stats"][key], dtype=np.float64)
-                features[key] = np.broadcast_to(stat, (len(rows), len(stat)))
+            with_row_stats(features, meta, len(rows))
         out[direction] = (features, truth[target])
     return out
 
@@ -178,8 +176,10 @@ def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], ma
     out = {}
     for direction in directions:
         parts = [own[direction], *(extra[direction] for extra in pool)]
-        features = {key: np.concatenate([np.asarray(f[key]) for f, _ in parts]) for key in parts[0][0]}
-        truth = sp.vstack([t for _, t in parts]).tocsr()
+        features, truth = parts[0]
+        if pool:  # one features dict and one truth matrix over every model's cells
+            features = {key: np.concatenate([np.asarray(f[key]) for f, _ in parts]) for key in features}
+            truth = sp.vstack([t for _, t in parts]).tocsr()
         out[direction] = fit_readout(features, truth, direction, meta, seed=seed, aggregations=aggregations, selection_parts=selection_parts,
                                      selection_repeats=selection_repeats)
         if pool:
