@@ -49,6 +49,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--no_update_model_folder", action="store_true", help="leave the model folder untouched")
     run.add_argument("--seed", type=int, default=0, help="random seed of the SVD baselines")
     run.add_argument("--krr_landmarks", type=int, default=1000, help="Nystroem landmarks of the svd_krr baseline")
+    run.add_argument("--refit_baselines", action="store_true", help="after tuning on validation, fit the baselines again on train and "
+                     "validation together (for a model trained on every cell: train.py on a dataset built with --no_validation)")
     run.add_argument("--bootstrap", type=int, default=0, help="paired bootstrap resamples of the cells (e.g. 2000): how often the model "
                      "stays first on each headline metric, and its margins with standard deviations; 0: off")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -83,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         make_plots=not args.no_plots,
         seed=args.seed,
         krr_landmarks=args.krr_landmarks,
+        refit_baselines=args.refit_baselines,
         allow_pickle=args.allow_pickle,
         device=args.device,
         bootstrap=args.bootstrap,

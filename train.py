@@ -66,6 +66,7 @@ class ModelArguments:
     profile_weight: float = field(default=1.0, metadata={"help": "weight of the profile readout's loss (every target feature of a cell, as a residual over the train mean); 0: sentences only"})
     profile_refit: bool = field(default=True, metadata={"help": "refit the profile head in closed form on the train split after training (L2 chosen on validation)"})
     profile_ranks: list[int] = field(default_factory=list, metadata={"help": "after the refit, try projecting the head's scores on their top-K train principal directions for each K given (e.g. 4 8 16 32 64); K or none chosen on validation"})
+    profile_choices_from: list[str] = field(default_factory=list, metadata={"help": "model folders of this recipe (cross-validation fold models) whose refits choose the refit's L2 and reduced rank here, by their validation error pooled over their validation cells; the refit then needs no validation split (a final model trained on every cell, dataset built with --no_validation)"})
     embedding_init: str = field(default="lsi", metadata={"help": "name embeddings at the start: lsi (TF-IDF + SVD of the train sentences) | random"})
     source_dropout: float = field(default=0.0, metadata={"help": "probability of hiding each source name in training (augmentation)"})
     gex_source_truncation: float = field(default=0.0, metadata={"help": "probability of cutting a training GEX source to its top k genes, k log-uniform in [1, n] (augmentation: short sentences of the most expressed genes); 0: off"})
@@ -159,6 +160,8 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
         raise ValueError(f"--profile_ranks must be positive ranks such as 4 8 16, got {' '.join(map(str, model_args.profile_ranks))}")
     if model_args.profile_ranks and not model_args.profile_refit:
         raise ValueError("--profile_ranks reduces the refit profile head; drop --no_profile_refit or --profile_ranks")
+    if model_args.profile_choices_from and not model_args.profile_refit:
+        raise ValueError("--profile_choices_from chooses the refit's settings; drop --no_profile_refit or --profile_choices_from")
     if model_args.n_negatives < 0:
         raise ValueError(f"--n_negatives must be >= 0, got {model_args.n_negatives}")
     if not (math.isfinite(run.learning_rate) and run.learning_rate > 0):
@@ -225,8 +228,31 @@ def demo_arguments() -> list[str]:
             "--cpu_threads", "1"]
 
 
-def refit_head(model, profile_head, tokenizer, meta, train_split, validation, train_examples, eval_examples, batch_size: int, ranks=()) -> dict:
-    """Closed-form refit of the profile head on the train split (``translator.profile_fit``); L2 chosen on validation."""
+def read_refit_choices(folders: list[str], meta: dict, directions: list[str]) -> dict:
+    """``--profile_choices_from``: the refit settings pooled over these model folders' refits (:func:`translator.profile_fit.pooled_choice`)."""
+    from translator.profile_fit import pooled_choice
+    from translator.readout import READOUT_FILE
+
+    reports = []
+    for folder in folders:
+        path = Path(folder) / READOUT_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"--profile_choices_from {folder}: no {READOUT_FILE}; give model folders written by train.py")
+        if read_meta(folder)["genes"] != meta["genes"] or read_meta(folder)["peaks"] != meta["peaks"]:
+            raise ValueError(f"--profile_choices_from {folder}: its genes or peaks differ from the dataset's; give fold models of this dataset")
+        refit = json.loads(path.read_text()).get("profile_refit") or {}
+        missing = [d for d in directions if not refit.get(d, {}).get("validation_cells")]
+        if missing:
+            raise ValueError(f"--profile_choices_from {folder}: no head refit scored on validation cells for {', '.join(missing)}; "
+                             "give models trained with a validation split (and without --no_profile_refit)")
+        reports.append(refit)
+    return pooled_choice(reports)
+
+
+def refit_head(model, profile_head, tokenizer, meta, train_split, validation, train_examples, eval_examples, batch_size: int, ranks=(),
+               choices: dict | None = None) -> dict:
+    """Closed-form refit of the profile head on the train split (``translator.profile_fit``); L2 chosen on validation, or given
+    (``choices``, then validation may be empty)."""
     import numpy as np
 
     from tokenizer import feature_token_ranges
@@ -241,14 +267,14 @@ def refit_head(model, profile_head, tokenizer, meta, train_split, validation, tr
     for code, direction in enumerate(DIRECTIONS):
         rows = np.flatnonzero(np.asarray(train_examples.directions) == code)
         val_rows = np.flatnonzero(np.asarray(eval_examples.directions) == code)
-        if not len(rows) or not len(val_rows):
+        if not len(rows) or not (len(val_rows) or (choices and direction in choices)):
             continue
         target = TARGET_MODALITY[direction]
         sources[direction] = ([train_examples.sources[i] for i in rows], [eval_examples.sources[i] for i in val_rows])
         truths[direction] = (truth_train[target], truth_val[target])
         target_ranges[direction] = ranges[target]
     reports = refit_profile_head(model, profile_head, sources, truths, target_ranges, profile_offsets(tokenizer, meta), batch_size=batch_size,
-                                 ranks=ranks)
+                                 ranks=ranks, choices=choices)
     for report in reports.values():
         report["seconds"] = round(time.perf_counter() - started, 1)
     return reports
@@ -292,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if model_args.gex_source_downsample > 0 and "gex2atac" in data_args.directions and meta.get("gex_encoding", "rank") != "rank":
         raise ValueError(f"--gex_source_downsample needs rank-order GEX sentences of every detected gene, and dataset {data_args.dataset_dir} "
                          f"has gex_encoding {meta.get('gex_encoding')!r}; build the dataset with --gex_encoding rank or drop the flag")
+    refit_choices = read_refit_choices(model_args.profile_choices_from, meta, data_args.directions) if model_args.profile_choices_from else None
     accelerator = Accelerator(
         gradient_accumulation_steps=run.gradient_accumulation_steps,
         mixed_precision=run.mixed_precision,
@@ -472,11 +499,12 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(device).eval()
         profile_head = profile_head.to(device).eval() if profile_head is not None else None
         calibration, refit = {}, {}
-        if profile_head is not None and model_args.profile_refit and len(validation):
+        if profile_head is not None and model_args.profile_refit and (len(validation) or refit_choices):
             refit = refit_head(model, profile_head, tokenizer, meta, splits["train"], validation, train_examples, eval_examples, run.per_device_eval_batch_size,
-                               model_args.profile_ranks)
+                               model_args.profile_ranks, refit_choices)
         if not len(splits["validation"]):
-            logger.warning("the validation split is empty: no validation loss, and the readout stays uncalibrated")
+            logger.warning("the validation split is empty: no validation loss, and the readout stays uncalibrated "
+                           "(calibrate it on fold models' readings: python -m translator.recalibrate --model OUT --dataset_dir DATA --pool MODEL DATASET_DIR ...)")
         elif data_args.calibration_cells > 0:
             logger.info("calibrating the readout on %s validation cells", min(len(splits["validation"]), data_args.calibration_cells))
             calibration = calibrate(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, data_args.calibration_cells, run.per_device_eval_batch_size, run.seed, profile_head,
@@ -492,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = {**asdict(model_args), **asdict(data_args), **asdict(run)}
         for key in ("dataset_dir", "tokenizer_dir", "output_dir", "resume_from_checkpoint"):
             saved[key] = Path(saved[key]).name if saved[key] else None
+        saved["profile_choices_from"] = [Path(f).name for f in model_args.profile_choices_from]
         saved.update(dataset_name=Path(data_args.dataset_dir).name, n_parameters=n_params, completed_steps=completed_steps,
                      num_processes=accelerator.num_processes, train_tokens_per_second=round(tokens_total / max(elapsed, 1e-9), 1),
                      validation_history=history, train_seconds=round(elapsed, 1), planned_steps=max_steps, stopped_by_time_limit=bool(time_cut))

@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     build.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing --output_dir")
     build.add_argument("--test_batches", nargs="+", default=None, help="batch names held out as test")
     build.add_argument("--validation_batches", nargs="+", default=None, help="batch names held out as validation")
+    build.add_argument("--no_validation", action="store_true", help="no validation split: every cell outside --test_batches trains "
+                       "(a final model whose settings were chosen by cross-validation)")
     build.add_argument(
         "--gex_encoding", choices=["rank", "binary"], default="rank", help="rank (default) or binary (paper)"
     )
@@ -98,6 +100,7 @@ def _run(args: argparse.Namespace) -> None:
             output_dir,
             test_batches=test_batches,
             validation_batches=validation_batches,
+            no_validation=args.no_validation,
             gex_encoding=args.gex_encoding,
             top_peaks=args.top_peaks,
             gex_modality=args.gex_modality,

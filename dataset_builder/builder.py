@@ -74,6 +74,7 @@ class CellSentencesConfig(datasets.BuilderConfig):
         inputs: one or two input files (see `readers.read_paired`).
         gex_modality, atac_modality: modality names inside a `.h5mu` file.
         test_batches, validation_batches: batch names held out (else split by barcode hash).
+        no_validation: no validation split (every cell outside the test batches trains).
         gex_encoding: "rank" (detected genes by descending log-norm) or "binary" (log-norm >= 2.0).
         top_peaks: keep the N peaks most often accessible in train.
         chunk_size: cells per yielded Arrow table.
@@ -84,6 +85,7 @@ class CellSentencesConfig(datasets.BuilderConfig):
     atac_modality: str = "atac"
     test_batches: tuple[str, ...] = ()
     validation_batches: tuple[str, ...] = ()
+    no_validation: bool = False
     gex_encoding: str = "rank"
     top_peaks: int | None = None
     chunk_size: int = 512
@@ -134,6 +136,7 @@ class CellSentencesBuilder(datasets.ArrowBasedBuilder):
                 validation_batches=cfg.validation_batches,
                 gex_encoding=cfg.gex_encoding,
                 top_peaks=cfg.top_peaks,
+                no_validation=cfg.no_validation,
             )
         return self._plan
 
@@ -300,6 +303,7 @@ def build_dataset(
     *,
     test_batches: Sequence[str] | None = None,
     validation_batches: Sequence[str] | None = None,
+    no_validation: bool = False,
     gex_encoding: str = "rank",
     top_peaks: int | None = None,
     gex_modality: str = "rna",
@@ -317,7 +321,11 @@ def build_dataset(
     output_dir
         Folder to create (a `DatasetDict.save_to_disk` folder plus ``cell_sentences.json``).
     test_batches, validation_batches
-        Batch (library / donor) names held out; without both, cells are split 80/10/10 by barcode hash.
+        Batch (library / donor) names held out; without both, cells are split 80/10/10 by barcode hash; with
+        ``test_batches`` only, a 10% barcode-hash sample of the other cells is the validation split, unless ``no_validation``.
+    no_validation
+        No validation split: every cell outside ``test_batches`` trains (a final model whose settings were chosen by
+        cross-validation; ``train.py --profile_choices_from`` and ``translator.recalibrate --pool`` then need no validation cells).
     gex_encoding
         ``"rank"`` or ``"binary"``.
     top_peaks
@@ -346,6 +354,7 @@ def build_dataset(
         validation_batches=validation_batches,
         gex_encoding=gex_encoding,
         top_peaks=top_peaks,
+        no_validation=no_validation,
     )
     logger.info(
         "paired %d cells (%d dropped: present in only one modality); splits %s by %s",
@@ -377,6 +386,7 @@ def build_dataset(
             atac_modality=atac_modality,
             test_batches=tuple(test_batches or ()),
             validation_batches=tuple(validation_batches or ()),
+            no_validation=no_validation,
             gex_encoding=gex_encoding,
             top_peaks=top_peaks,
             chunk_size=chunk_size,

@@ -55,9 +55,13 @@ def _hash_bucket(cells: np.ndarray) -> np.ndarray:
 
 
 def split_cells(
-    paired: PairedCounts, test_batches: Sequence[str] | None = None, validation_batches: Sequence[str] | None = None
+    paired: PairedCounts, test_batches: Sequence[str] | None = None, validation_batches: Sequence[str] | None = None,
+    no_validation: bool = False,
 ) -> tuple[dict[str, np.ndarray], str]:
     """Row indices of each split: by batch names when given, else by a deterministic barcode hash (80/10/10).
+
+    ``no_validation`` (with ``test_batches``, without ``validation_batches``): the validation split stays empty and every
+    cell outside the test batches trains: a final model whose settings were chosen by cross-validation beforehand.
 
     Returns
     -------
@@ -66,6 +70,8 @@ def split_cells(
         ``"batch+hash"`` (test by batch, validation a 10% barcode-hash sample of the other batches' cells).
     """
     test_batches, validation_batches = list(test_batches or []), list(validation_batches or [])
+    if no_validation and (validation_batches or not test_batches):
+        raise ValueError("--no_validation needs --test_batches and no --validation_batches: give the held-out batches and drop --validation_batches")
     if not test_batches and not validation_batches:
         bucket = _hash_bucket(paired.cells)
         rows = {name: np.flatnonzero((bucket >= lo) & (bucket < hi)) for name, (lo, hi) in _HASH_BUCKETS.items()}
@@ -98,7 +104,7 @@ def split_cells(
         raise ValueError(
             "--test_batches and --validation_batches cover every batch: leave at least one batch for train"
         )
-    if not validation_batches:
+    if not validation_batches and not no_validation:
         # Settings are chosen on validation, never on test: without validation batches, hold out a
         # deterministic 10% of the train batches' cells (by barcode hash) as validation.
         held = _hash_bucket(paired.cells[rows["train"]]) < _VALIDATION_FROM_TRAIN
@@ -132,13 +138,14 @@ def make_plan(
     validation_batches: Sequence[str] | None = None,
     gex_encoding: str = "rank",
     top_peaks: int | None = None,
+    no_validation: bool = False,
 ) -> BuildPlan:
-    """Decide splits, size factors and kept peaks (``top_peaks`` most often accessible in train)."""
+    """Decide splits, size factors and kept peaks (``top_peaks`` most often accessible in train); ``no_validation``: see :func:`split_cells`."""
     if gex_encoding not in GEX_ENCODINGS:
         raise ValueError(f"--gex_encoding '{gex_encoding}' is unknown: use one of {list(GEX_ENCODINGS)}")
     if top_peaks is not None and top_peaks <= 0:
         raise ValueError(f"--top_peaks must be a positive number of peaks, not {top_peaks}")
-    rows, split_by = split_cells(paired, test_batches, validation_batches)
+    rows, split_by = split_cells(paired, test_batches, validation_batches, no_validation)
     if paired.size_factors is not None:
         size_factors, sf_source = paired.size_factors, "obs:size_factors"
     else:

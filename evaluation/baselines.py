@@ -155,6 +155,13 @@ class SvdKnnBaseline:
         self._fit_index(self.n_components)
         return self
 
+    def refit(self, source: sp.csr_matrix, target: sp.csr_matrix) -> SvdKnnBaseline:
+        """Fit again on other cells with the settings chosen (the embedding as wide as when tuned, then cut)."""
+        chosen, self.n_components = self.n_components, self.embedding.n_components
+        self.fit(source, target)
+        self._fit_index(chosen)
+        return self
+
     def _fit_index(self, n_components: int) -> None:
         # euclidean distance between L2-normalized rows ranks neighbours as cosine similarity does
         self.n_components = min(n_components, self._z_train.shape[1])
@@ -278,6 +285,15 @@ class SvdKrrBaseline:
         self.coef = self._solve(phi, self.y_train, [self.alpha])[self.alpha]
         return self
 
+    def refit(self, source: sp.csr_matrix, target: sp.csr_matrix) -> SvdKrrBaseline:
+        """Fit again on other cells with the settings chosen (the embedding as wide as when tuned, then cut)."""
+        chosen, self.n_components = self.n_components, self.embedding.n_components
+        self._prepare(source, target)
+        self.n_components = chosen
+        self.mapper, phi = self._features(self._embed(source, chosen), chosen, self.gamma_scale)
+        self.coef = self._solve(phi, self.y_train, [self.alpha])[self.alpha]
+        return self
+
     def _prepare(self, source_train: sp.csr_matrix, target_train: sp.csr_matrix) -> None:
         self.embedding = SourceEmbedding(self.source, self.n_components, self.seed).fit(source_train)
         z = self.embedding.transform(source_train)
@@ -352,8 +368,10 @@ def fit_baselines(
     knn_grid: dict[str, Sequence] | None = None,
     krr_grid: dict[str, Sequence] | None = None,
     krr_landmarks: int = 1000,
+    refit: bool = False,
 ) -> tuple[dict[str, object], dict[str, dict]]:
-    """Fit every named baseline on train, tuning the SVD ones on validation by RMSE.
+    """Fit every named baseline on train, tuning the SVD ones on validation by RMSE (then, with ``refit``, fit again on
+    train and validation together with the settings chosen: the baselines of a model trained on every cell).
 
     Parameters
     ----------
@@ -367,6 +385,8 @@ def fit_baselines(
         Hyper-parameter grids (default :data:`KNN_GRID`, :data:`KRR_GRID`).
     krr_landmarks
         Nystroem landmarks of ``svd_krr`` (exact kernel ridge when the train split is not larger).
+    refit
+        After the tuning, fit every baseline again on train and validation together, with the settings chosen.
 
     Returns
     -------
@@ -396,8 +416,13 @@ def fit_baselines(
             model, trials = SvdKrrBaseline.tune(
                 source, target, train, validation, grid=krr_grid, max_landmarks=krr_landmarks, seed=seed
             )
+        if refit:
+            both = (sp.vstack([train[0], validation[0]]).tocsr(), sp.vstack([train[1], validation[1]]).tocsr())
+            model = model.refit(*both) if hasattr(model, "refit") else model.fit(*both)
         models[name] = model
         settings[name] = {**model.settings(), "fit_seconds": round(time.perf_counter() - start, 2)}
+        if refit:
+            settings[name]["refit_cells"] = int(train[0].shape[0] + validation[0].shape[0])
         if trials:
             settings[name]["grid"] = trials
             settings[name]["validation_rmse"] = min(t["validation_rmse"] for t in trials)

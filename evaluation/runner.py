@@ -190,6 +190,7 @@ def run_evaluation(
     progress: bool = True,
     seed: int = 0,
     krr_landmarks: int = 1000,
+    refit_baselines: bool = False,
     allow_pickle: bool = False,
     device: str | None = None,
     bootstrap: int = 0,
@@ -218,6 +219,9 @@ def run_evaluation(
         When ``model`` is a local folder, copy the results there and merge ``model-index`` into its README.md.
     krr_landmarks
         Nystroem landmarks of the ``svd_krr`` baseline.
+    refit_baselines
+        Fit the baselines again on train and validation together once tuned (``fit_baselines(refit=True)``): the fair
+        comparison for a model trained on every cell of both.
     allow_pickle
         Load pickle weights (``pytorch_model.bin``) of ``model`` / ``seed_model``; they can run code: only for
         trusted folders (safetensors are always preferred).
@@ -282,7 +286,7 @@ def run_evaluation(
         if baselines:
             models, settings = fit_baselines(
                 source, target, (train[source], train[target]), (validation[source], validation[target]), baselines,
-                seed=seed, krr_landmarks=krr_landmarks,
+                seed=seed, krr_landmarks=krr_landmarks, refit=refit_baselines,
             )
         accs = evaluate_direction(direction, data, predictors, models, chunk_cells, progress)
         outcome = {name: acc.result(cell_types=data["cell_type"]) for name, acc in accs.items()}
@@ -309,6 +313,7 @@ def run_evaluation(
     results.update(
         accuracy_binary_definition=ACCURACY_DEFINITION,
         baseline_fit="fit on train, hyper-parameters chosen on validation by RMSE"
+        + (", then fit again on train and validation together" if refit_baselines else "")
         + (" (these very cells: validation numbers of the tuned baselines are optimistic)" if split == "validation" else ""),
         baseline_settings=extras["baseline_settings"],
         by_cell_type=extras["by_cell_type"],

@@ -113,3 +113,27 @@ def test_baselines_on_real_mop_subset():
     for name in ("svd_knn", "svd_krr"):
         assert scores[name]["rmse"] < scores["mean"]["rmse"] < scores["zeros"]["rmse"], name
     assert settings["svd_krr"]["landmarks"] == 300
+
+
+def test_refit_baselines_keep_their_settings_and_learn_from_train_and_validation():
+    """``fit_baselines(refit=True)``: tuned on validation as before, then fitted again on both splits with those settings."""
+    train, val = (dict(zip(("gex", "atac"), paired_cells(n, s), strict=True)) for n, s in ((200, 0), (60, 1)))
+    args = ("atac", "gex", (train["atac"], train["gex"]), (val["atac"], val["gex"]))
+    tuned, tuned_settings = fit_baselines(*args, knn_grid=SMALL_KNN, krr_grid=SMALL_KRR)
+    refit, refit_settings = fit_baselines(*args, knn_grid=SMALL_KNN, krr_grid=SMALL_KRR, refit=True)
+    both = {m: sp.vstack([train[m], val[m]]).tocsr() for m in ("gex", "atac")}
+    probe = paired_cells(30, 5)[1]
+    np.testing.assert_allclose(_predict(refit["mean"], probe)[0], np.asarray(both["gex"].mean(axis=0)).ravel(), rtol=1e-5)
+    for name in ("svd_knn", "svd_krr"):
+        chosen = {k: v for k, v in tuned_settings[name].items() if k not in ("fit_seconds", "gamma", "landmarks")}
+        again = {k: v for k, v in refit_settings[name].items() if k not in ("fit_seconds", "gamma", "landmarks", "refit_cells")}
+        assert again == chosen, name  # the same grid point and the same validation scores
+        if name == "svd_krr":
+            assert (tuned_settings[name]["landmarks"], refit_settings[name]["landmarks"]) == (200, 260)  # exact kernel ridge on every cell
+        assert refit_settings[name]["refit_cells"] == 260 and "refit_cells" not in tuned_settings[name]
+        # the same settings fitted on both splits from scratch give the refit's predictions
+        if name == "svd_knn":
+            fresh = SvdKnnBaseline("atac", "gex", n_components=max(SMALL_KNN["n_components"]), k=chosen["k"], prior=chosen["prior"]).fit(both["atac"], both["gex"])
+            fresh._fit_index(chosen["n_components"])
+            np.testing.assert_allclose(_predict(refit[name], probe), _predict(fresh, probe), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(_predict(refit[name], probe), _predict(tuned[name], probe)), name  # 60 more cells change it

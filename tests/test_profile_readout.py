@@ -591,3 +591,54 @@ def test_a_calibration_pooled_over_models_keeps_each_cells_train_mean():
                           {"train_stats": {"atac_mean": means[1].tolist()}}, pooled)
     carried = apply_readout({"profile": z[rows].astype(np.float32), "source_length": size[rows], "atac_mean": row_mean[rows]}, "gex2atac", meta, pooled)
     np.testing.assert_allclose(carried, alone, rtol=1e-6)
+
+
+def test_pooled_choice_weighs_each_models_validation_cells():
+    """``pooled_choice``: per direction, the L2 and rank with the lowest validation MSE pooled over the models' cells."""
+    from translator.profile_fit import pooled_choice
+
+    def report(rmse, ranks, cells):
+        return {"atac2gex": {"validation_rmse": rmse, "validation_cells": cells, "reduced_rank": {"validation_rmse": ranks}}}
+
+    # model a (10 cells) prefers 1e-3, model b (30 cells) prefers 1e-4; pooled, b's cells outweigh a's
+    a = report({"0.001": 0.50, "0.0001": 0.52}, {"0": 0.50, "4": 0.49}, 10)
+    b = report({"0.001": 0.51, "0.0001": 0.50}, {"0": 0.50, "4": 0.51}, 30)
+    chosen = pooled_choice([a, b])["atac2gex"]
+    assert chosen["l2"] == 1e-4 and chosen["models"] == 2
+    assert chosen["validation_mse_pooled"]["l2"]["0.001"] == pytest.approx((10 * 0.50**2 + 30 * 0.51**2) / 40)
+    assert chosen["rank"] == 0  # pooled 0.25 vs (10 * 0.49**2 + 30 * 0.51**2) / 40 = 0.255
+    # with the cells the other way round the choices turn
+    a["atac2gex"]["validation_cells"], b["atac2gex"]["validation_cells"] = 30, 10
+    turned = pooled_choice([a, b])["atac2gex"]
+    assert turned["l2"] == 1e-3 and turned["rank"] == 4
+    # ties: the larger penalty, and no reduction
+    tie = report({"0.001": 0.5, "0.0001": 0.5}, {"0": 0.5, "4": 0.5}, 5)
+    assert pooled_choice([tie, tie])["atac2gex"]["l2"] == 1e-3 and pooled_choice([tie])["atac2gex"]["rank"] == 0
+    with pytest.raises(ValueError, match="no refit reports"):
+        pooled_choice([])
+
+
+def test_project_rank_is_reduce_ranks_candidate():
+    """``project_rank(K)`` is the head ``reduce_rank`` keeps when it picks K; scores of the mean train state do not move."""
+    import scipy.sparse as sp
+    import torch
+
+    from translator.profile_fit import project_rank, reduce_rank
+
+    g = torch.Generator().manual_seed(0)
+    x_train, x_val = torch.randn(40, 12, generator=g), torch.randn(15, 12, generator=g)
+    w, b = torch.randn(30, 12, generator=g), torch.randn(30, generator=g)
+    offset = torch.zeros(30)
+    w4, b4 = project_rank(x_train, w, b, 4)
+    # a validation truth that the rank-4 head predicts exactly: reduce_rank must choose 4
+    truth = sp.csr_matrix((x_val @ w4.T + b4).clamp(min=0).numpy())
+    w_k, b_k, report = reduce_rank(x_train, x_val, truth, w, b, offset, binary=False, ranks=(2, 4, 8))
+    assert report["rank"] == 4
+    torch.testing.assert_close(w_k, w4)
+    torch.testing.assert_close(b_k, b4)
+    centred = (x_train - x_train.mean(0)) @ w4.T
+    assert torch.linalg.matrix_rank(centred.double(), rtol=1e-6) == 4
+    torch.testing.assert_close(x_train.mean(0) @ w4.T + b4, x_train.mean(0) @ w.T + b, rtol=1e-4, atol=1e-4)
+    for k in (0, 12, 40):  # none, or at least the scores' rank: unchanged
+        same_w, same_b = project_rank(x_train, w, b, k)
+        assert same_w is w and same_b is b

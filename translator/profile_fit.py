@@ -164,6 +164,32 @@ def _validation_sse(x_val: torch.Tensor, y_val: sp.csr_matrix, heads: dict, offs
     return sse
 
 
+def _rank_basis(x_train: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean train state, singular values, principal directions over features)`` of the head's train scores (see :func:`reduce_rank`)."""
+    x64 = x_train.double()
+    mean = x64.mean(0)
+    _, s, vt = torch.linalg.svd(x64 - mean, full_matrices=False)  # cells x d: d <= 3 * d_model columns
+    m = (s[:, None] * vt) @ w.double().T  # [d, features]: Z = U m
+    _, sm, basis = torch.linalg.svd(m, full_matrices=False)  # basis rows: principal directions over features
+    return mean, sm, basis
+
+
+def _project(w: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w64 = w.double()
+    v = basis[:k]
+    w_k = v.T @ (v @ w64)
+    b_k = b.double() + (w64 - w_k) @ mean
+    return w_k.float(), b_k.float()
+
+
+def project_rank(x_train: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head reduced to rank ``k`` (as :func:`reduce_rank` makes each candidate), no choice made; ``k`` = 0 or at least the
+    scores' rank: the head unchanged."""
+    mean, sm, basis = _rank_basis(x_train, w)
+    usable = int((sm > sm[0] * 1e-6).sum()) if len(sm) else 0
+    return _project(w, b, mean, basis, k) if 0 < k < usable else (w, b)
+
+
 def reduce_rank(
     x_train: torch.Tensor,
     x_val: torch.Tensor,
@@ -185,27 +211,49 @@ def reduce_rank(
     -------
     ``(W', b', report)``, ``report`` = ``{"rank": K or 0, "validation_rmse": {K: rmse}}``.
     """
-    x64 = x_train.double()
-    mean = x64.mean(0)
-    centred = x64 - mean
-    w64 = w.double()
-    _, s, vt = torch.linalg.svd(centred, full_matrices=False)  # cells x d: d <= 3 * d_model columns
-    m = (s[:, None] * vt) @ w64.T  # [d, features]: Z = U m
-    _, sm, basis = torch.linalg.svd(m, full_matrices=False)  # basis rows: principal directions over features
+    mean, sm, basis = _rank_basis(x_train, w)
     candidates = {0: (w, b)}
     usable = int((sm > sm[0] * 1e-6).sum()) if len(sm) else 0
     for k in sorted(set(ranks)):
         if not 0 < k < usable:
             continue  # a projection on every direction the scores have changes nothing
-        v = basis[:k]
-        w_k = v.T @ (v @ w64)
-        b_k = b.double() + (w64 - w_k) @ mean
-        candidates[k] = (w_k.float(), b_k.float())
+        candidates[k] = _project(w, b, mean, basis, k)
     sse = _validation_sse(x_val, y_val, candidates, offset, binary)
     n_entries = max(1, x_val.shape[0] * w.shape[0])
     rmse = {k: float(np.sqrt(v / n_entries)) for k, v in sse.items()}
     best = min(rmse, key=lambda k: (rmse[k], k != 0))
     return *candidates[best], {"rank": best, "validation_rmse": {str(k): v for k, v in rmse.items()}}
+
+
+def pooled_choice(reports: Sequence[dict]) -> dict[str, dict]:
+    """The refit's settings chosen over several models' refits: ``{direction: {"l2": ..., "rank": ...}}``.
+
+    ``reports``: the ``profile_refit`` entries of the ``readout.json`` of models of the same recipe, each fitted on its own
+    train cells and scored on its own validation cells (cross-validation fold models). Per direction, the L2 with the lowest
+    validation mean squared error pooled over every model's validation cells, and likewise the reduced rank (0: none, which
+    wins ties; each model scored the ranks at the L2 it chose). A model trained on all their cells (no validation split
+    left, ``train.py --profile_choices_from``) is refitted with these settings.
+    """
+    if not reports:
+        raise ValueError("no refit reports to choose from")
+    directions = [d for d in reports[0] if all(d in r for r in reports)]
+    out = {}
+    for direction in directions:
+        rows = [r[direction] for r in reports]
+        cells = np.array([float(r["validation_cells"]) for r in rows])
+
+        def pooled(grids: list[dict]) -> dict[str, float]:
+            keys = set(grids[0]).intersection(*grids[1:])
+            return {key: float(sum(g[key] ** 2 * c for g, c in zip(grids, cells, strict=True)) / cells.sum()) for key in keys}
+
+        mse = {"l2": pooled([r["validation_rmse"] for r in rows])}
+        l2 = min(mse["l2"], key=lambda key: (mse["l2"][key], -float(key)))  # ties: the larger penalty
+        rank = 0
+        if all("reduced_rank" in r for r in rows):
+            mse["rank"] = pooled([r["reduced_rank"]["validation_rmse"] for r in rows])
+            rank = int(min(mse["rank"], key=lambda key: (mse["rank"][key], key != "0", int(key))))
+        out[direction] = {"l2": float(l2), "rank": rank, "validation_mse_pooled": mse, "models": len(rows)}
+    return out
 
 
 def refit_profile_head(
@@ -218,6 +266,7 @@ def refit_profile_head(
     l2_grid: Sequence[float] = L2_GRID,
     batch_size: int = 64,
     ranks: Sequence[int] = (),
+    choices: dict[str, dict] | None = None,
 ) -> dict:
     """Refit the head rows of each direction's target modality in place.
 
@@ -233,6 +282,9 @@ def refit_profile_head(
         ``readout.profile_offsets``.
     ranks
         Reduced ranks to try after the refit (:func:`reduce_rank`); empty: none.
+    choices
+        ``{direction: {"l2": ..., "rank": ...}}`` made beforehand (:func:`pooled_choice`): that direction is refitted with
+        that L2 and reduced to that rank (0: not reduced), nothing is chosen, and its validation sources may be empty.
 
     Returns
     -------
@@ -244,16 +296,33 @@ def refit_profile_head(
         offset, binary = offsets[start]
         x_train = profile_states(model, train_ids, batch_size)
         x_val = profile_states(model, val_ids, batch_size)
-        w, b, report = fit_profile_rows(x_train, truths[direction][0], x_val, truths[direction][1], offset.float(), binary, l2_grid,
+        chosen = (choices or {}).get(direction)
+        w, b, report = fit_profile_rows(x_train, truths[direction][0], x_val, truths[direction][1], offset.float(), binary,
+                                        (chosen["l2"],) if chosen else l2_grid,
                                         device=next(model.parameters()).device)  # the model's GPU, when it has one
+        if chosen:
+            w, b = project_rank(x_train, w, b, int(chosen["rank"]))
+            report.update(chosen_beforehand=chosen, reduced_rank={"rank": int(chosen["rank"])})
+            if not len(val_ids):
+                report.update(validation_rmse={}, validation_rmse_mean=None)
+            logger.info("%s profile head refit with the settings chosen beforehand: l2 %g, reduced rank %s", direction, chosen["l2"],
+                        chosen["rank"] or "none")
+            head_rows(head, start, stop, w, b)
+            reports[direction] = report
+            continue
         logger.info("%s profile head refit: l2 %g, validation RMSE %.6f (per-feature mean %.6f)", direction, report["l2"],
                     report["validation_rmse"][str(report["l2"])], report["validation_rmse_mean"])
         if ranks:
             w, b, report["reduced_rank"] = reduce_rank(x_train, x_val, truths[direction][1], w, b, offset.float(), binary, ranks)
             logger.info("%s profile head reduced rank: %s (validation RMSE by rank: %s)", direction, report["reduced_rank"]["rank"] or "none",
                         ", ".join(f"{k} {v:.6f}" for k, v in report["reduced_rank"]["validation_rmse"].items()))
-        with torch.no_grad():
-            head.weight[start:stop] = w.to(head.weight)  # dtype and device (the refit solves on the CPU)
-            head.bias[start:stop] = b.to(head.bias)
+        head_rows(head, start, stop, w, b)
         reports[direction] = report
     return reports
+
+
+@torch.no_grad()
+def head_rows(head: ProfileHead, start: int, stop: int, w: torch.Tensor, b: torch.Tensor) -> None:
+    """Write rows ``start:stop`` of the head (in its dtype and on its device: the refit solves on the CPU)."""
+    head.weight[start:stop] = w.to(head.weight)
+    head.bias[start:stop] = b.to(head.bias)

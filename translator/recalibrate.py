@@ -9,7 +9,8 @@ the settings in the folder's ``training_args.json`` (``calibration_cells``, ``di
 is replaced in one move.
 
 ``--pool MODEL DATASET_DIR`` (repeatable) fits the calibration on more cells: the validation cells of each
-``DATASET_DIR`` as its ``MODEL`` reads them, beside the folder's own. Made for cross-validation fold models: fold 0's
+``DATASET_DIR`` as its ``MODEL`` reads them, beside the folder's own (none, when ``--dataset_dir`` was built with
+``--no_validation``: a final model trained on every cell, calibrated on its fold models' readings of the cells they did not train on). Made for cross-validation fold models: fold 0's
 model calibrated on every fold, each fold read by the model that did not train on it (each cell keeps the per-feature
 train statistics of the model that read it). With one training donor of 221 cells (BMMC) that is 221 calibration cells
 instead of 46 (results.md, session 20).
@@ -87,8 +88,9 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     # Every check before the weights load (their progress bar would precede the one error line).
     check_vocabulary(load_tokenizer(folder), read_meta(dataset_dir), what=f"--dataset_dir {dataset_dir}")
     splits = datasets.load_from_disk(str(dataset_dir))
-    if "validation" not in splits or not len(splits["validation"]):
-        raise ValueError(f"--dataset_dir {dataset_dir} has no validation cells; the calibration is fitted on them")
+    own_cells = len(splits["validation"]) if "validation" in splits else 0
+    if not own_cells and not pool:
+        raise ValueError(f"--dataset_dir {dataset_dir} has no validation cells; the calibration is fitted on them (or on --pool MODEL DATASET_DIR)")
     own_meta = read_meta(folder)
     pooled_splits = []
     for pool_model, pool_data in pool:
@@ -113,12 +115,12 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
         reader = CellTranslator.from_pretrained(pool_model)
         pooled.append(calibration_features(reader.model, reader.tokenizer, reader.meta, pool_split, directions, *caps, cells, batch,
                                            reader.profile_head, row_stats=True))
-    new = calibrate(translator.model, translator.tokenizer, translator.meta, splits["validation"], directions, *caps, cells, batch,
+    new = calibrate(translator.model, translator.tokenizer, translator.meta, splits["validation"] if own_cells else None, directions, *caps, cells, batch,
                     int(training_args.get("seed", 0)), translator.profile_head,
                     tuple(aggregations) if aggregations else AGGREGATIONS, parts, repeats, pool=pooled)
     if pool:
         for params in new.values():
-            params["pooled_from"] = [[Path(folder).name, Path(dataset_dir).name], *([Path(m).name, Path(d).name] for m, d in pool)]
+            params["pooled_from"] = [*([[Path(folder).name, Path(dataset_dir).name]] if own_cells else []), *([Path(m).name, Path(d).name] for m, d in pool)]
     old = readout.get("calibration") or {}
     readout["calibration"] = new
     tmp = tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{READOUT_FILE}.", delete=False)

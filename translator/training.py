@@ -168,14 +168,17 @@ def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], ma
     ``pool``: more cells to fit on, as other models read them (:func:`calibration_features` with ``row_stats=True``, one dict
     per model: the other folds of a cross-validation, each read by the fold model that did not train on it); each cell
     keeps the train statistics of the model that read it. The coefficients are then fitted on all of them together.
+    ``split`` None: on ``pool`` alone (a model trained on every cell, whose fold models read the cells it trained on).
     """
     import scipy.sparse as sp
 
+    if split is None and not pool:
+        raise ValueError("a calibration needs cells: a split, or readings to pool")
     own = calibration_features(model, tokenizer, meta, split, directions, max_source_length, max_target_length, max_cells, batch_size,
-                               profile_head, row_stats=bool(pool))
+                               profile_head, row_stats=bool(pool)) if split is not None else None
     out = {}
     for direction in directions:
-        parts = [own[direction], *(extra[direction] for extra in pool)]
+        parts = [*([own[direction]] if own is not None else []), *(extra[direction] for extra in pool)]
         features, truth = parts[0]
         if pool:  # one features dict and one truth matrix over every model's cells
             features = {key: np.concatenate([np.asarray(f[key]) for f, _ in parts]) for key in features}

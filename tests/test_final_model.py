@@ -1,0 +1,126 @@
+"""A final model trained on every cell of the training donor, its settings taken from cross-validation fold models.
+
+``dataset_builder --no_validation`` -> ``train.py --profile_choices_from FOLD_MODELS`` -> ``translator.recalibrate --pool``
+-> ``eval.py --refit_baselines``, on the BMMC starter (two folds of donor s1d1, tiny models, a few steps each).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, shared_file
+from tests.test_train import ENV
+from tests.translator_fixtures import BMMC_COMBINED, tiny_args
+
+
+@pytest.fixture(scope="module")
+def folds(tmp_path_factory):
+    """Two fold datasets and fold models of s1d1 (validation fold 0 / fold 1), and the every-cell dataset."""
+    import train
+    from dataset_builder import build_dataset
+    from evaluation.crossval import write_fold_file
+    from tokenizer import build_from_dataset
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("final")
+    source = shared_file(BMMC_COMBINED)  # skips with a reason when ../shared is absent
+    write_fold_file(source, root / "folds.h5ad", "s1d1", 2)
+    out = {"root": root}
+    for k in (0, 1):
+        build_dataset([root / "folds.h5ad"], root / f"f{k}", test_batches=["s1d2"], validation_batches=[f"s1d1_f{k}"])
+    build_dataset([root / "folds.h5ad"], root / "all", test_batches=["s1d2"], no_validation=True)
+    build_from_dataset(root / "f0", root / "tok")
+    for k in (0, 1):
+        assert train.main(tiny_args(root / f"f{k}", root / "tok", root / f"m{k}", "--max_steps", "6", "--checkpointing_steps", "0",
+                                    "--profile_ranks", "4", "8")) == 0
+    out.update(tok=root / "tok", models=[root / "m0", root / "m1"], data=[root / "f0", root / "f1"], all=root / "all")
+    return out
+
+
+def test_no_validation_trains_on_every_cell_outside_the_test_batches(folds):
+    import datasets
+
+    every = datasets.load_from_disk(str(folds["all"]))
+    f0, f1 = (datasets.load_from_disk(str(d)) for d in folds["data"])
+    assert len(every["validation"]) == 0 and len(every["train"]) == 221 and len(every["test"]) == 279
+    assert sorted(every["train"]["cell"]) == sorted([*f0["train"]["cell"], *f0["validation"]["cell"]])
+    assert len(f0["validation"]) + len(f1["validation"]) == 221
+    meta = json.loads((folds["all"] / "cell_sentences.json").read_text())
+    assert meta["splits"]["validation"] == 0 and meta["split_by"] == "batch"
+
+
+def test_the_final_model_takes_its_refit_settings_from_the_fold_models_and_is_calibrated_on_their_readings(folds, tmp_path):
+    import train
+    from translator import CellTranslator
+    from translator.profile_fit import pooled_choice
+    from translator.recalibrate import recalibrate
+
+    out = tmp_path / "final"
+    assert train.main(tiny_args(folds["all"], folds["tok"], out, "--max_steps", "6", "--checkpointing_steps", "0",
+                                "--profile_choices_from", *map(str, folds["models"]))) == 0
+    readout = json.loads((out / "readout.json").read_text())
+    reports = [json.loads((m / "readout.json").read_text())["profile_refit"] for m in folds["models"]]
+    expected = pooled_choice(reports)
+    assert set(expected) == {"gex2atac", "atac2gex"}
+    for direction, refit in readout["profile_refit"].items():
+        assert refit["chosen_beforehand"] == json.loads(json.dumps(expected[direction]))
+        assert refit["l2"] == expected[direction]["l2"] and refit["reduced_rank"]["rank"] == expected[direction]["rank"]
+        assert refit["train_cells"] == 221 and refit["validation_cells"] == 0 and refit["validation_rmse_mean"] is None
+    assert readout["calibration"] == {}  # no validation cells: calibrated by the next stage
+    assert json.loads((out / "training_args.json").read_text())["profile_choices_from"] == ["m0", "m1"]
+
+    # Without --pool there is nothing to calibrate on: one line, the folder untouched.
+    before = (out / "readout.json").read_bytes()
+    result = subprocess.run([sys.executable, "-m", "translator.recalibrate", "--model", str(out), "--dataset_dir", str(folds["all"])],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "--dataset_dir" in lines[0] and "--pool" in lines[0], result.stderr[-2000:]
+    assert (out / "readout.json").read_bytes() == before
+
+    recalibrate(out, folds["all"], calibration_cells=500, pool=list(zip(folds["models"], folds["data"], strict=True)))
+    calibration = json.loads((out / "readout.json").read_text())["calibration"]
+    for params in calibration.values():
+        assert params["pooled_from"] == [["m0", "f0"], ["m1", "f1"]]
+        assert sum(params["pooled_cells"]) == params["n_cells"] == 221
+    translator = CellTranslator.from_pretrained(out)
+    sentences = ["chr1-1677585-1678477 " + " ".join(translator.meta["peaks"][1:40:3])]
+    matrix = translator.predict_matrix(sentences, "atac2gex")
+    assert matrix.shape == (1, len(translator.meta["genes"])) and np.isfinite(matrix).all() and matrix.min() >= 0
+
+    # eval.py --refit_baselines: the baselines of a model trained on every cell fit on train and validation together
+    result = subprocess.run([sys.executable, "eval.py", "--model", str(out), "--dataset_dir", str(folds["data"][0]), "--split", "test",
+                             "--max_cells", "40", "--baselines", "mean", "svd_krr", "--refit_baselines", "--no_plots",
+                             "--no_update_model_folder", "--output_dir", str(tmp_path / "ev")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
+    assert "fit again on train and validation together" in results["baseline_fit"]
+    for direction in ("gex2atac", "atac2gex"):
+        assert results["baseline_settings"][direction]["svd_krr"]["refit_cells"] == 221
+        assert results["directions"][direction]["model"]["rmse"] > 0
+
+
+def test_bad_final_model_flags_get_one_line_errors(folds, tmp_path):
+    cases = [
+        (["--profile_choices_from", str(tmp_path / "missing")], "--profile_choices_from"),
+        (["--profile_choices_from", str(folds["models"][0]), "--no_profile_refit"], "--profile_choices_from"),
+    ]
+    for extra, flag in cases:
+        out = tmp_path / "out"
+        result = subprocess.run([sys.executable, "train.py", *tiny_args(folds["all"], folds["tok"], out, "--max_steps", "2", *extra)],
+                                cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], result.stderr[-2000:]
+        assert not out.exists()
+    for extra, flag in [(["--test_batches", "s1d2", "--validation_batches", "s1d1_f0", "--no_validation"], "--no_validation"),
+                        (["--no_validation"], "--no_validation")]:
+        result = subprocess.run([sys.executable, "-m", "dataset_builder", "--input", str(folds["root"] / "folds.h5ad"),
+                                 "--output_dir", str(tmp_path / "ds"), *extra], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and flag in lines[0], result.stderr[-2000:]
+        assert not (tmp_path / "ds").exists()
