@@ -225,6 +225,12 @@ def reduce_rank(
     return *candidates[best], {"rank": best, "validation_rmse": {str(k): v for k, v in rmse.items()}}
 
 
+def _pooled_mse(grids: Sequence[dict], cells: np.ndarray) -> dict[str, float]:
+    """``{setting: mean squared error over every model's validation cells}`` from each model's ``{setting: RMSE}`` (settings all share)."""
+    keys = set(grids[0]).intersection(*grids[1:])
+    return {key: float(sum(g[key] ** 2 * c for g, c in zip(grids, cells, strict=True)) / cells.sum()) for key in keys}
+
+
 def pooled_choice(reports: Sequence[dict]) -> dict[str, dict]:
     """The refit's settings chosen over several models' refits: ``{direction: {"l2": ..., "rank": ...}}``.
 
@@ -242,15 +248,11 @@ def pooled_choice(reports: Sequence[dict]) -> dict[str, dict]:
         rows = [r[direction] for r in reports]
         cells = np.array([float(r["validation_cells"]) for r in rows])
 
-        def pooled(grids: list[dict]) -> dict[str, float]:
-            keys = set(grids[0]).intersection(*grids[1:])
-            return {key: float(sum(g[key] ** 2 * c for g, c in zip(grids, cells, strict=True)) / cells.sum()) for key in keys}
-
-        mse = {"l2": pooled([r["validation_rmse"] for r in rows])}
+        mse = {"l2": _pooled_mse([r["validation_rmse"] for r in rows], cells)}
         l2 = min(mse["l2"], key=lambda key: (mse["l2"][key], -float(key)))  # ties: the larger penalty
         rank = 0
         if all("reduced_rank" in r for r in rows):
-            mse["rank"] = pooled([r["reduced_rank"]["validation_rmse"] for r in rows])
+            mse["rank"] = _pooled_mse([r["reduced_rank"]["validation_rmse"] for r in rows], cells)
             rank = int(min(mse["rank"], key=lambda key: (mse["rank"][key], key != "0", int(key))))
         out[direction] = {"l2": float(l2), "rank": rank, "validation_mse_pooled": mse, "models": len(rows)}
     return out
