@@ -124,3 +124,65 @@ def test_bad_final_model_flags_get_one_line_errors(folds, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and flag in lines[0], result.stderr[-2000:]
         assert not (tmp_path / "ds").exists()
+
+
+def test_an_ensemble_folder_averages_its_members_calibrated_matrices(folds, tmp_path):
+    """``python -m translator.ensemble``: the top model plus members, each with the top's calibration; the mean of their matrices."""
+    import shutil
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    from translator import CellTranslator
+
+    m0, m1 = folds["models"]
+    out = tmp_path / "ens"
+    result = subprocess.run([sys.executable, "-m", "translator.ensemble", "--model", str(m0), "--members", str(m1), "--output_dir", str(out)],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    readout = json.loads((out / "readout.json").read_text())
+    assert readout["ensemble"] == ["ensemble/member_0"] and readout["ensemble_from"] == ["m1"]
+    member_readout = json.loads((out / "ensemble" / "member_0" / "readout.json").read_text())
+    assert member_readout["calibration"] == readout["calibration"] and member_readout["calibration_from"] == "m0"
+    assert "## Ensemble" in (out / "README.md").read_text()
+    # the member as the ensemble holds it: m1's weights with m0's calibration
+    alone = tmp_path / "m1_with_m0_calibration"
+    shutil.copytree(m1, alone)
+    (alone / "readout.json").write_text(json.dumps(member_readout))
+    ensemble, top, member = (CellTranslator.from_pretrained(p) for p in (out, m0, alone))
+    assert len(ensemble.members) == 1 and not top.members
+    import datasets
+
+    test = datasets.load_from_disk(str(folds["data"][0]))["test"].select(range(20))
+    for direction, column in (("gex2atac", "gex_text"), ("atac2gex", "atac_text")):
+        sentences = list(test[column])
+        expected = np.mean([top.predict_matrix(sentences, direction), member.predict_matrix(sentences, direction)], axis=0)
+        np.testing.assert_allclose(ensemble.predict_matrix(sentences, direction), expected, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(expected, top.predict_matrix(sentences, direction))
+    assert ensemble.translate(list(test["gex_text"][:2]), "gex2atac") == top.translate(list(test["gex_text"][:2]), "gex2atac")
+    assert AutoModelForSeq2SeqLM.from_pretrained(str(out)).config.d_model == top.model.config.d_model  # still a plain Hub folder at the top
+
+    # bad input: one line naming the flag, nothing written
+    other = tmp_path / "other"
+    shutil.copytree(m1, other)
+    meta = json.loads((other / "cell_sentences.json").read_text())
+    meta["genes"] = meta["genes"][::-1]
+    (other / "cell_sentences.json").write_text(json.dumps(meta))
+    uncalibrated = tmp_path / "uncalibrated"
+    shutil.copytree(m0, uncalibrated)
+    (uncalibrated / "readout.json").write_text(json.dumps({**readout, "calibration": {}, "ensemble": []}))
+    cases = [
+        (["--model", str(m0), "--members", str(other), "--output_dir", str(tmp_path / "bad")], "--members"),
+        (["--model", str(m0), "--members", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "bad")], "--members"),
+        (["--model", str(out), "--members", str(m1), "--output_dir", str(tmp_path / "bad")], "--model"),
+        (["--model", str(uncalibrated), "--members", str(m1), "--output_dir", str(tmp_path / "bad")], "--model"),
+        (["--model", str(m0), "--members", str(m1), "--output_dir", str(out)], "--output_dir"),
+    ]
+    for args, flag in cases:
+        result = subprocess.run([sys.executable, "-m", "translator.ensemble", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "bad").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # an ensemble folder missing a member says so
+    shutil.rmtree(out / "ensemble" / "member_0")
+    with pytest.raises(FileNotFoundError, match="member_0"):
+        CellTranslator.from_pretrained(out)

@@ -61,6 +61,12 @@ def check_model_folder(folder: Path, allow_pickle: bool = False) -> None:
         raise FileNotFoundError(f"model folder {folder} lacks {', '.join(missing)}; point at a complete folder written by train.py")
 
 
+def check_same_vocabulary(tokenizer, meta: dict, other_tokenizer, other_meta: dict, what: str) -> None:
+    """Raise ``ValueError`` unless two models read and write the same names with the same token ids (ensemble members)."""
+    if meta["genes"] != other_meta["genes"] or meta["peaks"] != other_meta["peaks"] or tokenizer.get_vocab() != other_tokenizer.get_vocab():
+        raise ValueError(f"{what}: its genes, peaks or token ids differ from the main model's; ensemble only models of one dataset and tokenizer")
+
+
 def resolve_device(device: str | None) -> str:
     """``auto`` / None: ``cuda`` when torch sees a GPU, else ``cpu``; any other value is checked and kept."""
     import torch
@@ -89,7 +95,9 @@ def device_name(device: str) -> str:
 class CellTranslator:
     """A trained translator: model, tokenizer, dataset metadata and readout calibration."""
 
-    def __init__(self, model, tokenizer, meta: dict, readout: dict | None = None, profile_head=None):
+    def __init__(self, model, tokenizer, meta: dict, readout: dict | None = None, profile_head=None,
+                 members: Sequence[CellTranslator] = ()):
+        self.members = list(members)  # ensemble folders (translator.ensemble): more models whose matrices are averaged with this one's
         self.model = model.eval()
         self.profile_head = profile_head.eval() if profile_head is not None else None
         self.tokenizer = tokenizer
@@ -102,10 +110,15 @@ class CellTranslator:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, device: str | None = None, allow_pickle: bool = False) -> CellTranslator:
-        """Load a folder written by ``train.py`` or a Hub repository id (offline when a folder is given)."""
+        """Load a folder written by ``train.py`` or a Hub repository id (offline when a folder is given); an ensemble folder
+        (``python -m translator.ensemble``) loads its members too."""
+        folder = _resolve(path_or_id)
+        return cls._load(folder, device, allow_pickle, ensemble=True)
+
+    @classmethod
+    def _load(cls, folder: Path, device: str | None, allow_pickle: bool, ensemble: bool) -> CellTranslator:
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-        folder = _resolve(path_or_id)
         check_model_folder(folder, allow_pickle)
         model = AutoModelForSeq2SeqLM.from_pretrained(str(folder), use_safetensors=not allow_pickle or None)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -119,7 +132,14 @@ class CellTranslator:
             model.to(device)
             if profile_head is not None:
                 profile_head.to(device)
-        return cls(model, tokenizer, meta, readout, profile_head)
+        members = []
+        for name in (readout or {}).get("ensemble", []) if ensemble else []:
+            member_folder = folder / name
+            if not member_folder.is_dir():
+                raise FileNotFoundError(f"model folder {folder} names ensemble member {name}, which it lacks; copy the whole folder")
+            members.append(cls._load(member_folder, device, allow_pickle, ensemble=False))
+            check_same_vocabulary(tokenizer, meta, members[-1].tokenizer, members[-1].meta, f"ensemble member {name} of {folder}")
+        return cls(model, tokenizer, meta, readout, profile_head, members)
 
     # -- sentences -> ids ------------------------------------------------------------------
     def _check_direction(self, direction: str) -> None:
@@ -155,6 +175,8 @@ class CellTranslator:
             decode=decode, profile_head=self.profile_head,
         )
         matrix = apply_readout(features, direction, self.meta, params)
+        if self.members:  # an ensemble: the mean of every member's calibrated matrix (the sentences are this model's)
+            matrix = np.mean([matrix, *(m._predict_ids(ids, direction, batch_size, need_sentences=False)[0] for m in self.members)], axis=0)
         sentences = [" ".join(self.tokenizer.convert_ids_to_tokens(seq)) for seq in sequences]
         return matrix, sentences
 

@@ -1,0 +1,115 @@
+"""Assemble an ensemble folder: one model folder whose predictions are the mean of several models' calibrated matrices.
+
+With a few hundred training cells (BMMC's one training donor) a single model's residual over the per-feature mean is
+noisy; the cross-validation fold models, each trained on four fifths of the cells, together have seen every cell, and
+the mean of their calibrated matrices (with the model trained on every cell) predicted the held-out fold better than
+any one of them in nested cross-validation (docs/results.md, session 21). This writes such a folder:
+
+- the top level is ``--model`` as it is (a complete ``train.py`` folder: it still loads with ``AutoModelForSeq2SeqLM`` /
+  ``AutoTokenizer``, and ``CellTranslator.translate`` writes its sentences);
+- ``ensemble/member_<i>/`` holds each ``--members`` folder's model, tokenizer, metadata and profile head, with the top
+  model's readout calibration (``--model``'s calibration was fitted on the fold models' readings of the cells they did not
+  train on, ``translator.recalibrate --pool``: the same calibration for every member);
+- ``readout.json`` lists the members under ``ensemble``; ``CellTranslator.predict_matrix`` (and so ``predict.py`` and
+  ``eval.py``) averages the calibrated matrices of the top model and every member.
+
+Usage::
+
+    python -m translator.ensemble --model bmmc_all --members m_0 m_1 m_2 m_3 m_4 --output_dir bmmc_ensemble
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+MEMBER_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "cell_sentences.json", "profile_head.safetensors", "training_args.json")
+ENSEMBLE_DIR = "ensemble"
+
+
+def build_ensemble(model_dir: str | Path, members: Sequence[str | Path], output_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the ensemble folder (see the module docstring); returns ``output_dir``. Nothing is left behind on failure."""
+    from tokenizer import load_tokenizer, read_meta
+
+    from .api import check_model_folder, check_same_vocabulary
+    from .readout import READOUT_FILE
+
+    top, out = Path(model_dir), Path(output_dir)
+    if not members:
+        raise ValueError("--members: give at least one model folder to average with --model")
+    for flag, folder in [("--model", top), *(("--members", Path(m)) for m in members)]:
+        if not folder.is_dir() or not (folder / READOUT_FILE).exists():
+            raise FileNotFoundError(f"{flag} {folder}: not a model folder written by train.py")
+        check_model_folder(folder)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--output_dir {out} exists: pass --overwrite_output_dir or choose another folder")
+    if out.resolve() in {top.resolve(), *(Path(m).resolve() for m in members)}:
+        raise ValueError(f"--output_dir {out} is one of the input folders; write the ensemble to a new folder")
+    readout = json.loads((top / READOUT_FILE).read_text())
+    if readout.get("ensemble"):
+        raise ValueError(f"--model {top} is an ensemble already; give a plain model folder")
+    if not readout.get("calibration"):
+        raise ValueError(f"--model {top} has no readout calibration to give the members; calibrate it first (python -m translator.recalibrate)")
+    tokenizer, meta = load_tokenizer(top), read_meta(top)
+    for member in members:
+        check_same_vocabulary(tokenizer, meta, load_tokenizer(member), read_meta(member), f"--members {member}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        staged = work / "folder"
+        shutil.copytree(top, staged)
+        names = []
+        for i, member in enumerate(members):
+            name = f"{ENSEMBLE_DIR}/member_{i}"
+            dest = staged / name
+            dest.mkdir(parents=True)
+            for file in MEMBER_FILES:
+                if (Path(member) / file).exists():
+                    shutil.copy2(Path(member) / file, dest / file)
+            member_readout = json.loads((Path(member) / READOUT_FILE).read_text())
+            member_readout.update(calibration=readout["calibration"], calibration_from=top.name, source_folder=Path(member).name)
+            (dest / READOUT_FILE).write_text(json.dumps(member_readout, indent=2))
+            names.append(name)
+        readout.update(ensemble=names, ensemble_from=[Path(m).name for m in members])
+        (staged / READOUT_FILE).write_text(json.dumps(readout, indent=2))
+        card = staged / "README.md"
+        if card.exists():
+            card.write_text(card.read_text().rstrip("\n") + f"\n\n## Ensemble\n\nPredicted matrices are the mean of this model's and "
+                            f"{len(names)} more models' calibrated matrices (`{ENSEMBLE_DIR}/`, from {', '.join(readout['ensemble_from'])}), "
+                            "all with this model's calibration; `CellTranslator.predict_matrix` averages them, sentences come from this model.\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="the main model folder (calibrated; its calibration is given to every member)")
+    parser.add_argument("--members", nargs="+", required=True, help="model folders averaged with it (same dataset and tokenizer)")
+    parser.add_argument("--output_dir", required=True, help="the ensemble folder to write")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing --output_dir")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    out = build_ensemble(args.model, args.members, args.output_dir, args.overwrite_output_dir)
+    print(f"wrote {out}: {args.model} + {len(args.members)} members")
+    return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    from dataset_builder.cli import run_cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda: main(argv), debug="--debug" in argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
