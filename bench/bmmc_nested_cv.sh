@@ -12,7 +12,8 @@
 #   (b) every cell: a model trained on the four inner folds (dataset_builder --no_validation), its head refit settings
 #                   pooled over the four inner models (train.py --profile_choices_from), the same pooled calibration;
 #                   baselines tuned on fold j, then fit on the four inner folds (eval.py --refit_baselines).
-# Pooled with `python -m evaluation.crossval pool` into WORK_DIR/pool_a.json and pool_b.json.
+#   ens4 / ens5: the four inner models averaged (translator.ensemble), without / with the every-cell model.
+# Pooled with `python -m evaluation.crossval pool` into WORK_DIR/pool_a.json, pool_b.json and pool_ens.json.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${1:-$REPO/.dev/bmmc_nested}
@@ -76,6 +77,26 @@ for k in 0 1 2 3 4; do
   wait
   echo "outer fold $k scored $(date +%T)"
 done
+# Ensembles (session 21's ensemble rows): ens4 = the four inner models, ens5 = ens4 + the every-cell model; every member with
+# the pooled calibration (translator.ensemble gives the members the top folder's); baselines of the every-cell regime.
+ens() {  # kind k
+  local kind=$1 k=$2 n=n js=() members=()
+  [ "$kind" = mb ] && n=nb
+  for j in 0 1 2 3 4; do [ $j = $k ] && continue; js+=($j); members+=($kind$k$j); done
+  [ -d ens5_${kind}_$k ] || python -m translator.ensemble --model A_${kind}_$k --members "${members[@]}" --output_dir ens5_${kind}_$k
+  [ -d ens4_${kind}_$k ] || python -m translator.ensemble --model P_${kind}_a$k --members "${members[@]:1}" --output_dir ens4_${kind}_$k
+  for e in ens4 ens5; do
+    [ -f ev_${kind}_$e$k/eval_results.json ] || python "$REPO/eval.py" --model ${e}_${kind}_$k --dataset_dir $n$k${js[0]} --dataset_name bmmc_starter \
+      --split test --no_plots --no_update_model_folder --refit_baselines --output_dir ev_${kind}_$e$k > /dev/null 2>&1
+  done
+}
+for k in 0 1 2 3 4; do
+  ens m $k > log_ens_m_$k.txt 2>&1 &
+  ens mb $k > log_ens_mb_$k.txt 2>&1 &
+  wait
+done
+python -m evaluation.crossval pool --baselines ev_m_b{0,1,2,3,4} --candidate model_ens4 ev_m_ens4{0,1,2,3,4} --candidate model_ens5 ev_m_ens5{0,1,2,3,4} \
+  --candidate seed_binary_ens4 ev_mb_ens4{0,1,2,3,4} --candidate seed_binary_ens5 ev_mb_ens5{0,1,2,3,4} --output pool_ens.json
 python -m evaluation.crossval pool --baselines ev_m_a{0,1,2,3,4} --candidate model_a ev_m_a{0,1,2,3,4} \
   --candidate seed_binary_a ev_mb_a{0,1,2,3,4} --output pool_a.json
 python -m evaluation.crossval pool --baselines ev_m_b{0,1,2,3,4} --candidate model_b ev_m_b{0,1,2,3,4} \
