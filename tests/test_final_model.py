@@ -126,7 +126,7 @@ def test_bad_final_model_flags_get_one_line_errors(folds, tmp_path):
         assert not (tmp_path / "ds").exists()
 
 
-def test_an_ensemble_folder_averages_its_members_calibrated_matrices(folds, tmp_path):
+def test_an_ensemble_folder_averages_its_members_calibrated_matrices(folds, tmp_path, monkeypatch):
     """``python -m translator.ensemble``: the top model plus members, each with the top's calibration; the mean of their matrices."""
     import shutil
 
@@ -182,6 +182,22 @@ def test_an_ensemble_folder_averages_its_members_calibrated_matrices(folds, tmp_
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], result.stderr[-2000:]
     assert not (tmp_path / "bad").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # --push_to_hub sends the whole folder, members included (the upload calls replaced, nothing leaves the machine)
+    import huggingface_hub
+
+    from tests.test_push_model import FakeHfApi
+    from translator.ensemble import main as ensemble_main
+    from translator.hub import hub_files
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    assert ensemble_main(["--model", str(m0), "--members", str(m1), "--output_dir", str(tmp_path / "pushed"), "--push_to_hub",
+                          "--hub_model_id", "user/ens"]) == 0
+    create, upload = FakeHfApi.calls
+    assert create["repo_id"] == upload["repo_id"] == "user/ens"
+    assert {"model.safetensors", "readout.json", "ensemble/member_0/model.safetensors", "ensemble/member_0/readout.json",
+            "ensemble/member_0/profile_head.safetensors"} <= set(upload["files"])
+    assert upload["files"] == hub_files(tmp_path / "pushed")
     # an ensemble folder missing a member says so
     shutil.rmtree(out / "ensemble" / "member_0")
     with pytest.raises(FileNotFoundError, match="member_0"):

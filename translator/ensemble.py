@@ -15,7 +15,8 @@ any one of them in nested cross-validation (docs/results.md, session 21). This w
 
 Usage::
 
-    python -m translator.ensemble --model bmmc_all --members m_0 m_1 m_2 m_3 m_4 --output_dir bmmc_ensemble
+    python -m translator.ensemble --model bmmc_all --members m_0 m_1 m_2 m_3 m_4 --output_dir bmmc_ensemble \
+        [--push_to_hub --hub_model_id USER/NAME]
 """
 
 from __future__ import annotations
@@ -97,10 +98,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--members", nargs="+", required=True, help="model folders averaged with it (same dataset and tokenizer)")
     parser.add_argument("--output_dir", required=True, help="the ensemble folder to write")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing --output_dir")
+    parser.add_argument("--push_to_hub", action="store_true", help="upload the ensemble folder (members included) to the Hub")
+    parser.add_argument("--hub_model_id", help="Hub repository id user/name (needed with --push_to_hub)")
+    parser.add_argument("--hub_private", action="store_true", help="create the Hub repository as private")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id user/name")
     out = build_ensemble(args.model, args.members, args.output_dir, args.overwrite_output_dir)
     print(f"wrote {out}: {args.model} + {len(args.members)} members")
+    if args.push_to_hub:
+        from .hub import push_model_folder
+
+        sent = push_model_folder(out, args.hub_model_id, private=args.hub_private, commit_message="Upload cell translator ensemble")
+        print(f"pushed {len(sent)} files to {args.hub_model_id}")
     return 0
 
 

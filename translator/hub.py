@@ -10,13 +10,13 @@ IGNORE_PATTERNS = ["checkpoints/**", "logs/**", "eval/**", ".*", "**/.*"]
 
 
 def hub_files(folder: str | os.PathLike) -> list[str]:
-    """Files of the model folder that belong on the Hub (relative paths, sorted)."""
+    """Files of the model folder that belong on the Hub (relative posix paths, sorted; an ensemble's members included):
+    what ``upload_folder`` sends with :data:`IGNORE_PATTERNS`."""
+    from huggingface_hub.utils import filter_repo_objects
+
     folder = Path(folder)
-    out = []
-    for path in folder.iterdir():
-        if path.is_file() and not path.name.startswith("."):
-            out.append(path.name)
-    return sorted(out)
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return sorted(filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS))
 
 
 def push_model_folder(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False, commit_message: str = "Upload cell translator") -> list[str]:
