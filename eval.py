@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dataset_builder.cli import run_cli
+from dataset_builder.cli import run_main
 from evaluation.baselines import BASELINES
 from evaluation.runner import DIRECTIONS, run_evaluation
 
@@ -99,8 +99,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """``main`` for the command line: bad input gives one ``error:`` line and exit code 2 (a traceback with ``--debug``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run_cli(lambda: main(argv), debug="--debug" in argv)
+    return run_main(main, argv)
 
 
 if __name__ == "__main__":

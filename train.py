@@ -238,7 +238,8 @@ def read_refit_choices(folders: list[str], meta: dict, directions: list[str]) ->
         path = Path(folder) / READOUT_FILE
         if not path.exists():
             raise FileNotFoundError(f"--profile_choices_from {folder}: no {READOUT_FILE}; give model folders written by train.py")
-        if read_meta(folder)["genes"] != meta["genes"] or read_meta(folder)["peaks"] != meta["peaks"]:
+        folder_meta = read_meta(folder)
+        if folder_meta["genes"] != meta["genes"] or folder_meta["peaks"] != meta["peaks"]:
             raise ValueError(f"--profile_choices_from {folder}: its genes or peaks differ from the dataset's; give fold models of this dataset")
         refit = json.loads(path.read_text()).get("profile_refit") or {}
         missing = [d for d in directions if not refit.get(d, {}).get("validation_cells")]

@@ -1,7 +1,7 @@
 """What every command line of the project does around its work: bad input -> one line, SIGTERM -> clean exit.
 
-`run_cli` is shared by ``python -m dataset_builder``, ``python -m tokenizer``, ``train.py``, ``predict.py`` and
-``eval.py``:
+`run_cli` is shared by ``python -m dataset_builder``, ``python -m tokenizer``, ``train.py``, ``predict.py``,
+``eval.py``, ``python -m translator.recalibrate`` and ``python -m translator.ensemble`` (the last three through `run_main`):
 - an expected error (a bad file, flag or value: the ``errors`` types) prints one ``error: ...`` line on stderr and
   gives exit code 2; ``--debug`` shows the traceback instead;
 - SIGTERM (what ``kill``, job schedulers and ``accelerate launch`` send) is raised in the main thread as
@@ -14,9 +14,9 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-__all__ = ["Terminated", "TERMINATED_EXIT_CODE", "run_cli"]
+__all__ = ["Terminated", "TERMINATED_EXIT_CODE", "run_cli", "run_main"]
 
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
 
@@ -53,3 +53,9 @@ def run_cli(
         if handler_set:
             signal.signal(signal.SIGTERM, previous)
     return code if isinstance(code, int) else 0
+
+
+def run_main(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> int:
+    """``run_cli`` around ``main(argv)`` (argv: the command line's when None), with ``--debug`` read from argv."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda: main(argv), debug="--debug" in argv)

@@ -116,10 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    from dataset_builder.cli import run_cli
+    from dataset_builder.cli import run_main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run_cli(lambda: main(argv), debug="--debug" in argv)
+    return run_main(main, argv)
 
 
 if __name__ == "__main__":

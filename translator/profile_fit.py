@@ -164,14 +164,16 @@ def _validation_sse(x_val: torch.Tensor, y_val: sp.csr_matrix, heads: dict, offs
     return sse
 
 
-def _rank_basis(x_train: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mean train state, singular values, principal directions over features)`` of the head's train scores (see :func:`reduce_rank`)."""
+def _rank_basis(x_train: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(mean train state, principal directions over features, how many of them the scores have)`` of the head's train
+    scores (see :func:`reduce_rank`)."""
     x64 = x_train.double()
     mean = x64.mean(0)
     _, s, vt = torch.linalg.svd(x64 - mean, full_matrices=False)  # cells x d: d <= 3 * d_model columns
     m = (s[:, None] * vt) @ w.double().T  # [d, features]: Z = U m
     _, sm, basis = torch.linalg.svd(m, full_matrices=False)  # basis rows: principal directions over features
-    return mean, sm, basis
+    usable = int((sm > sm[0] * 1e-6).sum()) if len(sm) else 0
+    return mean, basis, usable
 
 
 def _project(w: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,8 +187,7 @@ def _project(w: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, basis: torch.
 def project_rank(x_train: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The head reduced to rank ``k`` (as :func:`reduce_rank` makes each candidate), no choice made; ``k`` = 0 or at least the
     scores' rank: the head unchanged."""
-    mean, sm, basis = _rank_basis(x_train, w)
-    usable = int((sm > sm[0] * 1e-6).sum()) if len(sm) else 0
+    mean, basis, usable = _rank_basis(x_train, w)
     return _project(w, b, mean, basis, k) if 0 < k < usable else (w, b)
 
 
@@ -211,9 +212,8 @@ def reduce_rank(
     -------
     ``(W', b', report)``, ``report`` = ``{"rank": K or 0, "validation_rmse": {K: rmse}}``.
     """
-    mean, sm, basis = _rank_basis(x_train, w)
+    mean, basis, usable = _rank_basis(x_train, w)
     candidates = {0: (w, b)}
-    usable = int((sm > sm[0] * 1e-6).sum()) if len(sm) else 0
     for k in sorted(set(ranks)):
         if not 0 < k < usable:
             continue  # a projection on every direction the scores have changes nothing
@@ -247,7 +247,6 @@ def pooled_choice(reports: Sequence[dict]) -> dict[str, dict]:
     for direction in directions:
         rows = [r[direction] for r in reports]
         cells = np.array([float(r["validation_cells"]) for r in rows])
-
         mse = {"l2": _pooled_mse([r["validation_rmse"] for r in rows], cells)}
         l2 = min(mse["l2"], key=lambda key: (mse["l2"][key], -float(key)))  # ties: the larger penalty
         rank = 0
@@ -309,22 +308,15 @@ def refit_profile_head(
                 report.update(validation_rmse={}, validation_rmse_mean=None)
             logger.info("%s profile head refit with the settings chosen beforehand: l2 %g, reduced rank %s", direction, chosen["l2"],
                         chosen["rank"] or "none")
-            head_rows(head, start, stop, w, b)
-            reports[direction] = report
-            continue
-        logger.info("%s profile head refit: l2 %g, validation RMSE %.6f (per-feature mean %.6f)", direction, report["l2"],
-                    report["validation_rmse"][str(report["l2"])], report["validation_rmse_mean"])
-        if ranks:
-            w, b, report["reduced_rank"] = reduce_rank(x_train, x_val, truths[direction][1], w, b, offset.float(), binary, ranks)
-            logger.info("%s profile head reduced rank: %s (validation RMSE by rank: %s)", direction, report["reduced_rank"]["rank"] or "none",
-                        ", ".join(f"{k} {v:.6f}" for k, v in report["reduced_rank"]["validation_rmse"].items()))
-        head_rows(head, start, stop, w, b)
+        else:
+            logger.info("%s profile head refit: l2 %g, validation RMSE %.6f (per-feature mean %.6f)", direction, report["l2"],
+                        report["validation_rmse"][str(report["l2"])], report["validation_rmse_mean"])
+            if ranks:
+                w, b, report["reduced_rank"] = reduce_rank(x_train, x_val, truths[direction][1], w, b, offset.float(), binary, ranks)
+                logger.info("%s profile head reduced rank: %s (validation RMSE by rank: %s)", direction, report["reduced_rank"]["rank"] or "none",
+                            ", ".join(f"{k} {v:.6f}" for k, v in report["reduced_rank"]["validation_rmse"].items()))
+        with torch.no_grad():
+            head.weight[start:stop] = w.to(head.weight)  # dtype and device (the refit solves on the CPU)
+            head.bias[start:stop] = b.to(head.bias)
         reports[direction] = report
     return reports
-
-
-@torch.no_grad()
-def head_rows(head: ProfileHead, start: int, stop: int, w: torch.Tensor, b: torch.Tensor) -> None:
-    """Write rows ``start:stop`` of the head (in its dtype and on its device: the refit solves on the CPU)."""
-    head.weight[start:stop] = w.to(head.weight)
-    head.bias[start:stop] = b.to(head.bias)
