@@ -285,9 +285,12 @@ class SvdKrrBaseline:
         self.coef = self._solve(phi, self.y_train, [self.alpha])[self.alpha]
         return self
 
-    def refit(self, source: sp.csr_matrix, target: sp.csr_matrix) -> SvdKrrBaseline:
-        """Fit again on other cells with the settings chosen (the embedding as wide as when tuned, then cut)."""
-        chosen, self.n_components = self.n_components, self.embedding.n_components
+    def refit(self, source: sp.csr_matrix, target: sp.csr_matrix, embed_components: int | None = None) -> SvdKrrBaseline:
+        """Fit again on other cells with the settings chosen (the embedding as wide as when tuned, then cut).
+
+        ``embed_components``: that width for a model never tuned (default: the tuned embedding's).
+        """
+        chosen, self.n_components = self.n_components, embed_components or self.embedding.n_components
         self._prepare(source, target)
         self.n_components = chosen
         self.mapper, phi = self._features(self._embed(source, chosen), chosen, self.gamma_scale)

@@ -202,3 +202,107 @@ def test_an_ensemble_folder_averages_its_members_calibrated_matrices(folds, tmp_
     shutil.rmtree(out / "ensemble" / "member_0")
     with pytest.raises(FileNotFoundError, match="member_0"):
         CellTranslator.from_pretrained(out)
+
+
+def test_the_source_kernel_predicts_what_svd_krr_predicts():
+    """``SourceKernel`` (plain arrays in the folder) gives the fitted ``svd_krr`` regression's predictions, both source modalities."""
+    import scipy.sparse as sp
+
+    from evaluation.baselines import SvdKrrBaseline
+    from translator.source_kernel import SourceKernel, source_indicator
+
+    def binary(shape, seed):
+        x = sp.random(*shape, density=0.06, random_state=seed, format="csr", dtype=np.float32)
+        x.data[:] = 1.0
+        return x
+
+    for source, target in (("atac", "gex"), ("gex", "atac")):
+        x, x_new = binary((120, 300), 1), binary((30, 300), 3)
+        y = binary((120, 50), 2) if target == "atac" else sp.random(120, 50, density=0.2, random_state=2, format="csr", dtype=np.float32) * 4
+        krr = SvdKrrBaseline(source, target, n_components=32, gamma_scale=1.0, alpha=1.0, max_landmarks=50).refit(x, y, embed_components=64)
+        expected = np.vstack(list(krr.predict_chunks(x_new)))
+        got = SourceKernel.from_baseline(krr).predict(x_new)
+        assert got.dtype == np.float32 and got.shape == expected.shape and expected.std() > 0.01
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    ids = [np.array([0, 7, 9, 7, 12, 1]), np.array([2, 1]), np.array([11, 8])]  # range [7, 12): names 7, 9, 11, 8 (12 and specials outside)
+    assert source_indicator(ids, (7, 12)).toarray().tolist() == [[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 1]]
+
+
+def test_a_stacked_folder_blends_its_matrix_with_the_source_kernel(folds, tmp_path):
+    """``python -m translator.stack``: settings and weight from the pool's held-out readings, (1 - w) * model + w * kernel at predict time."""
+    import shutil
+
+    import datasets
+    from transformers import AutoModelForSeq2SeqLM
+
+    from evaluation.data import load_split_matrices
+    from translator import CellTranslator
+    from translator.source_kernel import source_indicator
+    from translator.stack import WEIGHTS
+
+    m0, m1 = folds["models"]
+    ens = tmp_path / "ens"
+    assert subprocess.run([sys.executable, "-m", "translator.ensemble", "--model", str(m0), "--members", str(m1), "--output_dir", str(ens)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300).returncode == 0
+    out = tmp_path / "stacked"
+    shutil.copytree(ens, out)
+    pool = ["--pool", str(m0), str(folds["data"][0]), "--pool", str(m1), str(folds["data"][1])]
+    result = subprocess.run([sys.executable, "-m", "translator.stack", "--model", str(out), "--dataset_dir", str(folds["all"]), *pool],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    readout = json.loads((out / "readout.json").read_text())
+    calibration = readout["calibration"]
+    plain, stacked = CellTranslator.from_pretrained(ens), CellTranslator.from_pretrained(out)
+    for direction, record in readout["source_kernel"].items():
+        assert record["weight"] in WEIGHTS and record["fit_cells"] == 221 and record["pooled_cells"] == 221
+        assert record["pooled_from"] == [["m0", "f0"], ["m1", "f1"]]
+        rmse = record["pooled_rmse"]
+        assert rmse["stack"] <= min(rmse["model"], rmse["kernel"]) + 1e-12
+        assert rmse["stack"] == min(record["pooled_rmse_by_weight"].values())
+        # the model's pooled error, recomputed: each fold model with the folder's calibration reading the cells it did not train on
+        sse = n = 0.0
+        for model, data in zip(folds["models"], folds["data"], strict=True):
+            reader = CellTranslator.from_pretrained(model)
+            reader.readout = {**reader.readout, "calibration": calibration}
+            validation = load_split_matrices(data, "validation")
+            column, target = ("gex_text", "atac") if direction == "gex2atac" else ("atac_text", "gex")
+            diff = reader.predict_matrix(validation[column], direction).astype(np.float64) - validation[target].toarray()
+            sse, n = sse + float((diff**2).sum()), n + diff.size
+        assert abs(np.sqrt(sse / n) - rmse["model"]) < 1e-6
+    test = datasets.load_from_disk(str(folds["data"][0]))["test"].select(range(20))
+    blended = 0
+    for direction, column in (("gex2atac", "gex_text"), ("atac2gex", "atac_text")):
+        sentences = list(test[column])
+        got = stacked.predict_matrix(sentences, direction)
+        if direction not in stacked.source_kernel:
+            np.testing.assert_array_equal(got, plain.predict_matrix(sentences, direction))
+            continue
+        blended += 1
+        weight, kernel = stacked.source_kernel[direction]
+        ids = stacked.encode_sources(sentences, direction, allow_empty=True)
+        kernel_matrix = kernel.predict(source_indicator(ids, stacked.ranges["gex" if direction == "gex2atac" else "atac"]))
+        np.testing.assert_allclose(got, (1 - weight) * plain.predict_matrix(sentences, direction) + weight * kernel_matrix, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(got, plain.predict_matrix(sentences, direction))
+    assert blended >= 1, readout["source_kernel"]  # on these cells the kernel takes some weight in at least one direction
+    assert "## Source-kernel stack" in (out / "README.md").read_text()
+    assert AutoModelForSeq2SeqLM.from_pretrained(str(out)).config.d_model == plain.model.config.d_model
+
+    # --weights 0: the folder predicts as before; bad input: one line naming the flag, the folder untouched
+    zero = tmp_path / "zero"
+    shutil.copytree(m0, zero)
+    from translator.stack import main as stack_main
+
+    assert stack_main(["--model", str(zero), "--dataset_dir", str(folds["all"]), "--weights", "0", *pool]) == 0
+    assert CellTranslator.from_pretrained(zero).source_kernel == {}
+    np.testing.assert_array_equal(CellTranslator.from_pretrained(zero).predict_matrix(list(test["atac_text"]), "atac2gex"),
+                                  CellTranslator.from_pretrained(m0).predict_matrix(list(test["atac_text"]), "atac2gex"))
+    before = (out / "readout.json").read_bytes()
+    for args, flag in [([], "--pool"), (["--weights", "1.5", *pool], "--weights"), (["--pool", str(tmp_path / "missing"), str(folds["data"][0])], "--pool")]:
+        result = subprocess.run([sys.executable, "-m", "translator.stack", "--model", str(out), "--dataset_dir", str(folds["all"]), *args],
+                                cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], result.stderr[-2000:]
+    assert (out / "readout.json").read_bytes() == before and not [p for p in out.iterdir() if p.name.startswith(".")]
+    (out / "source_kernel.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="source_kernel.safetensors"):
+        CellTranslator.from_pretrained(out)
