@@ -2,7 +2,7 @@
 # Issue 5, session 21: nested cross-validation of "train the final BMMC model on every cell of the training donor"
 # against "the fold-0 model" (docs/results.md, BMMC cross-validation, session 21's rows).
 #
-#   bash bench/bmmc_nested_cv.sh [WORK_DIR]      # default .dev/bmmc_nested; about 30 min on 2 CPU cores
+#   bash bench/bmmc_nested_cv.sh [WORK_DIR]      # default .dev/bmmc_nested; about 35 min on 2 CPU cores
 #
 # Outer folds: the 5 cross-validation folds of donor s1d1 (each scored once, as the test split of the inner datasets);
 # inner folds: the other four. Inner model (k, j) trains on the three folds other than k and j, validation fold j
@@ -13,7 +13,9 @@
 #                   pooled over the four inner models (train.py --profile_choices_from), the same pooled calibration;
 #                   baselines tuned on fold j, then fit on the four inner folds (eval.py --refit_baselines).
 #   ens4 / ens5: the four inner models averaged (translator.ensemble), without / with the every-cell model.
-# Pooled with `python -m evaluation.crossval pool` into WORK_DIR/pool_a.json, pool_b.json and pool_ens.json.
+#   stack (session 22): ens5 (the model) / ens4 (seed_binary) with the source-kernel stack (translator.stack), its kernel
+#                   settings and weights chosen on the four inner models' readings of the folds they did not train on.
+# Pooled with `python -m evaluation.crossval pool` into WORK_DIR/pool_a.json, pool_b.json, pool_ens.json and pool_stack.json.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${1:-$REPO/.dev/bmmc_nested}
@@ -95,6 +97,25 @@ for k in 0 1 2 3 4; do
   ens mb $k > log_ens_mb_$k.txt 2>&1 &
   wait
 done
+# Source-kernel stack (session 22's rows): the picks' ensembles (model ens5, seed_binary ens4) stacked, pooled over the inner models.
+stk() {  # kind k
+  local kind=$1 k=$2 n=n a=a e=ens5 js=() pool=()
+  if [ "$kind" = mb ]; then n=nb; a=ab; e=ens4; fi
+  for j in 0 1 2 3 4; do [ $j = $k ] && continue; js+=($j); pool+=(--pool $kind$k$j $n$k$j); done
+  if [ ! -f ev_${kind}_S$k/eval_results.json ]; then
+    rm -rf S_${kind}_$k && cp -r ${e}_${kind}_$k S_${kind}_$k
+    python -m translator.stack --model S_${kind}_$k --dataset_dir $a$k "${pool[@]}"
+    python "$REPO/eval.py" --model S_${kind}_$k --dataset_dir $n$k${js[0]} --dataset_name bmmc_starter --split test --no_plots \
+      --no_update_model_folder --refit_baselines --output_dir ev_${kind}_S$k > /dev/null 2>&1
+  fi
+}
+for k in 0 1 2 3 4; do
+  stk m $k > log_stack_m_$k.txt 2>&1 &
+  stk mb $k > log_stack_mb_$k.txt 2>&1 &
+  wait
+done
+python -m evaluation.crossval pool --baselines ev_m_b{0,1,2,3,4} --candidate model_ens5 ev_m_ens5{0,1,2,3,4} --candidate model_ens5_stack ev_m_S{0,1,2,3,4} \
+  --candidate seed_binary_ens4 ev_mb_ens4{0,1,2,3,4} --candidate seed_binary_ens4_stack ev_mb_S{0,1,2,3,4} --output pool_stack.json
 python -m evaluation.crossval pool --baselines ev_m_b{0,1,2,3,4} --candidate model_ens4 ev_m_ens4{0,1,2,3,4} --candidate model_ens5 ev_m_ens5{0,1,2,3,4} \
   --candidate seed_binary_ens4 ev_mb_ens4{0,1,2,3,4} --candidate seed_binary_ens5 ev_mb_ens5{0,1,2,3,4} --output pool_ens.json
 python -m evaluation.crossval pool --baselines ev_m_a{0,1,2,3,4} --candidate model_a ev_m_a{0,1,2,3,4} \
