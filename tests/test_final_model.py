@@ -293,11 +293,16 @@ def test_a_stacked_folder_blends_its_matrix_with_the_source_kernel(folds, tmp_pa
     from translator.stack import main as stack_main
 
     assert stack_main(["--model", str(zero), "--dataset_dir", str(folds["all"]), "--weights", "0", *pool]) == 0
-    assert CellTranslator.from_pretrained(zero).source_kernel == {}
+    assert CellTranslator.from_pretrained(zero).source_kernel == {} and not (zero / "source_kernel.safetensors").exists()
+    assert {r["weight"] for r in json.loads((zero / "readout.json").read_text())["source_kernel"].values()} == {0.0}
     np.testing.assert_array_equal(CellTranslator.from_pretrained(zero).predict_matrix(list(test["atac_text"]), "atac2gex"),
                                   CellTranslator.from_pretrained(m0).predict_matrix(list(test["atac_text"]), "atac2gex"))
     before = (out / "readout.json").read_bytes()
-    for args, flag in [([], "--pool"), (["--weights", "1.5", *pool], "--weights"), (["--pool", str(tmp_path / "missing"), str(folds["data"][0])], "--pool")]:
+    uncalibrated = tmp_path / "uncalibrated"
+    shutil.copytree(m0, uncalibrated)
+    (uncalibrated / "readout.json").write_text(json.dumps({**json.loads((m0 / "readout.json").read_text()), "calibration": {}}))
+    for args, flag in [([], "--pool"), (["--weights", "1.5", *pool], "--weights"), (["--pool", str(tmp_path / "missing"), str(folds["data"][0])], "--pool"),
+                       (["--model", str(uncalibrated), *pool], "--model")]:
         result = subprocess.run([sys.executable, "-m", "translator.stack", "--model", str(out), "--dataset_dir", str(folds["all"]), *args],
                                 cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
         lines = result.stderr.strip().splitlines()

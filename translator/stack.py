@@ -159,11 +159,15 @@ def stack(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, pool: Se
                                                                        "stack": rmse[w]},
                               "pooled_rmse_by_weight": {f"{v:.2f}": rmse[v] for v in weights},
                               "pooled_from": [[Path(p).name, Path(d).name] for p, d in pool]}
-        for key, value in fitted.arrays.items():
-            arrays[f"{direction}.{key}"] = np.ascontiguousarray(value, dtype=np.float32)
+        if w > 0:  # a direction at weight 0 predicts as before and keeps no arrays
+            for key, value in fitted.arrays.items():
+                arrays[f"{direction}.{key}"] = np.ascontiguousarray(value, dtype=np.float32)
     readout["source_kernel"] = records
-    _write_atomic(folder / KERNEL_FILE, lambda name: save_file(arrays, name))
+    if arrays:
+        _write_atomic(folder / KERNEL_FILE, lambda name: save_file(arrays, name))
     _write_atomic(readout_path, lambda name: Path(name).write_text(json.dumps(readout, indent=2)))
+    if not arrays:
+        (folder / KERNEL_FILE).unlink(missing_ok=True)  # a kernel of an earlier stack, now unused
     card = folder / "README.md"
     if card.exists() and "## Source-kernel stack" not in card.read_text():
         card.write_text(card.read_text().rstrip("\n") + "\n\n## Source-kernel stack\n\nPredicted matrices are `(1 - w) * model + w * kernel`, the kernel an RBF "
