@@ -38,6 +38,31 @@ import torch
 logger = logging.getLogger("recalibrate")
 
 
+def check_pool(pool: Sequence[tuple[str | os.PathLike, str | os.PathLike]], meta: dict) -> list:
+    """Check ``--pool MODEL DATASET_DIR`` entries against the folder's ``meta`` (one line naming the entry when one is unfit);
+    return ``[(MODEL, DATASET_DIR's validation split)]``."""
+    import datasets
+
+    from tokenizer import check_vocabulary, load_tokenizer, read_meta
+
+    from .readout import READOUT_FILE
+
+    out = []
+    for pool_model, pool_data in pool:
+        what = f"--pool {pool_model} {pool_data}"
+        if not (Path(pool_model) / READOUT_FILE).exists():
+            raise FileNotFoundError(f"{what}: {pool_model} is not a model folder written by train.py")
+        pool_meta = read_meta(pool_model)
+        if pool_meta["genes"] != meta["genes"] or pool_meta["peaks"] != meta["peaks"]:
+            raise ValueError(f"{what}: its genes or peaks differ from --model's; pool only models of the same dataset (cross-validation folds)")
+        check_vocabulary(load_tokenizer(pool_model), read_meta(pool_data), what=what)
+        pool_split = datasets.load_from_disk(str(pool_data))
+        if "validation" not in pool_split or not len(pool_split["validation"]):
+            raise ValueError(f"{what}: {pool_data} has no validation cells to fit on")
+        out.append((pool_model, pool_split["validation"]))
+    return out
+
+
 def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, calibration_cells: int | None = None, cpu_threads: int = 1,
                 aggregations: Sequence[str] | None = None, selection_parts: int | None = None, selection_repeats: int | None = None,
                 pool: Sequence[tuple[str | os.PathLike, str | os.PathLike]] = ()) -> dict:
@@ -91,20 +116,7 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     own_cells = len(splits["validation"]) if "validation" in splits else 0
     if not own_cells and not pool:
         raise ValueError(f"--dataset_dir {dataset_dir} has no validation cells; the calibration is fitted on them (or on --pool MODEL DATASET_DIR)")
-    own_meta = read_meta(folder)
-    pooled_splits = []
-    for pool_model, pool_data in pool:
-        what = f"--pool {pool_model} {pool_data}"
-        if not (Path(pool_model) / READOUT_FILE).exists():
-            raise FileNotFoundError(f"{what}: {pool_model} is not a model folder written by train.py")
-        pool_meta = read_meta(pool_model)
-        if pool_meta["genes"] != own_meta["genes"] or pool_meta["peaks"] != own_meta["peaks"]:
-            raise ValueError(f"{what}: its genes or peaks differ from --model's; pool only models of the same dataset (cross-validation folds)")
-        check_vocabulary(load_tokenizer(pool_model), read_meta(pool_data), what=what)
-        pool_split = datasets.load_from_disk(str(pool_data))
-        if "validation" not in pool_split or not len(pool_split["validation"]):
-            raise ValueError(f"{what}: {pool_data} has no validation cells to fit on")
-        pooled_splits.append((pool_model, pool_split["validation"]))
+    pooled_splits = check_pool(pool, read_meta(folder))
     translator = CellTranslator.from_pretrained(folder)
     directions = training_args.get("directions") or list(readout.get("calibration") or {})
     torch.set_num_threads(max(1, cpu_threads))

@@ -69,6 +69,7 @@ def stack(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, pool: Se
     from .api import CellTranslator
     from .data import SOURCE_MODALITY, TARGET_MODALITY
     from .readout import READOUT_FILE
+    from .recalibrate import check_pool
     from .source_kernel import KERNEL_FILE, SourceKernel, source_indicator
 
     folder = Path(model_dir)
@@ -93,17 +94,7 @@ def stack(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, pool: Se
         if "validation" not in own or not len(own["validation"]):
             raise ValueError(f"--dataset_dir {dataset_dir} has no validation cells to choose the weight on; give --pool MODEL DATASET_DIR (fold models)")
         pool = [(folder, dataset_dir)]
-    for pool_model, pool_data in pool:
-        what = f"--pool {pool_model} {pool_data}"
-        if not (Path(pool_model) / READOUT_FILE).exists():
-            raise FileNotFoundError(f"{what}: {pool_model} is not a model folder written by train.py")
-        pool_meta = read_meta(pool_model)
-        if pool_meta["genes"] != meta["genes"] or pool_meta["peaks"] != meta["peaks"]:
-            raise ValueError(f"{what}: its genes or peaks differ from --model's; pool only models of the same dataset (cross-validation folds)")
-        check_vocabulary(load_tokenizer(pool_model), read_meta(pool_data), what=what)
-        split = datasets.load_from_disk(str(pool_data))
-        if "validation" not in split or not len(split["validation"]):
-            raise ValueError(f"{what}: {pool_data} has no validation cells to fit on")
+    check_pool(pool, meta)
     grid = grid or KRR_GRID
     widest = max(grid["n_components"])
     started = time.perf_counter()
