@@ -17,16 +17,10 @@ from pathlib import Path
 import numpy as np
 
 
-def pearson_cell(prediction: np.ndarray, truth: np.ndarray) -> float:
-    a = prediction - prediction.mean(1, keepdims=True)
-    b = truth - truth.mean(1, keepdims=True)
-    denominator = np.sqrt((a * a).sum(1) * (b * b).sum(1))
-    return float(np.mean(np.where(denominator > 0, (a * b).sum(1) / np.where(denominator > 0, denominator, 1.0), 0.0)))
-
-
 def stack_parts(model: str, dataset_dir: str, split: str = "test", refit_baselines: bool = False) -> dict:
     from evaluation.baselines import fit_baselines
     from evaluation.data import load_split_matrices
+    from evaluation.metrics_core import rowwise_pearson
     from evaluation.runner import source_sentences
     from translator import CellTranslator
     from translator.data import SOURCE_MODALITY, TARGET_MODALITY
@@ -48,7 +42,7 @@ def stack_parts(model: str, dataset_dir: str, split: str = "test", refit_baselin
                                      refit=refit_baselines)
         svd_krr = np.vstack(list(baselines["svd_krr"].predict_chunks(data[source])))
         parts = {"stack": stacked, "model_part": model_part, "kernel": kernel_matrix, "svd_krr": svd_krr}
-        out[direction] = {"weight": weight, **{name: {"rmse": float(np.sqrt(((m - truth) ** 2).mean())), "pearson_cell": pearson_cell(m, truth)}
+        out[direction] = {"weight": weight, **{name: {"rmse": float(np.sqrt(((m - truth) ** 2).mean())), "pearson_cell": float(np.nanmean(rowwise_pearson(m, truth)))}
                                                 for name, m in parts.items() if m is not None}}
     return out
 

@@ -30,7 +30,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,28 +40,17 @@ import scipy.sparse as sp
 WEIGHTS = tuple(float(w) for w in np.round(np.linspace(0.0, 1.0, 21), 2))
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", delete=False)
-    tmp.close()
-    try:
-        write(tmp.name)
-        os.chmod(tmp.name, 0o644)
-        os.replace(tmp.name, path)
-    finally:
-        if os.path.exists(tmp.name):
-            os.unlink(tmp.name)
-
-
 def stack(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, pool: Sequence[tuple[str | os.PathLike, str | os.PathLike]] = (),
           directions: Sequence[str] | None = None, weights: Sequence[float] = WEIGHTS, grid: dict | None = None,
           max_landmarks: int = 1000, seed: int = 0, batch_size: int = 64) -> dict:
     """Fit the source kernel and its weights into ``model_dir`` (see the module docstring); returns ``readout.json``'s new
     ``source_kernel`` entry. The folder changes only at the end (``source_kernel.safetensors``, then ``readout.json``)."""
     import datasets
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from evaluation.baselines import KRR_GRID, SvdKrrBaseline
     from evaluation.data import load_split_matrices
+    from evaluation.report import write_text_atomic
     from evaluation.runner import source_sentences
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
@@ -155,8 +143,8 @@ def stack(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, pool: Se
                 arrays[f"{direction}.{key}"] = np.ascontiguousarray(value, dtype=np.float32)
     readout["source_kernel"] = records
     if arrays:
-        _write_atomic(folder / KERNEL_FILE, lambda name: save_file(arrays, name))
-    _write_atomic(readout_path, lambda name: Path(name).write_text(json.dumps(readout, indent=2)))
+        write_text_atomic(folder / KERNEL_FILE, save(arrays))
+    write_text_atomic(readout_path, json.dumps(readout, indent=2))
     if not arrays:
         (folder / KERNEL_FILE).unlink(missing_ok=True)  # a kernel of an earlier stack, now unused
     card = folder / "README.md"
