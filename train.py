@@ -85,8 +85,8 @@ class DataArguments:
     gex_target_order: str = field(default="rank", metadata={"help": "order of GEX target sentences: rank (descending expression) | gene (the same genes in gene order); sources keep rank order"})
     max_eval_cells: int = field(default=1000, metadata={"help": "validation cells used for the validation loss"})
     calibration_cells: int = field(default=500, metadata={"help": "validation cells used to fit the readout calibration"})
-    calibration_selection_parts: int = field(default=5, metadata={"help": "the calibration keeps the readout with the lowest RMSE cross-fitted over this many parts of its cells; 0: the lowest in-sample RMSE (the rule before session 13)"})
-    calibration_selection_repeats: int = field(default=SELECTION_REPEATS, metadata={"help": "that cross-fitted RMSE is averaged over this many random partitions of the cells; 1: one partition (session 13)"})
+    calibration_selection_parts: int = field(default=5, metadata={"help": "the calibration keeps the readout with the lowest RMSE cross-fitted over this many parts of its cells; 0: the lowest in-sample RMSE"})
+    calibration_selection_repeats: int = field(default=SELECTION_REPEATS, metadata={"help": "that cross-fitted RMSE is averaged over this many random partitions of the cells; 1: one partition"})
 
 
 @dataclass

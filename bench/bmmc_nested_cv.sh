@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Issue 5, session 21: nested cross-validation of "train the final BMMC model on every cell of the training donor"
-# against "the fold-0 model" (docs/results.md, BMMC cross-validation, session 21's rows).
+# Nested cross-validation of "train the final BMMC model on every cell of the training donor"
+# against "the fold-0 model" (pooled results: docs/results/cv/bmmc_starter_nested*.json).
 #
 #   bash bench/bmmc_nested_cv.sh [WORK_DIR]      # default .dev/bmmc_nested; about 35 min on 2 CPU cores
 #
 # Outer folds: the 5 cross-validation folds of donor s1d1 (each scored once, as the test split of the inner datasets);
 # inner folds: the other four. Inner model (k, j) trains on the three folds other than k and j, validation fold j
-# (the picks' fold commands: the model's on rank sentences, seed_binary's on binary ones).
-#   (a) today:      inner model (k, first j) with the calibration pooled over the four inner models' readings;
+# (the fold commands of the two recipes: the model's on rank sentences, seed_binary's on binary ones).
+#   (a) fold model: inner model (k, first j) with the calibration pooled over the four inner models' readings;
 #                   baselines fit on its training folds, tuned on fold j.
 #   (b) every cell: a model trained on the four inner folds (dataset_builder --no_validation), its head refit settings
 #                   pooled over the four inner models (train.py --profile_choices_from), the same pooled calibration;
 #                   baselines tuned on fold j, then fit on the four inner folds (eval.py --refit_baselines).
 #   ens4 / ens5: the four inner models averaged (translator.ensemble), without / with the every-cell model.
-#   stack (session 22): ens5 (the model) / ens4 (seed_binary) with the source-kernel stack (translator.stack), its kernel
+#   stack: ens5 (the model) / ens4 (seed_binary) with the source-kernel stack (translator.stack), its kernel
 #                   settings and weights chosen on the four inner models' readings of the folds they did not train on.
 # Pooled with `python -m evaluation.crossval pool` into WORK_DIR/pool_a.json, pool_b.json, pool_ens.json and pool_stack.json.
 set -euo pipefail
@@ -79,7 +79,7 @@ for k in 0 1 2 3 4; do
   wait
   echo "outer fold $k scored $(date +%T)"
 done
-# Ensembles (session 21's ensemble rows): ens4 = the four inner models, ens5 = ens4 + the every-cell model; every member with
+# Ensembles: ens4 = the four inner models, ens5 = ens4 + the every-cell model; every member with
 # the pooled calibration (translator.ensemble gives the members the top folder's); baselines of the every-cell regime.
 ens() {  # kind k
   local kind=$1 k=$2 n=n js=() members=()
@@ -97,7 +97,7 @@ for k in 0 1 2 3 4; do
   ens mb $k > log_ens_mb_$k.txt 2>&1 &
   wait
 done
-# Source-kernel stack (session 22's rows): the picks' ensembles (model ens5, seed_binary ens4) stacked, pooled over the inner models.
+# Source-kernel stack: the ensembles (model ens5, seed_binary ens4) stacked, pooled over the inner models.
 stk() {  # kind k
   local kind=$1 k=$2 n=n a=a e=ens5 js=() pool=()
   if [ "$kind" = mb ]; then n=nb; a=ab; e=ens4; fi

@@ -1,4 +1,4 @@
-"""Diagnostics of a trained model's readout on the validation split (issue 5's levers; nothing here reads test cells).
+"""Diagnostics of a trained model's readout on the validation split (nothing here reads test cells).
 
 - ``kernel``: RBF kernel ridge on the profile head's inputs (the model's states, standardised; Nystroem landmarks;
   width as a multiple of the median squared distance), fitted either to the targets over the per-feature train mean
@@ -10,7 +10,7 @@
   metrics core (RMSE, per-cell Pearson, AUROC, AP) beside each member alone.
 - ``bootstrap``: how well the validation split can rank the model against the tuned baselines: a paired bootstrap over
   its cells of the RMSE difference (model minus baseline).
-- ``sampled``: the issue's "several sampled sentences" readout: ``--samples`` sentences drawn per validation cell
+- ``sampled``: a "several sampled sentences" readout: ``--samples`` sentences drawn per validation cell
   (each step's name drawn from its distribution at ``--temperature``), read two ways (the share of draws naming each
   feature; the mean of the drawn paths' step-probability aggregates) and calibrated as the greedy readout's
   aggregates are, against the profile readout and the greedy sentence, all cross-fitted over ``--parts``, and the best
@@ -23,8 +23,8 @@
   core's RMSE, per-cell Pearson, AUROC, AP) that ``python -m evaluation.crossval pool`` reads as a candidate; beside it
   the in-sample figures (fitted and scored on all cells, what ``eval.py`` reports).
 
-- ``foldpool``: the calibration fitted on the cells of several cross-validation folds at once (issue 5's "more cells to
-  calibrate on"). ``--model`` / ``--dataset_dir`` and ``--members`` / ``--member_dataset_dirs`` are the fold models
+- ``foldpool``: the calibration fitted on the cells of several cross-validation folds at once (more cells to
+  calibrate on). ``--model`` / ``--dataset_dir`` and ``--members`` / ``--member_dataset_dirs`` are the fold models
   with the dataset folders whose validation split is each one's held-out fold. For every fold ``k`` the calibration
   (the same ``fit_readout`` rule over each arm) is fitted on the other folds' cells as their own fold models read
   them, plus, for each of ``--parts`` parts of fold ``k``, the rest of fold ``k`` as its model reads it, and predicts
@@ -286,10 +286,10 @@ def sampled_features(translator, source_ids: Sequence[np.ndarray], direction: st
 
 def sampled(translator, val: dict, directions: Sequence[str], samples: int, temperature: float, parts: int, seed: int = 0,
             selection_parts: int | None = None, selection_repeats: int | None = None) -> dict:
-    """The issue's "several sampled sentences" readout against the profile readout, all calibrated cross-fitted.
+    """A "several sampled sentences" readout against the profile readout, all calibrated cross-fitted.
 
     Arms: ``profile,profile_depth`` (the readout ``train.py`` calibrates), ``greedy`` (the one greedy sentence's step
-    aggregates, session 1's readout), ``sampled share`` and ``sampled paths`` (``samples`` sentences a cell, the two
+    aggregates), ``sampled share`` and ``sampled paths`` (``samples`` sentences a cell, the two
     estimates of :func:`sampled_features`), and for each sampled arm the best blend ``w * sampled + (1 - w) * profile``
     over a grid of ``w``, chosen on the same pooled cross-fitted predictions it is scored on: an upper bound on what
     the draws add to the profile readout.
@@ -460,9 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=8, help="sampled: sentences drawn per cell")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampled: the temperature of each step's draw")
     parser.add_argument("--selection_parts", type=int, help="crossfit: how each fit picks its aggregation (fit_readout's selection_parts; "
-                        "default its own, cross-fitted over 5 parts; 0 = lowest in-sample RMSE, the rule before session 13)")
+                        "default its own, cross-fitted over 5 parts; 0 = lowest in-sample RMSE)")
     parser.add_argument("--selection_repeats", type=int, help="crossfit: the random partitions each fit's cross-fitted RMSE is averaged over "
-                        "(fit_readout's selection_repeats; default its own, 10; 1 = session 13's single partition)")
+                        "(fit_readout's selection_repeats; default its own, 10; 1 = a single partition)")
     parser.add_argument("--dataset_name", help="crossfit: the name eval.py was given (--dataset_name), so crossval pool pairs the folds")
     parser.add_argument("--output_dir", help="crossfit: write <output_dir>/<arm>/eval_results.json for evaluation.crossval pool")
     parser.add_argument("--cpu_threads", type=int, default=1)

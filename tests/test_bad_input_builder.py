@@ -1,4 +1,4 @@
-"""Bad input to `python -m dataset_builder` (issue 7): one-line error, exit code 2, no output left behind.
+"""Bad input to `python -m dataset_builder`: one-line error, exit code 2, no output left behind.
 
 Every case of the builder's rows in docs/bad_input.md is tried here.
 """

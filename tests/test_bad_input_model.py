@@ -1,4 +1,4 @@
-"""Issue 7, model side: bad input to train.py, predict.py, eval.py and the translator API.
+"""Model side: bad input to train.py, predict.py, eval.py and the translator API.
 
 One tiny model (2 steps) on a synthetic dataset serves the whole module. Every refusal is checked for a
 one-line message naming the flag or file, exit code 2 for the CLIs, and no output left behind; the cases

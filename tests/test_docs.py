@@ -2,7 +2,7 @@
 
 The README's headline table and docs/results.md's rank and bootstrap tables are written by hand from
 ``python -m evaluation.report docs/results/*.json``; these tests fail when a new read lands in the JSON
-files and a table is left behind (session 18 found docs/results.md's BMMC rows one read old).
+files and a table is left behind.
 """
 
 from __future__ import annotations

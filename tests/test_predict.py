@@ -211,7 +211,7 @@ def test_recalibrate_is_the_last_stage_of_train_py_and_upgrades_an_old_folder(mo
     restricted = json.loads((folder / "readout.json").read_text())["calibration"]
     assert set(restricted["gex2atac"]["validation_rmse"]) == {"noisy_or", "sum", "profile"}
     assert restricted["gex2atac"]["validation_rmse"]["profile"] == trained["calibration"]["gex2atac"]["validation_rmse"]["profile"]
-    recalibrate(folder, model_dir.parent / "data", selection_parts=0)  # the rule of folders trained before session 13
+    recalibrate(folder, model_dir.parent / "data", selection_parts=0)  # the in-sample choice, as folders trained with --calibration_selection_parts 0
     in_sample = json.loads((folder / "readout.json").read_text())["calibration"]
     for direction, params in in_sample.items():
         assert params["selection"] == "in-sample" and "validation_rmse_cross_fitted" not in params

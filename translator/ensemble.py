@@ -3,7 +3,7 @@
 With a few hundred training cells (BMMC's one training donor) a single model's residual over the per-feature mean is
 noisy; the cross-validation fold models, each trained on four fifths of the cells, together have seen every cell, and
 the mean of their calibrated matrices (with the model trained on every cell) predicted the held-out fold better than
-any one of them in nested cross-validation (docs/results.md, session 21). This writes such a folder:
+any one of them in nested cross-validation (docs/results/cv/bmmc_starter_nested_ensembles.json). This writes such a folder:
 
 - the top level is ``--model`` as it is (a complete ``train.py`` folder: it still loads with ``AutoModelForSeq2SeqLM`` /
   ``AutoTokenizer``, and ``CellTranslator.translate`` writes its sentences);

@@ -482,9 +482,9 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
         lowest RMSE *cross-fitted* over this many parts of the cells (each part predicted by the calibration fitted on
         the others), so that a readout with more coefficients is not kept for fitting the very cells it is scored on
         (BMMC folds: GEX ``profile_depth`` lowers the in-sample RMSE and raises the cross-fitted one). Its coefficients
-        are then fitted on all the cells. ``0`` (or too few cells): the lowest in-sample RMSE, the rule before session 13.
+        are then fitted on all the cells. ``0`` (or too few cells): the lowest in-sample RMSE.
     selection_repeats
-        The cross-fitted RMSE is averaged over this many random partitions (session 14; 1 = session 13's single
+        The cross-fitted RMSE is averaged over this many random partitions (1: a single
         partition, whose verdict on 46 BMMC cells was the reverse of 9 in 10 other partitions').
 
     Returns

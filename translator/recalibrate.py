@@ -1,11 +1,11 @@
 """Refit the readout calibration of a trained model folder: the last stage of ``train.py``, alone.
 
 ``train.py`` ends by fitting ``readout.json``'s ``calibration`` on the validation split
-(:func:`translator.training.calibrate`). When the readout gains an option (``profile_depth``, session 12),
+(:func:`translator.training.calibrate`). When the readout gains an option (such as ``profile_depth``),
 a folder trained before can take it without retraining: this runs that same stage on the same cells with
 the settings in the folder's ``training_args.json`` (``calibration_cells``, ``directions``, ``seed``,
 ``per_device_eval_batch_size``) and the caps in ``readout.json``, so the folder ends as a fresh
-``train.py`` run with today's code would leave it. Only ``readout.json``'s ``calibration`` changes; the file
+``train.py`` run with the current code would leave it. Only ``readout.json``'s ``calibration`` changes; the file
 is replaced in one move.
 
 ``--pool MODEL DATASET_DIR`` (repeatable) fits the calibration on more cells: the validation cells of each
@@ -13,7 +13,7 @@ is replaced in one move.
 ``--no_validation``: a final model trained on every cell, calibrated on its fold models' readings of the cells they did not train on). Made for cross-validation fold models: fold 0's
 model calibrated on every fold, each fold read by the model that did not train on it (each cell keeps the per-feature
 train statistics of the model that read it). With one training donor of 221 cells (BMMC) that is 221 calibration cells
-instead of 46 (results.md, session 20).
+instead of 46 (docs/results/cv/bmmc_starter_foldpool.json).
 
 Usage::
 
@@ -71,9 +71,9 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     ``aggregations`` restricts the readouts the calibration chooses from (default: all, as ``train.py``), e.g. to score
     one folder with and without ``profile_depth``. ``selection_parts`` is how the aggregation is chosen (default: the
     folder's ``train.py --calibration_selection_parts``, or :data:`translator.readout.SELECTION_PARTS` (cross-fitted, train.py's
-    default since session 13) for folders trained before; ``0``: the lowest in-sample RMSE, the rule before session 13).
+    default) for folders without it; ``0``: the lowest in-sample RMSE).
     ``selection_repeats``: the random partitions that RMSE is averaged over (default: the folder's
-    ``--calibration_selection_repeats``, else :data:`translator.readout.SELECTION_REPEATS`, the default since session 14).
+    ``--calibration_selection_repeats``, else :data:`translator.readout.SELECTION_REPEATS`).
     ``pool``: ``(model folder, dataset folder)`` pairs whose validation cells, as that model reads them, are fitted on too
     (see the module docstring); every pair must name the same genes and peaks as ``model_dir``.
     """
@@ -161,9 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--aggregations", nargs="+", help="readouts the calibration may choose from (default: all, as train.py), "
                         "e.g. noisy_or sum profile to leave profile_depth out")
     parser.add_argument("--selection_parts", type=int, help="choose the aggregation by RMSE cross-fitted over this many parts of the cells "
-                        "(default: the folder's train.py --calibration_selection_parts, else 5); 0 = the lowest in-sample RMSE, the rule before session 13")
+                        "(default: the folder's train.py --calibration_selection_parts, else 5); 0 = the lowest in-sample RMSE")
     parser.add_argument("--selection_repeats", type=int, help="average that cross-fitted RMSE over this many random partitions "
-                        "(default: the folder's train.py --calibration_selection_repeats, else 10); 1 = one partition, session 13's rule")
+                        "(default: the folder's train.py --calibration_selection_repeats, else 10); 1 = one partition")
     parser.add_argument("--pool", nargs=2, action="append", default=[], metavar=("MODEL", "DATASET_DIR"),
                         help="also fit on DATASET_DIR's validation cells as MODEL reads them (repeatable; cross-validation fold models)")
     parser.add_argument("--cpu_threads", type=int, default=1)

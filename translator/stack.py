@@ -1,8 +1,8 @@
 """Source-kernel stack: blend a model folder's calibrated matrix with a kernel ridge regression on its source names.
 
 The translator's readout is a linear map of pooled states; the ``svd_krr`` baseline is an RBF kernel regression on the
-latent semantic analysis of the same source. Their errors differ: on BMMC's nested cross-validation (docs/results.md,
-session 22) the weighted mean of the two predicted the held-out cells better than either. This fits that mean into a
+latent semantic analysis of the same source. Their errors differ: on BMMC's nested cross-validation
+(docs/results/cv/bmmc_starter_nested_stack.json) the weighted mean of the two predicted the held-out cells better than either. This fits that mean into a
 model folder, from the model's own input (the names in its source sentence, as a bag of names):
 
 - the kernel: the ``svd_krr`` regression (``evaluation.baselines.SvdKrrBaseline``: TF-IDF + truncated SVD for ATAC

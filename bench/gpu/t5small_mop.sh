@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Issue 5's t5-small row on a lent GPU, in one device call: train the t5-small shape with MOp's chosen recipe
+# The t5-small shape on MOp on one GPU, in one device call: train the t5-small shape with MOp's chosen recipe
 # (docs/results.md), calibrate it as train.py does, and score it with eval.py on validation and on test.
 # Inputs staged by bench/gpu/prepare.sh (.gpu/whl, .gpu/data.tgz); from here:
 #   run(command="bash bench/gpu/t5small_mop.sh", carry=[".gpu"], timeout_s=600)
 # What comes back under $OUT: the logs, both eval_results.json (as eval_validation.json, eval_test.json), the folder's readout.json and
 # training_args.json. Score validation here: copy eval_validation.json to D/eval_results.json, then
-# `python -m evaluation.crossval pool --baselines evbase_mop --candidate t5small D ...` beside the CPU picks' validation runs.
+# `python -m evaluation.crossval pool --baselines evbase_mop --candidate t5small D ...` beside the CPU models' validation runs.
 # Knobs (environment): STEPS (1000), BATCH (128), LR (5e-4), WARMUP (100), PRECISION (no: fp32 with TF32 matrix products,
-# train.py --tf32; session 10's bf16 at lr 1e-3 diverged), TEST_IF_BETTER_THAN (unset: always score test; else an earlier
+# train.py --tf32; bf16 at lr 1e-3 diverges on this recipe), TEST_IF_BETTER_THAN (unset: always score test; else an earlier
 # run's eval_validation.json: test is scored only when this run's validation RMSE is lower in both directions), TRAIN_SECONDS (240: train.py --max_train_seconds, the guard
 # that keeps training, refit, calibration and both evaluations inside one 10-minute call), EVAL_BATCH (128), REPEATS (1: the calibration's partitions; on MOp's 841 cells 1 and 10 gave both final models
-# bit-identical readouts in session 14, and 10 cost ~4 more minutes on a CPU, too many for one 10-minute call), SHAPE (t5-small), THREADS (16), and SMOKE=1 for a
+# bit-identical readouts, and 10 cost ~4 more minutes on a CPU, too many for one 10-minute call), SHAPE (t5-small), THREADS (16), and SMOKE=1 for a
 # few tiny CPU steps that check the plumbing (tests/test_bench_smoke.py runs it on synthetic cells, GPU_DIR: where
 # data.tgz and whl/ lie, default .gpu).
 set -uo pipefail
