@@ -293,6 +293,81 @@ def test_predict_refuses_an_existing_output_unless_told(setup, tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.h5ad"]  # no temporary left behind
 
 
+# -- inputs that share too few features with the model ---------------------------------------------------------
+
+def _renamed(adata: ad.AnnData, names: list[str]) -> ad.AnnData:
+    return ad.AnnData(X=adata.X.copy(), obs=adata.obs[[]].copy(), var=pd.DataFrame(index=names))
+
+
+@pytest.mark.parametrize(("case", "direction", "words"), [
+    ("lower_case", "gex2atac", ["0 of the model's 20 genes", "if case were ignored", "var_names"]),
+    ("ensembl_ids", "gex2atac", ["0 of the model's 20 genes", "Ensembl id", "gene symbols"]),
+    ("peaks_without_chr", "atac2gex", ["0 of the model's 30 peaks", "lack the 'chr' prefix", "'chr' + adata.var_names"]),
+    ("other_regions", "atac2gex", ["0 of the model's 30 peaks", "genome assembly"]),
+])
+def test_predict_refuses_an_input_sharing_few_features_with_the_model(setup, tmp_path, capsys, case, direction, words):
+    import predict
+
+    gex, atac = setup["gex"], setup["atac"]
+    source = {
+        "lower_case": lambda: _renamed(gex, [g.lower() for g in gex.var_names]),
+        "ensembl_ids": lambda: _renamed(gex, [f"ENSG{i:011d}" for i in range(gex.n_vars)]),
+        "peaks_without_chr": lambda: _renamed(atac, [p.removeprefix("chr") for p in atac.var_names]),
+        "other_regions": lambda: _renamed(atac, [f"chr7-{100 * i}-{100 * i + 50}" for i in range(atac.n_vars)]),
+    }[case]()
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    before = (tmp_path / "cells.h5ad").read_bytes()
+    output = tmp_path / "pred.h5ad"
+    argv = ["--model", str(setup["model"]), "--input", str(tmp_path / "cells.h5ad"), "--direction", direction, "--output", str(output)]
+    _one_line(*_cli(predict.main, argv, capsys), "cells.h5ad", *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad"]  # no output, no temporary file
+    assert (tmp_path / "cells.h5ad").read_bytes() == before
+
+
+def test_an_input_with_half_the_genes_is_predicted_with_a_warning_and_counted(setup, tmp_path, caplog):
+    from translator import CellTranslator
+
+    tr = CellTranslator.from_pretrained(setup["model"])
+    gex = setup["gex"]
+    half = gex[:, : gex.n_vars // 2].copy()
+    caplog.set_level("INFO")
+    out = tr.predict_anndata(half, "gex2atac")
+    stats = out.uns["cell_translation"]
+    assert (stats["model_features"], stats["model_features_found"]) == (gex.n_vars, gex.n_vars // 2)
+    assert f"has {gex.n_vars // 2} of the model's {gex.n_vars} genes ({gex.n_vars - gex.n_vars // 2} missing)" in caplog.text
+    complete = tr.predict_anndata(gex, "gex2atac").uns["cell_translation"]
+    assert complete["model_features_found"] == complete["model_features"] == gex.n_vars
+    assert f"has all {gex.n_vars} of the model's genes" in caplog.text
+    with pytest.raises(ValueError, match=f"has only {gex.n_vars // 2 - 1} of the model's {gex.n_vars} genes"):
+        tr.predict_anndata(gex[:, : gex.n_vars // 2 - 1].copy(), "gex2atac")
+
+
+def test_a_broad_input_peak_reaches_every_model_peak_it_overlaps(setup, caplog):
+    from translator import CellTranslator
+
+    tr = CellTranslator.from_pretrained(setup["model"])
+    atac = setup["atac"]
+    model_peaks = list(atac.var_names)
+    # One broad input peak over each pair of neighbouring model peaks (0-1, 2-3, ...) of a chromosome.
+    pairs = [(i, i + 1) for i in range(0, len(model_peaks) - 1, 2) if model_peaks[i].split("-")[0] == model_peaks[i + 1].split("-")[0]]
+    broad = [f"{model_peaks[a].rsplit('-', 2)[0]}-{model_peaks[a].split('-')[1]}-{model_peaks[b].split('-')[2]}" for a, b in pairs]
+    opened = (np.random.default_rng(3).random((atac.n_obs, len(pairs))) < 0.5).astype(np.float32)
+    opened[0] = 1  # at least one cell with every broad peak open
+    caplog.set_level("WARNING")
+    out = tr.predict_anndata(ad.AnnData(X=sp.csr_matrix(opened), obs=atac.obs[[]], var=pd.DataFrame(index=broad)), "atac2gex")
+    stats = out.uns["cell_translation"]
+    reached = 2 * len(pairs)
+    assert (stats["mapped_peaks"], stats["model_features_found"], stats["model_features"]) == (len(pairs), reached, len(model_peaks))
+    if reached < len(model_peaks):
+        assert f"overlap {reached} of the model's {len(model_peaks)} peaks ({len(model_peaks) - reached} reached by no input peak)" in caplog.text
+    # The same cells given on the model's own peaks, both peaks of a pair open where the broad peak is.
+    own = np.zeros((atac.n_obs, len(model_peaks)), dtype=np.float32)
+    for k, (a, b) in enumerate(pairs):
+        own[:, a] = own[:, b] = opened[:, k]
+    expected = tr.predict_anndata(ad.AnnData(X=sp.csr_matrix(own), obs=atac.obs[[]], var=pd.DataFrame(index=model_peaks)), "atac2gex")
+    np.testing.assert_allclose(out.X, expected.X, rtol=1e-5, atol=1e-6)
+
+
 # -- handled, not refused -----------------------------------------------------------------------------------------
 
 def test_unknown_genes_are_ignored_and_counted(setup, caplog):
@@ -320,6 +395,7 @@ def test_peaks_of_another_peak_set_are_mapped_by_overlap(setup, caplog):
     out = tr.predict_anndata(other, "atac2gex")
     stats = out.uns["cell_translation"]
     assert stats["mapped_peaks"] == atac.n_vars and stats["unmapped_peaks"] == 2
+    assert stats["model_features_found"] == stats["model_features"] == atac.n_vars
     assert "2 of" in caplog.text and "overlap no model peak" in caplog.text
     np.testing.assert_allclose(out.X, tr.predict_anndata(atac, "atac2gex").X, rtol=1e-5, atol=1e-6)
 

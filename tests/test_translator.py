@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from translator.anndata_io import map_peaks_by_overlap
+from translator.anndata_io import peak_overlaps
 from translator.data import LengthGroupedBatchSampler, TranslationCollator, cap_names, target_ids
 from translator.modeling import constrained_decode, full_vocabulary_loss, make_config, make_model, restricted_lm_loss
 from translator.readout import apply_readout, fit_readout
@@ -201,6 +201,9 @@ def test_gex_calibration_is_least_squares_on_expected_value_and_means():
 
 
 def test_peaks_map_by_genomic_overlap():
-    reference = ["chr1-100-200", "chr1-300-400", "chr2-100-200", "chrX-50-60"]
-    query = ["chr1-150-250", "chr1-200-300", "chr1-390-500", "chr2-100-200", "chr3-1-1000", "chrX-10-51", "chr1-1-100"]
-    assert map_peaks_by_overlap(query, reference).tolist() == [0, -1, 1, 2, -1, 3, -1]
+    reference = ["chr1-100-200", "chr1-300-400", "chr2-100-200", "chrX-50-60", "chr1-350-360", "chr1-500-500"]
+    query = ["chr1-150-250", "chr1-200-300", "chr1-390-500", "chr2-100-200", "chr3-1-1000", "chrX-10-51", "chr1-1-100",
+             "chr1-150-355", "chr1-500-500"]
+    pairs = list(zip(*(a.tolist() for a in peak_overlaps(query, reference)), strict=True))
+    # A broad query peak reaches every model peak it overlaps (7: three of them), not only the first.
+    assert pairs == [(0, 0), (2, 1), (3, 2), (5, 3), (7, 0), (7, 1), (7, 4), (8, 5)]

@@ -60,52 +60,147 @@ def _read_source_modality(paths: Sequence[Path], label: str):
     return mod
 
 
-def map_peaks_by_overlap(query: Sequence[str], reference: Sequence[str]) -> np.ndarray:
-    """Index of the reference peak overlapping each query peak (-1 = none), vectorized per chromosome.
+def _peak_table(names: Sequence[str]) -> pd.DataFrame:
+    parts = pd.Series(list(names), dtype=str).str.rsplit("-", n=2, expand=True)
+    start = parts[1].astype(np.int64).to_numpy()
+    # A zero-length peak (end == start) covers its start base, so it still overlaps (and equals) its own name.
+    end = np.maximum(parts[2].astype(np.int64).to_numpy(), start + 1)
+    return pd.DataFrame({"chrom": parts[0], "start": start, "end": end})
 
-    Both lists are normalized ``chrN-start-end`` names; the reference is in genomic order with
-    non-overlapping peaks (as dataset_builder writes it). A query peak maps to the first reference
-    peak it overlaps; identical names always map to each other.
+
+def peak_overlaps(query: Sequence[str], reference: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Every overlapping (query peak, reference peak) pair, vectorized per chromosome.
+
+    Parameters
+    ----------
+    query, reference
+        Normalized ``chrN-start-end`` peak names (half-open intervals, as in BED), any order; the
+        reference peaks may overlap each other.
+
+    Returns
+    -------
+    query_index, reference_index
+        ``int64`` arrays of equal length, one entry per overlapping pair, sorted by query then reference
+        index. A query peak appears once for each reference peak it overlaps; identical names always pair.
     """
-
-    def split(names: Sequence[str]) -> pd.DataFrame:
-        parts = pd.Series(list(names), dtype=str).str.rsplit("-", n=2, expand=True)
-        return pd.DataFrame({"chrom": parts[0], "start": parts[1].astype(np.int64), "end": parts[2].astype(np.int64)})
-
-    out = np.full(len(query), -1, dtype=np.int64)
+    empty = np.zeros(0, dtype=np.int64)
     if not len(query) or not len(reference):
-        return out
-    q, r = split(query), split(reference)
+        return empty, empty
+    q, r = _peak_table(query), _peak_table(reference)
     r["index"] = np.arange(len(r))
+    pairs_q, pairs_r = [empty], [empty]
+    reference_by_chrom = dict(tuple(r.groupby("chrom", sort=False)))
     for chrom, q_rows in q.groupby("chrom", sort=False).groups.items():
-        ref = r[r["chrom"] == chrom].sort_values("start")
-        if ref.empty:
+        ref = reference_by_chrom.get(chrom)
+        if ref is None:
             continue
-        ends = np.maximum.accumulate(ref["end"].to_numpy())
-        starts = ref["start"].to_numpy()
-        qs = q.loc[q_rows, "start"].to_numpy()
-        qe = q.loc[q_rows, "end"].to_numpy()
-        j = np.searchsorted(ends, qs, side="right")  # first reference peak ending after the query start
-        j_clipped = np.minimum(j, len(ref) - 1)
-        hit = (j < len(ref)) & (starts[j_clipped] < qe)
-        out[np.asarray(q_rows)[hit]] = ref["index"].to_numpy()[j_clipped[hit]]
-    return out
+        ref = ref.sort_values(["start", "end"], kind="stable")
+        starts, ends, ids = ref["start"].to_numpy(), ref["end"].to_numpy(), ref["index"].to_numpy()
+        rows = np.asarray(q_rows)
+        qs, qe = q["start"].to_numpy()[rows], q["end"].to_numpy()[rows]
+        # Candidates of a query: from the first reference peak whose running maximum end passes the query's start
+        # to the last one starting before the query's end; nested reference peaks among them are filtered below.
+        lo = np.searchsorted(np.maximum.accumulate(ends), qs, side="right")
+        hi = np.searchsorted(starts, qe, side="left")
+        n = np.maximum(hi - lo, 0)
+        which = np.repeat(np.arange(rows.size), n)
+        candidate = np.repeat(lo, n) + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        hit = ends[candidate] > qs[which]
+        pairs_q.append(rows[which[hit]])
+        pairs_r.append(ids[candidate[hit]])
+    query_index, reference_index = np.concatenate(pairs_q), np.concatenate(pairs_r)
+    order = np.lexsort((reference_index, query_index))
+    return query_index[order], reference_index[order]
 
 
 SENTENCE_BLOCK = 4096  # cells ranked and joined at a time: the per-entry work arrays stay small (a full-size file has ~0.3 G entries)
+_ENSEMBL_ID = r"^ENS[A-Z]*G\d{6,}(\.\d+)?$"
 
 
-def _gex_sentences(mod, meta: dict, block: int = SENTENCE_BLOCK) -> tuple[Iterator[list[str]], dict]:
+def _share(names: pd.Index, pattern: str) -> float:
+    return float(names.str.match(pattern).mean()) if len(names) else 0.0
+
+
+def _gene_name_hint(names: pd.Index, model: pd.Index, found: int) -> str:
+    """Why the input's gene names miss the model's, when a usual difference explains it (case, Ensembl ids)."""
+    upper, names_upper = model.str.upper(), names.str.upper()
+    upper_found = int(upper.isin(names_upper).sum())
+    if upper_found > found:
+        example = int(np.flatnonzero(names_upper.isin(upper) & ~names.isin(model))[0])
+        spelled = model[int(np.flatnonzero(upper == names_upper[example])[0])]
+        return (
+            f"{upper_found - found} more would match if case were ignored (e.g. '{names[example]}' in the input, "
+            f"'{spelled}' in the model): rename var_names to the model's spelling"
+        )
+    input_ids, model_ids = _share(names, _ENSEMBL_ID), _share(model, _ENSEMBL_ID)
+    if input_ids > 0.5 and model_ids <= 0.5:
+        return (
+            f"the input names genes by Ensembl id (e.g. '{names[0]}') but the model by symbol (e.g. '{model[0]}'): "
+            "set var_names to the gene symbols (e.g. adata.var_names = adata.var['gene_symbols'])"
+        )
+    if model_ids > 0.5 and input_ids <= 0.5:
+        return (
+            f"the input names genes by symbol (e.g. '{names[0]}') but the model by Ensembl id (e.g. '{model[0]}'): "
+            "set var_names to the Ensembl ids (e.g. adata.var_names = adata.var['gene_ids'])"
+        )
+    if model_ids > 0.5 and input_ids > 0.5:
+        strip = r"\.\d+$"
+        if int(model.str.replace(strip, "", regex=True).isin(names.str.replace(strip, "", regex=True)).sum()) > found:
+            return "the Ensembl ids differ in their version suffix (e.g. '.5'): give ids with the same versions as the model's"
+    return (
+        f"check that the input names genes as the model does (e.g. '{model[0]}'; symbols vs Ensembl ids, case) "
+        "and is of the same organism"
+    )
+
+
+def _peak_name_hint(names: Sequence[str], model: Sequence[str], found: int) -> str:
+    """Why the input's peaks miss the model's, when a ``chr`` prefix explains it."""
+    chrom = pd.Index([n.rsplit("-", 2)[0] for n in names]) if len(names) else pd.Index([])
+    with_chr = chrom.str.lower().str.startswith("chr")
+    model_with_chr = pd.Index([n.rsplit("-", 2)[0] for n in model]).str.lower().str.startswith("chr")
+    if not with_chr.any() and model_with_chr.all():
+        renamed, change = ["chr" + n for n in names], "add it (adata.var_names = 'chr' + adata.var_names)"
+    elif with_chr.all() and not model_with_chr.any():
+        renamed, change = [n[3:] for n in names], "remove it (adata.var_names = adata.var_names.str.removeprefix('chr'))"
+    else:
+        renamed = None
+    if renamed is not None and np.unique(peak_overlaps(renamed, model)[1]).size > found:
+        which = "lack the 'chr' prefix of the model's" if not with_chr.any() else "have a 'chr' prefix the model's lack"
+        return f"the input's peak names {which} (e.g. '{names[0]}' vs '{model[0]}'): {change}"
+    return (
+        f"give peaks covering the model's regions (e.g. '{model[0]}'), on the same genome assembly (hg19 vs hg38), "
+        "or the cells' counts on the model's own peaks"
+    )
+
+
+def _check_found(found: int, total: int, kind: str, where: str, hint) -> None:
+    """Log how many of the model's source features the input reaches; refuse fewer than half, warn below all.
+
+    ``kind``: "gene" (a model gene is found when the input names it) or "peak" (when an input peak overlaps it).
+    """
+    have = f"{where} has" if kind == "gene" else f"the peaks of {where} overlap"
+    if total and 2 * found < total:
+        raise ValueError(f"{have} only {found} of the model's {total} {kind}s, too few for a prediction; {hint()}")
+    if found < total:
+        missing = f"{total - found} missing" if kind == "gene" else f"{total - found} reached by no input peak"
+        logger.warning("%s %d of the model's %d %ss (%s): predictions may be less accurate", have, found, total, kind, missing)
+    else:
+        logger.info("%s all %d of the model's %ss", have, total, kind)
+
+
+def _gex_sentences(mod, meta: dict, where: str, block: int = SENTENCE_BLOCK) -> tuple[Iterator[list[str]], dict]:
     """GEX sentences ``block`` cells at a time (a generator), and the counts of what was mapped."""
     from dataset_builder.sentences import BINARY_THRESHOLD, NameTable, library_size_factors, rank_genes
 
+    names = pd.Index(np.asarray(mod.features, dtype=object).astype(str))
+    model = pd.Index(meta["genes"])
+    known = names.isin(model)
+    found = int(model.isin(names).sum())
+    _check_found(found, len(model), "gene", where, lambda: _gene_name_hint(names, model, found))
     counts = sp.csr_matrix(mod.matrix)
     use_obs = str(meta.get("normalization", {}).get("size_factor", "")).startswith("obs") and mod.size_factors is not None
     size_factors = np.asarray(mod.size_factors if use_obs else library_size_factors(counts), dtype=np.float64)
-    names = np.asarray(mod.features, dtype=object)
     name_array = NameTable(pa.array(names.tolist(), pa.string()))
-    model_genes = set(meta["genes"])
-    known = np.array([n in model_genes for n in names])
 
     def blocks() -> Iterator[list[str]]:
         for start in range(0, counts.shape[0], block):
@@ -121,36 +216,40 @@ def _gex_sentences(mod, meta: dict, block: int = SENTENCE_BLOCK) -> tuple[Iterat
             offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=stop - start))])
             yield _join(name_array, offsets, index)
 
-    stats = {"source_features": len(names), "unknown_genes": int((~known).sum())}
+    stats = {"source_features": len(names), "unknown_genes": int((~known).sum()), "model_features": len(model), "model_features_found": found}
     if stats["unknown_genes"]:
         logger.warning("%d of %d input genes are unknown to the model and were ignored", stats["unknown_genes"], len(names))
     return blocks(), stats
 
 
-def _atac_sentences(mod, meta: dict, block: int = SENTENCE_BLOCK) -> tuple[Iterator[list[str]], dict]:
-    """ATAC sentences (the model's peaks each cell's peaks overlap) ``block`` cells at a time, and the mapping counts."""
+def _atac_sentences(mod, meta: dict, where: str, block: int = SENTENCE_BLOCK) -> tuple[Iterator[list[str]], dict]:
+    """ATAC sentences (every model peak each cell's peaks overlap) ``block`` cells at a time, and the mapping counts."""
     from dataset_builder.readers import normalize_peak_names
     from dataset_builder.sentences import NameTable
 
-    names = normalize_peak_names(mod.features, mod.path)
-    mapping = map_peaks_by_overlap(names, meta["peaks"])
+    names = normalize_peak_names(mod.features, where)
+    model = list(meta["peaks"])
+    query_index, model_index = peak_overlaps(names, model)
+    found = int(np.unique(model_index).size)
+    _check_found(found, len(model), "peak", where, lambda: _peak_name_hint(names, model, found))
+    # Input peak -> every model peak it overlaps: a cell's accessible model peaks are one sparse product away.
+    overlap = sp.csr_matrix((np.ones(query_index.size, np.int32), (query_index, model_index)), shape=(len(names), len(model)))
     matrix = sp.csr_matrix(mod.matrix)
-    model_peaks = NameTable(pa.array(list(meta["peaks"]), pa.string()))
+    model_peaks = NameTable(pa.array(model, pa.string()))
 
     def blocks() -> Iterator[list[str]]:
         for start in range(0, matrix.shape[0], block):
             rows_block = matrix[start : start + block]
             rows_block.eliminate_zeros()
-            cols = mapping[rows_block.indices]
-            rows = np.repeat(np.arange(rows_block.shape[0]), np.diff(rows_block.indptr))
-            keep = cols >= 0
-            # Several input peaks may fall on one model peak: count it once, in genomic (= model) order.
-            accessible = sp.csr_matrix((np.ones(keep.sum(), np.int8), (rows[keep], cols[keep])), shape=(rows_block.shape[0], len(meta["peaks"])))
-            accessible.sum_duplicates()
+            opened = sp.csr_matrix((np.ones(rows_block.nnz, np.int32), rows_block.indices, rows_block.indptr), shape=rows_block.shape)
+            # Several input peaks may reach one model peak: it is listed once, in genomic (= model) order.
+            accessible = opened @ overlap
             accessible.sort_indices()
             yield _join(model_peaks, accessible.indptr, accessible.indices)
 
-    stats = {"source_features": len(names), "mapped_peaks": int((mapping >= 0).sum()), "unmapped_peaks": int((mapping < 0).sum())}
+    mapped = int(np.unique(query_index).size)
+    stats = {"source_features": len(names), "mapped_peaks": mapped, "unmapped_peaks": len(names) - mapped,
+             "model_features": len(model), "model_features_found": found}
     if stats["unmapped_peaks"]:
         logger.warning("%d of %d input peaks overlap no model peak and were ignored", stats["unmapped_peaks"], len(names))
     return blocks(), stats
@@ -186,7 +285,9 @@ def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int
     finally:
         if tmp_dir is not None:
             tmp_dir.cleanup()
-    blocks, stats = _gex_sentences(mod, meta, block) if label == "GEX" else _atac_sentences(mod, meta, block)
+    where = "the AnnData given" if tmp_dir is not None else str(mod.path)
+    make = _gex_sentences if label == "GEX" else _atac_sentences
+    blocks, stats = make(mod, meta, where, block)
     stats["empty_cells"] = 0
     obs = mod.obs.copy()
     obs.index = pd.Index(mod.cells, name=None)
