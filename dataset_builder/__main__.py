@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hub.add_argument("--push_to_hub", action="store_true", help="push the dataset as Parquet with a card")
     hub.add_argument("--hub_dataset_id", default=None, help="Hub dataset id user/name (needed with --push_to_hub)")
     hub.add_argument("--hub_private", action="store_true", help="create the Hub repository as private")
+    hub.add_argument("--license", default=None, help="Hub license id of the data for the cards, e.g. cc-by-4.0 (default: the input "
+                     "file's uns['license'] when it records one, else 'unknown')")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_dataset_id:
@@ -108,6 +110,7 @@ def _run(args: argparse.Namespace) -> None:
             chunk_size=args.chunk_size,
             overwrite=args.overwrite_output_dir,
             progress=True,
+            license=args.license,
         )
     finally:
         if scratch is not None:
@@ -116,7 +119,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.push_to_hub:
         from .hub import push_dataset_to_hub
 
-        url = push_dataset_to_hub(output_dir, args.hub_dataset_id, private=args.hub_private)
+        url = push_dataset_to_hub(output_dir, args.hub_dataset_id, private=args.hub_private, license=args.license)
         tqdm.write(f"pushed to {url}")
 
 

@@ -311,6 +311,7 @@ def build_dataset(
     chunk_size: int = 512,
     overwrite: bool = False,
     progress: bool = False,
+    license: str | None = None,
 ) -> datasets.DatasetDict:
     """Read paired counts, write cell sentences and metadata to ``output_dir``.
 
@@ -334,6 +335,9 @@ def build_dataset(
         Replace an existing ``output_dir`` (otherwise refuse).
     progress
         Show a tqdm progress bar over cells.
+    license
+        Hub license id of the data, recorded in ``cell_sentences.json`` for the cards; default the one an input
+        file records in ``uns['license']``, else none.
 
     Returns
     -------
@@ -404,6 +408,9 @@ def build_dataset(
                 datasets.utils.logging.enable_progress_bar()
         del dataset
         meta = _metadata(plan, digest, builder.train_stats)
+        from .hub import recorded_license
+
+        meta["license"] = license or recorded_license(inputs)
         (staged / META_FILE).write_text(json.dumps(meta) + "\n")
         _publish(staged, output_dir, overwrite)
     finally:

@@ -23,7 +23,7 @@ _EXPORTS = {
     "compute_metrics": "evaluation.metrics_core",
     "metric_keys": "evaluation.metrics_core",
     "markdown_table": "evaluation.report",
-    "merge_model_index": "evaluation.report",
+    "merge_model_index": "translator.card",
     "DIRECTIONS": "evaluation.runner",
     "run_evaluation": "evaluation.runner",
 }

@@ -1,4 +1,4 @@
-"""Write evaluation results: ``eval_results.json``, the Markdown table, and ``model-index`` in a model card."""
+"""Write evaluation results: ``eval_results.json`` and the Markdown tables (the card's ``model-index``: ``translator.card``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import math
 import os
 import tempfile
 from pathlib import Path
-
-import yaml
 
 from evaluation.metrics_core import METRIC_KEYS
 
@@ -133,67 +131,6 @@ def bootstrap_summary(results: dict, direction: str) -> str:
             text += f" (closest: {name}, margin {closest['difference']:+.6f}, sd {closest['sd']:.6f})"
         parts.append(text)
     return f"Paired bootstrap over the cells ({boot['resamples']} resamples): the model is first in " + "; ".join(parts) + "."
-
-
-def model_index(results: dict, model_name: str) -> list[dict]:
-    """Hub ``model-index`` entries of the model's metrics (one result per direction)."""
-    entries = []
-    for direction, block in results.get("directions", {}).items():
-        values = block.get("model")
-        if not isinstance(values, dict):
-            continue
-        metrics = [
-            {"type": key, "name": f"{key} ({direction})", "value": round(float(values[key]), 6)}
-            for key in METRIC_KEYS
-            if isinstance(values.get(key), int | float) and math.isfinite(values[key])
-        ]
-        entries.append(
-            {
-                "task": {"type": "text2text-generation", "name": f"Cell translation {DIRECTION_NAMES.get(direction, direction)}"},
-                "dataset": {"type": results.get("dataset"), "name": results.get("dataset"), "split": results.get("split")},
-                "metrics": metrics,
-            }
-        )
-    return [{"name": model_name, "results": entries}] if entries else []
-
-
-def merge_model_index(readme_path: str | Path, results: dict, model_name: str | None = None) -> bool:
-    """Set the ``model-index`` key of a model card's YAML front matter; keep everything else as is.
-
-    Parameters
-    ----------
-    readme_path
-        ``README.md`` of a model folder (created with only front matter when absent).
-    results
-        The ``eval_results.json`` dict.
-    model_name
-        Name of the model in the index (default: the folder name).
-
-    Returns
-    -------
-    bool
-        False when the results hold no model metrics (nothing written).
-    """
-    readme_path = Path(readme_path)
-    index = model_index(results, model_name or readme_path.parent.resolve().name)
-    if not index:
-        return False
-    text = readme_path.read_text(encoding="utf-8") if readme_path.exists() else ""
-    front, body = {}, text
-    if text.startswith("---\n"):
-        end = text.find("\n---", 4)
-        if end < 0:
-            raise ValueError(f"{readme_path} opens YAML front matter with '---' but never closes it")
-        front = yaml.safe_load(text[4:end]) or {}
-        if not isinstance(front, dict):
-            raise ValueError(f"the YAML front matter of {readme_path} is not a mapping")
-        body = text[end + 4 :].lstrip("\n")
-        body = "\n" + body if body else ""
-    elif text:
-        body = "\n" + text
-    front["model-index"] = index
-    write_text_atomic(readme_path, "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n" + body)
-    return True
 
 
 HEADLINE_KEYS = ("rmse", "pearson_cell", "auroc_cell", "ap_cell")

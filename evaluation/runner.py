@@ -19,7 +19,7 @@ from evaluation import plots
 from evaluation.baselines import BASELINES, fit_baselines
 from evaluation.data import binary_gex_sentences, load_split_matrices, rank_gex_sentences
 from evaluation.metrics_core import MetricAccumulator, default_chunk_cells, iter_row_chunks, paired_bootstrap
-from evaluation.report import markdown_table, merge_model_index, results_json, write_text_atomic
+from evaluation.report import markdown_table, results_json, write_text_atomic
 
 DIRECTIONS = ("gex2atac", "atac2gex")
 SOURCE = {"gex2atac": "gex", "atac2gex": "atac"}
@@ -338,6 +338,8 @@ def run_evaluation(
         folder = Path(model)
         write_text_atomic(folder / "eval_results.json", results_json(results))
         write_text_atomic(folder / "eval_results.md", markdown_table(results))
+        from translator.card import merge_model_index
+
         merge_model_index(folder / "README.md", results)
     return results
 

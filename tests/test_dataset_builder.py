@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -12,7 +11,6 @@ import anndata as ad
 import datasets
 import numpy as np
 import pytest
-import yaml
 
 from dataset_builder import META_FILE, build_dataset
 from dataset_builder.simulate import simulate_paired, write_simulated
@@ -193,36 +191,3 @@ def test_cli_without_input_builds_the_simulated_default(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sim_ds"]  # no scratch left
 
 
-def test_push_to_hub_sends_parquet_card_and_metadata(tmp_path, monkeypatch):
-    import dataset_builder.hub as hub
-
-    path = write_simulated(tmp_path / "sim.h5mu")
-    build_dataset([path], tmp_path / "ds", test_batches=["sim4"], validation_batches=["sim3"])
-    sent = {}
-
-    def fake_push(self, repo_id, **kwargs):
-        sent["parquet"] = (repo_id, {k: v.num_rows for k, v in self.items()}, kwargs)
-
-    class FakeApi:
-        def __init__(self, token=None):
-            sent["api_token"] = token
-
-        def create_commit(self, repo_id, operations, **kwargs):
-            sent["commit"] = (repo_id, {op.path_in_repo: op.path_or_fileobj for op in operations}, kwargs)
-
-    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", fake_push)
-    monkeypatch.setattr(hub, "HfApi", FakeApi)
-    url = hub.push_dataset_to_hub(tmp_path / "ds", "someone/sim-sentences", token="hf_fake", private=True)
-    assert url.endswith("someone/sim-sentences")
-    repo, rows, kwargs = sent["parquet"]
-    assert repo == "someone/sim-sentences" and rows == {"train": 200, "validation": 100, "test": 100}
-    assert kwargs["private"] is True and kwargs["token"] == "hf_fake"
-    repo, files, kwargs = sent["commit"]
-    assert kwargs["repo_type"] == "dataset" and set(files) == {"README.md", META_FILE}
-    card = files["README.md"].decode()
-    header = yaml.safe_load(re.match(r"^---\n(.*?)\n---\n", card, re.S).group(1))
-    assert set(header["tags"]) >= {"single-cell", "multiome"} and header["task_categories"] == ["translation"]
-    assert header["size_categories"] == ["n<1K"] and header["license"] == "mit"
-    assert header["configs"][0]["data_files"][0] == {"split": "train", "path": "data/train-*"}
-    assert 'load_dataset("someone/sim-sentences")' in card and "sim4" in card
-    assert "hf_fake" not in card and str(tmp_path) not in card

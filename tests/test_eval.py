@@ -16,9 +16,9 @@ import yaml
 import eval as eval_cli
 from evaluation.data import binary_gex_sentences, load_split_matrices, sentence_matrix
 from evaluation.metrics_core import METRIC_KEYS, metric_keys
-from evaluation.report import merge_model_index
 from evaluation.runner import portable_command, run_evaluation
 from translator.api import device_name, resolve_device
+from translator.card import merge_model_index
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -76,22 +76,20 @@ def test_push_sends_exactly_the_model_files(pushed):
     assert (out / "checkpoints").is_dir()  # kept locally, never sent
 
 
-def test_card_front_matter_parses_and_holds_the_metrics(pushed):
-    from translator.card import parse_front_matter
+def test_card_metadata_holds_the_model_metrics(pushed):
+    from huggingface_hub import ModelCard
 
     out, _ = pushed
-    text = (out / "README.md").read_text()
-    card = parse_front_matter(text)
-    assert card["library_name"] == "transformers" and card["pipeline_tag"] == "text2text-generation"
-    assert {"single-cell", "multiome", "biology"} <= set(card["tags"]) and card["license"] and card["datasets"]
-    meta = json.loads((out / "cell_sentences.json").read_text())
-    widget = card["widget"][0]["text"].split()
-    assert widget[0] in ("<gex2atac>", "<atac2gex>") and set(widget[1:]) <= set(meta["genes"]) | set(meta["peaks"])
-    results = card["model-index"][0]["results"]
+    card = ModelCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "translation"
+    assert {"single-cell", "multiome", "biology"} <= set(data["tags"]) and data["license"]
+    results = data["model-index"][0]["results"]
     values = {(r["task"]["name"], m["type"]): m["value"] for r in results for m in r["metrics"]}
     assert values[("Cell translation GEX to ATAC", "rmse")] == 0.25
     assert values[("Cell translation ATAC to GEX", "pearson")] == 0.4
-    assert "someone/tiny-translator" in text and "$" not in text.split("---", 2)[2].replace("$ ", "")
+    text = str(card)
+    assert "someone/tiny-translator" in text and "$" not in card.text.replace("$ ", "")
 
 
 def test_token_is_never_written_or_logged(pushed):

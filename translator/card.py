@@ -1,25 +1,31 @@
-"""Render the model card (``README.md`` of the model folder) from ``model_card.md``.
+"""The model card (``README.md`` of the model folder), built with huggingface_hub's ``ModelCard``.
 
-The card's YAML front matter carries what the Hub reads: ``library_name``, ``pipeline_tag``, tags,
-``datasets``, ``license``, ``widget`` examples made from real input sentences, and ``model-index``
-with the evaluation metrics when ``eval_results.json`` is present. Nothing in the card is an
-absolute local path or a token.
+:func:`render_model_card` writes the whole card from ``model_card.md`` and the folder's files;
+:func:`merge_model_index` sets only the evaluation results of an existing card (``eval.py``). Both build the
+``model-index`` with :func:`eval_results` and write through :func:`write_card`. Each direction's results differ
+in ``EvalResult.unique_identifier`` (the task type is the direction), so a round trip through
+``ModelCard.load(...).data`` or ``metadata_update`` keeps both. Nothing in the card is an absolute local path or a token.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from string import Template
 
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from tokenizer import META_FILE
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
 MODEL_KEYS = ("translator", "model", "cell_translator", "t5")
 DIRECTION_NAMES = {"gex2atac": "GEX to ATAC", "atac2gex": "ATAC to GEX"}
+# Scores eval.py records beside the model's own for context: the all-zero prediction's accuracy is a baseline's.
+REFERENCE_KEYS = ("accuracy_binary_all_zeros",)
+TAGS = ["single-cell", "multiome", "biology", "t5", "cell-sentences", "scATAC-seq", "scRNA-seq"]
+DEFAULT_LICENSE = "unknown"
 
 
 def _read_json(path: Path) -> dict | None:
@@ -30,7 +36,8 @@ def model_metrics(eval_results: dict | None) -> dict[str, dict[str, float]]:
     """The model's own metrics per direction from an ``eval_results.json``: ``{direction: {metric: value}}``.
 
     Accepts eval.py's ``{"directions": {direction: {"model": {metric: value}, "baselines": ...}}}``,
-    the same under ``"results"`` or at the top level, or ``{direction: {metric: value}}``.
+    the same under ``"results"`` or at the top level, or ``{direction: {metric: value}}``. Baselines' scores
+    (``baselines``, :data:`REFERENCE_KEYS`) and non-finite values are left out.
     """
     if not eval_results:
         return {}
@@ -42,38 +49,96 @@ def model_metrics(eval_results: dict | None) -> dict[str, dict[str, float]]:
             continue
         methods = block.get("methods", block)
         chosen = next((methods[k] for k in MODEL_KEYS if isinstance(methods.get(k), dict)), methods)
-        numbers = {k: float(v) for k, v in chosen.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        numbers = {
+            k: float(v)
+            for k, v in chosen.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k not in REFERENCE_KEYS and math.isfinite(v)
+        }
         if numbers:
             out[direction] = numbers
     return out
 
 
-def front_matter(meta: dict, metrics: dict[str, dict[str, float]], examples: list[dict], dataset_name: str, model_name: str, license: str = "mit") -> dict:
-    """The card's YAML front matter as a dict."""
-    card = {
-        "library_name": "transformers",
-        "pipeline_tag": "text2text-generation",
-        "license": license,
-        "tags": ["single-cell", "multiome", "biology", "t5", "cell-sentences", "scATAC-seq", "scRNA-seq"],
-        "datasets": [dataset_name],
-    }
-    if examples:
-        card["widget"] = [{"text": ex["text"], "example_title": ex["title"]} for ex in examples]
-    if metrics:
-        card["model-index"] = [
-            {
-                "name": model_name,
-                "results": [
-                    {
-                        "task": {"type": "text2text-generation", "name": f"Cell translation {DIRECTION_NAMES[direction]}"},
-                        "dataset": {"type": dataset_name, "name": dataset_name, "split": "test"},
-                        "metrics": [{"type": name, "name": f"{name} ({direction})", "value": value} for name, value in sorted(values.items())],
-                    }
-                    for direction, values in metrics.items()
-                ],
-            }
-        ]
-    return card
+def eval_results(metrics: dict[str, dict[str, float]], dataset_id: str, dataset_name: str | None = None, split: str = "test") -> list[EvalResult]:
+    """The ``model-index`` entries of the model's metrics, one ``EvalResult`` per direction and metric.
+
+    Parameters
+    ----------
+    metrics
+        ``{direction: {metric: value}}`` (:func:`model_metrics`).
+    dataset_id
+        The dataset's Hub id when known, else its name.
+    dataset_name
+        A readable name for the dataset (default: ``dataset_id``).
+    split
+        The split that was scored.
+
+    Returns
+    -------
+    list[EvalResult]
+        The task type is the direction (``gex2atac`` / ``atac2gex``), so the two directions stay two results.
+    """
+    return [
+        EvalResult(
+            task_type=direction,
+            task_name=f"Cell translation {DIRECTION_NAMES[direction]}",
+            dataset_type=dataset_id,
+            dataset_name=dataset_name or dataset_id,
+            dataset_split=split,
+            metric_type=name,
+            metric_name=f"{name} ({direction})",
+            metric_value=round(value, 6),
+        )
+        for direction, values in metrics.items()
+        for name, value in sorted(values.items())
+    ]
+
+
+def write_card(path: str | os.PathLike, card: ModelCard) -> None:
+    """Write ``card`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
+    from evaluation.report import write_text_atomic
+
+    write_text_atomic(path, str(card))
+
+
+def _dataset(meta: dict, args: dict, results: dict | None = None) -> tuple[str | None, str]:
+    """The training dataset's Hub id (None when it was never pushed) and a readable name."""
+    hub_id = meta.get("hub_dataset_id")
+    name = hub_id or (results or {}).get("dataset") or args.get("dataset_name") or "cell-sentences"
+    return hub_id, name
+
+
+def merge_model_index(readme_path: str | os.PathLike, results: dict, model_name: str | None = None) -> bool:
+    """Set the evaluation results (``model-index``) of a model card; keep everything else as is.
+
+    Parameters
+    ----------
+    readme_path
+        ``README.md`` of a model folder (created with only metadata when absent).
+    results
+        The ``eval_results.json`` dict.
+    model_name
+        Name of the model in the index (default: the card's, else the folder name).
+
+    Returns
+    -------
+    bool
+        False when the results hold no model metrics (nothing written).
+    """
+    readme_path = Path(readme_path)
+    metrics = model_metrics(results)
+    if not metrics:
+        return False
+    text = readme_path.read_text(encoding="utf-8") if readme_path.exists() else ""
+    if not text.startswith("---"):
+        text = "---\n{}\n---\n" + (f"\n{text}" if text else "")
+    card = ModelCard(text)
+    meta = _read_json(readme_path.parent / META_FILE) or {}
+    hub_id, name = _dataset(meta, {}, results)
+    card.data.eval_results = eval_results(metrics, hub_id or name, name, results.get("split") or "test")
+    card.data.model_name = model_name or card.data.model_name or readme_path.parent.resolve().name
+    write_card(readme_path, card)
+    return True
 
 
 def _evaluation_text(folder: Path, metrics: dict) -> str:
@@ -81,26 +146,34 @@ def _evaluation_text(folder: Path, metrics: dict) -> str:
     if table.exists():
         return table.read_text().strip()
     if not metrics:
-        return "Not evaluated yet: run `python eval.py --model <this folder> --dataset_dir <dataset>` to add the metrics and baselines."
+        return "Not evaluated yet: run `cell-sentences-eval --model <this folder> --dataset_dir <dataset>` to add the metrics and baselines."
     lines = ["| direction | metric | value |", "|---|---|---|"]
     for direction, values in metrics.items():
         lines += [f"| {DIRECTION_NAMES[direction]} | {k} | {v:.4f} |" for k, v in sorted(values.items())]
     return "\n".join(lines)
 
 
-def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, template: str | os.PathLike | None = None) -> str:
+def card_license(license: str | None, meta: dict, args: dict) -> str:
+    """The card's license: the one given, else the one recorded at training or in the dataset's metadata, else ``unknown``."""
+    return license or args.get("license") or meta.get("license") or DEFAULT_LICENSE
+
+
+def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, template: str | os.PathLike | None = None,
+                      license: str | None = None) -> str:
     """Write ``folder/README.md`` from the template and the folder's files; return the text.
 
-    Reads ``config.json``, ``cell_sentences.json``, ``readout.json`` (widget examples, caps),
-    ``training_args.json``, and ``eval_results.json`` / ``eval_results.md`` when present.
+    Reads ``config.json``, ``cell_sentences.json``, ``readout.json`` (usage example, caps),
+    ``training_args.json``, and ``eval_results.json`` / ``eval_results.md`` when present. ``license`` (a Hub
+    license id) overrides the one recorded in ``training_args.json`` or the dataset's metadata.
     """
     folder = Path(folder)
     config = _read_json(folder / "config.json") or {}
     meta = _read_json(folder / META_FILE) or {}
     readout = _read_json(folder / "readout.json") or {}
     args = _read_json(folder / "training_args.json") or {}
-    metrics = model_metrics(_read_json(folder / "eval_results.json"))
-    dataset_name = args.get("dataset_name") or "cell-sentences"
+    results = _read_json(folder / "eval_results.json")
+    metrics = model_metrics(results)
+    hub_dataset, dataset_name = _dataset(meta, args, results)
     repo_id = repo_id or args.get("hub_model_id") or folder.name
     examples = readout.get("examples", [])
     splits = meta.get("splits", {})
@@ -115,8 +188,17 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, tem
     )
     norm = meta.get("normalization", {})
     n_parameters = args.get("n_parameters")
+    example = next((ex["text"].split() for ex in examples if ex["text"].startswith("<gex2atac>")), None)
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="translation",
+        license=card_license(license, meta, args),
+        tags=TAGS,
+        datasets=[hub_dataset] if hub_dataset else None,
+        model_name=repo_id,
+        eval_results=eval_results(metrics, hub_dataset or dataset_name, dataset_name, (results or {}).get("split") or "test") or None,
+    )
     values = {
-        "front_matter": yaml.safe_dump(front_matter(meta, metrics, examples, dataset_name, repo_id), sort_keys=False).strip(),
         "title": f"Cell translator: {dataset_name}",
         "model_size": args.get("model_size", "custom"),
         "d_model": config.get("d_model"),
@@ -125,6 +207,8 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, tem
         "num_heads": config.get("num_heads"),
         "n_parameters": f"{n_parameters / 1e6:.1f}M" if n_parameters else "unknown",
         "gex_encoding_text": gex_text,
+        "dataset_text": f"[{hub_dataset}](https://huggingface.co/datasets/{hub_dataset})" if hub_dataset
+        else f"{dataset_name} (a local dataset folder, not published on the Hub)",
         "dataset_name": dataset_name,
         "n_genes": len(meta.get("genes", [])),
         "n_peaks": len(meta.get("peaks", [])),
@@ -142,18 +226,11 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, tem
             f"directions {', '.join(args.get('directions', ['gex2atac', 'atac2gex']))}, seed {args.get('seed', '?')}"
         ),
         "repo_id": repo_id,
-        "example_sentence": examples[0]["text"] if examples else "<gex2atac> GENE1 GENE2 ...",
+        # translate() takes the source names alone; the direction argument adds the prefix.
+        "example_sentence": " ".join(example[1:9]) if example else "GENE1 GENE2 GENE3",
         "evaluation_text": _evaluation_text(folder, metrics),
     }
-    text = Template(Path(template or TEMPLATE).read_text()).safe_substitute({k: str(v) for k, v in values.items()})
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, folder / "README.md")
-    return text
-
-
-def parse_front_matter(text: str) -> dict:
-    """The YAML front matter of a card (between the first two ``---`` lines)."""
-    if not text.startswith("---\n"):
-        raise ValueError("the model card does not start with YAML front matter")
-    return yaml.safe_load(text.split("---\n", 2)[1])
+    body = Template(Path(template or TEMPLATE).read_text()).safe_substitute({k: str(v) for k, v in values.items()})
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    write_card(folder / "README.md", card)
+    return str(card)
