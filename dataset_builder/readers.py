@@ -21,12 +21,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem
+from anndata.utils import make_index_unique
 
 from .combined import split_csr_columns
 from .peaks import genomic_order, looks_like_peaks, normalize_peak_names
 
 __all__ = [
+    "Modality",
     "PairedCounts",
+    "read_modality",
     "read_paired",
     "normalize_peak_names",
     "genomic_order",
@@ -84,8 +87,30 @@ class PairedCounts:
 
 
 @dataclass
-class _Modality:
-    """One modality as read from one file, before pairing."""
+class Modality:
+    """One modality as read from one file, before pairing.
+
+    Attributes
+    ----------
+    path, label
+        The file and ``"GEX"`` or ``"ATAC"``.
+    cells, features
+        Barcodes and feature names as read (10x gene symbols made unique).
+    matrix
+        CSR counts, cells x features.
+    obs
+        ``batch`` / ``cell_type`` (strings) when the input has them.
+    counts_source
+        ``"layers/counts"`` or ``"X"``.
+    size_factors
+        GEX size factors from ``obs``, or ``None``.
+    var
+        Feature annotations as read (e.g. ``gene_ids``, ``interval``, ``genome``), indexed by ``features``.
+    annotations
+        Every ``obs`` column as read, indexed by ``cells``.
+    group
+        The HDF5 group of the modality's AnnData (``/`` or ``/mod/NAME``), or ``None`` (10x ``.h5``).
+    """
 
     path: Path
     label: str
@@ -95,6 +120,9 @@ class _Modality:
     obs: pd.DataFrame
     counts_source: str
     size_factors: np.ndarray | None = None
+    var: pd.DataFrame | None = None
+    annotations: pd.DataFrame | None = None
+    group: str | None = "/"
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -200,7 +228,7 @@ def _check_values(matrix: sp.csr_matrix, path: Path, label: str, source: str, *,
                 raise ValueError(f"{where} are not integers (e.g. {example:g}): layers['counts'] must hold raw counts")
 
 
-def _check_modality(mod: _Modality) -> None:
+def _check_modality(mod: Modality) -> None:
     kind = "gene" if mod.label == "GEX" else "peak"
     if len(mod.features) == 0:
         raise ValueError(f"the {mod.label} modality in {mod.path} has zero features: give a file with {kind}s in var")
@@ -254,7 +282,7 @@ def _feature_labels(var: pd.DataFrame, path: Path) -> np.ndarray | None:
     return labels
 
 
-def _read_single_modality_h5ad(path: Path) -> _Modality:
+def _read_single_modality_h5ad(path: Path) -> Modality:
     with _open_h5(path) as f:
         obs, var, matrix, source = _read_anndata_group(f, path, "AnnData")
     labels = _feature_labels(var, path)
@@ -268,12 +296,15 @@ def _read_single_modality_h5ad(path: Path) -> _Modality:
     else:
         label = "ATAC" if looks_like_peaks(names) else "GEX"
     keep, sf = _obs_subset(obs, ("size_factors",))
-    return _Modality(path, label, obs.index.astype(str), names, matrix, keep, source, sf if label == "GEX" else None)
+    return Modality(
+        path, label, obs.index.astype(str), names, matrix, keep, source, sf if label == "GEX" else None,
+        var=_annotations(var), annotations=obs,
+    )
 
 
 def _split_combined(
     path: Path, obs: pd.DataFrame, var: pd.DataFrame, matrix, source: str, labels: np.ndarray
-) -> tuple[_Modality, _Modality]:
+) -> tuple[Modality, Modality]:
     cells = obs.index.astype(str)
     keep, sf = _obs_subset(obs, ("GEX_size_factors", "size_factors"))
     mods = []
@@ -281,7 +312,10 @@ def _split_combined(
         columns = np.flatnonzero(np.isin(labels, list(accepted)))
         sub = _to_csr(matrix[:, columns] if columns.size else sp.csr_matrix((len(cells), 0)), path, label)
         names = var.index.astype(str)[columns].tolist()
-        mods.append(_Modality(path, label, cells, names, sub, keep, source, sf if label == "GEX" else None))
+        mods.append(Modality(
+            path, label, cells, names, sub, keep, source, sf if label == "GEX" else None,
+            var=_annotations(var.iloc[columns]), annotations=obs,
+        ))
     return mods[0], mods[1]
 
 
@@ -293,13 +327,17 @@ def _split_modalities(
     atac: sp.csr_matrix,
     source: str,
     is_gex: np.ndarray,
-) -> tuple[_Modality, _Modality]:
+    kind: str = "h5ad",
+) -> tuple[Modality, Modality]:
     cells = obs.index.astype(str)
     keep, sf = _obs_subset(obs, ("GEX_size_factors", "size_factors"))
     names = var.index.astype(str)
+    group = None if kind == "10x" else "/"
     return (
-        _Modality(path, "GEX", cells, names[is_gex].tolist(), gex, keep, source, sf),
-        _Modality(path, "ATAC", cells, names[~is_gex].tolist(), atac, keep, source, None),
+        Modality(path, "GEX", cells, names[is_gex].tolist(), gex, keep, source, sf,
+                 var=_annotations(var.loc[is_gex]), annotations=obs, group=group),
+        Modality(path, "ATAC", cells, names[~is_gex].tolist(), atac, keep, source, None,
+                 var=_annotations(var.loc[~is_gex]), annotations=obs, group=group),
     )
 
 
@@ -315,7 +353,7 @@ def _csr_group(group: h5py.Group) -> h5py.Group | None:
     return element
 
 
-def _read_combined_h5ad(path: Path, only: str | None = None) -> tuple[_Modality, _Modality]:
+def _read_combined_h5ad(path: Path, only: str | None = None) -> tuple[Modality, Modality]:
     with _open_h5(path) as f:
         obs = _read(f, "obs", path)
         var = _read(f, "var", path)
@@ -342,12 +380,15 @@ def _read_combined_h5ad(path: Path, only: str | None = None) -> tuple[_Modality,
     return _split_combined(path, obs, var, counts, source, labels)
 
 
-def _read_h5mu(path: Path, gex_modality: str, atac_modality: str) -> tuple[_Modality, _Modality]:
+def _read_h5mu(path: Path, gex_modality: str, atac_modality: str, only: str | None = None) -> list[Modality]:
+    """The GEX and ATAC modalities of a ``.h5mu`` (``only``: just that one; the other may be absent)."""
     with _open_h5(path) as f:
         available = sorted(f["mod"].keys())
         top_obs = _read(f, "obs", path) if "obs" in f else None
         mods = []
         for label, name, flag in (("GEX", gex_modality, "--gex_modality"), ("ATAC", atac_modality, "--atac_modality")):
+            if only is not None and label != only:
+                continue
             if name not in f["mod"]:
                 raise ValueError(
                     f"{path} has no '{name}' modality (it has {available}): pass the {label} modality's name with {flag}"
@@ -361,30 +402,35 @@ def _read_h5mu(path: Path, gex_modality: str, atac_modality: str) -> tuple[_Moda
                         keep[column] = top[column].astype(str).to_numpy()
             names = var.index.astype(str).tolist()
             mods.append(
-                _Modality(
-                    path, label, obs.index.astype(str), names, matrix, keep, source, sf if label == "GEX" else None
+                Modality(
+                    path, label, obs.index.astype(str), names, matrix, keep, source, sf if label == "GEX" else None,
+                    var=_annotations(var), annotations=_with_top_obs(obs, top_obs), group=f"/mod/{name}",
                 )
             )
-    return mods[0], mods[1]
+    return mods
 
 
-def _read_10x_h5(path: Path) -> tuple[_Modality, _Modality]:
+def _read_10x_h5(path: Path) -> tuple[Modality, Modality]:
     with _open_h5(path) as f:
         try:
             m = f["matrix"]
             n_features, n_cells = (int(x) for x in m["shape"][()])
             barcodes = pd.Index([b.decode() if isinstance(b, bytes) else str(b) for b in m["barcodes"][()]])
-            names = np.array(
-                [b.decode() if isinstance(b, bytes) else str(b) for b in m["features/name"][()]], dtype=object
-            )
-            labels = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in m["features/feature_type"][()]])
+            names = _strings(m["features/name"])
+            labels = _strings(m["features/feature_type"])
+            # Cell Ranger writes these beside the names; scanpy.read_10x_h5 keeps them as var columns.
+            extra = {
+                column: _strings(m["features"][key])
+                for column, key in (("gene_ids", "id"), ("genome", "genome"), ("interval", "interval"))
+                if key in m["features"] and len(m["features"][key]) == len(names)
+            }
             data, indices, indptr = m["data"], m["indices"], m["indptr"][()]
         except (KeyError, OSError, ValueError) as err:
             raise ValueError(
                 f"{path} is not a readable Cell Ranger feature-barcode matrix ({type(err).__name__}: {err}): "
                 "give filtered_feature_bc_matrix.h5 as written by Cell Ranger ARC"
             ) from None
-        var = pd.DataFrame(index=pd.Index(names))
+        var = pd.DataFrame({"feature_types": labels, **extra}, index=_unique_names(names, path))
         obs = pd.DataFrame(index=barcodes)
         _feature_labels(pd.DataFrame({"feature_types": labels}), path)
         if len(names) != n_features or len(labels) != n_features or len(barcodes) != n_cells:
@@ -396,13 +442,53 @@ def _read_10x_h5(path: Path) -> tuple[_Modality, _Modality]:
         # The 10x matrix is features x cells in CSC, i.e. cells x features in CSR: split it chunk by chunk.
         is_gex = np.isin(labels, list(GEX_LABELS))
         gex, atac = split_csr_columns(path, indptr, data, indices, (n_cells, n_features), is_gex)
-    return _split_modalities(path, obs, var, gex, atac, "X", is_gex)
+    return _split_modalities(path, obs, var, gex, atac, "X", is_gex, kind="10x")
+
+
+def _strings(dataset: h5py.Dataset) -> np.ndarray:
+    return np.array([b.decode() if isinstance(b, bytes) else str(b) for b in dataset[()]], dtype=object)
+
+
+def _unique_names(names: np.ndarray, path: Path) -> pd.Index:
+    """Feature names made unique as ``scanpy.read_10x_h5`` + ``var_names_make_unique`` do (``TBCE``, ``TBCE-1``)."""
+    index = pd.Index(names, dtype=object)
+    if not index.has_duplicates:
+        return index
+    unique = make_index_unique(index)
+    renamed = int((unique != index).sum())
+    example = index[index.duplicated()][0]
+    logger.warning(
+        "%s repeats %d feature names (e.g. '%s'); renamed %d as var_names_make_unique does ('%s-1'); "
+        "the Ensembl ids stay in var['gene_ids']",
+        path.name, int(index.duplicated().sum()), example, renamed, example,
+    )
+    return pd.Index(unique, dtype=object)
+
+
+def _annotations(var: pd.DataFrame) -> pd.DataFrame:
+    """The text annotations of features (``gene_ids``, ``genome``, ``interval``, ...), indexed by name."""
+    keep = [
+        c for c in var.columns
+        if c != "feature_types" and (isinstance(var[c].dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(var[c]))
+    ]
+    out = var[keep].astype(str) if keep else pd.DataFrame(index=var.index)
+    out.index = var.index.astype(str)
+    return out
+
+
+def _with_top_obs(obs: pd.DataFrame, top_obs: pd.DataFrame | None) -> pd.DataFrame:
+    """A modality's ``obs`` plus the MuData-level ``obs`` columns it lacks (rows aligned by barcode)."""
+    if top_obs is None:
+        return obs
+    top = top_obs.reindex(obs.index)
+    extra = [c for c in top.columns if c not in obs.columns]
+    return pd.concat([obs, top[extra]], axis=1) if extra else obs
 
 
 # ---------------------------------------------------------------------------------- pairing
 
 
-def _pair(first: _Modality, second: _Modality) -> PairedCounts:
+def _pair(first: Modality, second: Modality) -> PairedCounts:
     if first.label == second.label:
         raise ValueError(
             f"{first.path} and {second.path} both hold {first.label}: give one GEX and one ATAC file "
@@ -490,15 +576,12 @@ def read_paired(
     PairedCounts
         The cells present in both modalities, in the first file's order.
     """
-    paths = [Path(p) for p in inputs]
-    if len(paths) not in (1, 2):
-        raise ValueError(f"give one or two --input files, not {len(paths)}")
+    paths = _input_paths(inputs)
     if len(paths) == 2:
         first, second = (_read_single_modality_h5ad(p) for p in paths)
     else:
         path = paths[0]
-        with _open_h5(path) as f:
-            kind = "h5mu" if "mod" in f else "10x" if "matrix" in f else "h5ad"
+        kind = _layout(path)
         if kind == "h5mu":
             first, second = _read_h5mu(path, gex_modality, atac_modality)
         elif kind == "10x":
@@ -515,3 +598,64 @@ def read_paired(
             "dropped %d cells present in only one modality; kept %d paired cells", paired.dropped_cells, paired.n_cells
         )
     return paired
+
+
+def _input_paths(inputs: Sequence[str | Path]) -> list[Path]:
+    paths = [Path(p) for p in inputs]
+    if len(paths) not in (1, 2):
+        raise ValueError(f"give one or two --input files, not {len(paths)}")
+    return paths
+
+
+def _layout(path: Path) -> str:
+    """``"h5mu"``, ``"10x"`` or ``"h5ad"``: which reader a single file needs."""
+    with _open_h5(path) as f:
+        return "h5mu" if "mod" in f else "10x" if "matrix" in f else "h5ad"
+
+
+def read_modality(
+    inputs: Sequence[str | Path], label: str, *, gex_modality: str = "rna", atac_modality: str = "atac"
+) -> Modality:
+    """Read one modality (``"GEX"`` or ``"ATAC"``) from any layout :func:`read_paired` reads, unpaired.
+
+    Parameters
+    ----------
+    inputs
+        One file (single-modality or combined ``.h5ad``, ``.h5mu``, Cell Ranger ARC ``.h5``) or two ``.h5ad`` files.
+    label
+        ``"GEX"`` or ``"ATAC"``.
+    gex_modality, atac_modality
+        Modality names inside a ``.h5mu`` file.
+
+    Returns
+    -------
+    Modality
+        Every cell of the file holding that modality, checked as the builder checks it.
+    """
+    paths = _input_paths(inputs)
+    if len(paths) == 2:
+        mods = [_read_single_modality_h5ad(p) for p in paths]
+    else:
+        path = paths[0]
+        kind = _layout(path)
+        if kind == "h5mu":
+            mods = _read_h5mu(path, gex_modality, atac_modality, only=label)
+        elif kind == "10x":
+            mods = list(_read_10x_h5(path))
+        else:
+            with _open_h5(path) as f:
+                labels = _feature_labels(_read(f, "var", path), path) if "var" in f else None
+            found = set(labels) if labels is not None else set()
+            if found & GEX_LABELS and found & ATAC_LABELS:
+                # Both modalities in one file: only the asked modality's entries are copied out (CSR on disk),
+                # and the whole matrix is never read first as a single modality.
+                mods = list(_read_combined_h5ad(path, only=label))
+            else:
+                mods = [_read_single_modality_h5ad(path)]
+    chosen = [m for m in mods if m.label == label]
+    if not chosen:
+        found = ", ".join(sorted({m.label for m in mods}))
+        raise ValueError(f"{', '.join(str(p) for p in paths)} holds {found}, not the {label} modality this direction needs")
+    mod = chosen[0]
+    _check_modality(mod)
+    return mod

@@ -114,6 +114,62 @@ def test_atac_to_gex_from_another_peak_set_is_mapped_by_overlap(model_dir, tmp_p
     assert shifted.shape == (20, len(tr.meta["genes"])) and list(shifted.var_names) == tr.meta["genes"]
 
 
+def test_a_cellranger_h5_with_repeated_gene_symbols_predicts(model_dir, tmp_path):
+    from tests.test_readers import write_10x_h5
+    from translator import CellTranslator
+
+    gex, atac = ad.read_h5ad(shared_file(TEST_MOD1)), ad.read_h5ad(shared_file(TEST_MOD2))
+    gex.X, atac.X = gex.layers["counts"], atac.layers["counts"]
+    symbols = list(gex.var_names)
+    symbols[5] = symbols[0]  # a repeated symbol, as in human 10x references
+    path = tmp_path / "filtered_feature_bc_matrix.h5"
+    write_10x_h5(path, gex, atac, gene_names=symbols, gene_ids=[f"ENSG{i:011d}" for i in range(len(symbols))])
+    output = tmp_path / "pred.h5ad"
+    cmd = [sys.executable, "predict.py", "--model", str(model_dir), "--input", str(path), "--direction", "gex2atac", "--output", str(output)]
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "renamed 1" in result.stderr
+    pred = ad.read_h5ad(output)
+    assert list(pred.obs_names) == list(gex.obs_names)
+    # The renamed copy ('NAME-1') is unknown to the model; the first keeps its name and its counts.
+    assert pred.uns["cell_translation"]["unknown_genes"] == 1
+    reference = CellTranslator.from_pretrained(model_dir).predict_anndata(gex[:, [i for i in range(gex.n_vars) if i != 5]].copy(), "gex2atac")
+    np.testing.assert_allclose(np.asarray(pred.X), np.asarray(reference.X), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_cli", [True, False])
+def test_mudata_with_other_modality_names_predicts(model_dir, tmp_path, use_cli):
+    import mudata
+
+    from translator import CellTranslator
+
+    gex, atac = ad.read_h5ad(shared_file(TEST_MOD1))[:30].copy(), ad.read_h5ad(shared_file(TEST_MOD2))[:30].copy()
+    mdata = mudata.MuData({"expression": gex, "peaks": atac})
+    tr = CellTranslator.from_pretrained(model_dir)
+    reference = tr.predict_anndata(gex, "gex2atac")
+    if use_cli:
+        path = tmp_path / "cells.h5mu"
+        mdata.write_h5mu(path)
+        output = tmp_path / "pred.h5ad"
+        cmd = [sys.executable, "predict.py", "--model", str(model_dir), "--input", str(path), "--direction", "gex2atac",
+               "--output", str(output), "--gex_modality", "expression", "--atac_modality", "peaks"]
+        result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        pred = ad.read_h5ad(output)
+        # Without the flag the error names it, and predict.py has it.
+        cmd = [*cmd[:9], str(tmp_path / "other.h5ad")]
+        result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "pass the GEX modality's name with --gex_modality" in result.stderr
+        assert "--gex_modality" in subprocess.run([sys.executable, "predict.py", "--help"], cwd=REPO, env=ENV, capture_output=True, text=True).stdout
+    else:
+        pred = tr.predict_anndata(mdata, "atac2gex", gex_modality="expression", atac_modality="peaks")
+        assert pred.shape == (30, len(tr.meta["genes"]))
+        np.testing.assert_allclose(np.asarray(pred.X), np.asarray(tr.predict_anndata(atac, "atac2gex").X), rtol=1e-5, atol=1e-6)
+        pred = tr.predict_anndata(mdata, "gex2atac", gex_modality="expression", atac_modality="peaks")
+    assert list(pred.obs_names) == list(gex.obs_names)
+    np.testing.assert_allclose(np.asarray(pred.X), np.asarray(reference.X), rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_genes_are_ignored_and_counted(model_dir):
     from translator import CellTranslator
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anndata as ad
 import h5py
 import numpy as np
@@ -9,7 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from dataset_builder.readers import genomic_order, normalize_peak_names, read_paired
+from dataset_builder import build_dataset
+from dataset_builder.readers import genomic_order, normalize_peak_names, read_modality, read_paired
 from dataset_builder.sentences import encode_cells, rank_genes
 from dataset_builder.simulate import simulate_paired, write_simulated
 from tests.conftest import shared_file
@@ -78,8 +81,9 @@ def test_two_files_pair_by_barcode_in_first_file_order(tmp_path):
     assert paired.peaks[0].startswith("chr1-") and ":" not in "".join(paired.peaks)
 
 
-def _write_10x_h5(path, rna: ad.AnnData, atac: ad.AnnData) -> None:
-    combined = sp.hstack([rna.X, atac.X]).tocsr()  # cells x features CSR == features x cells CSC
+def write_10x_h5(path, rna: ad.AnnData, atac: ad.AnnData, gene_names=None, gene_ids=None) -> None:
+    """Cell Ranger ARC's filtered_feature_bc_matrix.h5 layout (features x cells CSC, names, ids, types)."""
+    combined = sp.hstack([sp.csr_matrix(rna.X), sp.csr_matrix(atac.X)]).tocsr()  # cells x features CSR == features x cells CSC
     with h5py.File(path, "w") as f:
         m = f.create_group("matrix")
         m["data"] = combined.data.astype(np.int32)
@@ -88,21 +92,43 @@ def _write_10x_h5(path, rna: ad.AnnData, atac: ad.AnnData) -> None:
         m["shape"] = np.array([combined.shape[1], combined.shape[0]], dtype=np.int32)
         m["barcodes"] = np.array(list(rna.obs_names), dtype="S")
         feats = m.create_group("features")
-        names = list(rna.var_names) + list(atac.var_names)
+        names = list(gene_names if gene_names is not None else rna.var_names) + list(atac.var_names)
         feats["name"] = np.array(names, dtype="S")
-        feats["id"] = np.array(names, dtype="S")
+        feats["id"] = np.array(list(gene_ids if gene_ids is not None else rna.var_names) + list(atac.var_names), dtype="S")
         feats["feature_type"] = np.array(["Gene Expression"] * rna.n_vars + ["Peaks"] * atac.n_vars, dtype="S")
 
 
 def test_cellranger_arc_h5_equals_h5mu(tmp_path):
     rna, atac = simulate_paired(n_cells=40, n_genes=12, peaks_per_gene=2)
-    _write_10x_h5(tmp_path / "filtered_feature_bc_matrix.h5", rna, atac)
+    write_10x_h5(tmp_path / "filtered_feature_bc_matrix.h5", rna, atac)
     write_simulated(tmp_path / "sim.h5mu", n_cells=40, n_genes=12, peaks_per_gene=2)
     from_10x = read_paired([tmp_path / "filtered_feature_bc_matrix.h5"])
     from_mu = read_paired([tmp_path / "sim.h5mu"])
     assert list(from_10x.cells) == list(from_mu.cells)
     assert from_10x.genes == from_mu.genes and from_10x.peaks == from_mu.peaks
     assert (from_10x.gex != from_mu.gex).nnz == 0 and (from_10x.atac != from_mu.atac).nnz == 0
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+def test_cellranger_h5_with_repeated_gene_symbols_reads_and_builds_like_scanpy(tmp_path, caplog):
+    rna, atac = simulate_paired(n_cells=60, n_genes=12, peaks_per_gene=2)
+    symbols = list(rna.var_names)
+    symbols[3] = symbols[7] = symbols[1]  # human references repeat some symbols; the Ensembl ids differ
+    ids = [f"ENSG{i:011d}" for i in range(len(symbols))]
+    path = tmp_path / "filtered_feature_bc_matrix.h5"
+    write_10x_h5(path, rna, atac, gene_names=symbols, gene_ids=ids)
+    with caplog.at_level("WARNING", logger="dataset_builder.readers"):
+        paired = read_paired([path])
+    expected = ad.AnnData(var=pd.DataFrame(index=symbols))
+    expected.var_names_make_unique()
+    assert paired.genes == list(expected.var_names) and len(set(paired.genes)) == len(symbols)
+    assert "renamed 2" in caplog.text and path.name in caplog.text
+    np.testing.assert_array_equal(paired.gex.toarray(), np.asarray(sp.csr_matrix(rna.X).toarray()))
+    gex = read_modality([path], "GEX")
+    assert list(gex.var["gene_ids"]) == ids and list(gex.var.index) == paired.genes
+    data = build_dataset([path], tmp_path / "data")
+    meta = json.loads((tmp_path / "data" / "cell_sentences.json").read_text())
+    assert meta["genes"] == paired.genes and sum(len(split) for split in data.values()) == 60
 
 
 def test_mop_h5mu_equals_two_files():

@@ -24,42 +24,6 @@ from .data import SOURCE_MODALITY, TARGET_MODALITY
 logger = logging.getLogger(__name__)
 
 
-def _read_source_modality(paths: Sequence[Path], label: str):
-    """The ``label`` ("GEX" or "ATAC") modality from one or two files, via dataset_builder's readers."""
-
-    from dataset_builder import readers
-
-    if len(paths) not in (1, 2):
-        raise ValueError(f"give one or two --input files, not {len(paths)}")
-    if len(paths) == 2:
-        mods = [readers._read_single_modality_h5ad(p) for p in paths]
-    else:
-        path = paths[0]
-        with readers._open_h5(path) as f:
-            kind = "h5mu" if "mod" in f else "10x" if "matrix" in f else "h5ad"
-        if kind == "h5mu":
-            mods = list(readers._read_h5mu(path, "rna", "atac"))
-        elif kind == "10x":
-            mods = list(readers._read_10x_h5(path))
-        else:
-            with readers._open_h5(path) as f:
-                labels = readers._feature_labels(readers._read(f, "var", path), path) if "var" in f else None
-            found = set(labels) if labels is not None else set()
-            if found & readers.GEX_LABELS and found & readers.ATAC_LABELS:
-                # Both modalities in one file: only the source modality's entries are copied out (CSR on disk),
-                # and the whole matrix is never read first as a single modality.
-                mods = list(readers._read_combined_h5ad(path, only=label))
-            else:
-                mods = [readers._read_single_modality_h5ad(path)]
-    chosen = [m for m in mods if m.label == label]
-    if not chosen:
-        found = ", ".join(sorted({m.label for m in mods}))
-        raise ValueError(f"{', '.join(str(p) for p in paths)} holds {found}, not the {label} modality this direction needs")
-    mod = chosen[0]
-    readers._check_modality(mod)
-    return mod
-
-
 def _peak_table(names: Sequence[str]) -> pd.DataFrame:
     parts = pd.Series(list(names), dtype=str).str.rsplit("-", n=2, expand=True)
     start = parts[1].astype(np.int64).to_numpy()
@@ -261,17 +225,22 @@ def _join(names, offsets: np.ndarray, index: np.ndarray) -> list[str]:
     return join_names(names, np.asarray(offsets), np.asarray(index)).to_pylist()
 
 
-def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int = SENTENCE_BLOCK):
-    """Source sentences ``block`` cells at a time (a generator of lists), with ``obs``, the counts and the cell count.
+def read_source(adata_or_path, direction: str, *, gex_modality: str = "rna", atac_modality: str = "atac"):
+    """The source modality of ``direction`` from an ``AnnData``, a ``MuData``, one path or a list of one or two paths.
 
-    Only the source matrix is held, never every cell's sentence (69,249 full-size cells' ATAC sentences would be
-    6 G characters). ``stats['empty_cells']`` is complete once the generator is exhausted.
-    ``adata_or_path``: an ``AnnData`` (raw counts in ``layers['counts']`` or ``X``), one path, or a
-    list of one or two paths in any layout ``dataset_builder`` reads.
+    In-memory objects are written to a temporary file and read back by ``dataset_builder.readers.read_modality``, so
+    every input goes through the same reader and checks. ``gex_modality`` / ``atac_modality`` name a MuData's modalities.
     """
+    from dataset_builder.readers import read_modality
+
     label = SOURCE_MODALITY[direction].upper()
     tmp_dir = None
-    if hasattr(adata_or_path, "obs_names"):
+    if hasattr(adata_or_path, "mod") and hasattr(adata_or_path, "write_h5mu"):
+        tmp_dir = tempfile.TemporaryDirectory()
+        path = Path(tmp_dir.name) / "input.h5mu"
+        adata_or_path.write_h5mu(path)
+        paths = [path]
+    elif hasattr(adata_or_path, "obs_names"):
         tmp_dir = tempfile.TemporaryDirectory()
         path = Path(tmp_dir.name) / "input.h5ad"
         adata_or_path.write_h5ad(path)
@@ -281,11 +250,25 @@ def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int
     else:
         paths = [Path(p) for p in adata_or_path]
     try:
-        mod = _read_source_modality(paths, label)
+        return read_modality(paths, label, gex_modality=gex_modality, atac_modality=atac_modality)
     finally:
         if tmp_dir is not None:
             tmp_dir.cleanup()
-    where = "the AnnData given" if tmp_dir is not None else str(mod.path)
+
+
+def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int = SENTENCE_BLOCK, **modalities: str):
+    """Source sentences ``block`` cells at a time (a generator of lists), with ``obs``, the counts and the cell count.
+
+    Only the source matrix is held, never every cell's sentence (69,249 full-size cells' ATAC sentences would be
+    6 G characters). ``stats['empty_cells']`` is complete once the generator is exhausted.
+    ``adata_or_path``: an ``AnnData`` (raw counts in ``layers['counts']`` or ``X``), a ``MuData``, one path, or a
+    list of one or two paths in any layout ``dataset_builder`` reads; ``modalities``: ``gex_modality`` /
+    ``atac_modality``, the modality names of a MuData.
+    """
+    label = SOURCE_MODALITY[direction].upper()
+    in_memory = not isinstance(adata_or_path, str | os.PathLike | list | tuple)
+    mod = read_source(adata_or_path, direction, **modalities)
+    where = f"the {type(adata_or_path).__name__} given" if in_memory else str(mod.path)
     make = _gex_sentences if label == "GEX" else _atac_sentences
     blocks, stats = make(mod, meta, where, block)
     stats["empty_cells"] = 0
@@ -302,9 +285,9 @@ def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int
     return counted(), obs, stats, len(mod.cells)
 
 
-def source_sentences_from_anndata(adata_or_path, direction: str, meta: dict) -> tuple[list[str], pd.DataFrame, dict]:
-    """Source sentences of every cell of an AnnData object or file(s), their ``obs``, and counts of what was mapped."""
-    blocks, obs, stats, _ = source_sentence_blocks(adata_or_path, direction, meta)
+def source_sentences_from_anndata(adata_or_path, direction: str, meta: dict, **modalities: str) -> tuple[list[str], pd.DataFrame, dict]:
+    """Source sentences of every cell of an AnnData / MuData object or file(s), their ``obs``, and counts of what was mapped."""
+    blocks, obs, stats, _ = source_sentence_blocks(adata_or_path, direction, meta, **modalities)
     sentences = [s for block in blocks for s in block]
     return sentences, obs, stats
 

@@ -203,12 +203,16 @@ class CellTranslator:
         matrix, sentences = self._predict_ids(ids, direction, batch_size, need_sentences=return_sentences)
         return (matrix, sentences) if return_sentences else matrix
 
-    def predict_anndata(self, adata_or_path, direction: str, batch_size: int = 64, return_sentences: bool = False):
-        """AnnData in (any layout ``dataset_builder`` reads), AnnData out: cells x the model's target features."""
+    def predict_anndata(self, adata_or_path, direction: str, batch_size: int = 64, return_sentences: bool = False,
+                        gex_modality: str = "rna", atac_modality: str = "atac"):
+        """AnnData or MuData in (or a file in any layout ``dataset_builder`` reads), AnnData out: cells x the model's
+        target features. ``gex_modality`` / ``atac_modality`` name the modalities of a MuData or ``.h5mu``."""
         from .anndata_io import prediction_anndata, source_sentences_from_anndata
 
         self._check_direction(direction)
-        sentences, obs, stats = source_sentences_from_anndata(adata_or_path, direction, self.meta)
+        sentences, obs, stats = source_sentences_from_anndata(
+            adata_or_path, direction, self.meta, gex_modality=gex_modality, atac_modality=atac_modality
+        )
         # Sentences only when asked for: with the profile readout the matrix needs one decoder step, not greedy decoding.
         out = self.predict_matrix(sentences, direction, batch_size, return_sentences=return_sentences)
         matrix, translated = out if return_sentences else (out, None)
@@ -216,7 +220,7 @@ class CellTranslator:
         return prediction_anndata(matrix, obs, direction, self.meta, stats, translated if return_sentences else None)
 
     def predict_h5ad(self, adata_or_path, direction: str, output: str | os.PathLike, batch_size: int = 64, chunk_cells: int = 1024,
-                     return_sentences: bool = False) -> dict:
+                     return_sentences: bool = False, gex_modality: str = "rna", atac_modality: str = "atac") -> dict:
         """Like ``predict_anndata(...).write_h5ad(output)``, but ``chunk_cells`` cells at a time.
 
         Memory holds the source matrix and one chunk of sentences and predictions, not every sentence nor the
@@ -229,7 +233,9 @@ class CellTranslator:
         if chunk_cells < 1:
             raise ValueError(f"--chunk_cells must be >= 1, got {chunk_cells}")
         # Sentences are made chunk by chunk too: memory holds the source matrix and one chunk, not every sentence.
-        sentence_blocks, obs, stats, n_cells = source_sentence_blocks(adata_or_path, direction, self.meta, block=chunk_cells)
+        sentence_blocks, obs, stats, n_cells = source_sentence_blocks(
+            adata_or_path, direction, self.meta, block=chunk_cells, gex_modality=gex_modality, atac_modality=atac_modality
+        )
         unknown = 0
 
         def blocks():
