@@ -6,7 +6,8 @@
 The output holds one row per input cell and one column per target feature of the model (the
 training data's feature names): accessibility probabilities (gex2atac) or expected log-normalized
 expression (atac2gex). ``--text`` also stores each cell's translated sentence in ``obs['translation']``.
-The file is written to a temporary name beside the output and renamed, so it appears whole or not at all.
+The file is written in a temporary folder beside the output and renamed, so it appears whole or not at all;
+its mode follows the umask. A progress bar over cells is shown when stderr is a terminal (``--no_progress``: none).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--device", default="auto", help="where the model runs: auto (a GPU when torch sees one), cpu, cuda[:N]")
     parser.add_argument("--allow_pickle", action="store_true", help="load pickle weights (pytorch_model.bin); they can run code: only for trusted folders")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -61,16 +64,18 @@ def run(args: argparse.Namespace) -> Path:
     translator = CellTranslator.from_pretrained(args.model, device=args.device, allow_pickle=args.allow_pickle)
     inputs = args.input[0] if len(args.input) == 1 else args.input
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".h5ad", dir=output.parent)
+    # The file is made inside a private temporary folder by h5py itself, so its mode follows the umask as any
+    # written file's does, and it is renamed into place only when complete.
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        os.close(fd)
+        tmp = staging / output.name
         # Chunk by chunk: memory holds one chunk of predictions, not the whole cells x features matrix.
-        stats = translator.predict_h5ad(inputs, args.direction, tmp, batch_size=args.batch_size, chunk_cells=args.chunk_cells, return_sentences=args.text,
-                                      gex_modality=args.gex_modality, atac_modality=args.atac_modality)
+        stats = translator.predict_h5ad(inputs, args.direction, tmp, batch_size=args.batch_size, chunk_cells=args.chunk_cells,
+                                        return_sentences=args.text, gex_modality=args.gex_modality,
+                                        atac_modality=args.atac_modality, progress=not args.no_progress)
         os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     n_features = len(translator.meta["peaks" if args.direction == "gex2atac" else "genes"])
     logging.getLogger("predict").info("wrote %s: %d cells x %d features (%s)", output, stats["cells"], n_features, stats)
     return output

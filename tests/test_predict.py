@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -76,6 +79,33 @@ def test_sigterm_mid_write_leaves_no_partial_file(model_dir, tmp_path):
     assert result.returncode == 143, result.stderr[-2000:]
     assert "terminated by SIGTERM" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("umask, terminal, flags", [(0o022, True, []), (0o002, True, ["--no_progress"]), (0o077, False, [])])
+def test_output_mode_follows_the_umask_and_the_bar_shows_on_a_terminal(model_dir, tmp_path, monkeypatch, umask, terminal, flags):
+    import predict
+
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    output = tmp_path / "pred.h5ad"
+    previous = os.umask(umask)
+    try:
+        code = predict.main(["--model", str(model_dir), "--input", str(shared_file(TEST_MOD1)), "--direction", "gex2atac",
+                             "--output", str(output), "--chunk_cells", "100", *flags])
+    finally:
+        os.umask(previous)
+    assert code == 0
+    assert stat.S_IMODE(output.stat().st_mode) == 0o666 & ~umask
+    shown = "predicting gex2atac" in stderr.getvalue()
+    assert shown == (terminal and not flags)
+    if shown:
+        assert "279/279" in stderr.getvalue()  # every cell of the test donor counted
+    assert [p.name for p in tmp_path.iterdir()] == ["pred.h5ad"]
 
 
 @pytest.mark.parametrize("direction, source", [("gex2atac", TEST_MOD1), ("atac2gex", TEST_MOD2)])

@@ -220,13 +220,17 @@ class CellTranslator:
         return prediction_anndata(matrix, obs, direction, self.meta, stats, translated if return_sentences else None)
 
     def predict_h5ad(self, adata_or_path, direction: str, output: str | os.PathLike, batch_size: int = 64, chunk_cells: int = 1024,
-                     return_sentences: bool = False, gex_modality: str = "rna", atac_modality: str = "atac") -> dict:
+                     return_sentences: bool = False, gex_modality: str = "rna", atac_modality: str = "atac",
+                     progress: bool = False) -> dict:
         """Like ``predict_anndata(...).write_h5ad(output)``, but ``chunk_cells`` cells at a time.
 
         Memory holds the source matrix and one chunk of sentences and predictions, not every sentence nor the
         whole ``cells x features`` matrix (69,249 cells x 116,490 peaks would be 32 GB of float32). Returns the ``uns['cell_translation']``
         counts. Writes ``output`` in place: callers wanting all-or-nothing write to a temporary name first.
+        ``progress``: a tqdm bar over cells on stderr, shown only when stderr is a terminal.
         """
+        from tqdm.auto import tqdm
+
         from .anndata_io import source_sentence_blocks, write_prediction_h5ad
 
         self._check_direction(direction)
@@ -240,10 +244,12 @@ class CellTranslator:
 
         def blocks():
             nonlocal unknown
-            for sentences in sentence_blocks:
-                out = self.predict_matrix(sentences, direction, batch_size, return_sentences=return_sentences)
-                unknown += self.last_stats["unknown_source_names"]
-                yield out if return_sentences else (out, None)
+            with tqdm(total=n_cells, unit="cell", desc=f"predicting {direction}", disable=None if progress else True) as bar:
+                for sentences in sentence_blocks:
+                    out = self.predict_matrix(sentences, direction, batch_size, return_sentences=return_sentences)
+                    unknown += self.last_stats["unknown_source_names"]
+                    bar.update(len(sentences))
+                    yield out if return_sentences else (out, None)
 
         def final_stats() -> dict:
             return {**stats, "cells": n_cells, "unknown_source_names": unknown}
