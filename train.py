@@ -43,6 +43,7 @@ from translator.data import (
     check_gex_target_min_value,
 )
 from translator.modeling import MODEL_SHAPES, TranslationLoss, cuda_tf32, make_config, make_model
+from translator.predictor import fit_blend
 from translator.readout import SELECTION_REPEATS, check_selection_parts, check_selection_repeats, profile_offsets
 from translator.training import (
     AVERAGE_STATE_FILE,
@@ -526,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                      num_processes=accelerator.num_processes, train_tokens_per_second=round(tokens_total / max(elapsed, 1e-9), 1),
                      validation_history=history, train_seconds=round(elapsed, 1), planned_steps=max_steps, stopped_by_time_limit=bool(time_cut))
         write_model_folder(run.output_dir, model, tokenizer, meta, readout, saved, caps[1], profile_head)
+        fit_blend(run.output_dir, data_args.dataset_dir, data_args.directions, run.per_device_eval_batch_size, run.seed)
         evaluate_folder(run, data_args)
         from translator.card import render_model_card
 

@@ -27,11 +27,12 @@ def stack_parts(model: str, dataset_dir: str, split: str = "test", refit_baselin
     from translator.source_kernel import source_indicator
 
     translator = CellTranslator.from_pretrained(model)
-    if not translator.source_kernel:
+    if not translator.blend:
         raise ValueError(f"--model {model} has no source kernel with a weight above 0; stack it first (python -m translator.stack)")
     data, train, validation = (load_split_matrices(dataset_dir, s) for s in (split, "train", "validation"))
     out = {}
-    for direction, (weight, kernel) in translator.source_kernel.items():
+    for direction, blend in translator.blend.items():
+        weight, kernel = blend.weights["kernel"], blend.kernel
         source, target = SOURCE_MODALITY[direction], TARGET_MODALITY[direction]
         sentences = source_sentences(data, direction, translator.meta)
         truth = data[target].toarray()

@@ -274,11 +274,11 @@ def test_a_stacked_folder_blends_its_matrix_with_the_source_kernel(folds, tmp_pa
     for direction, column in (("gex2atac", "gex_text"), ("atac2gex", "atac_text")):
         sentences = list(test[column])
         got = stacked.predict_matrix(sentences, direction)
-        if direction not in stacked.source_kernel:
+        if direction not in stacked.blend:
             np.testing.assert_array_equal(got, plain.predict_matrix(sentences, direction))
             continue
         blended += 1
-        weight, kernel = stacked.source_kernel[direction]
+        weight, kernel = stacked.blend[direction].weights["kernel"], stacked.blend[direction].kernel
         ids = stacked.encode_sources(sentences, direction, allow_empty=True)
         kernel_matrix = kernel.predict(source_indicator(ids, stacked.ranges["gex" if direction == "gex2atac" else "atac"]))
         np.testing.assert_allclose(got, (1 - weight) * plain.predict_matrix(sentences, direction) + weight * kernel_matrix, rtol=1e-5, atol=1e-6)
@@ -293,7 +293,7 @@ def test_a_stacked_folder_blends_its_matrix_with_the_source_kernel(folds, tmp_pa
     from translator.stack import main as stack_main
 
     assert stack_main(["--model", str(zero), "--dataset_dir", str(folds["all"]), "--weights", "0", *pool]) == 0
-    assert CellTranslator.from_pretrained(zero).source_kernel == {} and not (zero / "source_kernel.safetensors").exists()
+    assert CellTranslator.from_pretrained(zero).blend == {} and not (zero / "source_kernel.safetensors").exists()
     assert {r["weight"] for r in json.loads((zero / "readout.json").read_text())["source_kernel"].values()} == {0.0}
     np.testing.assert_array_equal(CellTranslator.from_pretrained(zero).predict_matrix(list(test["atac_text"]), "atac2gex"),
                                   CellTranslator.from_pretrained(m0).predict_matrix(list(test["atac_text"]), "atac2gex"))

@@ -23,8 +23,9 @@ from tokenizer import DIRECTIONS, META_FILE, encode_names, feature_token_ranges
 
 from .data import SOURCE_MODALITY, TARGET_MODALITY, source_ids
 from .modeling import PROFILE_HEAD_FILE, ProfileHead
+from .predictor import DirectionBlend, load_blend
 from .readout import READOUT_FILE, apply_readout, decode_features, is_profile
-from .source_kernel import load_kernels, source_indicator
+from .source_kernel import source_indicator
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +98,9 @@ class CellTranslator:
     """A trained translator: model, tokenizer, dataset metadata and readout calibration."""
 
     def __init__(self, model, tokenizer, meta: dict, readout: dict | None = None, profile_head=None,
-                 members: Sequence[CellTranslator] = (), source_kernel: dict | None = None):
+                 members: Sequence[CellTranslator] = (), blend: dict[str, DirectionBlend] | None = None):
         self.members = list(members)  # ensemble folders (translator.ensemble): more models whose matrices are averaged with this one's
-        self.source_kernel = dict(source_kernel or {})  # translator.stack: {direction: (weight, SourceKernel)} blended in last
+        self.blend = dict(blend or {})  # translator.predictor: {direction: DirectionBlend} of the transformer, source kernel and mean, applied last
         self.model = model.eval()
         self.profile_head = profile_head.eval() if profile_head is not None else None
         self.tokenizer = tokenizer
@@ -113,7 +114,8 @@ class CellTranslator:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, device: str | None = None, allow_pickle: bool = False) -> CellTranslator:
         """Load a folder written by ``train.py`` or a Hub repository id (offline when a folder is given); an ensemble folder
-        (``python -m translator.ensemble``) loads its members too, a stacked one (``python -m translator.stack``) its source kernel."""
+        (``python -m translator.ensemble``) loads its members too, and the blend of the transformer with the source kernel and the
+        per-feature mean (``translator.predictor``) its arrays."""
         folder = _resolve(path_or_id)
         return cls._load(folder, device, allow_pickle, ensemble=True)
 
@@ -141,8 +143,8 @@ class CellTranslator:
                 raise FileNotFoundError(f"model folder {folder} names ensemble member {name}, which it lacks; copy the whole folder")
             members.append(cls._load(member_folder, device, allow_pickle, ensemble=False))
             check_same_vocabulary(tokenizer, meta, members[-1].tokenizer, members[-1].meta, f"ensemble member {name} of {folder}")
-        kernels = load_kernels(folder, (readout or {}).get("source_kernel")) if ensemble else {}
-        return cls(model, tokenizer, meta, readout, profile_head, members, kernels)
+        blend = load_blend(folder, readout) if ensemble else {}
+        return cls(model, tokenizer, meta, readout, profile_head, members, blend)
 
     # -- sentences -> ids ------------------------------------------------------------------
     def _check_direction(self, direction: str) -> None:
@@ -169,6 +171,9 @@ class CellTranslator:
 
     # -- prediction ------------------------------------------------------------------------
     def _predict_ids(self, ids: Sequence[np.ndarray], direction: str, batch_size: int, need_sentences: bool = True):
+        blend = self.blend.get(direction)
+        if blend is not None and not blend.needs_transformer and not need_sentences:  # the kernel and the mean need no model
+            return blend.combine(None, source_indicator(ids, self.ranges[SOURCE_MODALITY[direction]])), []
         target_range = self.ranges[TARGET_MODALITY[direction]]
         params = (self.readout.get("calibration") or {}).get(direction)
         # The profile readout needs one decoder step; greedy decoding only runs when sentences are asked for.
@@ -180,10 +185,8 @@ class CellTranslator:
         matrix = apply_readout(features, direction, self.meta, params)
         if self.members:  # an ensemble: the mean of every member's calibrated matrix (the sentences are this model's)
             matrix = np.mean([matrix, *(m._predict_ids(ids, direction, batch_size, need_sentences=False)[0] for m in self.members)], axis=0)
-        if direction in self.source_kernel:  # a stacked folder: (1 - w) * model + w * the kernel on the source's names
-            weight, kernel = self.source_kernel[direction]
-            indicator = source_indicator(ids, self.ranges[SOURCE_MODALITY[direction]])
-            matrix = ((1.0 - weight) * matrix + weight * kernel.predict(indicator)).astype(np.float32)
+        if blend is not None:  # w_t * transformer + w_k * the kernel on the source's names + w_m * the per-feature mean
+            matrix = blend.combine(matrix, source_indicator(ids, self.ranges[SOURCE_MODALITY[direction]]))
         sentences = [" ".join(self.tokenizer.convert_ids_to_tokens(seq)) for seq in sequences]
         return matrix, sentences
 

@@ -19,6 +19,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from tokenizer import META_FILE
 
+from .predictor import card_text
+
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
 MODEL_KEYS = ("translator", "model", "cell_translator", "t5")
 DIRECTION_NAMES = {"gex2atac": "GEX to ATAC", "atac2gex": "ATAC to GEX"}
@@ -229,6 +231,7 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, tem
         # translate() takes the source names alone; the direction argument adds the prefix.
         "example_sentence": " ".join(example[1:9]) if example else "GENE1 GENE2 GENE3",
         "evaluation_text": _evaluation_text(folder, metrics),
+        "predictor_text": card_text(readout),
     }
     body = Template(Path(template or TEMPLATE).read_text()).safe_substitute({k: str(v) for k, v in values.items()})
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")

@@ -439,6 +439,24 @@ def _fit_aggregation(features: dict[str, np.ndarray], dense_truth: np.ndarray, d
     return {"aggregation": aggregation, "coef": coef.tolist()}
 
 
+def cross_fitted_readout(features: dict[str, np.ndarray], dense_truth: np.ndarray, direction: str, meta: dict, aggregation: str,
+                         parts: int, seed: int, max_entries: int = 2_000_000):
+    """Held-out readings of ``aggregation``: yields ``(rows, prediction)`` for each of ``parts`` random parts of the cells
+    (seed ``seed``), predicted by the calibration fitted on the other parts; yields ``(rows, None)`` and stops when the targets
+    of the other parts are all 0 or all 1."""
+    n = dense_truth.shape[0]
+    part = np.random.default_rng(seed).permutation(n) % parts
+    rng = np.random.default_rng(seed + 1)
+    for k in range(parts):
+        fit_rows, held = np.flatnonzero(part != k), np.flatnonzero(part == k)
+        params = _fit_aggregation({key: v[fit_rows] for key, v in features.items()}, dense_truth[fit_rows], direction, meta, aggregation,
+                                  rng, max_entries)
+        if params is None:
+            yield held, None
+            return
+        yield held, apply_readout({key: v[held] for key, v in features.items()}, direction, meta, params)
+
+
 def _cross_fitted_rmse(features: dict[str, np.ndarray], dense_truth: np.ndarray, direction: str, meta: dict, aggregation: str,
                        parts: int, seed: int, max_entries: int, repeats: int = 1) -> float | None:
     """RMSE of ``aggregation`` over all cells, each part predicted by the calibration fitted on the other parts.
@@ -446,18 +464,11 @@ def _cross_fitted_rmse(features: dict[str, np.ndarray], dense_truth: np.ndarray,
     With ``repeats`` > 1 the squared errors are averaged over that many random partitions (seeds ``seed``,
     ``seed + 1``, ...): on 46 cells one partition's verdict between two readouts can be the reverse of most others'.
     """
-    n = dense_truth.shape[0]
     squared = 0.0
     for repeat in range(repeats):
-        part = np.random.default_rng(seed + repeat).permutation(n) % parts
-        rng = np.random.default_rng(seed + repeat + 1)
-        for k in range(parts):
-            fit_rows, held = np.flatnonzero(part != k), np.flatnonzero(part == k)
-            params = _fit_aggregation({key: v[fit_rows] for key, v in features.items()}, dense_truth[fit_rows], direction, meta, aggregation,
-                                      rng, max_entries)
-            if params is None:
+        for held, prediction in cross_fitted_readout(features, dense_truth, direction, meta, aggregation, parts, seed + repeat, max_entries):
+            if prediction is None:
                 return None
-            prediction = apply_readout({key: v[held] for key, v in features.items()}, direction, meta, params)
             squared += float(np.sum((prediction - dense_truth[held]) ** 2))
     return float(np.sqrt(squared / (dense_truth.size * repeats)))
 

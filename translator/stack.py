@@ -56,6 +56,7 @@ def stack(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, pool: Se
 
     from .api import CellTranslator
     from .data import SOURCE_MODALITY, TARGET_MODALITY
+    from .predictor import BLEND_FILE
     from .readout import READOUT_FILE
     from .recalibrate import check_pool
     from .source_kernel import KERNEL_FILE, SourceKernel, source_indicator
@@ -87,7 +88,7 @@ def stack(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, pool: Se
     widest = max(grid["n_components"])
     started = time.perf_counter()
     top = CellTranslator.from_pretrained(folder)
-    top.source_kernel = {}  # read the folder as it is without any kernel it holds already
+    top.blend = {}  # read the folder as it is without any blend it holds already
     readers = []
     for pool_model, pool_data in pool:
         if Path(pool_model).resolve() == folder.resolve():
@@ -95,7 +96,7 @@ def stack(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, pool: Se
         else:
             reader = CellTranslator.from_pretrained(pool_model)
             reader.readout = {**reader.readout, "calibration": calibration}
-            reader.source_kernel, reader.members = {}, []
+            reader.blend, reader.members = {}, []
         readers.append((reader, load_split_matrices(pool_data, "train"), load_split_matrices(pool_data, "validation")))
     every = [load_split_matrices(dataset_dir, s) for s in ("train", "validation") if s in own and len(own[s])]
 
@@ -142,11 +143,13 @@ def stack(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, pool: Se
             for key, value in fitted.arrays.items():
                 arrays[f"{direction}.{key}"] = np.ascontiguousarray(value, dtype=np.float32)
     readout["source_kernel"] = records
+    readout.pop("blend", None)  # the stack replaces a blend fitted by train.py
     if arrays:
         write_text_atomic(folder / KERNEL_FILE, save(arrays))
     write_text_atomic(readout_path, json.dumps(readout, indent=2))
     if not arrays:
         (folder / KERNEL_FILE).unlink(missing_ok=True)  # a kernel of an earlier stack, now unused
+    (folder / BLEND_FILE).unlink(missing_ok=True)
     card = folder / "README.md"
     if card.exists() and "## Source-kernel stack" not in card.read_text():
         card.write_text(card.read_text().rstrip("\n") + "\n\n## Source-kernel stack\n\nPredicted matrices are `(1 - w) * model + w * kernel`, the kernel an RBF "

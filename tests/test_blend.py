@@ -1,0 +1,198 @@
+"""The shipped predictor: the transformer's readout, the source kernel and the per-feature mean, blended on held-out cells."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from evaluation.metrics_core import rowwise_pearson
+from translator.predictor import BLEND_FILE, cell_stats, choose_weights, score_weights, simplex_grid
+
+
+def programs(n_cells: int, n_features: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cells drawn from four programs: (expected values, observed truth, the per-feature mean of other cells like them)."""
+    rng = np.random.default_rng(seed)
+    profiles = rng.gamma(0.6, 1.0, size=(4, n_features))
+    label = rng.integers(0, 4, size=n_cells)
+    expected = profiles[label]
+    truth = rng.poisson(expected).astype(np.float64)
+    train = rng.poisson(profiles[rng.integers(0, 4, size=5 * n_cells)])
+    return expected, truth, train.mean(axis=0)
+
+
+def test_the_scores_of_a_weighting_are_its_rmse_and_per_cell_pearson():
+    rng = np.random.default_rng(0)
+    parts = [rng.random((30, 17)), rng.random((30, 17)), rng.random(17)]
+    truth = (rng.random((30, 17)) < 0.3).astype(np.float64)
+    truth[3] = 0.0  # a cell with nothing observed: no Pearson
+    stats = cell_stats(parts, sp.csr_matrix(truth), chunk_cells=7)
+    weights = np.array([[0.2, 0.5, 0.3], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    squared, pearson = score_weights(stats, weights)
+    for column, w in enumerate(weights):
+        blend = w[0] * parts[0] + w[1] * parts[1] + w[2] * parts[2]
+        np.testing.assert_allclose(squared[:, column], ((blend - truth) ** 2).sum(axis=1), rtol=1e-10)
+        np.testing.assert_allclose(pearson[:, column], rowwise_pearson(np.broadcast_to(blend, truth.shape), truth), rtol=1e-9, atol=1e-12)
+    assert np.isnan(pearson[3]).all()
+
+
+def test_a_transformer_of_pure_noise_gets_no_weight():
+    expected, truth, mean = programs(300, 60, seed=1)
+    rng = np.random.default_rng(2)
+    kernel = expected + rng.normal(0, 0.5, expected.shape).clip(-expected, None)
+    noise = expected[rng.permutation(len(expected))]  # another cell's profile: right in scale, unrelated to this cell
+    choice = choose_weights(cell_stats([noise, kernel, mean], truth), simplex_grid(3), mean_part=2)
+    assert choice["weights"][0] == 0.0, choice
+    assert choice["weights"][1] > 0.5 and choice["rmse"] < choice["mean_rmse"]  # the kernel is worth having here
+
+
+def test_an_informative_transformer_gets_real_weight():
+    expected, truth, mean = programs(300, 60, seed=3)
+    rng = np.random.default_rng(4)
+    kernel = (0.5 * expected + 0.5 * mean + rng.normal(0, 0.8, expected.shape)).clip(0, None)
+    transformer = expected * rng.lognormal(0, 0.1, expected.shape)
+    choice = choose_weights(cell_stats([transformer, kernel, mean], truth), simplex_grid(3), mean_part=2)
+    assert choice["weights"][0] >= 0.5, choice
+    assert choice["rmse"] < choice["mean_rmse"] and choice["pearson"] > choice["mean_pearson"]
+
+
+def test_parts_that_cannot_beat_the_mean_leave_the_mean_alone():
+    expected, truth, mean = programs(200, 50, seed=5)
+    rng = np.random.default_rng(6)
+    shuffled = [expected[rng.permutation(len(expected))] for _ in range(2)]
+    choice = choose_weights(cell_stats([*shuffled, mean], truth), simplex_grid(3), mean_part=2)
+    assert list(choice["weights"]) == [0.0, 0.0, 1.0]
+
+
+def test_a_blend_that_wins_rmse_by_losing_per_cell_pearson_is_refused():
+    # Cells differ in depth, which the mean misses; the "transformer" knows each cell's depth but blurs which features are high.
+    rng = np.random.default_rng(0)
+    n_cells, n_features = 400, 80
+    profile = rng.gamma(0.8, 1.0, n_features)
+    depth = rng.lognormal(0, 0.8, n_cells)[:, None]
+    truth = rng.poisson(depth * profile).astype(np.float64)
+    mean = rng.poisson(rng.lognormal(0, 0.8, (2000, 1)) * profile).mean(0)
+    transformer = depth * profile * rng.lognormal(0, 0.3, (n_cells, n_features))
+    stats = cell_stats([transformer, mean], truth)
+    candidates = simplex_grid(2)
+    squared, pearson = score_weights(stats, candidates)
+    rmse = np.sqrt(squared.sum(0) / truth.size)
+    lowest, mean_only = int(np.argmin(rmse)), int(np.flatnonzero(candidates[:, 1] == 1.0)[0])
+    assert rmse[lowest] < 0.8 * rmse[mean_only] and pearson[:, lowest].mean() < pearson[:, mean_only].mean()  # the trap is real
+    choice = choose_weights(stats, candidates, mean_part=1)
+    assert choice["pearson"] >= choice["mean_pearson"] and choice["rmse"] > rmse[lowest]
+
+
+def test_the_weight_grid_is_the_simplex():
+    grid = simplex_grid(3, 0.05)
+    assert len(grid) == 231 and np.allclose(grid.sum(1), 1.0) and (grid >= 0).all()
+    with pytest.raises(ValueError, match="divide 1"):
+        simplex_grid(3, 0.3)
+
+
+# -- a model folder ---------------------------------------------------------------------------------------------------------
+def model_folder(root, data, tok, head_scale: float):
+    """An untrained tiny model folder whose profile head has random weights of ``head_scale``, calibrated on validation."""
+    import datasets
+    import torch
+
+    from tokenizer import load_tokenizer, read_meta
+    from translator.modeling import PROFILE_INPUTS, ProfileHead, make_config, make_model
+    from translator.training import calibrate, write_model_folder
+
+    tokenizer, meta = load_tokenizer(tok), read_meta(data)
+    model = make_model(make_config("tiny", len(tokenizer), 0.0, 64), seed=0).eval()
+    head = ProfileHead(model.config.vocab_size, PROFILE_INPUTS * model.config.d_model)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)) * head_scale)
+    splits = datasets.load_from_disk(str(data))
+    calibration = calibrate(model, tokenizer, meta, splits["validation"], ["gex2atac", "atac2gex"], 64, 64, 500, 32, 0, head,
+                            aggregations=("profile",))
+    readout = {"max_source_length": 64, "max_target_length": 64, "calibration": calibration, "examples": []}
+    out = root / "model"
+    write_model_folder(out, model, tokenizer, meta, readout, {"directions": ["gex2atac", "atac2gex"]}, 64, head)
+    return out
+
+
+def shuffle_pairs(data):
+    """The same dataset with each split's ATAC and GEX of different cells: nothing in a source predicts its target."""
+    import datasets
+
+    splits = datasets.load_from_disk(str(data))
+    shuffled = {}
+    for name, split in splits.items():
+        order = np.random.default_rng(len(name)).permutation(len(split)).tolist()
+        atac = split.select(order)["atac_text"]
+        shuffled[name] = split.remove_columns("atac_text").add_column("atac_text", atac)
+    out = data.parent / "shuffled"
+    datasets.DatasetDict(shuffled).save_to_disk(str(out))
+    (out / "cell_sentences.json").write_text((data / "cell_sentences.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from tests.translator_fixtures import make_dataset_and_tokenizer
+
+    return make_dataset_and_tokenizer(tmp_path_factory.mktemp("blend"), n_cells=240, n_genes=30, n_peaks=90)
+
+
+@pytest.mark.parametrize("few_cells", [100, 0])  # 40 validation cells: k-fold for the kernel's part, or the simplex on validation
+def test_the_shipped_predictor_is_the_recorded_blend_of_its_parts(dataset, tmp_path, few_cells):
+    from evaluation.data import load_split_matrices
+    from evaluation.runner import source_sentences
+    from translator import CellTranslator
+    from translator.predictor import fit_blend
+    from translator.source_kernel import source_indicator
+
+    data, tok = dataset
+    folder = model_folder(tmp_path, data, tok, head_scale=0.05)
+    records = fit_blend(folder, data, batch_size=32, few_cells=few_cells, grid={"n_components": (8,), "gamma_scale": (0.3, 1.0), "alpha": (0.1, 10.0)})
+    readout = json.loads((folder / "readout.json").read_text())
+    assert readout["blend"] == json.loads(json.dumps(records))
+    test = load_split_matrices(data, "test")
+    shipped = CellTranslator.from_pretrained(folder)
+    parts = CellTranslator.from_pretrained(folder)
+    parts.blend = {}
+    train, validation = load_split_matrices(data, "train"), load_split_matrices(data, "validation")
+    for direction, record in records.items():
+        w = record["weights"]
+        assert sum(w.values()) == pytest.approx(1.0) and min(w.values()) >= 0
+        held = record["held_out"]
+        assert held["cells"] == 40 and set(held["rmse"]) == {"blend", "mean", "kernel", "transformer"}
+        assert held["rmse"]["blend"] <= held["rmse"]["mean"] + 1e-12 and held["pearson"]["blend"] >= held["pearson"]["mean"] - 1e-12
+        assert ("kernel_against_mean" in record) == (few_cells > 40)
+        sentences = source_sentences(test, direction, shipped.meta)
+        target = "atac" if direction == "gex2atac" else "gex"
+        expected = w["transformer"] * parts.predict_matrix(sentences, direction)
+        if w["kernel"] > 0:
+            expected += w["kernel"] * shipped.blend[direction].kernel.predict(source_indicator(shipped.encode_sources(sentences, direction, allow_empty=True),
+                                                                                             shipped.ranges["gex" if target == "atac" else "atac"]))
+        mean = np.asarray(sp.vstack([train[target], validation[target]]).mean(axis=0)).ravel()
+        expected += w["mean"] * mean
+        np.testing.assert_allclose(shipped.predict_matrix(sentences, direction), expected, rtol=1e-5, atol=1e-6)
+    assert (folder / BLEND_FILE).exists() == any(r["weights"]["kernel"] > 0 or r["weights"]["mean"] > 0 for r in records.values())
+
+
+def test_a_predictor_that_cannot_beat_the_mean_ships_the_mean_with_a_warning(dataset, tmp_path, caplog):
+    from evaluation.data import load_split_matrices
+    from evaluation.runner import source_sentences
+    from translator import CellTranslator
+    from translator.predictor import fit_blend
+
+    data = shuffle_pairs(dataset[0])
+    folder = model_folder(tmp_path, data, dataset[1], head_scale=1.0)
+    with caplog.at_level(logging.WARNING, logger="translator.predictor"):
+        records = fit_blend(folder, data, directions=["gex2atac"], batch_size=32, grid={"n_components": (8,), "gamma_scale": (1.0,), "alpha": (1.0,)})
+    record = records["gex2atac"]
+    assert record["weights"] == {"transformer": 0.0, "kernel": 0.0, "mean": 1.0} and record["predicts_the_mean"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "predicts the per-feature mean" in warnings[0] and "\n" not in warnings[0]
+    test = load_split_matrices(data, "test")
+    shipped = CellTranslator.from_pretrained(folder)
+    matrix = shipped.predict_matrix(source_sentences(test, "gex2atac", shipped.meta), "gex2atac")
+    mean = np.asarray(sp.vstack([load_split_matrices(data, s)["atac"] for s in ("train", "validation")]).mean(axis=0)).ravel()
+    np.testing.assert_allclose(matrix, np.broadcast_to(mean, matrix.shape), rtol=1e-6)

@@ -1,0 +1,505 @@
+"""What a model folder ships: the transformer's readout, the source kernel and the per-feature mean, blended.
+
+Per direction the predicted matrix is ``w_t * transformer + w_k * kernel + w_m * mean`` with weights on the simplex
+(``w >= 0``, summing to 1), so it stays in the target's range ([0, 1] ATAC, >= 0 GEX):
+
+- ``transformer``: the calibrated readout of the model (and an ensemble's mean);
+- ``kernel``: an RBF kernel ridge regression on the names of the source sentence
+  (:class:`translator.source_kernel.SourceKernel`, the regression of ``eval.py``'s ``svd_krr``);
+- ``mean``: the per-feature mean of the training cells.
+
+The weights are chosen on held-out cells that none of the parts trained on: the transformer's validation cells, read with
+its calibration cross-fitted over parts of those cells; the kernel and the mean fitted on the train cells. With few
+validation cells (< :data:`FEW_CELLS`), the kernel's settings and its share against the mean are chosen by k-fold over
+the train and validation cells, and the validation cells choose only the transformer's share. Candidates are scored by
+RMSE; a candidate whose mean per-cell Pearson is below the mean's is refused (flattening every cell toward the mean is
+not a win); among those within one standard error of the best (paired over cells), the one with the most weight on the
+mean is kept. When that is the mean alone, the folder predicts the mean, and a warning says so. Shipped, the kernel
+and the mean are fitted again on the train and validation cells.
+
+``readout.json`` records the weights and the held-out scores of each part under ``blend``; the arrays of the kernel and
+the mean live in ``blend.safetensors``. ``train.py`` runs :func:`fit_blend` at the end of every training run;
+``CellTranslator.predict_matrix`` applies the blend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from .source_kernel import SourceKernel, source_indicator
+
+logger = logging.getLogger(__name__)
+
+BLEND_FILE = "blend.safetensors"
+PARTS = ("transformer", "kernel", "mean")
+WEIGHT_STEP = 0.05
+FEW_CELLS = 100  # fewer validation cells than this: the kernel's part is chosen by k-fold over train + validation
+FOLDS = 5
+KFOLD_CELLS = 3000  # the k-fold fits the kernel on at most this many cells (every validation cell, then evenly spaced train cells)
+CALIBRATION_PARTS = 5  # the transformer's validation readings: its calibration fitted on the other parts of the cells
+
+
+# -- choosing the weights -----------------------------------------------------------------------------------------------
+@dataclass
+class CellStats:
+    """Per-cell sums that score any weighting of the parts without the matrices.
+
+    For ``cells x features`` part matrices ``P_j`` and truth ``T``: ``gram[i, j, l] = sum_f P_j P_l``,
+    ``cross[i, j] = sum_f P_j T``, ``sums[i, j] = sum_f P_j``, ``truth_sq[i] = sum_f T^2``, ``truth_sum[i] = sum_f T``.
+    """
+
+    gram: np.ndarray
+    cross: np.ndarray
+    sums: np.ndarray
+    truth_sq: np.ndarray
+    truth_sum: np.ndarray
+    n_features: int
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.truth_sq.shape[0])
+
+
+def cell_stats(parts: Sequence[np.ndarray | Callable[[slice], np.ndarray]], truth: sp.spmatrix | np.ndarray, chunk_cells: int | None = None) -> CellStats:
+    """:class:`CellStats` of ``parts`` against ``truth`` (``[cells, features]``), ``chunk_cells`` cells at a time.
+
+    A part is a ``[cells, features]`` array, a ``[features]`` vector (the same for every cell), or a function of a row
+    slice giving those rows.
+    """
+    truth = sp.csr_matrix(truth) if sp.issparse(truth) else np.asarray(truth)
+    n_cells, n_features = truth.shape
+    k = len(parts)
+    chunk_cells = chunk_cells or max(1, (1 << 22) // max(n_features, 1))
+    gram, cross, sums = np.zeros((n_cells, k, k)), np.zeros((n_cells, k)), np.zeros((n_cells, k))
+    truth_sq, truth_sum = np.zeros(n_cells), np.zeros(n_cells)
+    for begin in range(0, n_cells, chunk_cells):
+        rows = slice(begin, min(begin + chunk_cells, n_cells))
+        t = np.asarray(truth[rows].toarray() if sp.issparse(truth) else truth[rows], dtype=np.float64)
+        block = np.empty((k, t.shape[0], n_features))
+        for j, part in enumerate(parts):
+            values = part(rows) if callable(part) else (part if np.ndim(part) == 1 else part[rows])
+            block[j] = np.broadcast_to(np.asarray(values, dtype=np.float64), t.shape)
+        gram[rows] = np.einsum("jif,lif->ijl", block, block)
+        cross[rows] = np.einsum("jif,if->ij", block, t)
+        sums[rows] = block.sum(axis=2).T
+        truth_sq[rows] = np.einsum("if,if->i", t, t)
+        truth_sum[rows] = t.sum(axis=1)
+    return CellStats(gram, cross, sums, truth_sq, truth_sum, n_features)
+
+
+def score_weights(stats: CellStats, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(squared error, Pearson)`` of each cell (rows) under each weighting (columns; ``weights`` ``[candidates, parts]``).
+
+    Pearson is NaN for cells whose truth is constant, 0 for a prediction constant over the features.
+    """
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    quad = np.einsum("mj,ijl,ml->im", weights, stats.gram, weights)
+    lin = stats.cross @ weights.T
+    squared = np.maximum(quad - 2.0 * lin + stats.truth_sq[:, None], 0.0)
+    f = float(stats.n_features)
+    pred_sum = stats.sums @ weights.T
+    cov = lin - pred_sum * stats.truth_sum[:, None] / f
+    var_pred = quad - pred_sum**2 / f
+    var_truth = (stats.truth_sq - stats.truth_sum**2 / f)[:, None]
+    scale = np.maximum(np.abs(quad), 1e-300)
+    ok = (var_pred > 1e-10 * scale) & (var_truth > 0)
+    pearson = np.zeros_like(cov)
+    pearson[ok] = cov[ok] / np.sqrt((var_pred * var_truth)[ok])
+    pearson[np.broadcast_to(var_truth <= 0, pearson.shape)] = np.nan
+    return squared, np.clip(pearson, -1.0, 1.0)
+
+
+def simplex_grid(n_parts: int, step: float = WEIGHT_STEP) -> np.ndarray:
+    """Every weighting of ``n_parts`` parts on the simplex with the given step (``[candidates, n_parts]``)."""
+    n = round(1.0 / step)
+    if n < 1 or abs(n * step - 1.0) > 1e-9:
+        raise ValueError(f"the blend's weight step must divide 1 (e.g. 0.05), got {step}")
+    points = [c for c in itertools.product(range(n + 1), repeat=n_parts - 1) if sum(c) <= n]
+    return np.array([[*c, n - sum(c)] for c in points], dtype=np.float64) / n
+
+
+def choose_weights(stats: CellStats, candidates: np.ndarray, mean_part: int) -> dict:
+    """Pick one weighting of the parts by held-out RMSE, refusing any that loses per-cell Pearson against the mean.
+
+    Parameters
+    ----------
+    stats
+        The held-out cells' :class:`CellStats`.
+    candidates
+        ``[candidates, parts]`` weightings; the mean alone (weight 1 on ``mean_part``) is added when missing.
+    mean_part
+        The index of the per-feature mean among the parts.
+
+    Returns
+    -------
+    ``weights`` (the chosen row), ``rmse`` and ``pearson`` of the chosen, ``best`` (the lowest RMSE allowed), and
+    ``mean_rmse`` / ``mean_pearson``. Among the allowed candidates within one standard error (paired over cells) of
+    the best RMSE, the chosen one has the most weight on the mean, then the lowest RMSE.
+    """
+    candidates = np.asarray(candidates, dtype=np.float64)
+    mean_only = np.zeros(candidates.shape[1])
+    mean_only[mean_part] = 1.0
+    if not np.any(np.all(np.isclose(candidates, mean_only), axis=1)):
+        candidates = np.vstack([candidates, mean_only])
+    mean_index = int(np.flatnonzero(np.all(np.isclose(candidates, mean_only), axis=1))[0])
+    squared, pearson = score_weights(stats, candidates)
+    n_cells = stats.n_cells
+    rmse = np.sqrt(squared.sum(axis=0) / (n_cells * stats.n_features))
+    scored = ~np.isnan(pearson[:, mean_index])
+    mean_pearson = pearson[scored].mean(axis=0) if scored.any() else np.zeros(len(candidates))
+    allowed = mean_pearson >= mean_pearson[mean_index] - 1e-12
+    allowed[mean_index] = True
+    best = int(np.flatnonzero(allowed)[np.argmin(rmse[allowed])])
+    diff = squared - squared[:, [best]]
+    excess = diff.mean(axis=0)
+    se = diff.std(axis=0, ddof=1) / np.sqrt(n_cells) if n_cells > 1 else np.zeros(len(candidates))
+    near = allowed & (excess <= se)
+    order = np.lexsort((rmse, -candidates[:, mean_part]))
+    chosen = int(next(i for i in order if near[i]))
+    return {"weights": candidates[chosen], "rmse": float(rmse[chosen]), "pearson": float(mean_pearson[chosen]),
+            "best_weights": candidates[best], "best_rmse": float(rmse[best]),
+            "mean_rmse": float(rmse[mean_index]), "mean_pearson": float(mean_pearson[mean_index])}
+
+
+def scores_of(stats: CellStats, weights: np.ndarray) -> tuple[float, float]:
+    """Held-out ``(RMSE, mean per-cell Pearson)`` of one weighting of the parts."""
+    squared, pearson = score_weights(stats, weights)
+    scored = ~np.isnan(pearson[:, 0])
+    return float(np.sqrt(squared.sum() / (stats.n_cells * stats.n_features))), float(pearson[scored, 0].mean()) if scored.any() else 0.0
+
+
+# -- the shipped blend ----------------------------------------------------------------------------------------------------
+@dataclass
+class DirectionBlend:
+    """One direction's shipped blend: ``weights`` over :data:`PARTS`, the fitted kernel and the per-feature mean."""
+
+    weights: dict[str, float]
+    kernel: SourceKernel | None = None
+    mean: np.ndarray | None = None
+
+    @property
+    def needs_transformer(self) -> bool:
+        return self.weights.get("transformer", 0.0) > 0
+
+    def combine(self, transformer: np.ndarray | None, source: sp.csr_matrix) -> np.ndarray:
+        """The blended matrix (float32) from the transformer's matrix and the source-name indicator of the same cells."""
+        out = np.zeros((source.shape[0], self._n_features(transformer)), dtype=np.float32)
+        if self.needs_transformer:
+            out += np.float32(self.weights["transformer"]) * transformer
+        if self.weights.get("kernel", 0.0) > 0:
+            out += np.float32(self.weights["kernel"]) * self.kernel.predict(source)
+        if self.weights.get("mean", 0.0) > 0:
+            out += (np.float32(self.weights["mean"]) * self.mean.astype(np.float32))[None, :]
+        return out
+
+    def _n_features(self, transformer: np.ndarray | None) -> int:
+        if transformer is not None:
+            return transformer.shape[1]
+        if self.mean is not None:
+            return len(self.mean)
+        return self.kernel.arrays["target_mean"].shape[0]
+
+
+def load_blend(folder: Path, readout: dict) -> dict[str, DirectionBlend]:
+    """``{direction: DirectionBlend}`` from ``readout.json``'s ``blend`` (arrays from ``blend.safetensors``), or from a
+    ``source_kernel`` record (``python -m translator.stack``: ``(1 - w) * model + w * kernel``)."""
+    from safetensors.numpy import load_file
+
+    from .source_kernel import load_kernels
+
+    records = (readout or {}).get("blend")
+    if not records:
+        return {d: DirectionBlend({"transformer": 1.0 - w, "kernel": w, "mean": 0.0}, kernel)
+                for d, (w, kernel) in load_kernels(folder, (readout or {}).get("source_kernel")).items()}
+    path = folder / BLEND_FILE
+    needs_arrays = any(r["weights"].get("kernel", 0) > 0 or r["weights"].get("mean", 0) > 0 for r in records.values())
+    if needs_arrays and not path.exists():
+        raise FileNotFoundError(f"model folder {folder} names a blend but lacks {BLEND_FILE}; copy the whole folder")
+    arrays = load_file(str(path)) if needs_arrays else {}
+    out = {}
+    for direction, record in records.items():
+        weights = {p: float(record["weights"].get(p, 0.0)) for p in PARTS}
+        kernel = mean = None
+        if weights["kernel"] > 0:
+            prefix = f"{direction}.kernel."
+            mine = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            settings = record["kernel"]
+            kernel = SourceKernel(mine, settings["source"], settings["target"], settings["gamma"], settings["scale"])
+        if weights["mean"] > 0:
+            mean = np.asarray(arrays[f"{direction}.mean"], dtype=np.float32)
+        out[direction] = DirectionBlend(weights, kernel, mean)
+    return out
+
+
+def summary_lines(readout: dict) -> list[str]:
+    """One line per direction: the held-out RMSE and per-cell Pearson of the blend and its parts, and the weights."""
+    lines = []
+    for direction, record in (readout or {}).get("blend", {}).items():
+        held, w = record["held_out"], record["weights"]
+        rmse, pearson = held["rmse"], held["pearson"]
+        lines.append(f"{direction} held-out RMSE ({held['cells']} validation cells): blend {rmse['blend']:.6f}, mean {rmse['mean']:.6f}, "
+                     f"kernel {rmse['kernel']:.6f}, transformer {rmse['transformer']:.6f}; per-cell Pearson: blend {pearson['blend']:.4f}, "
+                     f"mean {pearson['mean']:.4f}, kernel {pearson['kernel']:.4f}, transformer {pearson['transformer']:.4f}; "
+                     f"weights transformer {w['transformer']:.2f}, kernel {w['kernel']:.2f}, mean {w['mean']:.2f}")
+    return lines
+
+
+def card_text(readout: dict) -> str:
+    """The model card's paragraph on the shipped predictor: per direction, its weights and held-out scores against its parts."""
+    records = (readout or {}).get("blend")
+    if not records:
+        return ("The per-feature values are the transformer's calibrated readout alone: there were no held-out cells to check it "
+                "against the per-feature mean.")
+    lines = ["Per-feature values are `w_t * transformer + w_k * kernel + w_m * mean`: the transformer's calibrated readout, an RBF "
+             "kernel ridge regression on the names of the source sentence, and the per-feature mean of the training cells. The weights "
+             "were chosen on validation cells that none of the parts was fitted on (`readout.json`, `blend`).", "",
+             "| direction | weights (transformer / kernel / mean) | held-out cells | RMSE: blend / mean / kernel / transformer "
+             "| per-cell Pearson: blend / mean / kernel / transformer |", "|---|---|---|---|---|"]
+    for direction, record in records.items():
+        w, held = record["weights"], record["held_out"]
+        rmse, pearson = held["rmse"], held["pearson"]
+        lines.append(f"| {direction} | {w['transformer']:.2f} / {w['kernel']:.2f} / {w['mean']:.2f} | {held['cells']} | "
+                     + " / ".join(f"{rmse[k]:.4f}" for k in ("blend", "mean", "kernel", "transformer")) + " | "
+                     + " / ".join(f"{pearson[k]:.3f}" for k in ("blend", "mean", "kernel", "transformer")) + " |")
+    fallback = [d for d, r in records.items() if r.get("predicts_the_mean")]
+    if fallback:
+        lines += ["", f"**Warning:** in {', '.join(fallback)} no blend of the transformer and the kernel beat the per-feature mean on the "
+                  "held-out cells, so this model predicts the per-feature mean there."]
+    return "\n".join(lines)
+
+
+# -- fitting a model folder's blend -----------------------------------------------------------------------------------------
+def _transformer_readings(translator, ids: list[np.ndarray], direction: str, truth: sp.csr_matrix, batch_size: int, seed: int) -> tuple[np.ndarray, str]:
+    """The transformer's calibrated matrix of validation cells, each part of the cells read with the calibration fitted on the
+    other parts (the shipped calibration was fitted on these very cells)."""
+    from .data import TARGET_MODALITY
+    from .readout import cross_fitted_readout, decode_features, is_profile
+
+    params = (translator.readout.get("calibration") or {}).get(direction)
+    n = len(ids)
+    if params is None or translator.members or n < 2 * CALIBRATION_PARTS:
+        how = "uncalibrated" if params is None else "calibration in-sample"
+        return translator._predict_ids(ids, direction, batch_size, need_sentences=False)[0], how
+    features, _ = decode_features(translator.model, translator.tokenizer, translator.meta, ids, direction,
+                                  translator.ranges[TARGET_MODALITY[direction]], translator.max_target_length, batch_size,
+                                  decode=not is_profile(params), profile_head=translator.profile_head)
+    dense = truth.toarray()
+    out = np.empty(dense.shape, dtype=np.float32)
+    for rows, prediction in cross_fitted_readout(features, dense, direction, translator.meta, params["aggregation"], CALIBRATION_PARTS, seed):
+        if prediction is None:  # a part whose other parts are all 0 or all 1: read every cell with the shipped calibration
+            return translator._predict_ids(ids, direction, batch_size, need_sentences=False)[0], "calibration in-sample"
+        out[rows] = prediction
+    return out, f"calibration cross-fitted over {CALIBRATION_PARTS} parts"
+
+
+def _refit_kernel(src: str, tgt: str, settings: tuple, x: sp.csr_matrix, y: sp.csr_matrix, grid: dict, max_landmarks: int, seed: int):
+    """``svd_krr`` with the chosen ``(n_components, gamma_scale, alpha)`` fitted on ``x`` / ``y`` (embedding as wide as when tuned)."""
+    from evaluation.baselines import SvdKrrBaseline
+
+    n_components, gamma_scale, alpha = settings
+    model = SvdKrrBaseline(src, tgt, n_components=n_components, gamma_scale=gamma_scale, alpha=alpha, max_landmarks=max_landmarks, seed=seed)
+    return model.refit(x, y, embed_components=max(grid["n_components"]))
+
+
+def _predict(model, x: sp.csr_matrix) -> np.ndarray:
+    return np.vstack(list(model.predict_chunks(x))).astype(np.float32)
+
+
+def _kfold_kernel(src: str, tgt: str, x: sp.csr_matrix, y: sp.csr_matrix, n_val: int, grid: dict, max_landmarks: int, seed: int,
+                  step: float) -> tuple[tuple, float, np.ndarray, np.ndarray, dict]:
+    """Few validation cells: the kernel's settings and its weight against the mean by k-fold over ``x``/``y`` (train then
+    validation rows). Returns the settings, the kernel weight, and the out-of-fold kernel and mean matrices of the last
+    ``n_val`` rows (the validation cells)."""
+    from evaluation.baselines import SvdKrrBaseline
+
+    n = x.shape[0]
+    folds = min(FOLDS, n)
+    fold = np.random.default_rng(seed).permutation(n) % folds
+    sse: dict[tuple, float] = {}
+    for f in range(folds):
+        rest, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        _, trials = SvdKrrBaseline.tune(src, tgt, (x[rest], y[rest]), (x[held], y[held]), grid=grid, max_landmarks=max_landmarks, seed=seed)
+        for t in trials:
+            key = (t["n_components"], t["gamma_scale"], t["alpha"])
+            sse[key] = sse.get(key, 0.0) + t["validation_rmse"] ** 2 * len(held)
+    settings = min(sse, key=sse.get)
+    kernel_oof, mean_oof = np.empty((n_val, y.shape[1]), np.float32), np.empty((n_val, y.shape[1]), np.float32)
+    stats = []
+    for f in range(folds):
+        rest, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        k = _predict(_refit_kernel(src, tgt, settings, x[rest], y[rest], grid, max_landmarks, seed), x[held])
+        m = np.asarray(y[rest].mean(axis=0), dtype=np.float32).ravel()
+        stats.append(cell_stats([k, m], y[held]))
+        val = held >= n - n_val
+        kernel_oof[held[val] - (n - n_val)] = k[val]
+        mean_oof[held[val] - (n - n_val)] = m
+    merged = CellStats(*(np.concatenate([getattr(s, name) for s in stats]) for name in ("gram", "cross", "sums", "truth_sq", "truth_sum")),
+                       n_features=y.shape[1])
+    grid_kernel = simplex_grid(2, step)
+    choice = choose_weights(merged, grid_kernel, mean_part=1)
+    record = {"folds": folds, "cells": int(n), "kernel_weight": float(choice["weights"][0]), "rmse": choice["rmse"], "mean_rmse": choice["mean_rmse"]}
+    return settings, float(choice["weights"][0]), kernel_oof, mean_oof, record
+
+
+def _auroc(parts: dict[str, Callable[[slice], np.ndarray]], truth: sp.csr_matrix) -> dict[str, float]:
+    """Mean per-cell AUROC of each predictor over the held-out cells."""
+    from evaluation.metrics_core import default_chunk_cells, iter_row_chunks, rowwise_auroc
+
+    values: dict[str, list] = {name: [] for name in parts}
+    for rows in iter_row_chunks(truth.shape[0], default_chunk_cells(truth.shape[1])):
+        labels = truth[rows].toarray() > 0
+        for name, part in parts.items():
+            values[name].append(rowwise_auroc(part(rows), labels))
+    return {name: float(np.nanmean(np.concatenate(v))) if np.isfinite(np.concatenate(v)).any() else float("nan") for name, v in values.items()}
+
+
+def fit_direction(translator, direction: str, train: dict, validation: dict, batch_size: int = 64, seed: int = 0, grid: dict | None = None,
+                  max_landmarks: int = 1000, step: float = WEIGHT_STEP, few_cells: int = FEW_CELLS) -> tuple[dict, DirectionBlend]:
+    """Choose and fit one direction's blend (see the module docstring): returns ``readout.json``'s record and the blend.
+
+    ``train`` / ``validation``: :func:`evaluation.data.load_split_matrices` of the cells the model trained on and of
+    held-out cells it did not.
+    """
+    from evaluation.baselines import KRR_GRID, SvdKrrBaseline
+    from evaluation.runner import source_sentences
+
+    from .data import SOURCE_MODALITY, TARGET_MODALITY
+
+    src, tgt = SOURCE_MODALITY[direction], TARGET_MODALITY[direction]
+    grid = grid or KRR_GRID
+
+    def indicator(data) -> tuple[list[np.ndarray], sp.csr_matrix]:
+        ids = translator.encode_sources(source_sentences(data, direction, translator.meta), direction, allow_empty=True)
+        return ids, source_indicator(ids, translator.ranges[src])
+
+    ids_val, x_val = indicator(validation)
+    _, x_train = indicator(train)
+    y_train, y_val = train[tgt], validation[tgt]
+    n_val = x_val.shape[0]
+    transformer, readings = _transformer_readings(translator, ids_val, direction, y_val, batch_size, seed)
+    kfold = None
+    if n_val >= few_cells:
+        tuned, _ = SvdKrrBaseline.tune(src, tgt, (x_train, y_train), (x_val, y_val), grid=grid, max_landmarks=max_landmarks, seed=seed)
+        settings = (tuned.n_components, tuned.gamma_scale, tuned.alpha)
+        kernel_val = _predict(tuned, x_val)
+        mean_val = np.broadcast_to(np.asarray(y_train.mean(axis=0), dtype=np.float32).ravel(), y_val.shape)
+        candidates = simplex_grid(3, step)
+        selection = f"simplex grid, step {step:g}, on {n_val} validation cells"
+    else:
+        rows = np.unique(np.linspace(0, x_train.shape[0] - 1, max(1, min(x_train.shape[0], KFOLD_CELLS - n_val))).round().astype(np.int64))
+        x_all, y_all = sp.vstack([x_train[rows], x_val]).tocsr(), sp.vstack([y_train[rows], y_val]).tocsr()
+        settings, v, kernel_val, mean_val, kfold = _kfold_kernel(src, tgt, x_all, y_all, n_val, grid, max_landmarks, seed, step)
+        u = np.round(np.arange(0.0, 1.0 + step / 2, step), 10)[:, None]
+        candidates = np.hstack([u, (1 - u) * v, (1 - u) * (1 - v)])
+        selection = (f"kernel against mean by {kfold['folds']}-fold over {kfold['cells']} train and validation cells, "
+                     f"the transformer's share (step {step:g}) on {n_val} validation cells")
+    stats = cell_stats([transformer, kernel_val, mean_val], y_val)
+    choice = choose_weights(stats, candidates, mean_part=2)
+    weights = {p: round(float(w), 10) for p, w in zip(PARTS, choice["weights"], strict=True)}
+    alone = {"transformer": (1.0, 0.0, 0.0), "kernel": (0.0, 1.0, 0.0), "mean": (0.0, 0.0, 1.0)}
+    scores = {name: scores_of(stats, np.array(w)) for name, w in alone.items()}
+    scores["blend"] = (choice["rmse"], choice["pearson"])
+    held_out = {"cells": int(n_val), "transformer_readings": readings, "selection": selection,
+                "rmse": {name: s[0] for name, s in scores.items()}, "pearson": {name: s[1] for name, s in scores.items()}}
+    if tgt == "atac":
+        w = choice["weights"]
+        held_out["auroc"] = _auroc({"blend": lambda r: w[0] * transformer[r] + w[1] * kernel_val[r] + w[2] * mean_val[r],
+                                    "mean": lambda r: mean_val[r], "kernel": lambda r: kernel_val[r], "transformer": lambda r: transformer[r]}, y_val)
+
+    # Shipped: the kernel and the mean fitted again on every train and validation cell.
+    x_all, y_all = sp.vstack([x_train, x_val]).tocsr(), sp.vstack([y_train, y_val]).tocsr()
+    mean = np.asarray(y_all.mean(axis=0), dtype=np.float32).ravel()
+    kernel, kernel_record = None, None
+    if weights["kernel"] > 0:
+        kernel = SourceKernel.from_baseline(_refit_kernel(src, tgt, settings, x_all, y_all, grid, max_landmarks, seed))
+        kernel_record = {**kernel.settings(), "gamma_scale": settings[1], "alpha": settings[2], "fit_cells": int(x_all.shape[0])}
+    record = {"weights": weights, "held_out": held_out, "kernel": kernel_record, "mean_fit_cells": int(y_all.shape[0]),
+              "predicts_the_mean": weights["mean"] == 1.0}
+    if kfold:
+        record["kernel_against_mean"] = kfold
+    return record, DirectionBlend(weights, kernel, mean if weights["mean"] > 0 else None)
+
+
+def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, directions: Sequence[str] | None = None, batch_size: int = 64,
+              seed: int = 0, max_cells: int = 1000, max_train_cells: int = 20000, grid: dict | None = None, max_landmarks: int = 1000,
+              step: float = WEIGHT_STEP, few_cells: int = FEW_CELLS) -> dict:
+    """Choose and fit the blend of a trained model folder on its dataset, and write it into the folder.
+
+    Parameters
+    ----------
+    model_dir
+        A folder written by ``train.py`` (calibrated on its validation cells).
+    dataset_dir
+        The dataset it was trained on: its validation cells (at most ``max_cells``, evenly spaced) are the held-out
+        cells; the kernel and the mean fit on its train cells (at most ``max_train_cells``) and, shipped, on both.
+    directions
+        Default: every calibrated direction.
+
+    Returns
+    -------
+    ``readout.json``'s new ``blend`` entry (``{direction: record}``); empty, with a warning, when the dataset has no
+    validation cells. The folder changes only at the end: ``blend.safetensors``, then ``readout.json``.
+    """
+    import datasets
+    from safetensors.numpy import save
+
+    from evaluation.data import load_split_matrices
+    from evaluation.report import write_text_atomic
+    from tokenizer import check_vocabulary, load_tokenizer, read_meta
+
+    from .api import CellTranslator
+    from .readout import READOUT_FILE
+    from .source_kernel import KERNEL_FILE
+
+    folder = Path(model_dir)
+    readout_path = folder / READOUT_FILE
+    if not folder.is_dir() or not readout_path.exists():
+        raise FileNotFoundError(f"--model {folder}: not a model folder written by train.py")
+    readout = json.loads(readout_path.read_text())
+    check_vocabulary(load_tokenizer(folder), read_meta(dataset_dir), what=f"--dataset_dir {dataset_dir}")
+    splits = datasets.load_from_disk(str(dataset_dir))
+    if "validation" not in splits or not len(splits["validation"]):
+        logger.warning("%s has no validation cells: the shipped predictor is the transformer alone, not checked against the per-feature mean", dataset_dir)
+        return {}
+    started = time.perf_counter()
+    translator = CellTranslator.from_pretrained(folder)
+    translator.blend = {}  # the parts as they are, without any blend the folder holds already
+    args_path = folder / "training_args.json"
+    trained = json.loads(args_path.read_text()).get("directions") if args_path.exists() else None
+    directions = list(directions or readout.get("calibration") or trained or ("gex2atac", "atac2gex"))
+    train = load_split_matrices(dataset_dir, "train", max_train_cells)
+    validation = load_split_matrices(dataset_dir, "validation", max_cells)
+    records, arrays = {}, {}
+    for direction in directions:
+        record, blend = fit_direction(translator, direction, train, validation, batch_size, seed, grid, max_landmarks, step, few_cells)
+        records[direction] = record
+        if blend.mean is not None:
+            arrays[f"{direction}.mean"] = blend.mean
+        if blend.kernel is not None:
+            for key, value in blend.kernel.arrays.items():
+                arrays[f"{direction}.kernel.{key}"] = np.ascontiguousarray(value, dtype=np.float32)
+        for line in summary_lines({"blend": {direction: record}}):
+            logger.info("%s", line)
+        if record["predicts_the_mean"]:
+            logger.warning("%s: no blend of the transformer and the source kernel beat the per-feature mean on %d held-out validation cells; "
+                           "the model folder predicts the per-feature mean", direction, record["held_out"]["cells"])
+    readout["blend"] = records
+    readout.pop("source_kernel", None)
+    if arrays:
+        write_text_atomic(folder / BLEND_FILE, save(arrays))
+    write_text_atomic(readout_path, json.dumps(readout, indent=2))
+    if not arrays:
+        (folder / BLEND_FILE).unlink(missing_ok=True)
+    (folder / KERNEL_FILE).unlink(missing_ok=True)  # a source kernel of an earlier stack, replaced by the blend
+    logger.info("blend of %s fitted in %.1f s", ", ".join(directions), time.perf_counter() - started)
+    return records
