@@ -11,6 +11,7 @@ converted to CSR once.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -134,6 +135,9 @@ def _open_h5(path: str | Path) -> h5py.File:
         raise FileNotFoundError(f"input file {path} does not exist: check the --input path")
     if path.is_dir():
         raise ValueError(f"input {path} is a folder: pass the .h5ad, .h5mu or 10x .h5 file inside it with --input")
+    denied = f"input file {path} cannot be read: permission denied; make it readable (chmod u+r) or run as its owner"
+    if not os.access(path, os.R_OK):
+        raise ValueError(denied)
     if not h5py.is_hdf5(path):
         raise ValueError(
             f"input file {path} is not an HDF5 file: give an .h5ad, .h5mu or Cell Ranger ARC .h5 file "
@@ -142,13 +146,28 @@ def _open_h5(path: str | Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as err:
+        # A lock or a permission is not damage: re-downloading would not help, closing the other process would.
+        if isinstance(err, PermissionError) or "ermission denied" in str(err):
+            raise ValueError(denied) from None
+        if isinstance(err, BlockingIOError) or "unable to lock file" in str(err):
+            raise ValueError(
+                f"input file {path} is locked by another process that has it open for writing (an AnnData or h5py "
+                "session, a copy in progress): close it there or let it finish, then rerun"
+            ) from None
         raise ValueError(
             f"input file {path} could not be opened ({err}): it may be truncated; re-download or re-write it"
         ) from None
 
 
+class _Unreadable(ValueError):
+    """The fast reader cannot read this element; ``anndata.read_h5ad`` may still read the whole file."""
+
+
 def _read(group: h5py.Group, key: str, path: Path):
     """``read_elem`` with errors that name the file: a truncated file fails here."""
+    if key in ("obs", "var") and isinstance(group.get(key), h5py.Dataset):
+        # anndata < 0.7 stored obs/var as compound (structured) datasets, which read_elem returns as bare arrays.
+        raise _Unreadable(f"input file {path} stores '{key}' in the layout of anndata < 0.7")
     try:
         with warnings.catch_warnings():
             # Files from muon/older anndata lack encoding metadata; they read fine.
@@ -159,13 +178,53 @@ def _read(group: h5py.Group, key: str, path: Path):
             f"input file {path} has no '{group.name.rstrip('/')}/{key}': it is not a complete AnnData file"
         ) from None
     except Exception as err:  # h5py / anndata raise many types on a damaged file
-        raise ValueError(
+        raise _Unreadable(
             f"input file {path} could not be read at '{group.name.rstrip('/')}/{key}' ({type(err).__name__}: {err}): "
             "it may be truncated or damaged; re-download or re-write it"
         ) from None
 
 
+def _read_with_anndata(path: Path, fast_error: _Unreadable) -> tuple[pd.DataFrame, pd.DataFrame, object, str]:
+    """obs, var, raw-count matrix and its source of a whole .h5ad read by ``anndata.read_h5ad``.
+
+    The fallback for files the element reader cannot read (e.g. written by anndata < 0.7); when anndata
+    cannot read the file either, the element reader's error (which names the damaged element) is raised.
+    """
+    import anndata
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adata = anndata.read_h5ad(path)
+    except Exception:  # anndata raises many types on a damaged file
+        if "layout of anndata < 0.7" in str(fast_error):
+            raise ValueError(
+                f"input file {path} was written by anndata < 0.7 and this anndata cannot read it: open it with the "
+                "anndata version that wrote it and save it again with write_h5ad"
+            ) from None
+        raise ValueError(str(fast_error)) from None
+    logger.info("read %s with anndata.read_h5ad (an older layout)", path)
+    if "counts" in adata.layers:
+        return adata.obs, adata.var, adata.layers["counts"], "layers/counts"
+    if adata.X is None:
+        raise ValueError(f"AnnData in {path} has neither X nor layers['counts']: there are no counts to read")
+    return adata.obs, adata.var, adata.X, "X"
+
+
+def _signed_indices(matrix):
+    """A compressed sparse matrix with unsigned ``indices``/``indptr`` (scipy refuses them) cast to signed ones."""
+    if not isinstance(matrix, sp.csr_matrix | sp.csr_array | sp.csc_matrix | sp.csc_array):
+        return matrix
+    if matrix.indices.dtype.kind != "u" and matrix.indptr.dtype.kind != "u":
+        return matrix
+    largest = max(int(matrix.indptr[-1]) if matrix.indptr.size else 0, max(matrix.shape))
+    dtype = np.int32 if largest < 2**31 - 1 else np.int64
+    kind = sp.csr_matrix if isinstance(matrix, sp.csr_matrix | sp.csr_array) else sp.csc_matrix
+    return kind((matrix.data, matrix.indices.astype(dtype), matrix.indptr.astype(dtype)), shape=matrix.shape)
+
+
 def _to_csr(matrix, path: Path, where: str) -> sp.csr_matrix:
+    matrix = _signed_indices(matrix)
     if isinstance(matrix, sp.csr_matrix | sp.csr_array):
         return sp.csr_matrix(matrix)
     if isinstance(matrix, sp.csc_matrix | sp.csc_array | sp.coo_matrix):
@@ -186,10 +245,24 @@ def _anndata_counts(group: h5py.Group, path: Path, where: str) -> tuple[object, 
     return _read(group, "X", path), "X"
 
 
-def _obs_subset(obs: pd.DataFrame, size_factor_keys: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray | None]:
+def _check_batch_labels(batch: pd.Series, path: Path, where: str = "obs['batch']", data: str = "adata") -> None:
+    """Refuse cells without a batch label: a NaN must not become a batch named 'nan'."""
+    missing = int(batch.isna().sum())
+    if missing:
+        raise ValueError(
+            f"{missing} of {len(batch)} cells in {path} have no batch label (NaN in {where}): give them one, "
+            f"or drop them first ({data} = {data}[{data}.obs['batch'].notna()].copy())"
+        )
+
+
+def _obs_subset(
+    obs: pd.DataFrame, size_factor_keys: Sequence[str], path: Path
+) -> tuple[pd.DataFrame, np.ndarray | None]:
     keep = pd.DataFrame(index=obs.index)
     for column in OBS_COLUMNS:
         if column in obs:
+            if column == "batch":
+                _check_batch_labels(obs[column], path)
             keep[column] = obs[column].astype(str).to_numpy()
     size_factors = None
     for key in size_factor_keys:
@@ -239,6 +312,14 @@ def _check_modality(mod: Modality) -> None:
             "use adata.obs_names_make_unique() or drop the repeats"
         )
     names = pd.Index(mod.features)
+    bad = (names.str.len() == 0) | names.str.contains(r"\s", regex=True)
+    if bad.any():
+        example = names[np.flatnonzero(bad)[0]]
+        raise ValueError(
+            f"{int(bad.sum())} {kind} names in {mod.path} are empty or contain whitespace (e.g. {example!r}): a {kind} "
+            f"name is one word of a cell sentence; rename them (e.g. adata.var_names = adata.var_names.str.strip()"
+            ".str.replace(r'\\s+', '_', regex=True)) or drop them"
+        )
     if names.has_duplicates:
         dup = names[names.duplicated()][0]
         raise ValueError(
@@ -283,8 +364,13 @@ def _feature_labels(var: pd.DataFrame, path: Path) -> np.ndarray | None:
 
 
 def _read_single_modality_h5ad(path: Path) -> Modality:
-    with _open_h5(path) as f:
-        obs, var, matrix, source = _read_anndata_group(f, path, "AnnData")
+    group: str | None = "/"
+    try:
+        with _open_h5(path) as f:
+            obs, var, matrix, source = _read_anndata_group(f, path, "AnnData")
+    except _Unreadable as err:
+        obs, var, counts, source = _read_with_anndata(path, err)
+        matrix, group = _to_csr(counts, path, f"AnnData {source}"), None
     labels = _feature_labels(var, path)
     names = var.index.astype(str).tolist()
     if labels is not None and len(set(labels)) == 1:
@@ -295,10 +381,10 @@ def _read_single_modality_h5ad(path: Path) -> Modality:
         )
     else:
         label = "ATAC" if looks_like_peaks(names) else "GEX"
-    keep, sf = _obs_subset(obs, ("size_factors",))
+    keep, sf = _obs_subset(obs, ("size_factors",), path)
     return Modality(
         path, label, obs.index.astype(str), names, matrix, keep, source, sf if label == "GEX" else None,
-        var=_annotations(var), annotations=obs,
+        var=_annotations(var), annotations=obs, group=group,
     )
 
 
@@ -306,7 +392,7 @@ def _split_combined(
     path: Path, obs: pd.DataFrame, var: pd.DataFrame, matrix, source: str, labels: np.ndarray
 ) -> tuple[Modality, Modality]:
     cells = obs.index.astype(str)
-    keep, sf = _obs_subset(obs, ("GEX_size_factors", "size_factors"))
+    keep, sf = _obs_subset(obs, ("GEX_size_factors", "size_factors"), path)
     mods = []
     for label, accepted in (("GEX", GEX_LABELS), ("ATAC", ATAC_LABELS)):
         columns = np.flatnonzero(np.isin(labels, list(accepted)))
@@ -330,7 +416,7 @@ def _split_modalities(
     kind: str = "h5ad",
 ) -> tuple[Modality, Modality]:
     cells = obs.index.astype(str)
-    keep, sf = _obs_subset(obs, ("GEX_size_factors", "size_factors"))
+    keep, sf = _obs_subset(obs, ("GEX_size_factors", "size_factors"), path)
     names = var.index.astype(str)
     group = None if kind == "10x" else "/"
     return (
@@ -354,6 +440,23 @@ def _csr_group(group: h5py.Group) -> h5py.Group | None:
 
 
 def _read_combined_h5ad(path: Path, only: str | None = None) -> tuple[Modality, Modality]:
+    try:
+        return _read_combined_h5ad_elements(path, only)
+    except _Unreadable as err:
+        obs, var, counts, source = _read_with_anndata(path, err)
+    labels = _feature_labels(var, path)
+    if labels is None:
+        raise ValueError(
+            f"{path} is one AnnData file without var['feature_types']: label each feature GEX or ATAC in "
+            "var['feature_types'], or pass the two modalities as two files (--input RNA --input ATAC)"
+        )
+    mods = _split_combined(path, obs, var, _signed_indices(counts), source, labels)
+    for mod in mods:
+        mod.group = None  # not readable element by element
+    return mods
+
+
+def _read_combined_h5ad_elements(path: Path, only: str | None) -> tuple[Modality, Modality]:
     with _open_h5(path) as f:
         obs = _read(f, "obs", path)
         var = _read(f, "var", path)
@@ -377,13 +480,19 @@ def _read_combined_h5ad(path: Path, only: str | None = None) -> tuple[Modality, 
     # A CSC matrix slices columns cheaply; each modality becomes CSR once in _split_combined.
     if counts.shape != (len(obs), len(var)):
         raise ValueError(f"{path}: matrix shape {counts.shape} does not match obs x var ({len(obs)} x {len(var)})")
-    return _split_combined(path, obs, var, counts, source, labels)
+    return _split_combined(path, obs, var, _signed_indices(counts), source, labels)
 
 
 def _read_h5mu(path: Path, gex_modality: str, atac_modality: str, only: str | None = None) -> list[Modality]:
     """The GEX and ATAC modalities of a ``.h5mu`` (``only``: just that one; the other may be absent)."""
     with _open_h5(path) as f:
         available = sorted(f["mod"].keys())
+        if int(f.attrs.get("axis", 0)) != 0:
+            raise ValueError(
+                f"{path} is a MuData with axis={int(f.attrs['axis'])} (its modalities share features, not cells): give "
+                "paired GEX + ATAC as a MuData of axis=0, whose modalities hold the same cells (mudata.MuData({'rna': "
+                "rna, 'atac': atac}))"
+            )
         top_obs = _read(f, "obs", path) if "obs" in f else None
         mods = []
         for label, name, flag in (("GEX", gex_modality, "--gex_modality"), ("ATAC", atac_modality, "--atac_modality")):
@@ -394,12 +503,7 @@ def _read_h5mu(path: Path, gex_modality: str, atac_modality: str, only: str | No
                     f"{path} has no '{name}' modality (it has {available}): pass the {label} modality's name with {flag}"
                 )
             obs, var, matrix, source = _read_anndata_group(f["mod"][name], path, f"modality '{name}'")
-            keep, sf = _obs_subset(obs, ("size_factors",))
-            if top_obs is not None:
-                top = top_obs.reindex(obs.index.astype(str))
-                for column in OBS_COLUMNS:
-                    if column not in keep and column in top and top[column].notna().all():
-                        keep[column] = top[column].astype(str).to_numpy()
+            keep, sf = _obs_subset(obs, ("size_factors",), path)
             names = var.index.astype(str).tolist()
             mods.append(
                 Modality(
@@ -407,7 +511,27 @@ def _read_h5mu(path: Path, gex_modality: str, atac_modality: str, only: str | No
                     var=_annotations(var), annotations=_with_top_obs(obs, top_obs), group=f"/mod/{name}",
                 )
             )
+    if top_obs is not None:
+        _global_obs_columns(top_obs, mods, path)
     return mods
+
+
+def _global_obs_columns(top_obs: pd.DataFrame, mods: list[Modality], path: Path) -> None:
+    """Copy ``batch`` / ``cell_type`` from a MuData's global obs into modalities that lack them."""
+    top_obs = top_obs.set_axis(top_obs.index.astype(str))
+    paired = mods[0].cells
+    for mod in mods[1:]:
+        paired = paired[paired.isin(mod.cells)]
+    for column in OBS_COLUMNS:
+        if column not in top_obs or any(column in mod.obs for mod in mods):
+            continue
+        values = top_obs[column].reindex(paired)
+        if column == "batch":
+            _check_batch_labels(values, path, "the MuData's global obs['batch']", "mdata")
+        elif values.isna().any():
+            continue  # a cell type label is optional: a partial one is left out
+        for mod in mods:
+            mod.obs[column] = top_obs[column].reindex(mod.cells).astype(str).to_numpy()
 
 
 def _read_10x_h5(path: Path) -> tuple[Modality, Modality]:
@@ -607,6 +731,17 @@ def _input_paths(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
+def _h5ad_feature_labels(path: Path) -> set[str]:
+    """The ``var['feature_types']`` labels of an .h5ad (empty when it has none)."""
+    try:
+        with _open_h5(path) as f:
+            var = _read(f, "var", path) if "var" in f else None
+    except _Unreadable as err:
+        var = _read_with_anndata(path, err)[1]
+    labels = _feature_labels(var, path) if var is not None else None
+    return set(labels) if labels is not None else set()
+
+
 def _layout(path: Path) -> str:
     """``"h5mu"``, ``"10x"`` or ``"h5ad"``: which reader a single file needs."""
     with _open_h5(path) as f:
@@ -643,9 +778,7 @@ def read_modality(
         elif kind == "10x":
             mods = list(_read_10x_h5(path))
         else:
-            with _open_h5(path) as f:
-                labels = _feature_labels(_read(f, "var", path), path) if "var" in f else None
-            found = set(labels) if labels is not None else set()
+            found = _h5ad_feature_labels(path)
             if found & GEX_LABELS and found & ATAC_LABELS:
                 # Both modalities in one file: only the asked modality's entries are copied out (CSR on disk),
                 # and the whole matrix is never read first as a single modality.

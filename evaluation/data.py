@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,9 @@ def load_metadata(dataset_dir: str | Path) -> dict:
         raise FileNotFoundError(
             f"{path} not found: --dataset_dir must be a folder made by `python -m dataset_builder --output_dir DIR`"
         )
-    with path.open(encoding="utf-8") as handle:
-        return json.load(handle)
+    from tokenizer import read_meta
+
+    return read_meta(dataset_dir)
 
 
 def _load_split(dataset_dir: Path, split: str):

@@ -11,8 +11,10 @@ import subprocess
 import sys
 
 import anndata as ad
+import h5py
 import mudata as md
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -321,3 +323,150 @@ def test_sigterm_during_a_build_leaves_nothing_behind(tmp_path):
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert "terminated by SIGTERM" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists() and list((tmp_path / "built").iterdir()) == []
+
+
+# -- names, batch labels, older and unusual files -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("modality", "bad"), [("rna", "CD3 E"), ("rna", "CD3E\t"), ("rna", ""), ("atac", "chr1-100-200 ")])
+def test_feature_names_with_whitespace_or_empty_are_refused(tmp_path, capsys, pair, modality, bad):
+    rna, atac = pair
+    adata = rna if modality == "rna" else atac
+    names = list(adata.var_names)
+    names[1] = bad
+    adata.var_names = names
+    kind = "gene" if modality == "rna" else "peak"
+    _fails(
+        tmp_path,
+        capsys,
+        _write(tmp_path, rna, atac),
+        match=rf"1 {kind} names in .*{modality}\.h5ad are empty or contain whitespace \(e\.g\. {re.escape(repr(bad))}\)",
+    )
+
+
+def test_cells_without_a_batch_label_are_refused_with_the_count(tmp_path, capsys, pair):
+    rna, atac = pair
+    batch = rna.obs["batch"].astype(object).to_numpy()
+    batch[[3, 7, 8]] = np.nan
+    rna.obs["batch"] = pd.Categorical(batch)
+    line = _fails(tmp_path, capsys, _write(tmp_path, rna, atac), match=r"3 of 40 cells in .*rna\.h5ad have no batch label")
+    assert "notna()" in line
+
+
+def test_h5mu_whose_global_batch_has_nan_is_refused_with_the_count(tmp_path, capsys, pair):
+    rna, atac = pair
+    batch = rna.obs["batch"].astype(object).to_numpy()
+    batch[[0, 5]] = np.nan
+    del rna.obs["batch"], atac.obs["batch"]
+    mdata = md.MuData({"rna": rna, "atac": atac})
+    mdata.obs["batch"] = pd.Categorical(batch)
+    mdata.write(tmp_path / "cells.h5mu")
+    _fails(
+        tmp_path,
+        capsys,
+        [str(tmp_path / "cells.h5mu")],
+        match=r"2 of 40 cells in .*cells\.h5mu have no batch label \(NaN in the MuData's global obs\['batch'\]\)",
+    )
+
+
+def test_h5mu_of_axis_1_is_refused(tmp_path, capsys, pair):
+    md.MuData({"rna": pair[0], "atac": pair[1]}, axis=1).write(tmp_path / "cells.h5mu")
+    _fails(tmp_path, capsys, [str(tmp_path / "cells.h5mu")], match=r"cells\.h5mu is a MuData with axis=1 .*axis=0")
+
+
+def _write_anndata_06(adata: ad.AnnData, path) -> None:
+    """``adata`` in the layout anndata 0.6 wrote: obs/var as compound datasets, categories in uns, X as a CSR group."""
+    x = sp.csr_matrix(adata.X)
+    with h5py.File(path, "w") as f:
+        group = f.create_group("X")
+        group.attrs["h5sparse_format"] = "csr"
+        group.attrs["h5sparse_shape"] = np.array(x.shape)
+        group["data"], group["indices"], group["indptr"] = x.data, x.indices, x.indptr
+        codes = adata.obs["batch"].cat.codes.to_numpy().astype(np.int8)
+        obs = np.array(list(zip(adata.obs_names.str.encode("utf-8"), codes, strict=True)), dtype=[("index", "S40"), ("batch", "i1")])
+        f.create_dataset("obs", data=obs)
+        f.create_dataset("var", data=np.array([(n.encode(),) for n in adata.var_names], dtype=[("index", "S40")]))
+        f.create_group("uns")["batch_categories"] = adata.obs["batch"].cat.categories.to_numpy().astype("S")
+
+
+def test_an_anndata_06_file_is_read_through_anndata(tmp_path, pair):
+    from dataset_builder.readers import read_modality, read_paired
+
+    rna, atac = pair
+    rna.obs["batch"] = rna.obs["batch"].astype("category")
+    _write_anndata_06(rna, tmp_path / "old_rna.h5ad")
+    atac.write_h5ad(tmp_path / "atac.h5ad")
+    rna.write_h5ad(tmp_path / "rna.h5ad")
+    old = read_paired([tmp_path / "old_rna.h5ad", tmp_path / "atac.h5ad"])
+    new = read_paired([tmp_path / "rna.h5ad", tmp_path / "atac.h5ad"])
+    assert old.genes == new.genes and list(old.cells) == list(new.cells)
+    assert (old.gex != new.gex).nnz == 0 and (old.atac != new.atac).nnz == 0
+    assert old.obs["batch"].tolist() == new.obs["batch"].tolist()
+    # prediction reads the source modality the same way
+    assert read_modality([tmp_path / "old_rna.h5ad"], "GEX").features == list(rna.var_names)
+    argv = ["--input", str(tmp_path / "old_rna.h5ad"), "--input", str(tmp_path / "atac.h5ad")]
+    assert main([*argv, "--output_dir", str(tmp_path / "out")]) == 0
+
+
+def _unsigned_indices(path) -> None:
+    with h5py.File(path, "r+") as f:
+        for key, dtype in (("indices", np.uint32), ("indptr", np.uint64)):
+            values = f["X"][key][()].astype(dtype)
+            del f["X"][key]
+            f["X"][key] = values
+
+
+@pytest.mark.parametrize("layout", ["two files", "combined"])
+def test_unsigned_index_arrays_are_cast(tmp_path, pair, layout):
+    from dataset_builder.readers import read_paired
+
+    rna, atac = pair
+    if layout == "two files":
+        inputs = _write(tmp_path, rna, atac)
+        reference = read_paired(inputs)
+        rna.write_h5ad(tmp_path / "rna_unsigned.h5ad")
+        _unsigned_indices(tmp_path / "rna_unsigned.h5ad")
+        inputs = [str(tmp_path / "rna_unsigned.h5ad"), inputs[1]]
+    else:
+        _combined(pair).write_h5ad(tmp_path / "both.h5ad")
+        reference = read_paired([tmp_path / "both.h5ad"])
+        _combined(pair).write_h5ad(tmp_path / "both_unsigned.h5ad")
+        _unsigned_indices(tmp_path / "both_unsigned.h5ad")
+        inputs = [str(tmp_path / "both_unsigned.h5ad")]
+    paired = read_paired(inputs)
+    assert (paired.gex != reference.gex).nnz == 0 and (paired.atac != reference.atac).nnz == 0
+    assert main([*(a for p in inputs for a in ("--input", p)), "--output_dir", str(tmp_path / "out")]) == 0
+
+
+def test_an_input_locked_by_another_process_is_not_called_truncated(tmp_path, capsys, pair):
+    inputs = _write(tmp_path, *pair)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r+'); print('open', flush=True); time.sleep(120)", inputs[0]],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        try:
+            h5py.File(inputs[0], "r").close()
+            pytest.skip("HDF5 file locking is off here (HDF5_USE_FILE_LOCKING=FALSE or a file system without locks)")
+        except OSError:
+            pass
+        line = _fails(tmp_path, capsys, inputs, match=r"rna\.h5ad is locked by another process")
+        assert "truncated" not in line and "re-download" not in line
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_unreadable_input_is_a_permission_error(tmp_path, capsys, pair, monkeypatch):
+    import dataset_builder.readers as readers
+
+    inputs = _write(tmp_path, *pair)
+
+    def denied(path, mode="r", **kwargs):
+        raise PermissionError(13, f"Unable to synchronously open file (unable to open file: name = '{path}', errno = 13, error message = 'Permission denied')")
+
+    monkeypatch.setattr(readers.h5py, "File", denied)
+    line = _fails(tmp_path, capsys, inputs, match=r"rna\.h5ad cannot be read: permission denied; make it readable")
+    assert "truncated" not in line

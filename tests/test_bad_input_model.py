@@ -265,6 +265,23 @@ def test_eval_missing_dataset_is_one_line(tmp_path, capsys):
     _one_line(code, lines, "nope")
 
 
+def test_a_truncated_cell_sentences_json_is_one_line_saying_rebuild(tmp_path, capsys):
+    import eval as eval_cli
+    from tokenizer.__main__ import main as tokenizer_cli
+
+    data = make_dataset(tmp_path / "data", n_cells=20, n_genes=8, n_peaks=9)
+    meta = data / "cell_sentences.json"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])  # the test's own dataset, cut as an interrupted copy leaves it
+    code, lines = _cli(tokenizer_cli, ["--dataset", str(data), "--output_dir", str(tmp_path / "tok")], capsys)
+    errors = [line for line in lines if "error:" in line]
+    assert code == 2 and len(errors) == 1 and not any("Traceback" in line for line in lines), lines
+    assert str(meta) in errors[0] and "rebuild it with `python -m dataset_builder" in errors[0]
+    assert not (tmp_path / "tok").exists()
+    code, lines = _cli(eval_cli.cli, ["--skip_model", "--dataset_dir", str(data), "--output_dir", str(tmp_path / "e")], capsys)
+    _one_line(code, lines, str(meta), "rebuild it")
+
+
 # -- output folders that exist ----------------------------------------------------------------------------------
 
 def test_train_refuses_an_existing_output_dir_unless_told(setup, tmp_path):

@@ -124,8 +124,14 @@ def read_meta(dataset_dir: str | os.PathLike) -> dict:
     path = Path(dataset_dir) / META_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: build the dataset with `python -m dataset_builder --output_dir {dataset_dir}`")
-    with open(path) as fh:
-        return json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is not readable JSON ({err}); the dataset folder is incomplete or damaged: "
+            f"rebuild it with `python -m dataset_builder --output_dir {dataset_dir} --overwrite_output_dir`"
+        ) from None
 
 
 def build_from_dataset(dataset_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> PreTrainedTokenizerFast:
