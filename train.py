@@ -105,7 +105,8 @@ class RunArguments:
     weight_average_fraction: float = field(default=0.0, metadata={"help": "average the weights after every step of this last fraction of training "
                                                                             "(tail averaging, e.g. 0.25; 0: off); the refit and calibration use the mean"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    mixed_precision: str | None = field(default=None, metadata={"help": "no | fp16 | bf16; overrides the accelerate config (`accelerate config`), "
+                                                                      "which stands when the flag is not given (else no)"})
     tf32: bool = field(default=False, metadata={"help": "let fp32 matrix products use TF32 tensor cores on NVIDIA Ampere or newer GPUs (weights, "
                                                        "optimizer and range stay fp32; several times faster than plain fp32); no effect on CPU"})
     max_train_seconds: float = field(default=0.0, metadata={"help": "end training at the first optimizer step past this many seconds of training and "
@@ -119,7 +120,9 @@ class RunArguments:
     evaluate: bool = field(default=True, metadata={"help": "run eval.py's evaluation on the test split at the end when available"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the model folder to --hub_model_id (token: HF_TOKEN or cached login)"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id, e.g. user/cell-translator"})
-    report_to: str = field(default="none", metadata={"help": "tracker: none | tensorboard | all"})
+    report_to: str = field(default="none", metadata={"help": "tracker of the losses (OUTPUT_DIR/logs): none | tensorboard | all (every installed "
+                                                          "tracker); tensorboard needs the [tracking] extra: pip install 'cell-sentences[tracking]'"})
+    license: str | None = field(default=None, metadata={"help": "Hub license id of the model card, e.g. cc-by-4.0 (default: the dataset's recorded license, else unknown)"})
     cpu_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default); 1 is fastest for tiny/small models on busy cores"})
     stop_after_steps: int = field(default=0, metadata={"help": "stop after N steps without writing the model folder, as an interruption would (resume with --resume_from_checkpoint latest)"})
     debug: bool = field(default=False, metadata={"help": "show tracebacks"})
@@ -177,7 +180,7 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
             raise ValueError(f"--{name} must be in [0, 1), got {value}")
     if not 0 <= run.weight_average_fraction <= 1:
         raise ValueError(f"--weight_average_fraction must be in [0, 1] (0: off), got {run.weight_average_fraction}")
-    if run.mixed_precision not in ("no", "fp16", "bf16"):
+    if run.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise ValueError(f"--mixed_precision {run.mixed_precision!r} is unknown; choose no, fp16 or bf16")
     if run.max_steps <= 0 and run.num_train_epochs <= 0:
         raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
@@ -187,9 +190,21 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
         raise ValueError(f"--directions {data_args.directions} must be a non-empty subset of {DIRECTIONS}")
     if run.push_to_hub and not run.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name")
+    check_report_to(run.report_to)
     out = Path(run.output_dir)
     if out.exists() and any(out.iterdir()) and not (run.overwrite_output_dir or run.resume_from_checkpoint):
         raise FileExistsError(f"--output_dir {out} exists and is not empty; pass --overwrite_output_dir or --resume_from_checkpoint latest")
+
+
+def check_report_to(report_to: str) -> None:
+    """Refuse a tracker that would log nothing because it is not installed."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import is_tensorboard_available
+
+    if report_to == "tensorboard" and not is_tensorboard_available():
+        raise ValueError("--report_to tensorboard: tensorboard is not installed; pip install 'cell-sentences[tracking]' (or drop the flag)")
+    if report_to == "all" and not get_available_trackers():
+        raise ValueError("--report_to all: no tracker is installed; pip install 'cell-sentences[tracking]' for tensorboard (or drop the flag)")
 
 
 def lock_output_dir(out: Path):
@@ -523,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("dataset_dir", "tokenizer_dir", "output_dir", "resume_from_checkpoint"):
             saved[key] = Path(saved[key]).name if saved[key] else None
         saved["profile_choices_from"] = [Path(f).name for f in model_args.profile_choices_from]
-        saved.update(dataset_name=Path(data_args.dataset_dir).name, n_parameters=n_params, completed_steps=completed_steps,
+        saved.update(mixed_precision=accelerator.mixed_precision, dataset_name=Path(data_args.dataset_dir).name, n_parameters=n_params, completed_steps=completed_steps,
                      num_processes=accelerator.num_processes, train_tokens_per_second=round(tokens_total / max(elapsed, 1e-9), 1),
                      validation_history=history, train_seconds=round(elapsed, 1), planned_steps=max_steps, stopped_by_time_limit=bool(time_cut))
         write_model_folder(run.output_dir, model, tokenizer, meta, readout, saved, caps[1], profile_head)

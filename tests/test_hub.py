@@ -149,3 +149,82 @@ def test_merge_model_index_keeps_the_rest_of_the_card(tmp_path):
     merge_model_index(readme, _eval_results())
     assert readme.read_text() == text, "merging twice must not change the card"
     assert not merge_model_index(readme, {"directions": {"gex2atac": {"baselines": {"mean": {"rmse": 0.3}}}}})
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny model trained a few steps on the synthetic paired data, as train.py writes it."""
+    import torch
+
+    import train
+    from tests.translator_fixtures import make_dataset_and_tokenizer, tiny_args
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny")
+    data, tok = make_dataset_and_tokenizer(root)
+    out = root / "model"
+    assert train.main(tiny_args(data, tok, out, "--max_steps", "60", "--eval_steps", "0", "--checkpointing_steps", "0")) == 0
+    return out, data
+
+
+def test_direction_generation_config_generates_only_target_names(tiny_model):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
+
+    folder, data = tiny_model
+    meta = json.loads((folder / META_FILE).read_text())
+    test = datasets.load_from_disk(str(data))["test"]
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(folder)).eval()
+    for direction, source, target in (("gex2atac", "gex_text", meta["peaks"]), ("atac2gex", "atac_text", meta["genes"])):
+        config = GenerationConfig.from_pretrained(str(folder), f"{direction}_generation_config.json")
+        sentences = [f"<{direction}> {s}" for s in test[source][:6]]
+        batch = tokenizer(sentences, return_tensors="pt", padding=True)
+        generated = model.generate(**batch, generation_config=config)
+        names = [tokenizer.convert_ids_to_tokens(row) for row in generated.tolist()]
+        words = [w for row in names for w in row if w not in ("<pad>", "</s>")]
+        assert words and set(words) <= set(target), direction
+        assert config.no_repeat_ngram_size == 1 and config.max_length == model.generation_config.max_length
+
+
+def test_tokenizer_config_does_not_bind_loads_to_the_local_cache(tiny_model):
+    folder, _ = tiny_model
+    saved = json.loads((folder / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in saved and "is_local" not in saved and saved["n_genes"] == 40
+
+
+def _handler(folder):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("handler", folder / "handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EndpointHandler(path=str(folder))
+
+
+def test_endpoint_handler_answers_both_directions_as_the_runtime_calls_it(tiny_model):
+    from translator import CellTranslator
+
+    folder, data = tiny_model
+    handler = _handler(folder)
+    meta = json.loads((folder / META_FILE).read_text())
+    test = datasets.load_from_disk(str(data))["test"]
+    translator = CellTranslator.from_pretrained(folder)
+    for direction, source, target in (("gex2atac", "gex_text", meta["peaks"]), ("atac2gex", "atac_text", meta["genes"])):
+        sentences = test[source][:3]
+        answer = handler({"inputs": sentences, "parameters": {"direction": direction, "top_k": 5, "values": True}})
+        expected, translations = translator.predict_matrix(sentences, direction, return_sentences=True)
+        assert [a["translation"] for a in answer] == translations
+        for row, item in zip(expected, answer, strict=True):
+            assert set(item["translation"].split()) <= set(target)
+            assert item["values"] == pytest.approx(row.tolist(), abs=1e-6) and len(item["values"]) == len(target)
+            tops = [t["value"] for t in item["top_features"]]
+            assert tops == sorted(tops, reverse=True) and tops[0] == pytest.approx(float(row.max()), abs=1e-6)
+            assert all(row[target.index(t["feature"])] == pytest.approx(t["value"], abs=1e-6) for t in item["top_features"])
+        # one sentence with its prefix: the direction comes from the prefix; without top_k / values only the translation
+        single = handler({"inputs": f"<{direction}> {sentences[0]}"})
+        assert single == [{"translation": translations[0]}]
+    for bad in ({"inputs": []}, {"inputs": "Gene1 Gene2"}, {"inputs": "Gene1", "parameters": {"direction": "rna2atac"}},
+                {"inputs": "Gene1", "parameters": {"direction": "gex2atac", "top_k": -1}}, {"text": "Gene1"},
+                {"inputs": "<atac2gex> chr1-1000-1500", "parameters": {"direction": "gex2atac"}}):
+        with pytest.raises(ValueError):
+            handler(bad)

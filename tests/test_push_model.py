@@ -14,7 +14,7 @@ from tests.translator_fixtures import BMMC_COMBINED, build_real, tiny_args
 FAKE_TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
 HUB_FILES = {"README.md", "cell_sentences.json", "config.json", "generation_config.json", "model.safetensors",
              "readout.json", "tokenizer.json", "tokenizer_config.json", "training_args.json", "eval_results.json",
-             "profile_head.safetensors"}
+             "profile_head.safetensors", "gex2atac_generation_config.json", "atac2gex_generation_config.json", "handler.py"}
 
 
 class FakeHfApi:

@@ -26,6 +26,8 @@ DIRECTIONS = ("gex2atac", "atac2gex")
 PREFIX = {"gex2atac": "<gex2atac>", "atac2gex": "<atac2gex>"}
 SPECIAL_TOKENS = (PAD, EOS, UNK, PREFIX["gex2atac"], PREFIX["atac2gex"])
 META_FILE = "cell_sentences.json"
+# init kwargs that transformers records when it loads a tokenizer from a local folder
+LOADING_KWARGS = ("local_files_only", "is_local")
 
 __all__ = [
     "DIRECTIONS",
@@ -105,7 +107,13 @@ def check_vocabulary(tokenizer: PreTrainedTokenizerFast, meta: dict, what: str =
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, output_dir: str | os.PathLike, meta: dict) -> None:
-    """Save ``tokenizer`` and a copy of the dataset metadata so ``AutoTokenizer.from_pretrained`` loads it offline."""
+    """Save ``tokenizer`` and a copy of the dataset metadata so ``AutoTokenizer.from_pretrained`` loads it offline.
+
+    How this tokenizer was last loaded (``local_files_only``, ``is_local``) is not saved: it would bind every later
+    load of the folder, on the Hub too, to the local cache.
+    """
+    for key in LOADING_KWARGS:
+        tokenizer.init_kwargs.pop(key, None)
     tokenizer.init_kwargs["n_genes"] = len(meta["genes"])
     tokenizer.save_pretrained(output_dir)
     with open(Path(output_dir) / META_FILE, "w") as fh:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from tokenizer import META_FILE, PREFIX, feature_token_ranges
+from tokenizer import PREFIX, feature_token_ranges, save_tokenizer
 
 from .data import SOURCE_COLUMN, TARGET_MODALITY, names_to_ids, source_ids
 from .modeling import PROFILE_HEAD_FILE
@@ -33,6 +33,7 @@ from .readout import (
     truth_matrices,
     with_row_stats,
 )
+from .serving import write_serving_files
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -219,11 +220,10 @@ def write_model_folder(output_dir: str | os.PathLike, model, tokenizer, meta: di
             no_repeat_ngram_size=1,
         )
         model.save_pretrained(tmp, safe_serialization=True)
+        write_serving_files(tmp, model.generation_config, tokenizer, len(meta["genes"]))
         if profile_head is not None:
             profile_head.save(tmp / PROFILE_HEAD_FILE)
-        tokenizer.init_kwargs["n_genes"] = len(meta["genes"])
-        tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta))
+        save_tokenizer(tokenizer, tmp, meta)
         (tmp / READOUT_FILE).write_text(json.dumps(readout, indent=2))
         (tmp / "training_args.json").write_text(json.dumps(training_args, indent=2))
         names = sorted(p.name for p in tmp.iterdir())
