@@ -312,13 +312,15 @@ def test_predict_refuses_an_existing_output_unless_told(setup, tmp_path, capsys)
 
 # -- inputs that share too few features with the model ---------------------------------------------------------
 
-def _renamed(adata: ad.AnnData, names: list[str]) -> ad.AnnData:
-    return ad.AnnData(X=adata.X.copy(), obs=adata.obs[[]].copy(), var=pd.DataFrame(index=names))
+def _renamed(adata: ad.AnnData, names: list[str], **var_columns: list[str]) -> ad.AnnData:
+    return ad.AnnData(X=adata.X.copy(), obs=adata.obs[[]].copy(), var=pd.DataFrame(var_columns, index=names))
 
 
 @pytest.mark.parametrize(("case", "direction", "words"), [
     ("lower_case", "gex2atac", ["0 of the model's 20 genes", "if case were ignored", "var_names"]),
     ("ensembl_ids", "gex2atac", ["0 of the model's 20 genes", "Ensembl id", "gene symbols"]),
+    ("ensembl_ids_symbols_in_var", "gex2atac", ["0 of the model's 20 genes", "var['gene_symbols'] names 20 of them",
+                                                "adata.var_names = adata.var['gene_symbols']"]),
     ("peaks_without_chr", "atac2gex", ["0 of the model's 30 peaks", "lack the 'chr' prefix", "'chr' + adata.var_names"]),
     ("other_regions", "atac2gex", ["0 of the model's 30 peaks", "genome assembly"]),
 ])
@@ -329,6 +331,8 @@ def test_predict_refuses_an_input_sharing_few_features_with_the_model(setup, tmp
     source = {
         "lower_case": lambda: _renamed(gex, [g.lower() for g in gex.var_names]),
         "ensembl_ids": lambda: _renamed(gex, [f"ENSG{i:011d}" for i in range(gex.n_vars)]),
+        "ensembl_ids_symbols_in_var": lambda: _renamed(gex, [f"ENSG{i:011d}" for i in range(gex.n_vars)],
+                                                       gene_symbols=list(gex.var_names)),
         "peaks_without_chr": lambda: _renamed(atac, [p.removeprefix("chr") for p in atac.var_names]),
         "other_regions": lambda: _renamed(atac, [f"chr7-{100 * i}-{100 * i + 50}" for i in range(atac.n_vars)]),
     }[case]()

@@ -85,8 +85,20 @@ def _share(names: pd.Index, pattern: str) -> float:
     return float(names.str.match(pattern).mean()) if len(names) else 0.0
 
 
-def _gene_name_hint(names: pd.Index, model: pd.Index, found: int) -> str:
-    """Why the input's gene names miss the model's, when a usual difference explains it (case, Ensembl ids)."""
+def _gene_name_hint(names: pd.Index, model: pd.Index, found: int, var: pd.DataFrame | None = None) -> str:
+    """Why the input's gene names miss the model's, when a usual difference explains it.
+
+    Checked in turn: a ``var`` column naming more of the model's genes (``gene_symbols``, ``gene_ids``), letter case,
+    Ensembl ids against symbols, Ensembl version suffixes.
+    """
+    if var is not None and len(var.columns):
+        matches = {column: int(model.isin(var[column].astype(str)).sum()) for column in var.columns}
+        column = max(matches, key=matches.get)
+        if matches[column] > found and 2 * matches[column] >= len(model):
+            return (
+                f"var['{column}'] names {matches[column]} of them: set adata.var_names = adata.var['{column}'] "
+                "(then adata.var_names_make_unique())"
+            )
     upper, names_upper = model.str.upper(), names.str.upper()
     upper_found = int(upper.isin(names_upper).sum())
     if upper_found > found:
@@ -160,7 +172,7 @@ def _gex_sentences(mod, meta: dict, where: str, block: int = SENTENCE_BLOCK) -> 
     model = pd.Index(meta["genes"])
     known = names.isin(model)
     found = int(model.isin(names).sum())
-    _check_found(found, len(model), "gene", where, lambda: _gene_name_hint(names, model, found))
+    _check_found(found, len(model), "gene", where, lambda: _gene_name_hint(names, model, found, getattr(mod, "var", None)))
     counts = sp.csr_matrix(mod.matrix)
     use_obs = str(meta.get("normalization", {}).get("size_factor", "")).startswith("obs") and mod.size_factors is not None
     size_factors = np.asarray(mod.size_factors if use_obs else library_size_factors(counts), dtype=np.float64)
