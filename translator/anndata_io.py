@@ -130,19 +130,23 @@ def _gene_name_hint(names: pd.Index, model: pd.Index, found: int, var: pd.DataFr
 
 
 def _peak_name_hint(names: Sequence[str], model: Sequence[str], found: int) -> str:
-    """Why the input's peaks miss the model's, when a ``chr`` prefix explains it."""
-    chrom = pd.Index([n.rsplit("-", 2)[0] for n in names]) if len(names) else pd.Index([])
-    with_chr = chrom.str.lower().str.startswith("chr")
-    model_with_chr = pd.Index([n.rsplit("-", 2)[0] for n in model]).str.lower().str.startswith("chr")
-    if not with_chr.any() and model_with_chr.all():
-        renamed, change = ["chr" + n for n in names], "add it (adata.var_names = 'chr' + adata.var_names)"
-    elif with_chr.all() and not model_with_chr.any():
-        renamed, change = [n[3:] for n in names], "remove it (adata.var_names = adata.var_names.str.removeprefix('chr'))"
+    """Why the input's peaks miss the model's, when a ``chr`` prefix explains it (alt contigs such as
+    ``GL000194.1`` carry no prefix on either side, so only the contigs the model names otherwise are renamed)."""
+    chrom = [n.rsplit("-", 2)[0] for n in names]
+    model_chroms = {n.rsplit("-", 2)[0] for n in model}
+    prefixed = np.array([c.lower().startswith("chr") for c in chrom], dtype=bool)
+    model_prefixed = np.mean([c.lower().startswith("chr") for c in model_chroms]) if model_chroms else 0.0
+    if prefixed.mean() < 0.5 <= model_prefixed:
+        renamed = [f"chr{n}" if f"chr{c}" in model_chroms and c not in model_chroms else n for n, c in zip(names, chrom, strict=True)]
+        which, change = "lack the 'chr' prefix of the model's", "add it (adata.var_names = 'chr' + adata.var_names, for the chromosomes the model names so)"
+    elif prefixed.mean() >= 0.5 > model_prefixed:
+        renamed = [n[3:] if c[3:] in model_chroms and c not in model_chroms else n for n, c in zip(names, chrom, strict=True)]
+        which, change = "have a 'chr' prefix the model's lack", "remove it (adata.var_names = adata.var_names.str.removeprefix('chr'))"
     else:
         renamed = None
     if renamed is not None and np.unique(peak_overlaps(renamed, model)[1]).size > found:
-        which = "lack the 'chr' prefix of the model's" if not with_chr.any() else "have a 'chr' prefix the model's lack"
-        return f"the input's peak names {which} (e.g. '{names[0]}' vs '{model[0]}'): {change}"
+        example = names[int(np.flatnonzero(np.array(renamed, dtype=object) != np.array(names, dtype=object))[0])]
+        return f"the input's peak names {which} (e.g. '{example}' vs '{model[0]}'): {change}"
     return (
         f"give peaks covering the model's regions (e.g. '{model[0]}'), on the same genome assembly (hg19 vs hg38), "
         "or the cells' counts on the model's own peaks"
