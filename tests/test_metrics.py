@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -200,3 +202,39 @@ def test_evaluate_module_loads_offline_by_path_and_matches_core():
     assert plain.compute(predictions=pred.tolist(), references=truth.tolist(), target="atac")["rmse"] == pytest.approx(core["rmse"], rel=1e-6)
     with pytest.raises(ValueError, match="which modality"):
         plain.compute(predictions=pred.tolist(), references=truth.tolist())
+
+
+def test_evaluate_module_is_self_contained_and_equals_the_package(tmp_path):
+    """The metric folder as it is published (links resolved), loaded where the repository's packages cannot be imported."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from evaluation import METRIC_PATH
+
+    folder = tmp_path / "cell_translation"
+    shutil.copytree(METRIC_PATH, folder, symlinks=False)
+    pred, truth, _ = simulated_atac(n_cells=20, n_peaks=50)
+    np.save(tmp_path / "pred.npy", pred)
+    np.save(tmp_path / "truth.npy", truth)
+    script = f"""
+import json, sys
+for name in ("evaluation", "translator", "dataset_builder", "tokenizer"):
+    sys.modules[name] = None  # importing the repository's packages fails here
+import evaluate, numpy as np
+pred, truth = np.load({str(tmp_path / "pred.npy")!r}), np.load({str(tmp_path / "truth.npy")!r})
+out = {{}}
+for target, p, t in (("atac", pred, truth), ("gex", 3 * pred, 2 * truth)):
+    out[target] = evaluate.load({str(folder)!r}, target).compute(predictions=p.tolist(), references=t.tolist())
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for target, p, t in (("atac", pred, truth), ("gex", 3 * pred, 2 * truth)):
+        core = compute_metrics(p.astype(np.float32), t.astype(np.float32), target)["metrics"]
+        assert set(got[target]) == set(core)
+        for key, value in core.items():
+            assert got[target][key] == pytest.approx(value, rel=1e-6, abs=1e-12, nan_ok=True), (target, key)

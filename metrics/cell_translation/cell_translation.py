@@ -1,13 +1,16 @@
 """Cell translation metrics: the NeurIPS 2021 predict-modality scores and more, as an `evaluate` module.
 
-Load it by path, offline: ``evaluate.load("metrics/cell_translation", "atac")`` (or ``"gex"``) from the
-repository root. The numbers come from ``evaluation.metrics_core`` (numpy / scipy, chunked over cells),
-so the repository must be importable (run from its root or ``pip install -e .``).
+Load it by path, offline: ``evaluate.load("metrics/cell_translation", "atac")`` (or ``"gex"``). The folder is
+self-contained (numpy / scipy): the numbers come from ``metrics_core.py`` beside this script, which is the
+package's ``evaluation/metrics_core.py`` (a link to it in the repository; a copy of it wherever the folder is
+published or copied).
 """
 
 import datasets
 import evaluate
 import numpy as np
+
+from .metrics_core import compute_metrics
 
 _DESCRIPTION = """
 Scores a translated cells x features matrix against the observed one. Configuration "atac" (binary
@@ -55,17 +58,6 @@ _CITATION = """
 """
 
 
-def _core():
-    try:
-        from evaluation import metrics_core
-    except ImportError as err:
-        raise ImportError(
-            "cell_translation needs the repository's `evaluation` package: run from the repository root "
-            "or `pip install -e .` there"
-        ) from err
-    return metrics_core
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class CellTranslation(evaluate.Metric):
     """Translation metrics over a cells x target-features matrix (config "atac" or "gex")."""
@@ -110,7 +102,6 @@ class CellTranslation(evaluate.Metric):
         return_details=False,
         target=None,
     ):
-        core = _core()
         target = target or (self.config_name if self.config_name in ("atac", "gex") else None)
         if target not in ("atac", "gex"):
             raise ValueError('say which modality is predicted: evaluate.load(path, "atac") or compute(..., target="gex")')
@@ -123,7 +114,7 @@ class CellTranslation(evaluate.Metric):
                 raise ValueError("no cells to score: pass predictions/references or prediction_matrix/reference_matrix")
             pred = np.asarray(predictions, dtype=np.float32)
             ref = np.asarray(references, dtype=np.float32)
-        result = core.compute_metrics(
+        result = compute_metrics(
             pred,
             ref,
             target,

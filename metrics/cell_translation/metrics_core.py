@@ -1,0 +1,1 @@
+../../evaluation/metrics_core.py
