@@ -452,8 +452,10 @@ def test_an_input_locked_by_another_process_is_not_called_truncated(tmp_path, ca
             pytest.skip("HDF5 file locking is off here (HDF5_USE_FILE_LOCKING=FALSE or a file system without locks)")
         except OSError:
             pass
+        before = (tmp_path / "rna.h5ad").read_bytes()  # as the holding process left it
         line = _fails(tmp_path, capsys, inputs, match=r"rna\.h5ad is locked by another process")
         assert "truncated" not in line and "re-download" not in line
+        assert (tmp_path / "rna.h5ad").read_bytes() == before
     finally:
         holder.kill()
         holder.wait()

@@ -269,10 +269,12 @@ def test_a_truncated_cell_sentences_json_is_one_line_saying_rebuild(tmp_path, ca
     import eval as eval_cli
     from tokenizer.__main__ import main as tokenizer_cli
 
-    data = make_dataset(tmp_path / "data", n_cells=20, n_genes=8, n_peaks=9)
+    made = make_dataset(tmp_path / "made", n_cells=20, n_genes=8, n_peaks=9)
+    # A copy of the dataset whose cell_sentences.json is cut short, as an interrupted copy leaves it.
+    data = Path(shutil.copytree(made, tmp_path / "data", ignore=shutil.ignore_patterns("cell_sentences.json")))
     meta = data / "cell_sentences.json"
-    text = meta.read_text()
-    meta.write_text(text[: len(text) // 2])  # the test's own dataset, cut as an interrupted copy leaves it
+    text = (made / "cell_sentences.json").read_text()
+    meta.write_text(text[: len(text) // 2])
     code, lines = _cli(tokenizer_cli, ["--dataset", str(data), "--output_dir", str(tmp_path / "tok")], capsys)
     errors = [line for line in lines if "error:" in line]
     assert code == 2 and len(errors) == 1 and not any("Traceback" in line for line in lines), lines
@@ -280,6 +282,18 @@ def test_a_truncated_cell_sentences_json_is_one_line_saying_rebuild(tmp_path, ca
     assert not (tmp_path / "tok").exists()
     code, lines = _cli(eval_cli.cli, ["--skip_model", "--dataset_dir", str(data), "--output_dir", str(tmp_path / "e")], capsys)
     _one_line(code, lines, str(meta), "rebuild it")
+
+
+def test_a_model_folder_with_a_truncated_json_is_one_line(setup, tmp_path, capsys):
+    import predict
+
+    broken = _copy_without(setup["model"], tmp_path / "broken", "cell_sentences.json")
+    text = (setup["model"] / "cell_sentences.json").read_text()
+    (broken / "cell_sentences.json").write_text(text[: len(text) // 2])
+    output = tmp_path / "pred.h5ad"
+    argv = ["--model", str(broken), "--input", str(setup["root"] / "gex.h5ad"), "--direction", "gex2atac", "--output", str(output)]
+    _one_line(*_cli(predict.main, argv, capsys), str(broken / "cell_sentences.json"), "copy or download it again")
+    assert not output.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
 
 
 # -- output folders that exist ----------------------------------------------------------------------------------

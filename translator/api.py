@@ -47,6 +47,15 @@ def _resolve(path_or_id: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"could not fetch the model {text} from the Hub ({type(err).__name__}); pass a local folder") from err
 
 
+def _folder_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is not readable JSON ({err}); the model folder is incomplete or damaged: copy or download it again"
+        ) from None
+
+
 def check_model_folder(folder: Path, allow_pickle: bool = False) -> None:
     """Raise ``FileNotFoundError``/``ValueError`` naming what a model folder lacks or holds unsafely."""
     missing = [name for name in REQUIRED_FILES if not (folder / name).exists()]
@@ -126,9 +135,9 @@ class CellTranslator:
         check_model_folder(folder, allow_pickle)
         model = AutoModelForSeq2SeqLM.from_pretrained(str(folder), use_safetensors=not allow_pickle or None)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        meta = json.loads((folder / META_FILE).read_text())
+        meta = _folder_json(folder / META_FILE)
         readout_path = folder / READOUT_FILE
-        readout = json.loads(readout_path.read_text()) if readout_path.exists() else None
+        readout = _folder_json(readout_path) if readout_path.exists() else None
         head_path = folder / PROFILE_HEAD_FILE
         profile_head = ProfileHead.load(head_path) if head_path.exists() else None
         if device:  # "auto": a GPU when torch sees one
