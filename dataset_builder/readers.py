@@ -245,25 +245,30 @@ def _anndata_counts(group: h5py.Group, path: Path, where: str) -> tuple[object, 
     return _read(group, "X", path), "X"
 
 
-def _check_batch_labels(batch: pd.Series, path: Path, where: str = "obs['batch']", data: str = "adata") -> None:
-    """Refuse cells without a batch label: a NaN must not become a batch named 'nan'."""
-    missing = int(batch.isna().sum())
+def _labels(values: pd.Series) -> pd.Categorical:
+    """Labels as string categories, a missing one (NaN) kept missing: never the string 'nan'."""
+    return pd.Categorical(np.where(values.notna().to_numpy(), values.astype(str).to_numpy(), None))
+
+
+def _check_batch_labels(paired: PairedCounts, mods: Sequence[Modality]) -> None:
+    """The builder trains one batch per label: refuse paired cells without one (NaN in ``obs['batch']``)."""
+    if "batch" not in paired.obs:
+        return
+    missing = int(paired.obs["batch"].isna().sum())
     if missing:
+        mod = next(m for m in mods if "batch" in m.obs)
+        where, data = mod.obs.attrs.get("batch_from", ("obs['batch']", "adata"))
         raise ValueError(
-            f"{missing} of {len(batch)} cells in {path} have no batch label (NaN in {where}): give them one, "
+            f"{missing} of {paired.n_cells} cells in {mod.path} have no batch label (NaN in {where}): give them one, "
             f"or drop them first ({data} = {data}[{data}.obs['batch'].notna()].copy())"
         )
 
 
-def _obs_subset(
-    obs: pd.DataFrame, size_factor_keys: Sequence[str], path: Path
-) -> tuple[pd.DataFrame, np.ndarray | None]:
+def _obs_subset(obs: pd.DataFrame, size_factor_keys: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray | None]:
     keep = pd.DataFrame(index=obs.index)
     for column in OBS_COLUMNS:
         if column in obs:
-            if column == "batch":
-                _check_batch_labels(obs[column], path)
-            keep[column] = obs[column].astype(str).to_numpy()
+            keep[column] = _labels(obs[column]) if column == "batch" else obs[column].astype(str).to_numpy()
     size_factors = None
     for key in size_factor_keys:
         if key in obs:
@@ -381,7 +386,7 @@ def _read_single_modality_h5ad(path: Path) -> Modality:
         )
     else:
         label = "ATAC" if looks_like_peaks(names) else "GEX"
-    keep, sf = _obs_subset(obs, ("size_factors",), path)
+    keep, sf = _obs_subset(obs, ("size_factors",))
     return Modality(
         path, label, obs.index.astype(str), names, matrix, keep, source, sf if label == "GEX" else None,
         var=_annotations(var), annotations=obs, group=group,
@@ -392,7 +397,7 @@ def _split_combined(
     path: Path, obs: pd.DataFrame, var: pd.DataFrame, matrix, source: str, labels: np.ndarray
 ) -> tuple[Modality, Modality]:
     cells = obs.index.astype(str)
-    keep, sf = _obs_subset(obs, ("GEX_size_factors", "size_factors"), path)
+    keep, sf = _obs_subset(obs, ("GEX_size_factors", "size_factors"))
     mods = []
     for label, accepted in (("GEX", GEX_LABELS), ("ATAC", ATAC_LABELS)):
         columns = np.flatnonzero(np.isin(labels, list(accepted)))
@@ -416,7 +421,7 @@ def _split_modalities(
     kind: str = "h5ad",
 ) -> tuple[Modality, Modality]:
     cells = obs.index.astype(str)
-    keep, sf = _obs_subset(obs, ("GEX_size_factors", "size_factors"), path)
+    keep, sf = _obs_subset(obs, ("GEX_size_factors", "size_factors"))
     names = var.index.astype(str)
     group = None if kind == "10x" else "/"
     return (
@@ -503,7 +508,7 @@ def _read_h5mu(path: Path, gex_modality: str, atac_modality: str, only: str | No
                     f"{path} has no '{name}' modality (it has {available}): pass the {label} modality's name with {flag}"
                 )
             obs, var, matrix, source = _read_anndata_group(f["mod"][name], path, f"modality '{name}'")
-            keep, sf = _obs_subset(obs, ("size_factors",), path)
+            keep, sf = _obs_subset(obs, ("size_factors",))
             names = var.index.astype(str).tolist()
             mods.append(
                 Modality(
@@ -512,11 +517,11 @@ def _read_h5mu(path: Path, gex_modality: str, atac_modality: str, only: str | No
                 )
             )
     if top_obs is not None:
-        _global_obs_columns(top_obs, mods, path)
+        _global_obs_columns(top_obs, mods)
     return mods
 
 
-def _global_obs_columns(top_obs: pd.DataFrame, mods: list[Modality], path: Path) -> None:
+def _global_obs_columns(top_obs: pd.DataFrame, mods: list[Modality]) -> None:
     """Copy ``batch`` / ``cell_type`` from a MuData's global obs into modalities that lack them."""
     top_obs = top_obs.set_axis(top_obs.index.astype(str))
     paired = mods[0].cells
@@ -525,13 +530,12 @@ def _global_obs_columns(top_obs: pd.DataFrame, mods: list[Modality], path: Path)
     for column in OBS_COLUMNS:
         if column not in top_obs or any(column in mod.obs for mod in mods):
             continue
-        values = top_obs[column].reindex(paired)
-        if column == "batch":
-            _check_batch_labels(values, path, "the MuData's global obs['batch']", "mdata")
-        elif values.isna().any():
+        if column != "batch" and top_obs[column].reindex(paired).isna().any():
             continue  # a cell type label is optional: a partial one is left out
         for mod in mods:
-            mod.obs[column] = top_obs[column].reindex(mod.cells).astype(str).to_numpy()
+            mod.obs[column] = _labels(top_obs[column].reindex(mod.cells))  # a missing batch is refused by the builder
+            if column == "batch":
+                mod.obs.attrs["batch_from"] = ("the MuData's global obs['batch']", "mdata")
 
 
 def _read_10x_h5(path: Path) -> tuple[Modality, Modality]:
@@ -715,6 +719,7 @@ def read_paired(
     for mod in (first, second):
         _check_modality(mod)
     paired = _pair(first, second)
+    _check_batch_labels(paired, (first, second))
     gex_path = first.path if first.label == "GEX" else second.path
     _check_size_factors(paired, gex_path)
     if paired.dropped_cells:

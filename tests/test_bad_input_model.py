@@ -377,6 +377,20 @@ def test_an_input_with_half_the_genes_is_predicted_with_a_warning_and_counted(se
         tr.predict_anndata(gex[:, : gex.n_vars // 2 - 1].copy(), "gex2atac")
 
 
+def test_cells_without_a_batch_label_are_predicted_and_keep_it_missing(setup, tmp_path, capsys):
+    import predict
+
+    gex = setup["gex"].copy()
+    gex.obs["batch"] = pd.Categorical(["s1", None, "s2", "s1", None, "s2"])
+    gex.write_h5ad(tmp_path / "cells.h5ad")
+    output = tmp_path / "pred.h5ad"
+    argv = ["--model", str(setup["model"]), "--input", str(tmp_path / "cells.h5ad"), "--direction", "gex2atac", "--output", str(output)]
+    assert _cli(predict.main, argv, capsys)[0] == 0
+    batch = ad.read_h5ad(output).obs["batch"]
+    assert batch.isna().tolist() == [False, True, False, False, True, False]  # missing, not a label 'nan'
+    assert batch.dropna().tolist() == ["s1", "s2", "s1", "s2"]
+
+
 def test_a_broad_input_peak_reaches_every_model_peak_it_overlaps(setup, caplog):
     from translator import CellTranslator
 
