@@ -31,7 +31,7 @@ def _loaded() -> list[dict]:
 def margin_table(results_list: list[dict]) -> list[str]:
     """The margin table's lines: per dataset, direction and headline metric, the model, the best tuned baseline,
     the model's margin over it with the bootstrap sd, the share of redraws in which the model is ahead, and the
-    verdict (ahead / behind: in more than 97.5% of redraws; tied otherwise)."""
+    verdict (ahead: the model ahead in more than 97.5% of redraws; behind: in fewer than 2.5%; tied otherwise)."""
     lines = [MARGIN_HEADER, "|---|---|---|---|---|---|---|---|"]
     for results in results_list:
         for direction, block in results["directions"].items():
