@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, action="append", help="input file (h5ad / h5mu / 10x h5); twice for one file per modality")
     parser.add_argument("--gex_modality", default="rna", help="GEX modality name inside a .h5mu (default: rna)")
     parser.add_argument("--atac_modality", default="atac", help="ATAC modality name inside a .h5mu (default: atac)")
+    parser.add_argument("--counts_layer", default=None, help="layer holding the raw counts when X is normalized (default: layers['counts'] if present, else X)")
     parser.add_argument("--direction", required=True, choices=DIRECTIONS, help="gex2atac or atac2gex")
     parser.add_argument("--output", required=True, help="output .h5ad")
     parser.add_argument("--text", action="store_true", help="also store the translated sentences in obs['translation']")
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> Path:
         # Chunk by chunk: memory holds one chunk of predictions, not the whole cells x features matrix.
         stats = translator.predict_h5ad(inputs, args.direction, tmp, batch_size=args.batch_size, chunk_cells=args.chunk_cells,
                                         return_sentences=args.text, gex_modality=args.gex_modality,
-                                        atac_modality=args.atac_modality, progress=not args.no_progress)
+                                        atac_modality=args.atac_modality, counts_layer=args.counts_layer,
+                                        progress=not args.no_progress)
         os.replace(tmp, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

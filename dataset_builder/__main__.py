@@ -47,6 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     data.add_argument("--gex_modality", default="rna", help="GEX modality name inside a .h5mu (default: rna)")
     data.add_argument("--atac_modality", default="atac", help="ATAC modality name inside a .h5mu (default: atac)")
+    data.add_argument("--batch_key", default=None,
+                      help="obs column holding each cell's batch (library, sample, donor) for --test_batches / "
+                      "--validation_batches (default: obs['batch'] if present)")
+    data.add_argument("--cell_type_key", default=None,
+                      help="obs column holding each cell's type, for per-cell-type evaluation (default: obs['cell_type'] if present)")
+    data.add_argument("--counts_layer", default=None,
+                      help="layer holding the raw counts when X is normalized (default: layers['counts'] if present, else X)")
     build = parser.add_argument_group("sentences and splits")
     build.add_argument("--output_dir", required=True, help="dataset folder to create")
     build.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing --output_dir")
@@ -107,6 +114,9 @@ def _run(args: argparse.Namespace) -> None:
             top_peaks=args.top_peaks,
             gex_modality=args.gex_modality,
             atac_modality=args.atac_modality,
+            batch_key=args.batch_key,
+            cell_type_key=args.cell_type_key,
+            counts_layer=args.counts_layer,
             chunk_size=args.chunk_size,
             overwrite=args.overwrite_output_dir,
             progress=True,

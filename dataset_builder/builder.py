@@ -73,6 +73,8 @@ class CellSentencesConfig(datasets.BuilderConfig):
     Args:
         inputs: one or two input files (see `readers.read_paired`).
         gex_modality, atac_modality: modality names inside a `.h5mu` file.
+        batch_key, cell_type_key: obs columns read as `batch` and `cell_type` (default: those names).
+        counts_layer: the layer holding raw counts (default: `layers['counts']` when present, else `X`).
         test_batches, validation_batches: batch names held out (else split by barcode hash).
         no_validation: no validation split (every cell outside the test batches trains).
         gex_encoding: "rank" (detected genes by descending log-norm) or "binary" (log-norm >= 2.0).
@@ -83,6 +85,9 @@ class CellSentencesConfig(datasets.BuilderConfig):
     inputs: tuple[str, ...] = ()
     gex_modality: str = "rna"
     atac_modality: str = "atac"
+    batch_key: str | None = None
+    cell_type_key: str | None = None
+    counts_layer: str | None = None
     test_batches: tuple[str, ...] = ()
     validation_batches: tuple[str, ...] = ()
     no_validation: bool = False
@@ -129,7 +134,10 @@ class CellSentencesBuilder(datasets.ArrowBasedBuilder):
     def _get_plan(self) -> BuildPlan:
         if self._plan is None:
             cfg = self.config
-            paired = read_paired(cfg.inputs, gex_modality=cfg.gex_modality, atac_modality=cfg.atac_modality)
+            paired = read_paired(
+                cfg.inputs, gex_modality=cfg.gex_modality, atac_modality=cfg.atac_modality, batch_key=cfg.batch_key,
+                cell_type_key=cfg.cell_type_key, counts_layer=cfg.counts_layer,
+            )
             self._plan = make_plan(
                 paired,
                 test_batches=cfg.test_batches,
@@ -308,6 +316,9 @@ def build_dataset(
     top_peaks: int | None = None,
     gex_modality: str = "rna",
     atac_modality: str = "atac",
+    batch_key: str | None = None,
+    cell_type_key: str | None = None,
+    counts_layer: str | None = None,
     chunk_size: int = 512,
     overwrite: bool = False,
     progress: bool = False,
@@ -331,6 +342,8 @@ def build_dataset(
         ``"rank"`` or ``"binary"``.
     top_peaks
         Keep only the N peaks most often accessible in train.
+    gex_modality, atac_modality, batch_key, cell_type_key, counts_layer
+        How to read the input (see `readers.read_paired`).
     overwrite
         Replace an existing ``output_dir`` (otherwise refuse).
     progress
@@ -351,7 +364,10 @@ def build_dataset(
         )
     if chunk_size <= 0:
         raise ValueError(f"--chunk_size must be positive, not {chunk_size}")
-    paired = read_paired(inputs, gex_modality=gex_modality, atac_modality=atac_modality)
+    paired = read_paired(
+        inputs, gex_modality=gex_modality, atac_modality=atac_modality, batch_key=batch_key,
+        cell_type_key=cell_type_key, counts_layer=counts_layer,
+    )
     plan = make_plan(
         paired,
         test_batches=test_batches,
@@ -388,6 +404,9 @@ def build_dataset(
             inputs=tuple(str(p) for p in inputs),
             gex_modality=gex_modality,
             atac_modality=atac_modality,
+            batch_key=batch_key,
+            cell_type_key=cell_type_key,
+            counts_layer=counts_layer,
             test_batches=tuple(test_batches or ()),
             validation_batches=tuple(validation_batches or ()),
             no_validation=no_validation,

@@ -78,8 +78,8 @@ def split_cells(
         return rows, "hash"
     if "batch" not in paired.obs:
         raise ValueError(
-            f"--test_batches/--validation_batches need obs['batch'], but {', '.join(paired.source)} has no batch column: "
-            "add obs['batch'] or leave both flags out to split by barcode hash"
+            f"--test_batches/--validation_batches need a batch column, but {', '.join(paired.source)} has no obs['batch']: "
+            "name the column with --batch_key (e.g. library, sample, donor), or leave both flags out to split by barcode hash"
         )
     batch = paired.obs["batch"].to_numpy().astype(str)
     known = sorted(set(batch))

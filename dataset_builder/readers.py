@@ -69,6 +69,9 @@ class PairedCounts:
         Cells present in only one modality (not kept).
     source
         Input file names (basenames).
+    gene_var, peak_var
+        Text annotations of ``genes`` / ``peaks`` as read (``gene_ids``, ``interval``, ``genome``, ...), indexed like them;
+        ``peak_var['input_name']`` is each peak's name as the input file wrote it (e.g. ``chr1:100-200``).
     """
 
     cells: np.ndarray
@@ -81,6 +84,8 @@ class PairedCounts:
     counts_source: str = "X"
     dropped_cells: int = 0
     source: list[str] = field(default_factory=list)
+    gene_var: pd.DataFrame | None = None
+    peak_var: pd.DataFrame | None = None
 
     @property
     def n_cells(self) -> int:
@@ -184,7 +189,9 @@ def _read(group: h5py.Group, key: str, path: Path):
         ) from None
 
 
-def _read_with_anndata(path: Path, fast_error: _Unreadable) -> tuple[pd.DataFrame, pd.DataFrame, object, str]:
+def _read_with_anndata(
+    path: Path, fast_error: _Unreadable, counts_layer: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, object, str]:
     """obs, var, raw-count matrix and its source of a whole .h5ad read by ``anndata.read_h5ad``.
 
     The fallback for files the element reader cannot read (e.g. written by anndata < 0.7); when anndata
@@ -204,8 +211,9 @@ def _read_with_anndata(path: Path, fast_error: _Unreadable) -> tuple[pd.DataFram
             ) from None
         raise ValueError(str(fast_error)) from None
     logger.info("read %s with anndata.read_h5ad (an older layout)", path)
-    if "counts" in adata.layers:
-        return adata.obs, adata.var, adata.layers["counts"], "layers/counts"
+    layer = counts_layer or "counts"
+    if layer in adata.layers:
+        return adata.obs, adata.var, adata.layers[layer], f"layers/{layer}"
     if adata.X is None:
         raise ValueError(f"AnnData in {path} has neither X nor layers['counts']: there are no counts to read")
     return adata.obs, adata.var, adata.X, "X"
@@ -236,10 +244,17 @@ def _to_csr(matrix, path: Path, where: str) -> sp.csr_matrix:
     )
 
 
-def _anndata_counts(group: h5py.Group, path: Path, where: str) -> tuple[object, str]:
-    """The raw-count element of an AnnData group: ``layers['counts']`` when present, else ``X``."""
-    if "layers" in group and "counts" in group["layers"]:
-        return _read(group["layers"], "counts", path), "layers/counts"
+def _counts_key(group: h5py.Group, counts_layer: str | None) -> str:
+    """Where an AnnData group's raw counts are: ``layers/NAME`` (``--counts_layer``, else ``counts``) when present, else ``X``."""
+    layer = counts_layer or "counts"
+    return f"layers/{layer}" if "layers" in group and layer in group["layers"] else "X"
+
+
+def _anndata_counts(group: h5py.Group, path: Path, where: str, counts_layer: str | None = None) -> tuple[object, str]:
+    """The raw-count element of an AnnData group: ``layers[counts_layer or 'counts']`` when present, else ``X``."""
+    key = _counts_key(group, counts_layer)
+    if key != "X":
+        return _read(group["layers"], key.removeprefix("layers/"), path), key
     if "X" not in group:
         raise ValueError(f"{where} in {path} has neither X nor layers['counts']: there are no counts to read")
     return _read(group, "X", path), "X"
@@ -250,17 +265,22 @@ def _labels(values: pd.Series) -> pd.Categorical:
     return pd.Categorical(np.where(values.notna().to_numpy(), values.astype(str).to_numpy(), None))
 
 
-def _check_batch_labels(paired: PairedCounts, mods: Sequence[Modality]) -> None:
-    """The builder trains one batch per label: refuse paired cells without one (NaN in ``obs['batch']``)."""
+def _check_batch_labels(paired: PairedCounts, mods: Sequence[Modality], batch_key: str | None = None) -> None:
+    """The builder trains one batch per label: refuse paired cells without one (NaN in ``obs['batch']`` or ``--batch_key``'s column)."""
     if "batch" not in paired.obs:
         return
     missing = int(paired.obs["batch"].isna().sum())
     if missing:
-        mod = next(m for m in mods if "batch" in m.obs)
-        where, data = mod.obs.attrs.get("batch_from", ("obs['batch']", "adata"))
+        column = batch_key or "batch"
+        if batch_key is None:
+            mod = next(m for m in mods if "batch" in m.obs)
+            where, data = mod.obs.attrs.get("batch_from", ("obs['batch']", "adata"))
+        else:
+            mod = next(m for m in mods if m.annotations is not None and batch_key in m.annotations)
+            where, data = f"obs['{batch_key}']", "adata"
         raise ValueError(
             f"{missing} of {paired.n_cells} cells in {mod.path} have no batch label (NaN in {where}): give them one, "
-            f"or drop them first ({data} = {data}[{data}.obs['batch'].notna()].copy())"
+            f"or drop them first ({data} = {data}[{data}.obs['{column}'].notna()].copy())"
         )
 
 
@@ -300,10 +320,13 @@ def _check_values(matrix: sp.csr_matrix, path: Path, label: str, source: str, *,
                 example = part[fractional][0]
                 if source == "X":
                     raise ValueError(
-                        f"{where} are not integers (e.g. {example:g}): X looks normalized; the builder needs raw counts, "
-                        "so store them in layers['counts'] (normalized X may stay beside them)"
+                        f"{where} are not integers (e.g. {example:g}): X looks normalized; the builder needs raw counts: "
+                        "name the layer that holds them with --counts_layer NAME (or store them in layers['counts'])"
                     )
-                raise ValueError(f"{where} are not integers (e.g. {example:g}): layers['counts'] must hold raw counts")
+                raise ValueError(
+                    f"{where} are not integers (e.g. {example:g}): {source} must hold raw counts; "
+                    "name the layer that does with --counts_layer NAME"
+                )
 
 
 def _check_modality(mod: Modality) -> None:
@@ -336,17 +359,40 @@ def _check_modality(mod: Modality) -> None:
         raise ValueError(
             f"all cells are empty in the {mod.label} modality of {mod.path}: there are no counts to build sentences from"
         )
+    if mod.label == "ATAC":
+        _note_binarization(mod)
+
+
+def _note_binarization(mod: Modality) -> None:
+    """Log how ATAC values that are not 0/1 are read: a peak is accessible where its value is > 0."""
+    data = mod.matrix.data
+    top, fractional = 0.0, None
+    for start in range(0, data.size, _CHECK_SLICE):
+        part = data[start : start + _CHECK_SLICE]
+        if part.size:
+            top = max(top, float(part.max()))
+        if fractional is None and np.issubdtype(part.dtype, np.floating):
+            hit = part != np.floor(part)
+            if hit.any():
+                fractional = float(part[hit][0])
+    if top <= 1 and fractional is None:
+        return
+    kind = f"not integers (e.g. {fractional:g}; normalized?)" if fractional is not None else f"counts (max {top:g})"
+    logger.info(
+        "ATAC values (%s) in %s are %s: binarized, a peak is accessible in a cell where its value is > 0",
+        mod.counts_source, mod.path.name, kind,
+    )
 
 
 # ------------------------------------------------------------------------------------ layouts
 
 
 def _read_anndata_group(
-    group: h5py.Group, path: Path, where: str
+    group: h5py.Group, path: Path, where: str, counts_layer: str | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame, sp.csr_matrix, str]:
     obs = _read(group, "obs", path)
     var = _read(group, "var", path)
-    counts, source = _anndata_counts(group, path, where)
+    counts, source = _anndata_counts(group, path, where, counts_layer)
     matrix = _to_csr(counts, path, f"{where} {source}")
     if matrix.shape != (len(obs), len(var)):
         raise ValueError(
@@ -368,13 +414,13 @@ def _feature_labels(var: pd.DataFrame, path: Path) -> np.ndarray | None:
     return labels
 
 
-def _read_single_modality_h5ad(path: Path) -> Modality:
+def _read_single_modality_h5ad(path: Path, counts_layer: str | None = None) -> Modality:
     group: str | None = "/"
     try:
         with _open_h5(path) as f:
-            obs, var, matrix, source = _read_anndata_group(f, path, "AnnData")
+            obs, var, matrix, source = _read_anndata_group(f, path, "AnnData", counts_layer)
     except _Unreadable as err:
-        obs, var, counts, source = _read_with_anndata(path, err)
+        obs, var, counts, source = _read_with_anndata(path, err, counts_layer)
         matrix, group = _to_csr(counts, path, f"AnnData {source}"), None
     labels = _feature_labels(var, path)
     names = var.index.astype(str).tolist()
@@ -432,9 +478,9 @@ def _split_modalities(
     )
 
 
-def _csr_group(group: h5py.Group) -> h5py.Group | None:
+def _csr_group(group: h5py.Group, counts_layer: str | None = None) -> h5py.Group | None:
     """The HDF5 group of the raw counts when they are stored as a CSR matrix (read in chunks), else None."""
-    element = group["layers"]["counts"] if "layers" in group and "counts" in group["layers"] else group.get("X")
+    element = group.get(_counts_key(group, counts_layer))
     if not isinstance(element, h5py.Group):
         return None
     encoding = element.attrs.get("encoding-type", "")
@@ -444,11 +490,11 @@ def _csr_group(group: h5py.Group) -> h5py.Group | None:
     return element
 
 
-def _read_combined_h5ad(path: Path, only: str | None = None) -> tuple[Modality, Modality]:
+def _read_combined_h5ad(path: Path, only: str | None = None, counts_layer: str | None = None) -> tuple[Modality, Modality]:
     try:
-        return _read_combined_h5ad_elements(path, only)
+        return _read_combined_h5ad_elements(path, only, counts_layer)
     except _Unreadable as err:
-        obs, var, counts, source = _read_with_anndata(path, err)
+        obs, var, counts, source = _read_with_anndata(path, err, counts_layer)
     labels = _feature_labels(var, path)
     if labels is None:
         raise ValueError(
@@ -461,7 +507,7 @@ def _read_combined_h5ad(path: Path, only: str | None = None) -> tuple[Modality, 
     return mods
 
 
-def _read_combined_h5ad_elements(path: Path, only: str | None) -> tuple[Modality, Modality]:
+def _read_combined_h5ad_elements(path: Path, only: str | None, counts_layer: str | None) -> tuple[Modality, Modality]:
     with _open_h5(path) as f:
         obs = _read(f, "obs", path)
         var = _read(f, "var", path)
@@ -471,24 +517,26 @@ def _read_combined_h5ad_elements(path: Path, only: str | None) -> tuple[Modality
                 f"{path} is one AnnData file without var['feature_types']: label each feature GEX or ATAC in "
                 "var['feature_types'], or pass the two modalities as two files (--input RNA --input ATAC)"
             )
-        csr = _csr_group(f)
+        csr = _csr_group(f, counts_layer)
         if csr is not None:
             # CSR on disk: split it chunk by chunk of rows, never holding the combined matrix.
-            source = "layers/counts" if csr.name.endswith("layers/counts") else "X"
+            source = _counts_key(f, counts_layer)
             shape = tuple(int(x) for x in csr.attrs.get("shape", (-1, -1)))
             if shape != (len(obs), len(var)):
                 raise ValueError(f"{path}: matrix shape {shape} does not match obs x var ({len(obs)} x {len(var)})")
             is_gex = np.isin(labels, list(GEX_LABELS))
             gex, atac = split_csr_columns(path, _read(csr, "indptr", path), csr["data"], csr["indices"], shape, is_gex, only)
             return _split_modalities(path, obs, var, gex, atac, source, is_gex)
-        counts, source = _anndata_counts(f, path, "AnnData")
+        counts, source = _anndata_counts(f, path, "AnnData", counts_layer)
     # A CSC matrix slices columns cheaply; each modality becomes CSR once in _split_combined.
     if counts.shape != (len(obs), len(var)):
         raise ValueError(f"{path}: matrix shape {counts.shape} does not match obs x var ({len(obs)} x {len(var)})")
     return _split_combined(path, obs, var, _signed_indices(counts), source, labels)
 
 
-def _read_h5mu(path: Path, gex_modality: str, atac_modality: str, only: str | None = None) -> list[Modality]:
+def _read_h5mu(
+    path: Path, gex_modality: str, atac_modality: str, only: str | None = None, counts_layer: str | None = None
+) -> list[Modality]:
     """The GEX and ATAC modalities of a ``.h5mu`` (``only``: just that one; the other may be absent)."""
     with _open_h5(path) as f:
         available = sorted(f["mod"].keys())
@@ -507,7 +555,7 @@ def _read_h5mu(path: Path, gex_modality: str, atac_modality: str, only: str | No
                 raise ValueError(
                     f"{path} has no '{name}' modality (it has {available}): pass the {label} modality's name with {flag}"
                 )
-            obs, var, matrix, source = _read_anndata_group(f["mod"][name], path, f"modality '{name}'")
+            obs, var, matrix, source = _read_anndata_group(f["mod"][name], path, f"modality '{name}'", counts_layer)
             keep, sf = _obs_subset(obs, ("size_factors",))
             names = var.index.astype(str).tolist()
             mods.append(
@@ -616,12 +664,94 @@ def _with_top_obs(obs: pd.DataFrame, top_obs: pd.DataFrame | None) -> pd.DataFra
 # ---------------------------------------------------------------------------------- pairing
 
 
-def _pair(first: Modality, second: Modality) -> PairedCounts:
+_SUFFIX_SEPARATORS = "_-.:#|"
+
+
+def _suffixes(cells: pd.Index) -> list[str]:
+    """``""`` and the suffixes every barcode of ``cells`` ends with that start at a separator (``_rna``, ``-1_rna``), shortest first."""
+    text = cells.to_series().astype(str)
+    common = os.path.commonprefix([t[::-1] for t in (text.iloc[0], text.iloc[-1])])[::-1] if len(text) else ""
+    found = [""]
+    for i, char in enumerate(common):
+        suffix = common[i:]
+        if char in _SUFFIX_SEPARATORS and len(suffix) > 1 and text.str.endswith(suffix).all():
+            found.append(suffix)
+    return sorted(found, key=len)  # the shortest suffixes that pair the cells win: '_rna', not '-1_rna'
+
+
+def _strip_modality_suffixes(first: Modality, second: Modality) -> None:
+    """Pair barcodes like ``AAAC-1_rna`` / ``AAAC-1_atac``: when no barcode is shared as written, and removing one suffix
+    that every barcode of a file carries makes them match, the barcodes are renamed without it (and it is logged)."""
+    best, best_shared = None, 0
+    for a in _suffixes(first.cells):
+        for b in _suffixes(second.cells):
+            if a == b:
+                continue
+            left = pd.Index(first.cells.str.slice(stop=-len(a))) if a else first.cells
+            right = pd.Index(second.cells.str.slice(stop=-len(b))) if b else second.cells
+            shared = int(left.isin(right).sum())
+            if shared > best_shared and not left.has_duplicates and not right.has_duplicates:
+                best, best_shared = (a, b, left, right), shared
+    if best is None:
+        return
+    a, b, first.cells, second.cells = best
+    logger.warning(
+        "no barcode is shared as written; paired %d cells after removing the suffix %s from %s and %s from %s",
+        best_shared, repr(a) if a else "(none)", first.path.name, repr(b) if b else "(none)", second.path.name,
+    )
+
+
+def _obs_column(mods: Sequence[tuple[Modality, np.ndarray]], name: str, key: str | None) -> np.ndarray | None:
+    """``obs[key]`` of the first modality that has it (without a key: its checked ``name`` column), as strings,
+    for the paired rows."""
+    for mod, rows in mods:
+        if key is None and name in mod.obs:
+            return mod.obs[name].to_numpy()[rows]
+        if key is not None and mod.annotations is not None and key in mod.annotations:
+            values = mod.annotations[key].iloc[rows]
+            return np.asarray(_labels(values)) if name == "batch" else values.astype(str).to_numpy()
+    return None
+
+
+def _paired_obs(cells: pd.Index, mods: Sequence[tuple[Modality, np.ndarray]], batch_key: str | None,
+                cell_type_key: str | None) -> pd.DataFrame:
+    """``batch`` / ``cell_type`` of the paired cells from the obs columns the keys name (default: the same names)."""
+    obs = pd.DataFrame(index=pd.Index(cells, name="cell"))
+    columns = sorted({c for mod, _ in mods if mod.annotations is not None for c in mod.annotations.columns})
+    files = " and ".join(dict.fromkeys(str(mod.path) for mod, _ in mods))
+    for name, key, flag, hints in (
+        ("batch", batch_key, "--batch_key", ("batch", "sample", "library", "donor")),
+        ("cell_type", cell_type_key, "--cell_type_key", ("type", "cell", "label", "annotation")),
+    ):
+        values = _obs_column(mods, name, key)
+        if values is not None:
+            obs[name] = values
+        elif key is not None:
+            raise ValueError(f"{flag} {key}: {files} has no obs column '{key}' (columns: {columns}); name one of them")
+        else:
+            similar = [c for c in columns if any(h in c.lower() for h in hints)]
+            if similar:
+                logger.info("no obs['%s'] in %s; name one of %s with %s to use it", name, files, similar, flag)
+    return obs
+
+
+def _feature_var(mod: Modality, index: Sequence[str]) -> pd.DataFrame:
+    var = mod.var if mod.var is not None else pd.DataFrame(index=pd.Index(mod.features))
+    var = var.copy()
+    var.index = pd.Index(list(index))
+    return var
+
+
+def _pair(
+    first: Modality, second: Modality, batch_key: str | None = None, cell_type_key: str | None = None
+) -> PairedCounts:
     if first.label == second.label:
         raise ValueError(
             f"{first.path} and {second.path} both hold {first.label}: give one GEX and one ATAC file "
             "(set var['feature_types'] to GEX / ATAC if detection by feature names failed)"
         )
+    if not first.cells.isin(second.cells).any():
+        _strip_modality_suffixes(first, second)
     shared_mask = first.cells.isin(second.cells)
     shared = first.cells[shared_mask]
     if len(shared) == 0:
@@ -634,11 +764,7 @@ def _pair(first: Modality, second: Modality) -> PairedCounts:
     second_rows = second.cells.get_indexer(shared)
     gex, atac = (first, second) if first.label == "GEX" else (second, first)
     gex_rows, atac_rows = (first_rows, second_rows) if first.label == "GEX" else (second_rows, first_rows)
-    obs = pd.DataFrame(index=pd.Index(shared, name="cell"))
-    for column in OBS_COLUMNS:
-        for mod, rows in ((first, first_rows), (second, second_rows)):
-            if column in mod.obs and column not in obs:
-                obs[column] = mod.obs[column].to_numpy()[rows]
+    obs = _paired_obs(shared, ((first, first_rows), (second, second_rows)), batch_key, cell_type_key)
     whole = lambda rows, n: len(rows) == n and np.array_equal(rows, np.arange(n))  # noqa: E731
     gex_matrix = gex.matrix if whole(gex_rows, gex.matrix.shape[0]) else gex.matrix[gex_rows]
     atac_matrix = atac.matrix if whole(atac_rows, atac.matrix.shape[0]) else atac.matrix[atac_rows]
@@ -659,6 +785,8 @@ def _pair(first: Modality, second: Modality) -> PairedCounts:
         matrix.eliminate_zeros()  # stored zeros are not detections; row lengths now count detected features
     size_factors = gex.size_factors[gex_rows] if gex.size_factors is not None else None
     sources = list(dict.fromkeys(p.name for p in (first.path, second.path)))
+    peak_var = _feature_var(atac, peaks).iloc[order]
+    peak_var.insert(0, "input_name", [str(atac.features[i]) for i in order])
     return PairedCounts(
         cells=np.asarray(shared, dtype=object),
         gex=gex_matrix,
@@ -670,6 +798,8 @@ def _pair(first: Modality, second: Modality) -> PairedCounts:
         counts_source=gex.counts_source,
         dropped_cells=int(dropped),
         source=sources,
+        gene_var=_feature_var(gex, gex.features),
+        peak_var=peak_var,
     )
 
 
@@ -687,7 +817,13 @@ def _check_size_factors(paired: PairedCounts, path: Path) -> None:
 
 
 def read_paired(
-    inputs: Sequence[str | Path], *, gex_modality: str = "rna", atac_modality: str = "atac"
+    inputs: Sequence[str | Path],
+    *,
+    gex_modality: str = "rna",
+    atac_modality: str = "atac",
+    batch_key: str | None = None,
+    cell_type_key: str | None = None,
+    counts_layer: str | None = None,
 ) -> PairedCounts:
     """Read paired GEX + ATAC raw counts from one or two files.
 
@@ -698,28 +834,34 @@ def read_paired(
         or two ``.h5ad`` files, one per modality (detected by ``feature_types`` or peak-like names).
     gex_modality, atac_modality
         Modality names inside a ``.h5mu`` file.
+    batch_key, cell_type_key
+        ``obs`` columns read as ``batch`` (library / sample / donor) and ``cell_type``; default: those names, if present.
+    counts_layer
+        The layer holding raw counts when ``X`` is normalized; default: ``layers['counts']`` when present, else ``X``.
 
     Returns
     -------
     PairedCounts
-        The cells present in both modalities, in the first file's order.
+        The cells present in both modalities, in the first file's order. Barcodes that differ only by one suffix per
+        file (``AAAC-1_rna`` / ``AAAC-1_atac``) are paired without it.
     """
     paths = _input_paths(inputs)
     if len(paths) == 2:
-        first, second = (_read_single_modality_h5ad(p) for p in paths)
+        first, second = (_read_single_modality_h5ad(p, counts_layer) for p in paths)
     else:
         path = paths[0]
         kind = _layout(path)
         if kind == "h5mu":
-            first, second = _read_h5mu(path, gex_modality, atac_modality)
+            first, second = _read_h5mu(path, gex_modality, atac_modality, counts_layer=counts_layer)
         elif kind == "10x":
             first, second = _read_10x_h5(path)
         else:
-            first, second = _read_combined_h5ad(path)
+            first, second = _read_combined_h5ad(path, counts_layer=counts_layer)
     for mod in (first, second):
+        _check_counts_layer(mod, counts_layer)
         _check_modality(mod)
-    paired = _pair(first, second)
-    _check_batch_labels(paired, (first, second))
+    paired = _pair(first, second, batch_key, cell_type_key)
+    _check_batch_labels(paired, (first, second), batch_key)
     gex_path = first.path if first.label == "GEX" else second.path
     _check_size_factors(paired, gex_path)
     if paired.dropped_cells:
@@ -753,8 +895,28 @@ def _layout(path: Path) -> str:
         return "h5mu" if "mod" in f else "10x" if "matrix" in f else "h5ad"
 
 
+def _check_counts_layer(mod: Modality, counts_layer: str | None) -> None:
+    """``--counts_layer NAME`` must name a layer of the GEX data (ATAC, binarized anyway, may use X)."""
+    if counts_layer is None or mod.label != "GEX" or mod.counts_source == f"layers/{counts_layer}":
+        return
+    layers: list[str] = []
+    if mod.group is not None:
+        with _open_h5(mod.path) as f:
+            group = f[mod.group]
+            layers = sorted(group["layers"].keys()) if "layers" in group else []
+    raise ValueError(
+        f"--counts_layer {counts_layer}: the GEX data in {mod.path} has no layers['{counts_layer}'] (layers: {layers}); "
+        "name a layer it has, or leave the flag out to read layers['counts'] or X"
+    )
+
+
 def read_modality(
-    inputs: Sequence[str | Path], label: str, *, gex_modality: str = "rna", atac_modality: str = "atac"
+    inputs: Sequence[str | Path],
+    label: str,
+    *,
+    gex_modality: str = "rna",
+    atac_modality: str = "atac",
+    counts_layer: str | None = None,
 ) -> Modality:
     """Read one modality (``"GEX"`` or ``"ATAC"``) from any layout :func:`read_paired` reads, unpaired.
 
@@ -766,6 +928,8 @@ def read_modality(
         ``"GEX"`` or ``"ATAC"``.
     gex_modality, atac_modality
         Modality names inside a ``.h5mu`` file.
+    counts_layer
+        The layer holding raw counts when ``X`` is normalized (see :func:`read_paired`).
 
     Returns
     -------
@@ -774,12 +938,12 @@ def read_modality(
     """
     paths = _input_paths(inputs)
     if len(paths) == 2:
-        mods = [_read_single_modality_h5ad(p) for p in paths]
+        mods = [_read_single_modality_h5ad(p, counts_layer) for p in paths]
     else:
         path = paths[0]
         kind = _layout(path)
         if kind == "h5mu":
-            mods = _read_h5mu(path, gex_modality, atac_modality, only=label)
+            mods = _read_h5mu(path, gex_modality, atac_modality, only=label, counts_layer=counts_layer)
         elif kind == "10x":
             mods = list(_read_10x_h5(path))
         else:
@@ -787,13 +951,14 @@ def read_modality(
             if found & GEX_LABELS and found & ATAC_LABELS:
                 # Both modalities in one file: only the asked modality's entries are copied out (CSR on disk),
                 # and the whole matrix is never read first as a single modality.
-                mods = list(_read_combined_h5ad(path, only=label))
+                mods = list(_read_combined_h5ad(path, only=label, counts_layer=counts_layer))
             else:
-                mods = [_read_single_modality_h5ad(path)]
+                mods = [_read_single_modality_h5ad(path, counts_layer)]
     chosen = [m for m in mods if m.label == label]
     if not chosen:
         found = ", ".join(sorted({m.label for m in mods}))
         raise ValueError(f"{', '.join(str(p) for p in paths)} holds {found}, not the {label} modality this direction needs")
     mod = chosen[0]
+    _check_counts_layer(mod, counts_layer)
     _check_modality(mod)
     return mod

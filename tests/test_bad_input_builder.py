@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import anndata as ad
+import datasets
 import h5py
 import mudata as md
 import numpy as np
@@ -166,6 +167,61 @@ def test_non_integer_counts_say_how_to_pass_normalized_data(tmp_path, capsys, pa
     inputs = _write(tmp_path, rna, atac)
     assert main(["--input", inputs[0], "--input", inputs[1], "--output_dir", str(tmp_path / "ok")]) == 0
     assert json.loads((tmp_path / "ok" / META_FILE).read_text())["normalization"]["counts_source"] == "layers/counts"
+
+
+def test_other_labs_obs_columns_and_counts_layer_are_named_by_flags(tmp_path, capsys, pair):
+    rna, atac = pair
+    rna.obs = rna.obs.rename(columns={"batch": "library", "cell_type": "celltype"})
+    atac.obs = atac.obs[[]]
+    rna.layers["raw"] = rna.X.copy()
+    rna.X = rna.X.astype(np.float32)
+    rna.X.data = np.log1p(rna.X.data)
+    inputs = _write(tmp_path, rna, atac)
+    files = ["--input", inputs[0], "--input", inputs[1]]
+    _fails(tmp_path, capsys, inputs, match=r"X looks normalized.*--counts_layer NAME")
+    _fails(tmp_path, capsys, inputs, "--counts_layer", "counts", match=r"--counts_layer counts: .*rna\.h5ad has no layers\['counts'\] \(layers: \['raw'\]\)")
+    _fails(tmp_path, capsys, inputs, "--counts_layer", "raw", "--batch_key", "donor",
+           match=r"--batch_key donor: .*has no obs column 'donor' \(columns: \['celltype', 'library'\]\)")
+    _fails(tmp_path, capsys, inputs, "--counts_layer", "raw", "--test_batches", "sim2", match=r"--batch_key")
+    out = tmp_path / "ok"
+    flags = ["--counts_layer", "raw", "--batch_key", "library", "--cell_type_key", "celltype", "--test_batches", "sim2"]
+    assert main([*files, *flags, "--output_dir", str(out)]) == 0
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["normalization"]["counts_source"] == "layers/raw" and meta["split_by"] == "batch+hash"
+    test = datasets.load_from_disk(str(out / "test"))
+    library = dict(zip(rna.obs_names, rna.obs["library"], strict=True))
+    celltype = dict(zip(rna.obs_names, rna.obs["celltype"], strict=True))
+    assert len(test) == int((rna.obs["library"] == "sim2").sum()) and set(test["batch"]) == {"sim2"}
+    assert test["cell_type"] == [celltype[c] for c in test["cell"]] and {library[c] for c in test["cell"]} == {"sim2"}
+
+
+def test_barcodes_with_a_modality_suffix_per_file_are_paired(tmp_path, caplog, pair):
+    rna, atac = pair
+    cells = list(rna.obs_names)  # 10x-style, ending in -1
+    atac = atac[5:].copy()
+    rna.obs_names = [f"{c}_rna" for c in cells]
+    atac.obs_names = [f"{c}_atac" for c in cells[5:]]
+    inputs = _write(tmp_path, rna, atac)
+    with caplog.at_level("WARNING", logger="dataset_builder.readers"):
+        assert main(["--input", inputs[0], "--input", inputs[1], "--output_dir", str(tmp_path / "out")]) == 0
+    assert "paired 35 cells after removing the suffix '_rna' from rna.h5ad and '_atac' from atac.h5ad" in caplog.text
+    built = datasets.load_from_disk(str(tmp_path / "out"))
+    assert sorted(c for split in built.values() for c in split["cell"]) == sorted(cells[5:])
+
+
+def test_non_binary_atac_values_are_binarized_with_a_log_line(tmp_path, caplog, pair):
+    rna, atac = pair
+    inputs = _write(tmp_path, rna, atac)
+    assert main(["--input", inputs[0], "--input", inputs[1], "--output_dir", str(tmp_path / "counts")]) == 0
+    atac.X = atac.X.astype(np.float32) * 0.5  # e.g. normalized or half-step values
+    (tmp_path / "atac.h5ad").unlink()
+    inputs = _write(tmp_path, rna, atac)
+    with caplog.at_level("INFO", logger="dataset_builder.readers"):
+        assert main(["--input", inputs[0], "--input", inputs[1], "--output_dir", str(tmp_path / "halves")]) == 0
+    assert "are not integers (e.g. 0.5; normalized?): binarized, a peak is accessible in a cell where its value is > 0" in caplog.text
+    for split in ("train", "test"):
+        halves, counts = (datasets.load_from_disk(str(tmp_path / name / split)) for name in ("halves", "counts"))
+        assert halves["atac_text"] == counts["atac_text"] and any(halves["atac_text"])
 
 
 def test_modality_with_zero_features(tmp_path, capsys, pair):

@@ -241,11 +241,13 @@ def _join(names, offsets: np.ndarray, index: np.ndarray) -> list[str]:
     return join_names(names, np.asarray(offsets), np.asarray(index)).to_pylist()
 
 
-def read_source(adata_or_path, direction: str, *, gex_modality: str = "rna", atac_modality: str = "atac"):
+def read_source(adata_or_path, direction: str, *, gex_modality: str = "rna", atac_modality: str = "atac",
+                counts_layer: str | None = None):
     """The source modality of ``direction`` from an ``AnnData``, a ``MuData``, one path or a list of one or two paths.
 
     In-memory objects are written to a temporary file and read back by ``dataset_builder.readers.read_modality``, so
-    every input goes through the same reader and checks. ``gex_modality`` / ``atac_modality`` name a MuData's modalities.
+    every input goes through the same reader and checks. ``gex_modality`` / ``atac_modality`` name a MuData's modalities;
+    ``counts_layer`` the layer of raw counts when ``X`` is normalized.
     """
     from dataset_builder.readers import read_modality
 
@@ -266,7 +268,7 @@ def read_source(adata_or_path, direction: str, *, gex_modality: str = "rna", ata
     else:
         paths = [Path(p) for p in adata_or_path]
     try:
-        return read_modality(paths, label, gex_modality=gex_modality, atac_modality=atac_modality)
+        return read_modality(paths, label, gex_modality=gex_modality, atac_modality=atac_modality, counts_layer=counts_layer)
     finally:
         if tmp_dir is not None:
             tmp_dir.cleanup()
@@ -279,7 +281,7 @@ def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int
     6 G characters). ``stats['empty_cells']`` is complete once the generator is exhausted.
     ``adata_or_path``: an ``AnnData`` (raw counts in ``layers['counts']`` or ``X``), a ``MuData``, one path, or a
     list of one or two paths in any layout ``dataset_builder`` reads; ``modalities``: ``gex_modality`` /
-    ``atac_modality``, the modality names of a MuData.
+    ``atac_modality`` (the modality names of a MuData) and ``counts_layer`` (see :func:`read_source`).
     """
     label = SOURCE_MODALITY[direction].upper()
     in_memory = not isinstance(adata_or_path, str | os.PathLike | list | tuple)

@@ -216,14 +216,15 @@ class CellTranslator:
         return (matrix, sentences) if return_sentences else matrix
 
     def predict_anndata(self, adata_or_path, direction: str, batch_size: int = 64, return_sentences: bool = False,
-                        gex_modality: str = "rna", atac_modality: str = "atac"):
+                        gex_modality: str = "rna", atac_modality: str = "atac", counts_layer: str | None = None):
         """AnnData or MuData in (or a file in any layout ``dataset_builder`` reads), AnnData out: cells x the model's
-        target features. ``gex_modality`` / ``atac_modality`` name the modalities of a MuData or ``.h5mu``."""
+        target features. ``gex_modality`` / ``atac_modality`` name the modalities of a MuData or ``.h5mu``;
+        ``counts_layer`` the layer of raw counts when ``X`` is normalized."""
         from .anndata_io import prediction_anndata, source_sentences_from_anndata
 
         self._check_direction(direction)
         sentences, obs, stats = source_sentences_from_anndata(
-            adata_or_path, direction, self.meta, gex_modality=gex_modality, atac_modality=atac_modality
+            adata_or_path, direction, self.meta, gex_modality=gex_modality, atac_modality=atac_modality, counts_layer=counts_layer
         )
         # Sentences only when asked for: with the profile readout the matrix needs one decoder step, not greedy decoding.
         out = self.predict_matrix(sentences, direction, batch_size, return_sentences=return_sentences)
@@ -233,7 +234,7 @@ class CellTranslator:
 
     def predict_h5ad(self, adata_or_path, direction: str, output: str | os.PathLike, batch_size: int = 64, chunk_cells: int = 1024,
                      return_sentences: bool = False, gex_modality: str = "rna", atac_modality: str = "atac",
-                     progress: bool = False) -> dict:
+                     counts_layer: str | None = None, progress: bool = False) -> dict:
         """Like ``predict_anndata(...).write_h5ad(output)``, but ``chunk_cells`` cells at a time.
 
         Memory holds the source matrix and one chunk of sentences and predictions, not every sentence nor the
@@ -250,7 +251,8 @@ class CellTranslator:
             raise ValueError(f"--chunk_cells must be >= 1, got {chunk_cells}")
         # Sentences are made chunk by chunk too: memory holds the source matrix and one chunk, not every sentence.
         sentence_blocks, obs, stats, n_cells = source_sentence_blocks(
-            adata_or_path, direction, self.meta, block=chunk_cells, gex_modality=gex_modality, atac_modality=atac_modality
+            adata_or_path, direction, self.meta, block=chunk_cells, gex_modality=gex_modality, atac_modality=atac_modality,
+            counts_layer=counts_layer,
         )
         unknown = 0
 
