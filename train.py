@@ -596,5 +596,10 @@ def evaluate_folder(run: RunArguments, data_args: DataArguments) -> None:
         logger.warning("evaluation failed (%s: %s); run eval.py on %s later", type(err).__name__, err, run.output_dir)
 
 
+def cli() -> int:
+    """``main`` for the command line (``cell-sentences-train``): bad input gives one ``error:`` line and a non-zero exit code."""
+    return run_cli(main, debug="--debug" in sys.argv, errors=(ValueError, FileNotFoundError, FileExistsError))
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, debug="--debug" in sys.argv, errors=(ValueError, FileNotFoundError, FileExistsError)))
+    sys.exit(cli())

@@ -21,7 +21,7 @@ from tokenizer import META_FILE
 
 from .predictor import card_text
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
+TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 MODEL_KEYS = ("translator", "model", "cell_translator", "t5")
 DIRECTION_NAMES = {"gex2atac": "GEX to ATAC", "atac2gex": "ATAC to GEX"}
 # Scores eval.py records beside the model's own for context: the all-zero prediction's accuracy is a baseline's.
