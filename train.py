@@ -121,7 +121,7 @@ class RunArguments:
     push_to_hub: bool = field(default=False, metadata={"help": "upload the model folder to --hub_model_id (token: HF_TOKEN or cached login)"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id, e.g. user/cell-translator"})
     report_to: str = field(default="none", metadata={"help": "tracker of the losses (OUTPUT_DIR/logs): none | tensorboard | all (every installed "
-                                                          "tracker); tensorboard needs the [tracking] extra: pip install 'cell-sentences[tracking]'"})
+                                                          "tracker); tensorboard needs the [tracking] extra: pip install '.[tracking]'"})
     license: str | None = field(default=None, metadata={"help": "Hub license id of the model card, e.g. cc-by-4.0 (default: the dataset's recorded license, else unknown)"})
     cpu_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default); 1 is fastest for tiny/small models on busy cores"})
     stop_after_steps: int = field(default=0, metadata={"help": "stop after N steps without writing the model folder, as an interruption would (resume with --resume_from_checkpoint latest)"})
@@ -202,9 +202,11 @@ def check_report_to(report_to: str) -> None:
     from accelerate.utils import is_tensorboard_available
 
     if report_to == "tensorboard" and not is_tensorboard_available():
-        raise ValueError("--report_to tensorboard: tensorboard is not installed; pip install 'cell-sentences[tracking]' (or drop the flag)")
+        raise ValueError("--report_to tensorboard: tensorboard is not installed; install the [tracking] extra (pip install '.[tracking]' "
+                         "in the repository, or pip install tensorboard), or drop the flag")
     if report_to == "all" and not get_available_trackers():
-        raise ValueError("--report_to all: no tracker is installed; pip install 'cell-sentences[tracking]' for tensorboard (or drop the flag)")
+        raise ValueError("--report_to all: no tracker is installed; install the [tracking] extra for tensorboard (pip install '.[tracking]' "
+                         "in the repository, or pip install tensorboard), or drop the flag")
 
 
 def lock_output_dir(out: Path):
