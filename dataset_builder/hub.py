@@ -122,9 +122,18 @@ print(ds["train"][0]["gex_text"])
 ```
 
 To train a translator on it, install the `cell-sentences` package (`pip install .` in a clone of its
-repository) and download the folder: `huggingface-cli download --repo-type dataset {repo_id} --local-dir DATA`,
-then `cell-sentences-tokenize --dataset DATA --output_dir TOK` and `cell-sentences-train --dataset_dir DATA ...`
-work on a dataset folder written by `cell-sentences-build`.
+repository) and make a dataset folder of it:
+
+```python
+from datasets import load_dataset
+from huggingface_hub import hf_hub_download
+
+load_dataset("{repo_id}").save_to_disk("DATA")
+hf_hub_download("{repo_id}", "cell_sentences.json", repo_type="dataset", local_dir="DATA")
+```
+
+then `cell-sentences-tokenize --dataset DATA --output_dir TOK` and
+`cell-sentences-train --dataset_dir DATA --tokenizer_dir TOK --output_dir MODEL`.
 """
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import datasets
 import h5py
@@ -62,7 +63,14 @@ def test_dataset_card_keeps_dataset_info_and_names_the_license(tmp_path, monkeyp
     assert pushed_meta["hub_dataset_id"] == "someone/sim-sentences"
     # the local folder now knows where it was published: models trained on it name the Hub dataset
     assert json.loads((tmp_path / "ds" / META_FILE).read_text())["hub_dataset_id"] == "someone/sim-sentences"
-    assert datasets.load_dataset(str(folder))["validation"].num_rows == 100
+    # the card's recipe for a training folder: the pushed splits saved to disk beside the pushed metadata
+    from tokenizer import build_from_dataset
+
+    assert "save_to_disk" in text and "cell_sentences.json" in text
+    datasets.load_dataset(str(folder)).save_to_disk(str(tmp_path / "DATA"))
+    shutil.copyfile(hub.download("someone/sim-sentences", META_FILE, repo_type="dataset"), tmp_path / "DATA" / META_FILE)
+    assert datasets.load_from_disk(str(tmp_path / "DATA"))["validation"].num_rows == 100
+    assert len(build_from_dataset(tmp_path / "DATA", tmp_path / "TOK")) == 5 + len(pushed_meta["genes"]) + len(pushed_meta["peaks"])
 
 
 def test_dataset_license_flag_wins_and_defaults_to_unknown(tmp_path, simulated):
