@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from dataset_builder.cli import run_cli
+from dataset_builder.outputs import check_output, check_replaceable
 from tokenizer import DIRECTIONS
 
 
@@ -60,8 +61,8 @@ def run(args: argparse.Namespace) -> Path:
     from translator import CellTranslator
 
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"--output {output} exists; choose another name or pass --overwrite")
+    check_output(output, {"--input": args.input, "--model": args.model if Path(args.model).exists() else None}, "--output")
+    check_replaceable(output, "--output", "prediction", args.overwrite, "--overwrite")
     translator = CellTranslator.from_pretrained(args.model, device=args.device, allow_pickle=args.allow_pickle)
     inputs = args.input[0] if len(args.input) == 1 else args.input
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -12,12 +12,12 @@ calibration on validation -> the Hub-ready model folder -> evaluation (when eval
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 import weakref
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_linear_schedule_with_warmup
 
 from dataset_builder.cli import run_cli
+from dataset_builder.outputs import check_output, check_replaceable, folder_kind
 from tokenizer import DIRECTIONS, PREFIX, check_vocabulary, load_tokenizer, read_meta
 from translator.data import (
     GEX_TARGET_ORDERS,
@@ -49,6 +50,8 @@ from translator.training import (
     AVERAGE_STATE_FILE,
     TailAverage,
     calibrate,
+    check_free_space,
+    claim_output_dir,
     parameter_checksum,
     resolve_checkpoint,
     save_checkpoint,
@@ -191,9 +194,14 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
     if run.push_to_hub and not run.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name")
     check_report_to(run.report_to)
-    out = Path(run.output_dir)
-    if out.exists() and any(out.iterdir()) and not (run.overwrite_output_dir or run.resume_from_checkpoint):
-        raise FileExistsError(f"--output_dir {out} exists and is not empty; pass --overwrite_output_dir or --resume_from_checkpoint latest")
+    check_output(run.output_dir, {"--dataset_dir": data_args.dataset_dir, "--tokenizer_dir": data_args.tokenizer_dir,
+                                  "--profile_choices_from": model_args.profile_choices_from}, "--output_dir")
+    if data_args.dataset_dir and folder_kind(data_args.dataset_dir) != "dataset":
+        raise ValueError(f"--dataset_dir {data_args.dataset_dir} is not a dataset folder; give the folder written by `python -m dataset_builder`")
+    if not run.resume_from_checkpoint:
+        check_replaceable(run.output_dir, "--output_dir", "model", run.overwrite_output_dir, "--overwrite_output_dir")
+    elif folder_kind(run.output_dir) != "model":
+        raise ValueError(f"--resume_from_checkpoint: --output_dir {run.output_dir} is not a model folder of an earlier train.py run")
 
 
 def check_report_to(report_to: str) -> None:
@@ -209,22 +217,6 @@ def check_report_to(report_to: str) -> None:
                          "in the repository, or pip install tensorboard), or drop the flag")
 
 
-def lock_output_dir(out: Path):
-    """Hold an exclusive lock beside ``out`` for the life of the process, so a second run on it refuses.
-
-    The lock file sits next to the folder (``.NAME.train.lock``), not inside it: ``--overwrite_output_dir``
-    removes the folder, and the Hub upload must not see it.
-    """
-    import fcntl
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(out.parent / f".{out.name}.train.lock", "w")  # noqa: SIM115 -- must outlive this function
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise FileExistsError(f"--output_dir {out} is in use by another train.py run; wait for it or choose another --output_dir") from None
-    return handle
 
 
 def demo_arguments() -> list[str]:
@@ -321,6 +313,13 @@ def validation_loss(loss_module, loader, accelerator) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train one model folder (see the module docstring); return the exit code."""
+    with contextlib.ExitStack() as cleanup:
+        return train(argv, cleanup)
+
+
+def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
+    """The run itself; ``cleanup`` owns the output folder's lock and its clean-up on failure."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = demo_arguments()
@@ -353,11 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "removed shared tensor": T5's tied embeddings
     out = Path(run.output_dir)
-    if accelerator.is_main_process:
-        lock = lock_output_dir(out)  # noqa: F841 -- held (an open file) until this process ends
-        if run.overwrite_output_dir and not run.resume_from_checkpoint and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+    cleanup.enter_context(claim_output_dir(out, replace=run.overwrite_output_dir and not run.resume_from_checkpoint, enabled=accelerator.is_main_process))
     accelerator.wait_for_everyone()
     set_seed(run.seed)
     if run.cpu_threads > 0:
@@ -422,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(f"resumed from {path.name} at step {completed_steps}")
 
     n_params = sum(p.numel() for p in model.parameters())
+    if accelerator.is_main_process:
+        check_free_space(out, n_params, checkpoints=run.checkpointing_steps > 0)
     logger.info("%d train examples, %d steps (%d epochs), %.1fM parameters, %d processes", len(train_examples), max_steps, num_epochs, n_params / 1e6, accelerator.num_processes)
     progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process, desc="train")
     history, tokens, started, running, parts, time_cut = [], 0, time.perf_counter(), [], [], 0

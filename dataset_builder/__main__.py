@@ -86,14 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _run(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from .builder import build_dataset
+    from .builder import build_dataset, check_dataset_output
     from .simulate import SIMULATED_TEST_BATCHES, SIMULATED_VALIDATION_BATCHES, write_simulated
 
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not args.overwrite_output_dir:
-        raise FileExistsError(
-            f"output folder {output_dir} exists: pass --overwrite_output_dir or choose another --output_dir"
-        )
+    check_dataset_output(args.input, output_dir, args.overwrite_output_dir)
     scratch = None
     inputs, test_batches, validation_batches = args.input, args.test_batches, args.validation_batches
     try:

@@ -29,6 +29,7 @@ from datasets.builder import Key
 from datasets.table import InMemoryTable
 from datasets.utils.py_utils import asdict
 
+from .outputs import check_output, check_replaceable
 from .plan import SPLITS, BuildPlan, TrainStats, content_digest, make_plan, train_stats
 from .readers import read_paired
 from .sentences import BINARY_THRESHOLD, NameTable, encode_atac, encode_gex, rank_genes
@@ -290,13 +291,16 @@ def _save_dataset_dict(dataset: datasets.DatasetDict, path: Path) -> None:
         _save_split(split, path / name)
 
 
+def check_dataset_output(inputs: Sequence[str | Path] | None, output_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an ``output_dir`` that is, holds or sits inside an input, or that exists and is not a dataset folder to replace."""
+    check_output(output_dir, {"--input": inputs}, "--output_dir")
+    check_replaceable(output_dir, "--output_dir", "dataset", overwrite, "--overwrite_output_dir")
+
+
 def _publish(staged: Path, output_dir: Path, overwrite: bool) -> None:
     """Rename the finished folder into place; an overwritten folder is removed only after the rename."""
     if output_dir.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"output folder {output_dir} exists: pass --overwrite_output_dir or choose another --output_dir"
-            )
+        check_replaceable(output_dir, "--output_dir", "dataset", overwrite, "--overwrite_output_dir")
         trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
         output_dir.rename(trash / output_dir.name)
         staged.rename(output_dir)
@@ -358,10 +362,7 @@ def build_dataset(
         The saved dataset, loaded back from ``output_dir``.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"output folder {output_dir} exists: pass --overwrite_output_dir or choose another --output_dir"
-        )
+    check_dataset_output(inputs, output_dir, overwrite)
     if chunk_size <= 0:
         raise ValueError(f"--chunk_size must be positive, not {chunk_size}")
     paired = read_paired(

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset_builder.outputs import apply_umask, check_output
 from evaluation.report import DIRECTION_NAMES, HEADLINE_KEYS, LOWER_IS_BETTER, write_text_atomic
 
 TUNED_BASELINES = ("mean", "svd_knn", "svd_krr")
@@ -64,8 +65,7 @@ def write_fold_file(source: str | Path, output: str | Path, batch: str, n_folds:
         raise ValueError(f"--input {source}: folds are written for .h5ad files; give each file of a two-file layout in turn")
     if not source.exists():
         raise ValueError(f"--input {source} does not exist")
-    if output.resolve() == source.resolve():
-        raise ValueError(f"--output {output} is the input file; choose a new path")
+    check_output(output, {"--input": source}, "--output")
     adata = ad.read_h5ad(source)
     if batch_key not in adata.obs:
         raise ValueError(f"--input {source} has no obs[{batch_key!r}] column; add it or pass --batch_key")
@@ -85,6 +85,7 @@ def write_fold_file(source: str | Path, output: str | Path, batch: str, n_folds:
     os.close(fd)
     try:
         adata.write_h5ad(tmp)
+        apply_umask(tmp)
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from dataset_builder.outputs import apply_umask, check_output, folder_kind
 from evaluation import plots
 from evaluation.baselines import BASELINES, fit_baselines
 from evaluation.data import binary_gex_sentences, load_split_matrices, rank_gex_sentences
@@ -150,6 +151,16 @@ def evaluate_direction(
     return accs
 
 
+def check_evaluation_output(output_dir: str | os.PathLike, dataset_dir: str | os.PathLike, seed_model: str | os.PathLike | None) -> None:
+    """Refuse an ``--output_dir`` that is, holds or sits inside the dataset (or seed model) folder, or an existing folder
+    that is neither an evaluation nor a model folder (the results are written beside what is there)."""
+    check_output(output_dir, {"--dataset_dir": dataset_dir, "--seed_model": seed_model if seed_model and Path(seed_model).exists() else None},
+                 "--output_dir")
+    path = Path(output_dir)
+    if path.is_dir() and any(path.iterdir()) and folder_kind(path) not in ("evaluation", "model"):
+        raise ValueError(f"--output_dir {output_dir} exists and holds other files; choose a new or empty folder for the evaluation")
+
+
 def _write_outputs(output_dir: Path, files: dict[str, str], figures: Callable[[Path], list[Path]]) -> list[str]:
     output_dir = output_dir.resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +170,7 @@ def _write_outputs(output_dir: Path, files: dict[str, str], figures: Callable[[P
             (tmp / name).write_text(text, encoding="utf-8")
         written = sorted(files) + sorted(p.name for p in figures(tmp))
         if not output_dir.exists():
-            os.chmod(tmp, 0o755)
+            apply_umask(tmp)
             os.replace(tmp, output_dir)
         else:
             for name in written:
@@ -243,6 +254,8 @@ def run_evaluation(
     unknown = sorted(set(directions) - set(DIRECTIONS))
     if unknown or not directions:
         raise ValueError(f"--directions must be among {DIRECTIONS}, got {list(directions)}")
+    if output_dir is not None:
+        check_evaluation_output(output_dir, dataset_dir, seed_model)
     data = load_split_matrices(dataset_dir, split, max_cells=max_cells)
 
     predictors: dict[str, tuple[Predictor, dict | None]] = {}

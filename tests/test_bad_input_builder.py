@@ -255,8 +255,14 @@ def test_output_folder_exists(tmp_path, capsys, pair):
     assert main(["--input", inputs[0], "--input", inputs[1], "--output_dir", str(out)]) == 2
     assert "--overwrite_output_dir" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+    # Not a dataset folder: the overwrite flag does not replace it either.
+    assert main(["--input", inputs[0], "--input", inputs[1], "--output_dir", str(out), "--overwrite_output_dir"]) == 2
+    assert "is not a dataset folder" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert main(["--input", inputs[0], "--input", inputs[1], "--output_dir", str(out)]) == 0
     assert main(["--input", inputs[0], "--input", inputs[1], "--output_dir", str(out), "--overwrite_output_dir"]) == 0
-    assert not (out / "keep.txt").exists() and (out / META_FILE).is_file()
+    assert (out / META_FILE).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["atac.h5ad", "out", "rna.h5ad"]
 
 

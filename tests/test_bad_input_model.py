@@ -304,11 +304,17 @@ def test_train_refuses_an_existing_output_dir_unless_told(setup, tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     (out / "keep.txt").write_text("previous work")
-    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+    with pytest.raises(ValueError, match="is not a model folder"):
         train.main(_tiny(setup["data"], setup["tok"], out))
     assert (out / "keep.txt").read_text() == "previous work"
-    assert train.main(_tiny(setup["data"], setup["tok"], out, "--overwrite_output_dir")) == 0
-    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    with pytest.raises(ValueError, match="is not a model folder"):  # not this tool's: never replaced
+        train.main(_tiny(setup["data"], setup["tok"], out, "--overwrite_output_dir"))
+    assert (out / "keep.txt").read_text() == "previous work"
+    shutil.copytree(setup["model"], tmp_path / "again")
+    assert train.main(_tiny(setup["data"], setup["tok"], tmp_path / "again", "--overwrite_output_dir")) == 0
+    assert (tmp_path / "again" / "model.safetensors").exists()
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):  # this tool's folder: replaced only when asked
+        train.main(_tiny(setup["data"], setup["tok"], tmp_path / "again"))
 
 
 def test_predict_refuses_an_existing_output_unless_told(setup, tmp_path, capsys):
@@ -317,8 +323,11 @@ def test_predict_refuses_an_existing_output_unless_told(setup, tmp_path, capsys)
     output = tmp_path / "pred.h5ad"
     output.write_bytes(b"previous")
     argv = ["--model", str(setup["model"]), "--input", str(setup["root"] / "gex.h5ad"), "--direction", "gex2atac", "--output", str(output)]
-    _one_line(*_cli(predict.main, argv, capsys), str(output), "--overwrite")
+    _one_line(*_cli(predict.main, [*argv, "--overwrite"], capsys), str(output), "not a prediction file")  # not ours: never replaced
     assert output.read_bytes() == b"previous"
+    output.unlink()
+    assert _cli(predict.main, argv, capsys)[0] == 0
+    _one_line(*_cli(predict.main, argv, capsys), str(output), "--overwrite")
     assert _cli(predict.main, [*argv, "--overwrite"], capsys)[0] == 0
     assert ad.read_h5ad(output).shape == (6, len(setup["atac"].var_names))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.h5ad"]  # no temporary left behind

@@ -54,7 +54,7 @@ def test_write_fold_file_rejects_bad_input_without_writing(tmp_path):
         write_fold_file(source, tmp_path / "out.h5ad", "d9", 3)
     with pytest.raises(ValueError, match="no obs\\['donor'\\]"):
         write_fold_file(source, tmp_path / "out.h5ad", "d1", 3, batch_key="donor")
-    with pytest.raises(ValueError, match="is the input file"):
+    with pytest.raises(ValueError, match="is the input --input"):
         write_fold_file(source, source, "d1", 3)
     adata.obs["batch"] = ["d1"] * 30 + ["d1_f2"] * 10
     adata.write_h5ad(tmp_path / "clash.h5ad")

@@ -158,15 +158,14 @@ def test_second_run_on_the_same_output_dir_refuses(bmmc, straight_run):
 
 def test_a_run_in_progress_locks_its_output_dir(bmmc, tmp_path):
     import train
+    from translator.training import claim_output_dir
 
     out = tmp_path / "busy"
-    holder = train.lock_output_dir(out)  # what a run in progress holds
-    try:
+    with claim_output_dir(out, replace=False):  # what a run in progress holds
         # Even --overwrite_output_dir must not remove a folder another run is writing.
         with pytest.raises(FileExistsError, match="in use by another train.py run"):
             train.main(tiny_args(*bmmc, out, "--overwrite_output_dir", "--max_steps", "2"))
-    finally:
-        holder.close()
+    assert not list(tmp_path.glob(".*.lock"))  # the lock goes with the run that held it
     assert train.main(tiny_args(*bmmc, out, "--overwrite_output_dir", "--max_steps", "2", "--calibration_cells", "0")) in (0, None)
     assert (out / "model.safetensors").exists()
 

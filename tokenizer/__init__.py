@@ -21,6 +21,8 @@ import pyarrow.compute as pc
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from dataset_builder.outputs import apply_umask, check_output, check_replaceable
+
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 DIRECTIONS = ("gex2atac", "atac2gex")
 PREFIX = {"gex2atac": "<gex2atac>", "atac2gex": "<atac2gex>"}
@@ -144,16 +146,18 @@ def read_meta(dataset_dir: str | os.PathLike) -> dict:
 
 def build_from_dataset(dataset_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> PreTrainedTokenizerFast:
     """Build and save the tokenizer for a dataset folder; the folder appears whole or not at all."""
-    meta = read_meta(dataset_dir)
     out = Path(output_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another --output_dir or pass --overwrite_output_dir")
+    check_output(out, {"--dataset": dataset_dir}, "--output_dir")
+    check_replaceable(out, "--output_dir", "tokenizer", overwrite, "--overwrite_output_dir")
+    meta = read_meta(dataset_dir)
     tokenizer = build_tokenizer(meta["genes"], meta["peaks"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_tokenizer(tokenizer, tmp, meta)
+        apply_umask(tmp)
         if out.exists():
+            check_replaceable(out, "--output_dir", "tokenizer", overwrite, "--overwrite_output_dir")
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:

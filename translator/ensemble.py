@@ -29,6 +29,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from dataset_builder.outputs import check_output, check_replaceable
+
 MEMBER_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "cell_sentences.json", "profile_head.safetensors", "training_args.json")
 ENSEMBLE_DIR = "ensemble"
@@ -48,10 +50,8 @@ def build_ensemble(model_dir: str | Path, members: Sequence[str | Path], output_
         if not folder.is_dir() or not (folder / READOUT_FILE).exists():
             raise FileNotFoundError(f"{flag} {folder}: not a model folder written by train.py")
         check_model_folder(folder)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--output_dir {out} exists: pass --overwrite_output_dir or choose another folder")
-    if out.resolve() in {top.resolve(), *(Path(m).resolve() for m in members)}:
-        raise ValueError(f"--output_dir {out} is one of the input folders; write the ensemble to a new folder")
+    check_output(out, {"--model": top, "--members": members}, "--output_dir")
+    check_replaceable(out, "--output_dir", "model", overwrite, "--overwrite_output_dir")
     readout = json.loads((top / READOUT_FILE).read_text())
     if readout.get("ensemble"):
         raise ValueError(f"--model {top} is an ensemble already; give a plain model folder")

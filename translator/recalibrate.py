@@ -28,12 +28,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from dataset_builder.outputs import write_text_atomic
 
 logger = logging.getLogger("recalibrate")
 
@@ -135,15 +136,7 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
             params["pooled_from"] = [*([[Path(folder).name, Path(dataset_dir).name]] if own_cells else []), *([Path(m).name, Path(d).name] for m, d in pool)]
     old = readout.get("calibration") or {}
     readout["calibration"] = new
-    tmp = tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{READOUT_FILE}.", delete=False)
-    try:
-        with tmp:
-            json.dump(readout, tmp, indent=2)
-        os.chmod(tmp.name, 0o644)
-        os.replace(tmp.name, readout_path)
-    finally:
-        if os.path.exists(tmp.name):
-            os.unlink(tmp.name)
+    write_text_atomic(readout_path, json.dumps(readout, indent=2))
     summary = {}
     for direction, params in new.items():
         before = old.get(direction, {})

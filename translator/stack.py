@@ -48,9 +48,9 @@ def stack(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, pool: Se
     import datasets
     from safetensors.numpy import save
 
+    from dataset_builder.outputs import write_text_atomic
     from evaluation.baselines import KRR_GRID, SvdKrrBaseline
     from evaluation.data import load_split_matrices
-    from evaluation.report import write_text_atomic
     from evaluation.runner import source_sentences
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 

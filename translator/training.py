@@ -7,18 +7,21 @@ temporary folder and moved in one by one (each ``os.replace`` is atomic).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import GenerationConfig
 
+from dataset_builder.outputs import apply_umask
 from tokenizer import PREFIX, feature_token_ranges, save_tokenizer
 
 from .data import SOURCE_COLUMN, TARGET_MODALITY, names_to_ids, source_ids
@@ -34,6 +37,8 @@ from .readout import (
     with_row_stats,
 )
 from .serving import write_serving_files
+
+logger = logging.getLogger("train")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -228,8 +233,63 @@ def write_model_folder(output_dir: str | os.PathLike, model, tokenizer, meta: di
         (tmp / "training_args.json").write_text(json.dumps(training_args, indent=2))
         names = sorted(p.name for p in tmp.iterdir())
         for name in names:
-            os.chmod(tmp / name, 0o644)
+            apply_umask(tmp / name)
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return names
+
+
+@contextlib.contextmanager
+def claim_output_dir(out: str | os.PathLike, *, replace: bool, enabled: bool = True) -> Iterator[None]:
+    """Own ``out`` for one training run: a lock beside it, the old folder removed when ``replace``, clean-up on failure.
+
+    The lock file (``.NAME.train.lock``, beside the folder: the folder may be replaced and the Hub upload must not
+    see it) makes a second run on the same folder refuse; it is removed when the run ends, however it ends. If the
+    run fails, a folder this run created and left empty is removed; one holding checkpoints is kept and the log
+    says how to resume from it. ``enabled=False`` (the other processes of a multi-process run) does nothing.
+    """
+    if not enabled:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.parent / f".{out.name}.train.lock"
+    lock = FileLock(lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise FileExistsError(f"--output_dir {out} is in use by another train.py run; wait for it or choose another --output_dir") from None
+    created = not out.exists()
+    try:
+        if replace and out.exists():
+            shutil.rmtree(out)
+            created = True
+        out.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        elif checkpoint_steps(out):
+            logger.warning("the last checkpoint (%s) is kept: resume with --resume_from_checkpoint latest", checkpoint_steps(out)[-1][1])
+        raise
+    finally:
+        lock_path.unlink(missing_ok=True)  # while still held: no other run can own this file in between
+        lock.release()
+
+
+def check_free_space(out: str | os.PathLike, n_parameters: int, checkpoints: bool) -> None:
+    """Refuse to start training when ``out``'s disk cannot hold the final folder (and, with ``checkpoints``, two checkpoints).
+
+    A model folder holds the fp32 weights once; a checkpoint holds them with AdamW's two moments (about 3x) and
+    ``save_checkpoint`` keeps two, one being written while the other stays.
+    """
+    weights = 4 * n_parameters
+    need = int(1.1 * weights) + (2 * 3 * weights if checkpoints else 0) + (16 << 20)
+    free = shutil.disk_usage(Path(out)).free
+    if free < need:
+        raise ValueError(f"--output_dir {out}: {free / 2**20:,.0f} MiB free on its disk, and this run needs about "
+                      f"{need / 2**20:,.0f} MiB for its model folder{' and checkpoints' if checkpoints else ''}; "
+                      "free some space or choose an --output_dir on another disk")
