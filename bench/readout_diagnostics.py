@@ -339,8 +339,8 @@ def sampled(translator, val: dict, directions: Sequence[str], samples: int, temp
 def crossfit(translator, val: dict, directions: Sequence[str], arms: Sequence[Sequence[str]], parts: int, dataset: str,
              output_dir: str | None, seed: int = 0, selection_parts: int | None = None, selection_repeats: int | None = None) -> dict:
     """Cross-fitted calibration of each arm (a set of aggregations); see the module docstring."""
+    from dataset_builder.outputs import write_text_atomic
     from evaluation.metrics_core import compute_metrics
-    from evaluation.report import write_text_atomic
     from evaluation.runner import source_sentences
     from translator.readout import apply_readout, decode_features, fit_readout
 
@@ -378,9 +378,9 @@ def crossfit(translator, val: dict, directions: Sequence[str], arms: Sequence[Se
 def foldpool(models: Sequence[str], dataset_dirs: Sequence[str], directions: Sequence[str], arms: Sequence[Sequence[str]], parts: int,
              dataset: str, output_dir: str | None, seed: int = 0, selection_parts: int | None = None, selection_repeats: int | None = None) -> dict:
     """The calibration fitted on pooled folds (see the module docstring): for each fold, arm and mode, the fold's metrics."""
+    from dataset_builder.outputs import write_text_atomic
     from evaluation.data import load_split_matrices
     from evaluation.metrics_core import compute_metrics
-    from evaluation.report import write_text_atomic
     from evaluation.runner import source_sentences
     from translator.api import CellTranslator
     from translator.readout import apply_readout, decode_features, fit_readout, with_row_stats

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset_builder.outputs import apply_umask, check_output
-from evaluation.report import DIRECTION_NAMES, HEADLINE_KEYS, LOWER_IS_BETTER, write_text_atomic
+from dataset_builder.outputs import apply_umask, check_output, write_text_atomic
+from evaluation.report import DIRECTION_NAMES, HEADLINE_KEYS, LOWER_IS_BETTER
 
 TUNED_BASELINES = ("mean", "svd_knn", "svd_krr")
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from dataset_builder.outputs import apply_umask, check_output, folder_kind
+from dataset_builder.outputs import apply_umask, check_output, folder_kind, write_text_atomic
 from evaluation import plots
 from evaluation.baselines import BASELINES, fit_baselines
 from evaluation.data import binary_gex_sentences, load_split_matrices, rank_gex_sentences
 from evaluation.metrics_core import MetricAccumulator, default_chunk_cells, iter_row_chunks, paired_bootstrap
-from evaluation.report import markdown_table, results_json, write_text_atomic
+from evaluation.report import markdown_table, results_json
 
 DIRECTIONS = ("gex2atac", "atac2gex")
 SOURCE = {"gex2atac": "gex", "atac2gex": "atac"}

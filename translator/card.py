@@ -98,7 +98,7 @@ def eval_results(metrics: dict[str, dict[str, float]], dataset_id: str, dataset_
 
 def write_card(path: str | os.PathLike, card: ModelCard) -> None:
     """Write ``card`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
-    from evaluation.report import write_text_atomic
+    from dataset_builder.outputs import write_text_atomic
 
     write_text_atomic(path, str(card))
 

@@ -453,8 +453,8 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
     import datasets
     from safetensors.numpy import save
 
+    from dataset_builder.outputs import write_text_atomic
     from evaluation.data import load_split_matrices
-    from evaluation.report import write_text_atomic
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
     from .api import CellTranslator
