@@ -210,7 +210,7 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, tem
         "n_parameters": f"{n_parameters / 1e6:.1f}M" if n_parameters else "unknown",
         "gex_encoding_text": gex_text,
         "dataset_text": f"[{hub_dataset}](https://huggingface.co/datasets/{hub_dataset})" if hub_dataset
-        else f"{dataset_name} (a local dataset folder, not published on the Hub)",
+        else f"`{dataset_name}`, a local dataset folder not published on the Hub",
         "dataset_name": dataset_name,
         "n_genes": len(meta.get("genes", [])),
         "n_peaks": len(meta.get("peaks", [])),
