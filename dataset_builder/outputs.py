@@ -13,11 +13,12 @@ Every command line of the project checks its output here before it reads or writ
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-__all__ = ["FOLDER_KINDS", "apply_umask", "check_output", "check_replaceable", "folder_kind", "is_prediction_file", "write_text_atomic"]
+__all__ = ["FOLDER_KINDS", "apply_umask", "check_output", "check_replaceable", "folder_kind", "check_room_for", "is_prediction_file", "write_text_atomic"]
 
 # The files that mark a folder as written by this tool, per kind (every file named must be present).
 FOLDER_KINDS: dict[str, tuple[str, ...]] = {
@@ -166,3 +167,19 @@ def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_room_for(path: str | os.PathLike, n_bytes: int, what: str) -> None:
+    """Refuse, before writing ``path``, when its disk has less room than ``n_bytes`` (plus a margin for metadata).
+
+    A file that fills the disk half way fails late and, for HDF5, cannot even be closed cleanly: checking first gives
+    one clear line instead.
+    """
+    folder = Path(path).parent
+    while folder.name.startswith(".") and folder.parent != folder:  # a staging folder: name where the output goes
+        folder = folder.parent
+    need = int(n_bytes * 1.02) + (8 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ValueError(f"{folder} has {free / 2**20:,.0f} MiB free and the output ({what}) needs about {need / 2**20:,.0f} MiB; "
+                         "free some space or write the output to another disk")

@@ -337,6 +337,53 @@ def test_train_refuses_to_start_without_room_for_its_folder(setup, tmp_path, mon
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match="MiB free on its disk"):
+    with pytest.raises(ValueError, match="MiB free and the output .the model folder"):
         train.main(tiny_args(setup["data"], setup["tok"], out, "--max_steps", "2"))
     assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_predict_refuses_in_one_line_when_the_disk_cannot_hold_the_prediction(setup, tmp_path, monkeypatch):
+    import shutil
+
+    import predict
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
+    output = tmp_path / "pred.h5ad"
+    argv = ["--model", str(setup["model"]), "--input", str(setup["userdata"] / "base_rna.h5ad"), "--direction", "gex2atac", "--output", str(output)]
+    assert predict.main(argv) == 2
+    assert not output.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root and a kernel that allows the mount; skipped otherwise)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.strip() or made.returncode}); the monkeypatched tests cover the same paths")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_real_full_disk_gives_one_line_and_leaves_it_empty(setup, tmp_path, full_disk):
+    rng = np.random.default_rng(2)
+    user = tmp_path / "big"
+    user.mkdir()
+    cells = pd.DataFrame(index=[f"c{i}" for i in range(4000)])
+    genes = ad.read_h5ad(setup["userdata"] / "base_rna.h5ad").var_names
+    ad.AnnData(X=sp.csr_matrix(rng.poisson(2.0, size=(4000, len(genes))).astype(np.float32)), obs=cells, var=pd.DataFrame(index=genes)).write_h5ad(user / "rna.h5ad")
+    peaks = pd.DataFrame(index=[f"chr1:{1000 * i}-{1000 * i + 500}" for i in range(1, 1201)])
+    atac = sp.random(4000, len(peaks), density=0.05, format="csr", dtype=np.float32, random_state=2)
+    atac.data[:] = 1
+    ad.AnnData(X=atac, obs=cells, var=peaks).write_h5ad(user / "atac.h5ad")
+    proc = _run(["-m", "dataset_builder", "--input", str(user / "rna.h5ad"), "--input", str(user / "atac.h5ad"), "--output_dir", str(full_disk / "ds")])
+    assert proc.returncode == 1
+    _one_error_line(proc.stderr, "no space left")
+    proc = _run(["predict.py", "--model", str(setup["model"]), "--input", str(user / "rna.h5ad"), "--direction", "gex2atac", "--output", str(full_disk / "p.h5ad")])
+    assert proc.returncode == 2
+    assert "MiB free" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+    assert list(full_disk.iterdir()) == []

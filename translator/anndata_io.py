@@ -19,6 +19,8 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
+from dataset_builder.outputs import check_room_for
+
 from .data import SOURCE_MODALITY, TARGET_MODALITY
 
 logger = logging.getLogger(__name__)
@@ -350,6 +352,7 @@ def write_prediction_h5ad(path: str | os.PathLike, row_blocks, n_cells: int, obs
 
     var = _prediction_var(direction, meta)
     n_features = len(var)
+    check_room_for(path, 4 * n_cells * n_features, f"{n_cells:,} cells x {n_features:,} features")
     rows_per_chunk = max(1, min(max(n_cells, 1), (4 << 20) // max(4 * n_features, 1)))  # ~4 MB HDF5 chunks of whole rows
     translations: list[str] = []
     with_text = False

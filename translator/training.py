@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from dataset_builder.outputs import apply_umask
+from dataset_builder.outputs import apply_umask, check_room_for
 from tokenizer import PREFIX, feature_token_ranges, save_tokenizer
 
 from .data import SOURCE_COLUMN, TARGET_MODALITY, names_to_ids, source_ids
@@ -287,9 +287,5 @@ def check_free_space(out: str | os.PathLike, n_parameters: int, checkpoints: boo
     ``save_checkpoint`` keeps two, one being written while the other stays.
     """
     weights = 4 * n_parameters
-    need = int(1.1 * weights) + (2 * 3 * weights if checkpoints else 0) + (16 << 20)
-    free = shutil.disk_usage(Path(out)).free
-    if free < need:
-        raise ValueError(f"--output_dir {out}: {free / 2**20:,.0f} MiB free on its disk, and this run needs about "
-                      f"{need / 2**20:,.0f} MiB for its model folder{' and checkpoints' if checkpoints else ''}; "
-                      "free some space or choose an --output_dir on another disk")
+    what = "the model folder and two checkpoints" if checkpoints else "the model folder"
+    check_room_for(Path(out) / "model.safetensors", int(1.1 * weights) + (2 * 3 * weights if checkpoints else 0), what)
