@@ -115,38 +115,55 @@ def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def test_the_builder_never_writes_over_its_inputs(setup, tmp_path):
+def _cli(args: list[str], capsys) -> subprocess.CompletedProcess:
+    """``_run``'s result for a command run in this process (``-m dataset_builder``, ``-m tokenizer``, ``predict.py``, ``eval.py``)."""
+    import eval as eval_cli
+    import predict
+    from dataset_builder.__main__ import main as build
+    from tokenizer.__main__ import main as tokenize
+
+    mains = {"dataset_builder": build, "tokenizer": tokenize, "predict.py": predict.main, "eval.py": eval_cli.cli}
+    name, argv = (args[1], args[2:]) if args[0] == "-m" else (args[0], args[1:])
+    capsys.readouterr()
+    try:
+        code = mains[name](argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+
+
+def test_the_builder_never_writes_over_its_inputs(setup, tmp_path, capsys):
     user = setup["userdata"]
     before = _digest(user)
     rna, atac = str(user / "base_rna.h5ad"), str(user / "base_atac.h5ad")
     inputs = ["-m", "dataset_builder", "--input", rna, "--input", atac]
     for output, relation in ((user, "contains the input"), (user / "base_rna.h5ad", "is the input"), (user / "base_rna.h5ad" / "x", "is inside")):
         for flags in ([], ["--overwrite_output_dir"]):
-            proc = _run([*inputs, "--output_dir", str(output), *flags])
+            proc = _cli([*inputs, "--output_dir", str(output), *flags], capsys)
             assert proc.returncode == 2
             _one_error_line(proc.stderr, relation)
     foreign = tmp_path / "results"
     foreign.mkdir()
     (foreign / "table.csv").write_text("mine")
-    proc = _run([*inputs, "--output_dir", str(foreign), "--overwrite_output_dir"])
+    proc = _cli([*inputs, "--output_dir", str(foreign), "--overwrite_output_dir"], capsys)
     assert proc.returncode == 2
     _one_error_line(proc.stderr, "is not a dataset folder")
     assert (foreign / "table.csv").read_text() == "mine"
     assert _digest(user) == before and sorted(p.name for p in user.iterdir()) == ["base_atac.h5ad", "base_rna.h5ad", "notes.txt"]
     # Its own folder is replaced when asked.
     built = tmp_path / "ds"
-    assert _run([*inputs, "--output_dir", str(built)]).returncode == 0
-    assert _run([*inputs, "--output_dir", str(built), "--overwrite_output_dir"]).returncode == 0
+    assert _cli([*inputs, "--output_dir", str(built)], capsys).returncode == 0
+    assert _cli([*inputs, "--output_dir", str(built), "--overwrite_output_dir"], capsys).returncode == 0
     assert folder_kind(built) == "dataset" and _digest(user) == before
 
 
-def test_the_tokenizer_never_writes_over_its_dataset(setup, tmp_path):
+def test_the_tokenizer_never_writes_over_its_dataset(setup, tmp_path, capsys):
     before = _digest(setup["data"])
     for output in (setup["data"], setup["data"] / "train"):
-        proc = _run(["-m", "tokenizer", "--dataset", str(setup["data"]), "--output_dir", str(output), "--overwrite_output_dir"])
+        proc = _cli(["-m", "tokenizer", "--dataset", str(setup["data"]), "--output_dir", str(output), "--overwrite_output_dir"], capsys)
         assert proc.returncode == 2
         _one_error_line(proc.stderr, "--dataset")
-    proc = _run(["-m", "tokenizer", "--dataset", str(setup["data"]), "--output_dir", str(setup["model"]), "--overwrite_output_dir"])
+    proc = _cli(["-m", "tokenizer", "--dataset", str(setup["data"]), "--output_dir", str(setup["model"]), "--overwrite_output_dir"], capsys)
     assert proc.returncode == 2
     _one_error_line(proc.stderr, "not a tokenizer folder")
     assert _digest(setup["data"]) == before
@@ -169,28 +186,28 @@ def test_train_never_writes_over_its_dataset_or_tokenizer(setup, tmp_path):
     assert {**_digest(setup["data"]), **_digest(setup["tok"])} == before
 
 
-def test_predict_and_eval_never_write_over_their_inputs(setup, tmp_path):
+def test_predict_and_eval_never_write_over_their_inputs(setup, tmp_path, capsys):
     user = setup["userdata"]
     before = _digest(user)
     rna = str(user / "base_rna.h5ad")
     argv = ["predict.py", "--model", str(setup["model"]), "--input", rna, "--direction", "gex2atac"]
-    proc = _run([*argv, "--output", rna, "--overwrite"])
+    proc = _cli([*argv, "--output", rna, "--overwrite"], capsys)
     assert proc.returncode == 2
     _one_error_line(proc.stderr, "is the input --input")
     other = tmp_path / "other.h5ad"
     ad.read_h5ad(rna).write_h5ad(other)  # the user's data, not given as input
-    proc = _run([*argv, "--output", str(other), "--overwrite"])
+    proc = _cli([*argv, "--output", str(other), "--overwrite"], capsys)
     assert proc.returncode == 2
     _one_error_line(proc.stderr, "not a prediction file")
     assert _digest(user) == before
     # A prediction is replaced when asked, and gets the umask's mode like any new file.
     pred = tmp_path / "pred.h5ad"
-    assert _run([*argv, "--output", str(pred)]).returncode == 0
-    assert _run([*argv, "--output", str(pred), "--overwrite"]).returncode == 0
+    assert _cli([*argv, "--output", str(pred)], capsys).returncode == 0
+    assert _cli([*argv, "--output", str(pred), "--overwrite"], capsys).returncode == 0
     mask = os.umask(0)
     os.umask(mask)
     assert pred.stat().st_mode & 0o777 == 0o666 & ~mask
-    proc = _run(["eval.py", "--skip_model", "--dataset_dir", str(setup["data"]), "--output_dir", str(setup["data"] / "eval"), "--no_plots"])
+    proc = _cli(["eval.py", "--skip_model", "--dataset_dir", str(setup["data"]), "--output_dir", str(setup["data"] / "eval"), "--no_plots"], capsys)
     assert proc.returncode == 2
     _one_error_line(proc.stderr, "is inside the input --dataset_dir")
     assert not (setup["data"] / "eval").exists()
