@@ -17,11 +17,10 @@ import gc
 import json
 import logging
 import math
-import os
 import sys
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import datasets
@@ -30,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_linear_schedule_with_warmup
+from transformers import HfArgumentParser
 
 from dataset_builder.cli import run_cli
 from dataset_builder.outputs import check_output, check_replaceable, folder_kind
@@ -43,16 +42,30 @@ from translator.data import (
     check_gex_target_cap,
     check_gex_target_min_value,
 )
-from translator.modeling import MODEL_SHAPES, TranslationLoss, cuda_tf32, make_config, make_model
+from translator.modeling import MODEL_SHAPES, PROFILE_INPUTS, TranslationLoss, cuda_tf32, make_config, make_model
 from translator.predictor import fit_blend
+from translator.profile_fit import RANK_GRID
 from translator.readout import SELECTION_REPEATS, check_selection_parts, check_selection_repeats, profile_offsets
 from translator.training import (
+    AUTO_EVAL_STEPS,
+    AUTO_WARMUP_STEPS,
     AVERAGE_STATE_FILE,
+    BEST_WEIGHTS_FILE,
+    BestWeights,
+    Budget,
+    LinearSchedule,
     TailAverage,
+    auto_eval_steps,
+    auto_warmup_steps,
+    available_memory,
     calibrate,
+    calibration_cell_cap,
     check_free_space,
+    check_memory,
     claim_output_dir,
+    estimate_memory,
     parameter_checksum,
+    refit_cell_cap,
     resolve_checkpoint,
     save_checkpoint,
     widget_examples,
@@ -64,15 +77,18 @@ logger = logging.getLogger("train")
 
 @dataclass
 class ModelArguments:
-    model_size: str = field(default="t5-small", metadata={"help": f"model shape: {' | '.join(MODEL_SHAPES)}"})
-    dropout_rate: float = field(default=0.1, metadata={"help": "dropout of the T5 layers"})
+    model_size: str = field(default="tiny", metadata={"help": f"model shape: {' | '.join(MODEL_SHAPES)}"})
+    dropout_rate: float = field(default=0.2, metadata={"help": "dropout of the T5 layers"})
     n_negatives: int = field(default=256, metadata={"help": "off-modality names scored per batch by the restricted loss"})
+    max_scored_targets: int = field(default=16384, metadata={"help": "a target modality with more names than this is scored in training by a sampled softmax: "
+                                                                     "the batch's target names and names drawn from the rest, this many in all (its cost no "
+                                                                     "longer grows with the number of peaks); 0: every name"})
     profile_weight: float = field(default=1.0, metadata={"help": "weight of the profile readout's loss (every target feature of a cell, as a residual over the train mean); 0: sentences only"})
     profile_refit: bool = field(default=True, metadata={"help": "refit the profile head in closed form on the train split after training (L2 chosen on validation)"})
-    profile_ranks: list[int] = field(default_factory=list, metadata={"help": "after the refit, try projecting the head's scores on their top-K train principal directions for each K given (e.g. 4 8 16 32 64); K or none chosen on validation"})
+    profile_ranks: list[int] = field(default_factory=lambda: list(RANK_GRID), metadata={"help": "after the refit, try projecting the head's scores on their top-K train principal directions for each K given; K or none chosen on validation; ignored with --no_profile_refit"})
     profile_choices_from: list[str] = field(default_factory=list, metadata={"help": "model folders of this recipe (cross-validation fold models) whose refits choose the refit's L2 and reduced rank here, by their validation error pooled over their validation cells; the refit then needs no validation split (a final model trained on every cell, dataset built with --no_validation)"})
     embedding_init: str = field(default="lsi", metadata={"help": "name embeddings at the start: lsi (TF-IDF + SVD of the train sentences) | random"})
-    source_dropout: float = field(default=0.0, metadata={"help": "probability of hiding each source name in training (augmentation)"})
+    source_dropout: float = field(default=0.1, metadata={"help": "probability of hiding each source name in training (augmentation)"})
     gex_source_truncation: float = field(default=0.0, metadata={"help": "probability of cutting a training GEX source to its top k genes, k log-uniform in [1, n] (augmentation: short sentences of the most expressed genes); 0: off"})
     gex_source_downsample: float = field(default=0.0, metadata={"help": "probability of thinning a training GEX source's UMI counts (keep rate uniform in [0.2, 1)) and writing it again in the thinned rank order (augmentation: a shallower cell); 0: off"})
 
@@ -83,8 +99,8 @@ class DataArguments:
     tokenizer_dir: str | None = field(default=None, metadata={"help": "tokenizer folder from `python -m tokenizer` (default: build it into OUTPUT_DIR/.tokenizer)"})
     directions: list[str] = field(default_factory=lambda: list(DIRECTIONS), metadata={"help": "directions to train: gex2atac atac2gex"})
     max_source_length: int = field(default=512, metadata={"help": "source cap in tokens (GEX keeps top-ranked genes; ATAC an even subsample; prefer --top_peaks at build time)"})
-    max_target_length: int = field(default=512, metadata={"help": "target cap in tokens, also the decoding length"})
-    max_gex_target_length: int = field(default=0, metadata={"help": "shorter cap for GEX targets (atac2gex) only, in tokens; 0: --max_target_length. Short targets weigh the profile loss more"})
+    max_target_length: int = field(default=128, metadata={"help": "target cap in tokens, also the decoding length"})
+    max_gex_target_length: int = field(default=6, metadata={"help": "shorter cap for GEX targets (atac2gex) only, in tokens; 0: --max_target_length. Short targets weigh the profile loss more"})
     gex_target_min_value: float = field(default=0.0, metadata={"help": "GEX targets (atac2gex) keep only genes with log-norm >= this, in rank order (2.0: the binary sentence's genes); 0: off"})
     gex_target_order: str = field(default="rank", metadata={"help": "order of GEX target sentences: rank (descending expression) | gene (the same genes in gene order); sources keep rank order"})
     max_eval_cells: int = field(default=1000, metadata={"help": "validation cells used for the validation loss"})
@@ -98,13 +114,13 @@ class RunArguments:
     output_dir: str | None = field(default=None, metadata={"help": "model folder to write (= the Hub repository)"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an existing --output_dir"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --num_train_epochs when > 0"})
-    num_train_epochs: float = field(default=3.0, metadata={"help": "epochs over the train split"})
+    num_train_epochs: float = field(default=10.0, metadata={"help": "epochs over the train split at most (the learning rate decays over them); early stopping usually ends sooner"})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "examples per device and micro-batch"})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "examples per device for validation and decoding"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW peak learning rate"})
+    warmup_steps: int = field(default=-1, metadata={"help": f"linear warmup steps (-1: a tenth of the planned steps, at most {AUTO_WARMUP_STEPS})"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on norms)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the loss"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the loss"})
     weight_average_fraction: float = field(default=0.0, metadata={"help": "average the weights after every step of this last fraction of training "
                                                                             "(tail averaging, e.g. 0.25; 0: off); the refit and calibration use the mean"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -112,11 +128,14 @@ class RunArguments:
                                                                       "which stands when the flag is not given (else no)"})
     tf32: bool = field(default=False, metadata={"help": "let fp32 matrix products use TF32 tensor cores on NVIDIA Ampere or newer GPUs (weights, "
                                                        "optimizer and range stay fp32; several times faster than plain fp32); no effect on CPU"})
-    max_train_seconds: float = field(default=0.0, metadata={"help": "end training at the first optimizer step past this many seconds of training and "
-                                                                     "go on as if it were the last (refit, calibration, model folder); the learning-rate "
-                                                                     "schedule keeps --max_steps, so a cut run ends above its final rate (0: off)"})
+    max_train_seconds: float = field(default=0.0, metadata={"help": "time budget of the whole job in seconds, from start to model folder (0: none): the training loop "
+                                                                     "gets --training_share of it (its learning rate then decays to 0 by the end it can reach), the head "
+                                                                     "refit and the calibration the rest, with their work cut to fit"})
+    training_share: float = field(default=0.6, metadata={"help": "share of --max_train_seconds for the training loop"})
+    early_stopping_patience: int = field(default=3, metadata={"help": "end training after this many validations in a row without a lower validation loss (0: never)"})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "finish with the weights of the validation with the lowest loss (not with --weight_average_fraction)"})
     seed: int = field(default=42, metadata={"help": "random seed (weights, batches, dropout)"})
-    eval_steps: int = field(default=200, metadata={"help": "validation loss every N steps (0: only at the end)"})
+    eval_steps: int = field(default=-1, metadata={"help": f"validation loss every N steps (0: only at the end; -1: once per epoch, at least every {AUTO_EVAL_STEPS} steps)"})
     checkpointing_steps: int = field(default=200, metadata={"help": "checkpoint every N steps (0: none)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint folder, or `latest` in --output_dir"})
     logging_steps: int = field(default=20, metadata={"help": "log the train loss every N steps"})
@@ -132,12 +151,35 @@ class RunArguments:
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, RunArguments]:
+    """The three argument groups from the command line; a first argument ending in .yaml/.yml/.json is a file of
+    arguments (``configs/default.yaml``: the recipe), which the flags after it override."""
     parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments))
     parser.error = lambda message: parser.exit(2, f"error: {message}\n")  # one line, no usage block
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        return loader(os.path.abspath(argv[0]))
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
+        parser.set_defaults(**read_config(argv[0]))
+        argv = argv[1:]
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def read_config(path: str) -> dict:
+    """The arguments in a YAML or JSON file, checked against train.py's argument names."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} not found; give a YAML/JSON file of train.py arguments such as configs/default.yaml")
+    text = Path(path).read_text()
+    try:
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise ValueError(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {str(err).splitlines()[0]}") from None
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must map argument names to values, e.g. `learning_rate: 0.002`")
+    known = {f.name for group in (ModelArguments, DataArguments, RunArguments) for f in fields(group)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"config file {path}: unknown argument(s) {', '.join(unknown)}; see `python train.py --help` for the names")
+    return values
 
 
 def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArguments) -> None:
@@ -151,7 +193,10 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
     for name, value in (("max_source_length", data_args.max_source_length), ("max_target_length", data_args.max_target_length), ("logging_steps", run.logging_steps)):
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
-    for name in ("warmup_steps", "eval_steps", "checkpointing_steps", "stop_after_steps", "cpu_threads", "weight_decay"):
+    for name in ("warmup_steps", "eval_steps"):
+        if getattr(run, name) < -1:
+            raise ValueError(f"--{name} must be >= 0, or -1 for the automatic choice; got {getattr(run, name)}")
+    for name in ("checkpointing_steps", "stop_after_steps", "cpu_threads", "weight_decay", "early_stopping_patience"):
         if getattr(run, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(run, name)}")
     if data_args.gex_target_order not in GEX_TARGET_ORDERS:
@@ -165,12 +210,11 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
     check_selection_repeats(data_args.calibration_selection_repeats, "--calibration_selection_repeats")
     if any(k < 1 for k in model_args.profile_ranks):
         raise ValueError(f"--profile_ranks must be positive ranks such as 4 8 16, got {' '.join(map(str, model_args.profile_ranks))}")
-    if model_args.profile_ranks and not model_args.profile_refit:
-        raise ValueError("--profile_ranks reduces the refit profile head; drop --no_profile_refit or --profile_ranks")
     if model_args.profile_choices_from and not model_args.profile_refit:
         raise ValueError("--profile_choices_from chooses the refit's settings; drop --no_profile_refit or --profile_choices_from")
-    if model_args.n_negatives < 0:
-        raise ValueError(f"--n_negatives must be >= 0, got {model_args.n_negatives}")
+    for name in ("n_negatives", "max_scored_targets"):
+        if getattr(model_args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(model_args, name)}")
     if not (math.isfinite(run.learning_rate) and run.learning_rate > 0):
         raise ValueError(f"--learning_rate must be a positive number, got {run.learning_rate}")
     if model_args.embedding_init not in ("lsi", "random"):
@@ -189,6 +233,8 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
         raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
     if not (math.isfinite(run.max_train_seconds) and run.max_train_seconds >= 0):
         raise ValueError(f"--max_train_seconds must be a number of seconds >= 0 (0: off), got {run.max_train_seconds}")
+    if not 0 < run.training_share <= 1:
+        raise ValueError(f"--training_share must be in (0, 1], got {run.training_share}")
     if not set(data_args.directions) <= set(DIRECTIONS) or not data_args.directions:
         raise ValueError(f"--directions {data_args.directions} must be a non-empty subset of {DIRECTIONS}")
     if run.push_to_hub and not run.hub_model_id:
@@ -220,7 +266,7 @@ def check_report_to(report_to: str) -> None:
 
 
 def demo_arguments() -> list[str]:
-    """The main job: simulated dataset and tokenizer under ./outputs, a small CPU model, the folder ./outputs/simulated."""
+    """The main job: simulated dataset and tokenizer under ./outputs, the default recipe, the folder ./outputs/simulated."""
     from dataset_builder import build_dataset  # noqa: F401  (fails clearly when the builder is missing)
 
     data, tok = Path("outputs/simulated_data"), Path("outputs/simulated_tokenizer")
@@ -232,10 +278,7 @@ def demo_arguments() -> list[str]:
         from tokenizer import build_from_dataset
 
         build_from_dataset(data, tok, overwrite=True)
-    return ["--dataset_dir", str(data), "--tokenizer_dir", str(tok), "--output_dir", "outputs/simulated", "--overwrite_output_dir",
-            "--model_size", "tiny", "--max_steps", "400", "--learning_rate", "2e-3", "--warmup_steps", "40",
-            "--eval_steps", "100", "--checkpointing_steps", "100", "--max_source_length", "256", "--max_target_length", "256",
-            "--cpu_threads", "1"]
+    return ["--dataset_dir", str(data), "--tokenizer_dir", str(tok), "--output_dir", "outputs/simulated", "--overwrite_output_dir", "--cpu_threads", "1"]
 
 
 def read_refit_choices(folders: list[str], meta: dict, directions: list[str]) -> dict:
@@ -261,9 +304,9 @@ def read_refit_choices(folders: list[str], meta: dict, directions: list[str]) ->
 
 
 def refit_head(model, profile_head, tokenizer, meta, train_split, validation, train_examples, eval_examples, batch_size: int, ranks=(),
-               choices: dict | None = None) -> dict:
+               choices: dict | None = None, max_cells: int | None = None) -> dict:
     """Closed-form refit of the profile head on the train split (``translator.profile_fit``); L2 chosen on validation, or given
-    (``choices``, then validation may be empty)."""
+    (``choices``, then validation may be empty). ``max_cells``: at most this many train cells, evenly spaced (a time budget)."""
     import numpy as np
 
     from tokenizer import feature_token_ranges
@@ -276,19 +319,47 @@ def refit_head(model, profile_head, tokenizer, meta, train_split, validation, tr
     truth_train, truth_val = truth_matrices(train_split, meta), truth_matrices(validation, meta)
     sources, truths, target_ranges = {}, {}, {}
     for code, direction in enumerate(DIRECTIONS):
-        rows = np.flatnonzero(np.asarray(train_examples.directions) == code)
+        rows = np.flatnonzero(np.asarray(train_examples.directions) == code)  # this direction's examples, in cell order
         val_rows = np.flatnonzero(np.asarray(eval_examples.directions) == code)
+        cells = np.arange(len(rows))
+        if max_cells is not None and len(rows) > max_cells:
+            cells = np.unique(np.linspace(0, len(rows) - 1, max_cells).round().astype(np.int64))
+            logger.info("%s head refit on %d of %d train cells (--max_train_seconds)", direction, len(cells), len(rows))
         if not len(rows) or not (len(val_rows) or (choices and direction in choices)):
             continue
         target = TARGET_MODALITY[direction]
-        sources[direction] = ([train_examples.sources[i] for i in rows], [eval_examples.sources[i] for i in val_rows])
-        truths[direction] = (truth_train[target], truth_val[target])
+        sources[direction] = ([train_examples.sources[i] for i in rows[cells]], [eval_examples.sources[i] for i in val_rows])
+        truths[direction] = (truth_train[target][cells], truth_val[target])
         target_ranges[direction] = ranges[target]
     reports = refit_profile_head(model, profile_head, sources, truths, target_ranges, profile_offsets(tokenizer, meta), batch_size=batch_size,
                                  ranks=ranks, choices=choices)
     for report in reports.values():
         report["seconds"] = round(time.perf_counter() - started, 1)
     return reports
+
+
+def check_run_memory(config, model_args: ModelArguments, data_args: DataArguments, run: RunArguments, meta: dict, n_validation: int) -> dict[str, float]:
+    """Estimate the run's peak memory from the vocabulary, the model's shape and the batch (bytes by part, see
+    :func:`translator.training.estimate_memory`), and refuse in one line what cannot fit."""
+    from transformers import T5ForConditionalGeneration
+
+    with torch.device("meta"):  # shapes only: no memory, no time
+        n_params = sum(p.numel() for p in T5ForConditionalGeneration(config).parameters())
+    if model_args.profile_weight > 0:
+        n_params += config.vocab_size * (PROFILE_INPUTS * config.d_model + 1)
+    n_features = max(len(meta["genes"]), len(meta["peaks"]))
+    calibration_cells = min(n_validation, data_args.calibration_cells)
+    estimate = estimate_memory(config, n_params, run.per_device_train_batch_size, data_args.max_source_length, data_args.max_target_length, n_features, calibration_cells)
+    what = (f"--model_size {model_args.model_size} with {config.vocab_size:,} names, batch {run.per_device_train_batch_size} and caps "
+            f"{data_args.max_source_length}/{data_args.max_target_length}")
+    if torch.cuda.is_available():  # the model trains on the GPU; the host keeps the data and the calibration
+        device = {k: estimate[k] for k in ("parameters", "activations", "profile")}
+        check_memory({**device, "total": sum(device.values())}, float(torch.cuda.mem_get_info()[0]), what + " (GPU)")
+        host = {k: estimate[k] for k in ("base", "parameters", "calibration")}
+        check_memory({**host, "total": sum(host.values())}, available_memory(), what)
+    else:
+        check_memory(estimate, available_memory(), what)
+    return estimate
 
 
 def validation_loss(loss_module, loader, accelerator) -> dict[str, float]:
@@ -325,6 +396,7 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
         argv = demo_arguments()
     model_args, data_args, run = parse_args(argv)
     check_args(model_args, data_args, run)
+    budget = Budget(run.max_train_seconds)  # the whole job, from here to the model folder
     # Inputs are checked before anything is written: a wrong dataset or tokenizer leaves no output folder behind.
     meta = read_meta(data_args.dataset_dir)
     # The model folder's cell_sentences.json says in which order this model writes GEX sentences (decoding follows it).
@@ -337,6 +409,9 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
         raise ValueError(f"--gex_source_downsample needs rank-order GEX sentences of every detected gene, and dataset {data_args.dataset_dir} "
                          f"has gex_encoding {meta.get('gex_encoding')!r}; build the dataset with --gex_encoding rank or drop the flag")
     refit_choices = read_refit_choices(model_args.profile_choices_from, meta, data_args.directions) if model_args.profile_choices_from else None
+    config = make_config(model_args.model_size, len(tokenizer), model_args.dropout_rate, data_args.max_target_length)
+    splits = datasets.load_from_disk(data_args.dataset_dir)
+    estimate = check_run_memory(config, model_args, data_args, run, meta, len(splits["validation"]))
     accelerator = Accelerator(
         gradient_accumulation_steps=run.gradient_accumulation_steps,
         mixed_precision=run.mixed_precision,
@@ -351,6 +426,7 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
     datasets.utils.logging.set_verbosity_error()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "removed shared tensor": T5's tied embeddings
+    logger.info("estimated peak memory %.1f GiB (%s)", estimate["total"] / 2**30, ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate.items() if k != "total"))
     out = Path(run.output_dir)
     cleanup.enter_context(claim_output_dir(out, replace=run.overwrite_output_dir and not run.resume_from_checkpoint, enabled=accelerator.is_main_process))
     accelerator.wait_for_everyone()
@@ -358,8 +434,7 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
     if run.cpu_threads > 0:
         torch.set_num_threads(run.cpu_threads)
 
-    # Data: both directions of each cell, length-grouped batches (tokenizer and metadata were read above).
-    splits = datasets.load_from_disk(data_args.dataset_dir)
+    # Data: both directions of each cell, length-grouped batches (tokenizer, metadata and splits were read above).
     caps = (data_args.max_source_length, data_args.max_target_length)
     train_examples = TranslationExamples(splits["train"], tokenizer, data_args.directions, *caps, data_args.gex_target_order, data_args.max_gex_target_length,
                                         data_args.gex_target_min_value, source_counts=model_args.gex_source_downsample > 0)
@@ -374,8 +449,8 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
     train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
 
     # Model, optimizer, schedule.
-    config = make_config(model_args.model_size, len(tokenizer), model_args.dropout_rate, data_args.max_target_length)
     model = make_model(config, seed=run.seed)
+    n_params = sum(p.numel() for p in model.parameters())
     if model_args.embedding_init == "lsi" and not run.resume_from_checkpoint:
         from tokenizer import feature_token_ranges
         from translator.data import names_to_ids
@@ -388,19 +463,27 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
         logger.info("name embeddings from LSI of the train sentences (%s components) in %.1f s", used, time.perf_counter() - started_init)
     loss_module = TranslationLoss(model, model_args.n_negatives, run.label_smoothing, model_args.profile_weight,
                                   profile_offsets(tokenizer, meta), model_args.source_dropout, model_args.gex_source_truncation,
-                                  tokenizer.convert_tokens_to_ids(PREFIX["gex2atac"]), gex_source_downsample=model_args.gex_source_downsample)
+                                  tokenizer.convert_tokens_to_ids(PREFIX["gex2atac"]), gex_source_downsample=model_args.gex_source_downsample,
+                                  max_scored_targets=model_args.max_scored_targets)
     decay = [p for n, p in loss_module.named_parameters() if "layer_norm" not in n and not n.endswith("bias")]
     no_decay = [p for n, p in loss_module.named_parameters() if "layer_norm" in n or n.endswith("bias")]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=run.learning_rate)
     steps_per_epoch = math.ceil(len(train_loader) / run.gradient_accumulation_steps)
     max_steps = run.max_steps if run.max_steps > 0 else math.ceil(run.num_train_epochs * steps_per_epoch)
     num_epochs = math.ceil(max_steps / steps_per_epoch)
-    scheduler = get_linear_schedule_with_warmup(optimizer, run.warmup_steps * accelerator.num_processes, max_steps * accelerator.num_processes)
+    warmup_steps = run.warmup_steps if run.warmup_steps >= 0 else auto_warmup_steps(max_steps)
+    eval_steps = run.eval_steps if run.eval_steps >= 0 else auto_eval_steps(steps_per_epoch)
+    # The schedule counts the prepared scheduler's steps: one per process per optimizer step.
+    schedule = LinearSchedule(warmup_steps * accelerator.num_processes, max_steps * accelerator.num_processes)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loss_module, optimizer, scheduler = accelerator.prepare(loss_module, optimizer, scheduler)
     average = None
     if run.weight_average_fraction > 0:
         average = TailAverage(accelerator.unwrap_model(loss_module), max_steps - math.ceil(run.weight_average_fraction * max_steps))
         accelerator.register_for_checkpointing(average)
+    best = None
+    if len(eval_examples) and (run.early_stopping_patience > 0 or run.load_best_model_at_end):
+        best = BestWeights(accelerator.unwrap_model(loss_module), run.early_stopping_patience)
     if run.report_to != "none":
         accelerator.init_trackers("cell_translator", config={k: v for k, v in {**asdict(model_args), **asdict(run)}.items() if isinstance(v, int | float | str | bool)})
 
@@ -411,17 +494,21 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
         if (average is not None) != (path / AVERAGE_STATE_FILE).exists():
             raise ValueError(f"{path} was written {'without' if average is not None else 'with'} --weight_average_fraction; resume with the flags it was started with")
         accelerator.load_state(str(path))
+        if best is not None and (path / BEST_WEIGHTS_FILE).exists():
+            best.load_state_dict(torch.load(path / BEST_WEIGHTS_FILE, weights_only=True))
         state = json.loads((path / "trainer_state.json").read_text())
         completed_steps = state["completed_steps"]
         starting_epoch, resume_batches = divmod(state["batches_seen"], len(train_loader))
         accelerator.print(f"resumed from {path.name} at step {completed_steps}")
 
-    n_params = sum(p.numel() for p in model.parameters())
     if accelerator.is_main_process:
         check_free_space(out, n_params, checkpoints=run.checkpointing_steps > 0)
-    logger.info("%d train examples, %d steps (%d epochs), %.1fM parameters, %d processes", len(train_examples), max_steps, num_epochs, n_params / 1e6, accelerator.num_processes)
+    logger.info("%d train examples, at most %d steps (%d epochs), validation every %d steps, %.1fM parameters, %d processes", len(train_examples), max_steps, num_epochs,
+                eval_steps, n_params / 1e6, accelerator.num_processes)
     progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process, desc="train")
-    history, tokens, started, running, parts, time_cut = [], 0, time.perf_counter(), [], [], 0
+    history, tokens, started, running, parts, time_cut, early_stop = [], 0, time.perf_counter(), [], [], 0, 0
+    training_seconds = run.training_share * run.max_train_seconds - budget.elapsed()  # what the loop may use of the budget
+    first_step, announced = completed_steps, False
     micro_step = starting_epoch * len(train_loader) + resume_batches  # batches seen by this process
     loss_module.train()
     for epoch in range(starting_epoch, num_epochs):
@@ -465,23 +552,42 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
                 progress.set_postfix(loss=f"{train_loss:.3f}")
                 accelerator.log({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], **part_means}, step=completed_steps)
                 logger.info("step %d train_loss %.4f (sentence %.4f, profile %.4f)", completed_steps, train_loss, part_means["train_sentence_loss"], part_means["train_profile_loss"])
-            if len(eval_examples) and ((run.eval_steps > 0 and completed_steps % run.eval_steps == 0) or completed_steps == max_steps):
+            end = schedule.total // accelerator.num_processes  # max_steps, or sooner when the time budget shortened the schedule
+            if budget.limited and completed_steps < end and out_of_time(accelerator, started, training_seconds):
+                logger.warning("--max_train_seconds %g: the training loop's share (%.0f s) is spent; training ends at step %d of %d",
+                               run.max_train_seconds, training_seconds, completed_steps, max_steps)
+                time_cut = completed_steps
+            if budget.limited and completed_steps % run.logging_steps == 0 and completed_steps - first_step >= run.logging_steps:
+                # Steps that fit in the rest of the loop's share at the pace so far (validations included): the decay ends there.
+                pace = (time.perf_counter() - started) / (completed_steps - first_step)
+                reachable = completed_steps + int(max(0.0, training_seconds - (time.perf_counter() - started)) / pace)
+                if accelerator.num_processes > 1:  # every rank keeps the same schedule: the slowest rank's
+                    reachable = int(accelerator.gather(torch.tensor([reachable], device=accelerator.device)).min())
+                if reachable < end and schedule.shorten(reachable * accelerator.num_processes):
+                    end = reachable
+                    if not announced:
+                        announced = True
+                        logger.info("--max_train_seconds %g: at %.2f s a step, the learning rate now decays to 0 by step %d of %d",
+                                    run.max_train_seconds, pace, reachable, max_steps)
+            last = completed_steps >= end or bool(time_cut)
+            if len(eval_examples) and ((eval_steps > 0 and completed_steps % eval_steps == 0) or last):
                 val = validation_loss(loss_module, eval_loader, accelerator)
                 history.append({"step": completed_steps, **val})
                 accelerator.log(val, step=completed_steps)
                 logger.info("step %d validation_loss %.4f (sentence %.4f, profile %.4f)", completed_steps, *val.values())
+                if best is not None and best.update(val["validation_loss"], completed_steps) and not last:
+                    logger.info("early stopping at step %d: no lower validation loss in %d validations (best %.4f at step %d)",
+                                completed_steps, run.early_stopping_patience, best.best_loss, best.best_step)
+                    early_stop = completed_steps
             if run.checkpointing_steps > 0 and completed_steps % run.checkpointing_steps == 0:
-                save_checkpoint(accelerator, run.output_dir, completed_steps, {"completed_steps": completed_steps, "epoch": epoch, "batches_seen": micro_step})
-            if run.max_train_seconds > 0 and completed_steps < max_steps and out_of_time(accelerator, started, run.max_train_seconds):
-                logger.warning("--max_train_seconds %g reached: training ends at step %d of %d (the learning rate is %.3g, not yet decayed)",
-                               run.max_train_seconds, completed_steps, max_steps, scheduler.get_last_lr()[0])
-                time_cut = completed_steps
-            if completed_steps >= max_steps or completed_steps == run.stop_after_steps or time_cut:
+                save_checkpoint(accelerator, run.output_dir, completed_steps, {"completed_steps": completed_steps, "epoch": epoch, "batches_seen": micro_step},
+                                best=best)
+            if last or early_stop or completed_steps == run.stop_after_steps:
                 break
-        if completed_steps >= max_steps or completed_steps == run.stop_after_steps or time_cut:
+        if completed_steps >= schedule.total // accelerator.num_processes or completed_steps == run.stop_after_steps or time_cut or early_stop:
             break
     progress.close()
-    if completed_steps < max_steps and not time_cut:
+    if completed_steps < schedule.total // accelerator.num_processes and not (time_cut or early_stop):
         accelerator.print(f"stopped after step {completed_steps} of {max_steps}; resume with --resume_from_checkpoint latest")
         wrapper = weakref.ref(loss_module)
         loss_module = loss = batch = None  # noqa: F841 -- see below
@@ -495,6 +601,9 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
         logger.info("weights: the mean of the last %d steps", average.count)
     elif average is not None:
         logger.warning("weights: the last step's (--max_train_seconds ended training before the averaging began)")
+    elif best is not None and run.load_best_model_at_end and best.best_step != completed_steps:
+        best.restore()
+        logger.info("weights: those of step %d, the lowest validation loss (%.4f)", best.best_step, best.best_loss)
     profile_head = accelerator.unwrap_model(loss_module).profile_head
     model = accelerator.unwrap_model(loss_module).model
     # Every rank prints its own checksum: equal lines prove the ranks ended in step.
@@ -516,14 +625,21 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
         profile_head = profile_head.to(device).eval() if profile_head is not None else None
         calibration, refit = {}, {}
         if profile_head is not None and model_args.profile_refit and (len(validation) or refit_choices):
+            targets = [len(meta["peaks" if d == "gex2atac" else "genes"]) for d in data_args.directions]
+            refit_cells = refit_cell_cap(budget, profile_head.weight.shape[1], targets, device)
             refit = refit_head(model, profile_head, tokenizer, meta, splits["train"], validation, train_examples, eval_examples, run.per_device_eval_batch_size,
-                               model_args.profile_ranks, refit_choices)
+                               model_args.profile_ranks, refit_choices, refit_cells)
         if not len(splits["validation"]):
             logger.warning("the validation split is empty: no validation loss, and the readout stays uncalibrated "
                            "(calibrate it on fold models' readings: python -m translator.recalibrate --model OUT --dataset_dir DATA --pool MODEL DATASET_DIR ...)")
         elif data_args.calibration_cells > 0:
-            logger.info("calibrating the readout on %s validation cells", min(len(splits["validation"]), data_args.calibration_cells))
-            calibration = calibrate(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, data_args.calibration_cells, run.per_device_eval_batch_size, run.seed, profile_head,
+            calibration_cells = min(len(splits["validation"]), data_args.calibration_cells)
+            cap = calibration_cell_cap(budget, model, tokenizer, meta, splits["validation"], data_args.directions, *caps, run.per_device_eval_batch_size, profile_head)
+            if cap is not None and cap < calibration_cells:
+                logger.info("--max_train_seconds: %.0f s left, the calibration decodes %d of %d validation cells", budget.left(), cap, calibration_cells)
+                calibration_cells = cap
+            logger.info("calibrating the readout on %s validation cells", calibration_cells)
+            calibration = calibrate(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, calibration_cells, run.per_device_eval_batch_size, run.seed, profile_head,
                                     selection_parts=data_args.calibration_selection_parts, selection_repeats=data_args.calibration_selection_repeats)
             for direction, params in calibration.items():
                 cross = params.get("validation_rmse_cross_fitted")
@@ -539,7 +655,9 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
         saved["profile_choices_from"] = [Path(f).name for f in model_args.profile_choices_from]
         saved.update(mixed_precision=accelerator.mixed_precision, dataset_name=Path(data_args.dataset_dir).name, n_parameters=n_params, completed_steps=completed_steps,
                      num_processes=accelerator.num_processes, train_tokens_per_second=round(tokens_total / max(elapsed, 1e-9), 1),
-                     validation_history=history, train_seconds=round(elapsed, 1), planned_steps=max_steps, stopped_by_time_limit=bool(time_cut))
+                     validation_history=history, train_seconds=round(elapsed, 1), planned_steps=max_steps, stopped_by_time_limit=bool(time_cut) or (completed_steps < max_steps and not early_stop),
+                     early_stopped_at=early_stop or None, best_validation_step=best.best_step if best is not None and run.load_best_model_at_end and average is None else None,
+                     job_seconds_before_finishing=round(budget.elapsed(), 1))
         write_model_folder(run.output_dir, model, tokenizer, meta, readout, saved, caps[1], profile_head)
         fit_blend(run.output_dir, data_args.dataset_dir, data_args.directions, run.per_device_eval_batch_size, run.seed)
         evaluate_folder(run, data_args)

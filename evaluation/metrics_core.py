@@ -473,7 +473,7 @@ def paired_bootstrap(accs: dict[str, MetricAccumulator], reference: str = "model
     (from the per-cell squared errors) and the per-cell means of Pearson, AUROC and AP (cells without a value
     skipped, as in :meth:`MetricAccumulator.result`). For each metric: ``share_first``, the share of resamples in
     which ``reference`` is strictly better than every other method, and per other method the point ``difference``
-    (``reference`` minus it; negative is better for RMSE), its bootstrap ``sd``, and ``share_ahead``. Methods without a
+    (``reference`` minus it; negative is better for RMSE), its bootstrap ``sd`` and 95% percentile ``interval_95``, and ``share_ahead``. Methods without a
     finite value on a metric are left out of that metric. ``max_entries`` bounds the
     ``[resamples, cells]`` count matrix held at once. ``point``: each method's ``result()["metrics"]`` when the caller
     already has them (otherwise computed here).
@@ -523,6 +523,7 @@ def paired_bootstrap(accs: dict[str, MetricAccumulator], reference: str = "model
             ahead_all &= mine < theirs
             diff = draws[reference][k] - draws[name][k]
             versus[name] = {"difference": float(point[reference][k] - point[name][k]), "sd": float(diff.std(ddof=1)) if resamples > 1 else 0.0,
+                            "interval_95": [float(q) for q in np.percentile(diff, [2.5, 97.5])],
                             "share_ahead": float(np.mean(mine < theirs))}
         out["metrics"][k] = {"share_first": float(ahead_all.mean()), "versus": versus}
     return out

@@ -183,8 +183,10 @@ def test_bad_flags_get_one_line_errors(bmmc, tmp_path):
         train.main(tiny_args(*bmmc, tmp_path / "x", "--gex_target_min_value", "-1", "--max_steps", "2"))
     with pytest.raises(ValueError, match="--profile_ranks must be positive"):
         train.main(tiny_args(*bmmc, tmp_path / "x", "--profile_ranks", "4", "0", "--max_steps", "2"))
-    with pytest.raises(ValueError, match="drop --no_profile_refit or --profile_ranks"):
-        train.main(tiny_args(*bmmc, tmp_path / "x", "--profile_ranks", "4", "--no_profile_refit", "--max_steps", "2"))
+    with pytest.raises(ValueError, match=r"--training_share must be in \(0, 1\]"):
+        train.main(tiny_args(*bmmc, tmp_path / "x", "--training_share", "0", "--max_steps", "2"))
+    with pytest.raises(ValueError, match="--eval_steps must be >= 0, or -1 for the automatic choice"):
+        train.main(tiny_args(*bmmc, tmp_path / "x", "--eval_steps", "-2", "--max_steps", "2"))
     assert not (tmp_path / "x").exists()  # refused before anything is written
     with pytest.raises(ValueError, match="--directions"):
         train.main(tiny_args(*bmmc, tmp_path / "x", "--directions", "gex2rna", "--max_steps", "2"))
@@ -331,3 +333,31 @@ def test_gene_order_targets_are_recorded_and_decoded_in_gene_order(bmmc, tmp_pat
     for sentence in sentences:
         ids = translator.tokenizer.convert_tokens_to_ids(sentence.split())
         assert all(a < b for a, b in zip(ids, ids[1:], strict=False))  # gene order, as trained
+
+
+def test_early_stopping_ends_training_and_keeps_the_best_validations_weights(bmmc, tmp_path):
+    """Validation every 3 steps at a learning rate too high to keep improving: training ends at the first validation that
+    brings no lower loss, and the folder holds the weights of the best one (those of its checkpoint), not the last step's."""
+    out = tmp_path / "early"
+    _train(tiny_args(*bmmc, out, "--max_steps", "300", "--eval_steps", "3", "--checkpointing_steps", "3", "--early_stopping_patience", "1",
+                     "--learning_rate", "3e-2", "--warmup_steps", "0", "--calibration_cells", "0", "--no_profile_refit"))
+    args = json.loads((out / "training_args.json").read_text())
+    losses = [h["validation_loss"] for h in args["validation_history"]]
+    best = int(np.argmin(losses))
+    assert args["completed_steps"] < 300 and args["early_stopped_at"] == args["completed_steps"]
+    assert best == len(losses) - 2 and losses[-1] >= losses[best]
+    assert args["best_validation_step"] == args["validation_history"][best]["step"]
+    saved = load_file(str(out / "checkpoints" / f"step_{args['best_validation_step']}" / "model.safetensors"))
+    got = _weights(out)
+    assert all(np.array_equal(value, saved[f"model.{key}"]) for key, value in got.items() if f"model.{key}" in saved)
+
+
+def test_a_setting_that_cannot_fit_in_memory_is_refused_before_anything_is_written(bmmc, tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.setattr(train, "available_memory", lambda: 2.0**30)
+    with pytest.raises(ValueError, match=r"^--model_size t5-small with [\d,]+ names, batch 256 and caps 512/512 needs about [\d.]+ GiB of memory "
+                                         r"\(activations [\d.]+ GiB\) and 1\.0 GiB are available: lower --per_device_train_batch_size"):
+        train.main(tiny_args(*bmmc, tmp_path / "big", "--model_size", "t5-small", "--per_device_train_batch_size", "256",
+                             "--max_source_length", "512", "--max_target_length", "512", "--max_steps", "2"))
+    assert not (tmp_path / "big").exists()

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from translator.anndata_io import peak_overlaps
 from translator.data import LengthGroupedBatchSampler, TranslationCollator, cap_names, target_ids
-from translator.modeling import constrained_decode, full_vocabulary_loss, make_config, make_model, restricted_lm_loss
+from translator.modeling import (
+    constrained_decode,
+    full_vocabulary_loss,
+    make_config,
+    make_model,
+    restricted_lm_loss,
+    sampled_targets,
+)
 from translator.readout import apply_readout, fit_readout
 
 N_SPECIAL, N_GENES, N_PEAKS = 5, 30, 200
@@ -63,6 +70,27 @@ def test_negatives_change_the_loss_only_through_off_modality_ids(model):
     with_neg = restricted_lm_loss(model, batch, ATAC, n_negatives=20, generator=g)
     without = restricted_lm_loss(model, batch, ATAC, n_negatives=0)
     assert float(with_neg.detach()) > float(without.detach())  # more competitors, larger partition function
+
+
+def test_a_sampled_softmax_scores_every_label_and_stands_for_the_whole_range(model):
+    """Above --max_scored_targets the loss scores the batch's target names and names drawn from the rest, each drawn name's
+    logit raised by log(rest / drawn): over draws the loss stays near the loss over every name, and the cap changes nothing
+    when the range is smaller."""
+    batch = _batch(4)
+    labels = batch["labels"][batch["labels"] != -100]
+    g = torch.Generator().manual_seed(0)
+    ids, offset = sampled_targets(ATAC, labels, 120, g)
+    present = labels.unique()
+    assert len(ids) == 120 and set(present.tolist()) <= set(ids.tolist()) and len(set(ids.tolist())) == 120
+    n_rest = N_PEAKS - len(present)
+    assert torch.all(offset[: len(present)] == 0)
+    torch.testing.assert_close(offset[len(present):], torch.full((120 - len(present),), float(np.log(n_rest / (120 - len(present))))))
+    with torch.no_grad():
+        full = float(restricted_lm_loss(model, batch, ATAC, n_negatives=0))
+        assert float(restricted_lm_loss(model, batch, ATAC, n_negatives=0, max_targets=N_PEAKS)) == full
+        draws = [float(restricted_lm_loss(model, batch, ATAC, n_negatives=0, max_targets=60, generator=g)) for _ in range(40)]
+    assert abs(np.mean(draws) - full) < 0.02 * full
+    assert np.std(draws) > 0  # the draws differ
 
 
 def test_constrained_decoding_gives_valid_sentences(model):

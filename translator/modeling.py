@@ -12,6 +12,7 @@ modality, never repeats one, and for ATAC keeps the genomic order (increasing to
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -215,7 +216,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, label_smoothing: float, rows: int):
+    def forward(ctx, hidden, weight, targets, label_smoothing: float, rows: int, logit_offset=None):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
@@ -224,7 +225,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for begin in range(0, hidden.shape[0], rows):
             h = hidden[begin : begin + rows]
             t = targets[begin : begin + rows]
-            log_probs = torch.log_softmax((h @ weight.T).float(), dim=-1)
+            logits = (h @ weight.T).float()
+            if logit_offset is not None:
+                logits = logits + logit_offset
+            log_probs = torch.log_softmax(logits, dim=-1)
             picked = log_probs.gather(1, t[:, None]).squeeze(1)
             loss = -(1 - label_smoothing) * picked
             if label_smoothing:
@@ -244,7 +248,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None
 
 
 CPU_CHUNK_ELEMENTS = 2**23
@@ -277,6 +281,28 @@ def candidate_ids(
     return torch.cat(parts).to(device)
 
 
+def sampled_targets(target_range: tuple[int, int], labels: torch.Tensor, max_targets: int,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target names scored by a sampled softmax: every name among ``labels``, and names drawn evenly from the rest of
+    the range up to ``max_targets`` in all.
+
+    Returns ``(ids, logit_offset)``: each drawn name's logit is raised by ``log(n_rest / n_drawn)`` (the inverse of its
+    chance to be drawn), so that the drawn names stand for all the names left out and the softmax's normaliser
+    stays an unbiased estimate of the whole range's; the names of ``labels`` get 0.
+    """
+    start, stop = target_range
+    present = labels[(labels >= start) & (labels < stop)].unique()
+    keep = torch.ones(stop - start, dtype=torch.bool)
+    keep[(present - start).cpu()] = False
+    rest = torch.arange(start, stop)[keep]
+    n_drawn = min(len(rest), max(0, max_targets - len(present)))
+    drawn = rest[torch.randperm(len(rest), generator=generator)[:n_drawn].sort().values].to(labels.device)
+    offset = torch.zeros(len(present) + n_drawn, device=labels.device)
+    if n_drawn:
+        offset[len(present):] = math.log(len(rest) / n_drawn)
+    return torch.cat([present, drawn]), offset
+
+
 def restricted_lm_loss(
     model: T5ForConditionalGeneration,
     batch: dict[str, torch.Tensor],
@@ -287,6 +313,7 @@ def restricted_lm_loss(
     generator: torch.Generator | None = None,
     decoder_hidden: torch.Tensor | None = None,
     reduction: str = "mean",
+    max_targets: int = 0,
 ) -> torch.Tensor:
     """Mean cross-entropy of the target tokens over a restricted output vocabulary.
 
@@ -312,6 +339,10 @@ def restricted_lm_loss(
         The decoder's hidden states when the caller already ran the model (:func:`decoder_hidden_states`).
     reduction
         ``mean`` (per target token) or ``sum``.
+    max_targets
+        When the target range holds more names than this (and > 0), a sampled softmax: the batch's target names and
+        names drawn from the rest of the range, ``max_targets`` in all (:func:`sampled_targets`). The output layer's cost
+        then no longer grows with the number of peaks. 0: every name of the range (validation uses that).
 
     Returns
     -------
@@ -329,17 +360,25 @@ def restricted_lm_loss(
         # A multiple of 8 scored ids keeps the output-layer products on the aligned tensor-core kernels.
         n_negatives += -(target_range[1] - target_range[0] + 1 + n_negatives) % 8
     ids = candidate_ids(target_range, vocab_size, n_negatives, generator, device=labels.device)
+    logit_offset = None
+    if 0 < max_targets < target_range[1] - target_range[0]:
+        targets_ids, target_offset = sampled_targets(target_range, flat_labels, max_targets, generator)
+        others = ids[(ids < target_range[0]) | (ids >= target_range[1])]
+        ids = torch.cat([targets_ids, others])
+        logit_offset = torch.cat([target_offset, torch.zeros(len(others), device=labels.device)])
     # Labels outside the scored set (e.g. <unk>) are scored too rather than silently dropped.
     extra = flat_labels[~torch.isin(flat_labels, ids)].unique()
     if len(extra):
         ids = torch.cat([ids, extra])
+        if logit_offset is not None:
+            logit_offset = torch.cat([logit_offset, torch.zeros(len(extra), device=labels.device)])
     position = torch.full((vocab_size,), -1, dtype=torch.long, device=labels.device)
     position[ids] = torch.arange(len(ids), device=labels.device)
     targets = position[flat_labels]
     weight = _output_weight(model, ids)
     n_positions = hidden.shape[0]
     rows = max(1, chunk_elements // max(1, len(ids)))
-    total = _ChunkedCrossEntropy.apply(hidden, weight, targets, float(label_smoothing), rows)
+    total = _ChunkedCrossEntropy.apply(hidden, weight, targets, float(label_smoothing), rows, logit_offset)
     return total if reduction == "sum" else total / max(1, n_positions)
 
 
@@ -408,7 +447,8 @@ class TranslationLoss(nn.Module):
     whole ones. ``gex_source_downsample`` thins the counts of a GEX source (with that probability, a keep
     rate uniform in ``[0.2, 1)``) and writes it again in the thinned rank order (:func:`downsample_sources`;
     the batch then carries ``source_counts``). All hide names through the attention mask; evaluation always
-    reads whole sources.
+    reads whole sources. ``max_scored_targets`` > 0: in training, a target modality with more names than that is
+    scored by a sampled softmax (:func:`sampled_targets`); validation scores every name.
     """
 
     def __init__(
@@ -423,8 +463,10 @@ class TranslationLoss(nn.Module):
         gex_source_prefix: int | None = None,
         chunk_elements: int | None = None,
         gex_source_downsample: float = 0.0,
+        max_scored_targets: int = 0,
     ):
         super().__init__()
+        self.max_scored_targets = int(max_scored_targets)
         self.model = model
         self.chunk_elements = chunk_elements  # logits held at once by the restricted loss (None: by device)
         self.n_negatives = n_negatives
@@ -469,7 +511,7 @@ class TranslationLoss(nn.Module):
         decoder_hidden = decoder_hidden_states(self.model, batch, encoder_hidden)
         n_positions = (labels != -100).sum().clamp(min=1)  # a tensor: no wait for the device here
         sentence = restricted_lm_loss(self.model, batch, target_range, n_negatives, label_smoothing, decoder_hidden=decoder_hidden, reduction="sum",
-                                      chunk_elements=self.chunk_elements)
+                                      chunk_elements=self.chunk_elements, max_targets=self.max_scored_targets if self.training else 0)
         total = sentence
         self.last_parts = {"sentence": sentence.detach() / n_positions}
         if self.profile_weight > 0 and profile_values is not None:

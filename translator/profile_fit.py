@@ -32,6 +32,16 @@ logger = logging.getLogger(__name__)
 
 L2_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
 RANK_GRID = (4, 8, 16, 32, 64)
+CHOICE_CHUNKS = 8  # above this many chunks of features, the L2 is chosen on this many evenly spaced chunks, then fitted to all
+
+
+def refit_cost(n_cells: int, n_features: int, n_l2: int = len(L2_GRID), chunk_features: int = 2048) -> int:
+    """Cell-feature entries solved by :func:`fit_profile_rows` (its time is about proportional): every L2 on the chunks the
+    choice is made on, then the chosen L2 alone on the rest when the features are many."""
+    chunks = -(-n_features // chunk_features)
+    if chunks <= CHOICE_CHUNKS or n_l2 == 1:
+        return n_cells * n_features * n_l2
+    return n_cells * (CHOICE_CHUNKS * chunk_features * n_l2 + n_features)
 
 
 @torch.no_grad()
@@ -96,7 +106,9 @@ def fit_profile_rows(
 
     Penalties are tried from the largest down, each warm-started from the previous solution; the
     one with the lowest validation RMSE of ``sigmoid(offset + xW' + b)`` (ATAC) or
-    ``max(offset + xW' + b, 0)`` (GEX) is kept. The solves run on ``device`` (default: ``x_train``'s;
+    ``max(offset + xW' + b, 0)`` (GEX) is kept. With more than :data:`CHOICE_CHUNKS` chunks of
+    features (tens of thousands of peaks), the penalties are tried on that many evenly spaced chunks and
+    the other chunks are fitted with the chosen one alone (one solve each instead of one per penalty). The solves run on ``device`` (default: ``x_train``'s;
     a GPU's products in full fp32, TF32 off) and the result comes back on the CPU.
 
     Returns
@@ -119,14 +131,55 @@ def _full_fp32(device: torch.device):
             restore()
 
 
+def seconds_per_entry(n_inputs: int, binary: bool = True, device: torch.device | str = "cpu", n_cells: int = 256, n_features: int = 1024,
+                      iterations: int = 25) -> float:
+    """Seconds one refit solve takes per cell-feature entry on ``device``, timed on a small random problem of that shape
+    (what a time budget sizes the refit by, with :func:`refit_cost`)."""
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(n_cells, n_inputs, generator=generator) * 0.1).to(device)
+    y = (torch.rand(n_cells, n_features, generator=generator) < 0.05).float().to(device)
+    offset = torch.full((n_features,), -3.0, device=device)
+    w, b = torch.zeros(n_features, n_inputs, device=device), torch.zeros(n_features, device=device)
+    with _full_fp32(torch.device(device)):
+        started = time.perf_counter()
+        _solve_chunk(x, y, offset, binary, L2_GRID[0], w, b, iterations)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - started) / (n_cells * n_features)
+
+
 def _fit_profile_rows(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features):
+    n_features = y_train.shape[1]
+    starts = list(range(0, n_features, chunk_features))
+    if len(starts) <= CHOICE_CHUNKS or len(l2_grid) == 1:
+        return _fit_chunks(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features, starts)
+    chosen = set(np.linspace(0, len(starts) - 1, CHOICE_CHUNKS).round().astype(int).tolist())
+    sample = [starts[i] for i in sorted(chosen)]
+    rest = [starts[i] for i in range(len(starts)) if i not in chosen]
+    w_s, b_s, report = _fit_chunks(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features, sample)
+    w_r, b_r, _ = _fit_chunks(x_train, y_train, x_val, y_val, offset, binary, (report["l2"],), iterations, chunk_features, rest)
+    w, b = torch.zeros(n_features, x_train.shape[1]), torch.zeros(n_features)
+    for starts_part, w_part, b_part in ((sample, w_s, b_s), (rest, w_r, b_r)):
+        cols = np.concatenate([np.arange(s, min(n_features, s + chunk_features)) for s in starts_part])
+        w[cols], b[cols] = w_part, b_part
+    report.update(choice_features=int(sum(min(n_features, s + chunk_features) - s for s in sample)))
+    return w, b, report
+
+
+def _fit_chunks(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features, starts):
+    """Fit the feature chunks beginning at ``starts`` along the warm-started L2 path; the rows of the L2 with the lowest
+    validation RMSE over these chunks, with the report of the choice."""
     device = x_train.device
     n_features, d = y_train.shape[1], x_train.shape[1]
     sse = {l2: 0.0 for l2 in l2_grid}
     sse_mean = 0.0
     solutions: dict[float, tuple[list, list]] = {l2: ([], []) for l2 in l2_grid}
-    for begin in range(0, n_features, chunk_features):
+    n_cols = 0
+    for begin in starts:
         cols = slice(begin, min(n_features, begin + chunk_features))
+        n_cols += cols.stop - cols.start
         y = torch.from_numpy(y_train[:, cols].toarray().astype(np.float32)).to(device)
         yv = torch.from_numpy(y_val[:, cols].toarray().astype(np.float32)).to(device)
         if binary:
@@ -141,7 +194,7 @@ def _fit_profile_rows(x_train, y_train, x_val, y_val, offset, binary, l2_grid, i
             sse[l2] += float(((yv - _predict(x_val, w, b, off, binary)) ** 2).sum())
             solutions[l2][0].append(w.cpu())
             solutions[l2][1].append(b.cpu())
-    n_entries = max(1, x_val.shape[0] * n_features)
+    n_entries = max(1, x_val.shape[0] * n_cols)
     rmse = {l2: float(np.sqrt(v / n_entries)) for l2, v in sse.items()}
     best = min(rmse, key=rmse.get)
     report = {"l2": best, "validation_rmse": {str(k): v for k, v in rmse.items()}, "validation_rmse_mean": float(np.sqrt(sse_mean / n_entries)),

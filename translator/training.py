@@ -1,4 +1,5 @@
-"""Pieces of a training run that are not the loop itself: checkpoints, calibration, the model folder.
+"""Pieces of a training run that are not the loop itself: the recipe's schedule, early stopping, the time
+budget and the memory check, checkpoints, calibration, the model folder.
 
 Checkpoints (``accelerator.save_state``) are written to a hidden temporary folder and renamed, so a
 kill during a save leaves the previous checkpoint usable. The model folder's files are written to a
@@ -11,9 +12,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -42,6 +45,10 @@ logger = logging.getLogger("train")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
+BEST_WEIGHTS_FILE = "best_weights.pt"
+AUTO_EVAL_STEPS = 500  # validation at least this often on data whose epochs are long
+AUTO_WARMUP_STEPS = 100
+AUTO_WARMUP_FRACTION = 0.1
 AVERAGE_STATE_FILE = "custom_checkpoint_0.pkl"  # accelerate's file for the first registered object: the TailAverage
 
 
@@ -69,8 +76,11 @@ def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: st
     return path
 
 
-def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: dict, keep: int = 2) -> Path:
-    """``accelerator.save_state`` into ``checkpoints/.tmp-step_N``, then rename to ``step_N``; keep the last ``keep``."""
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: dict, keep: int = 2, best: BestWeights | None = None) -> Path:
+    """``accelerator.save_state`` into ``checkpoints/.tmp-step_N``, then rename to ``step_N``; keep the last ``keep``.
+
+    ``best``: the early-stopping state (best weights so far) goes into the checkpoint too, so a resumed run keeps it.
+    """
     root = Path(output_dir) / CHECKPOINT_DIR
     tmp = root / f".tmp-step_{step}"
     final = root / f"step_{step}"
@@ -81,6 +91,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if best is not None:
+            torch.save(best.state_dict(), tmp / BEST_WEIGHTS_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -88,6 +100,204 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def auto_warmup_steps(planned_steps: int) -> int:
+    """Warmup of a run of ``planned_steps`` steps: a tenth of it, at most :data:`AUTO_WARMUP_STEPS`."""
+    return max(1, min(AUTO_WARMUP_STEPS, math.ceil(AUTO_WARMUP_FRACTION * planned_steps)))
+
+
+def auto_eval_steps(steps_per_epoch: int) -> int:
+    """Validation interval: once per epoch, and at least every :data:`AUTO_EVAL_STEPS` steps."""
+    return max(1, min(steps_per_epoch, AUTO_EVAL_STEPS))
+
+
+class LinearSchedule:
+    """Learning-rate factor: linear warmup over ``warmup`` scheduler steps, then linear decay to 0 at ``total``.
+
+    The same factors as ``transformers.get_linear_schedule_with_warmup``, but ``total`` may be shortened while
+    training (:meth:`shorten`: a time budget that will not reach the planned end still decays to 0 at the end it
+    reaches). A callable object, so ``LambdaLR.state_dict`` saves ``total`` with the checkpoint and a resumed run
+    continues the shortened schedule.
+    """
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup = int(warmup)
+        self.total = int(total)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
+
+    def shorten(self, total: int) -> bool:
+        """End the decay at ``total`` scheduler steps when that is sooner than the current end (never past the warmup); True when it moved."""
+        total = max(int(total), self.warmup + 1)
+        if total >= self.total:
+            return False
+        self.total = total
+        return True
+
+
+class BestWeights:
+    """Early stopping on the validation loss, keeping the weights of the best evaluation.
+
+    :meth:`update` after each validation: a loss below the best so far copies the module's state (to the CPU);
+    it returns True once ``patience`` validations in a row brought no new best (0: never). :meth:`restore` puts
+    the best weights back. ``state_dict`` / ``load_state_dict`` carry it through a checkpoint.
+    """
+
+    def __init__(self, module: torch.nn.Module, patience: int):
+        self.module = module
+        self.patience = int(patience)
+        self.best_loss = math.inf
+        self.best_step = 0
+        self.since_best = 0
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def update(self, loss: float, step: int) -> bool:
+        if loss < self.best_loss:
+            self.best_loss, self.best_step, self.since_best = float(loss), int(step), 0
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        else:
+            self.since_best += 1
+        return self.patience > 0 and self.since_best >= self.patience
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.weights is not None:
+            self.module.load_state_dict(self.weights)
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "best_step": self.best_step, "since_best": self.since_best, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_loss, self.best_step, self.since_best = float(state["best_loss"]), int(state["best_step"]), int(state["since_best"])
+        self.weights = state["weights"]
+
+
+class Budget:
+    """The job's time budget (``--max_train_seconds``): seconds left of it, measured from ``started``; no limit when 0."""
+
+    def __init__(self, seconds: float, started: float | None = None):
+        self.seconds = float(seconds)
+        self.started = time.perf_counter() if started is None else started
+
+    @property
+    def limited(self) -> bool:
+        return self.seconds > 0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed() if self.limited else math.inf
+
+
+# What one training process holds besides the model, measured as the peak RSS of short CPU runs (python, torch,
+# transformers, datasets, the tokenizer) and the bytes per element of what grows with the model and the batch.
+BASE_BYTES = 1.5 * 2**30
+PARAMETER_BYTES = 16  # float32 weight, gradient and AdamW's two moments
+HIDDEN_BYTES = 48  # per sequence position and model width, per layer: the activations autograd keeps
+FF_BYTES = 12  # per position and feed-forward width, per layer
+ATTENTION_BYTES = 12  # per head and pair of positions, per attention block: scores, probabilities, dropout
+PROFILE_BYTES = 16  # per cell of a batch and target feature: the profile readout's scores, loss and gradients
+READOUT_BYTES = 56  # per validation cell and feature in the calibration: the decoded features and the truth, float64
+
+
+def estimate_memory(config, n_parameters: int, batch_size: int, max_source_length: int, max_target_length: int, n_features: int,
+                    calibration_cells: int) -> dict[str, float]:
+    """Peak memory of a training run in bytes, by part: ``{"base", "parameters", "activations", "profile", "calibration", "total"}``.
+
+    ``config`` is the T5 config (width, feed-forward width, heads, layers), ``n_parameters`` counts the model and the
+    profile head, ``n_features`` is the larger modality (genes or peaks), ``calibration_cells`` the cells the readout
+    calibration decodes. The activations are those of one micro-batch of full-length sources and targets: an upper bound
+    on what a length-grouped batch holds.
+    """
+    b, s, t = batch_size, max_source_length, max_target_length
+    d, ff, heads = config.d_model, config.d_ff, config.num_heads
+    layers_enc, layers_dec = config.num_layers, config.num_decoder_layers
+    hidden = b * (layers_enc * s + layers_dec * t) * (d * HIDDEN_BYTES + ff * FF_BYTES)
+    attention = b * heads * ATTENTION_BYTES * (layers_enc * s * s + layers_dec * (t * t + t * s))
+    parts = {
+        "base": BASE_BYTES,
+        "parameters": float(n_parameters * PARAMETER_BYTES),
+        "activations": float(hidden + attention),
+        "profile": float(b * n_features * PROFILE_BYTES),
+        "calibration": float(calibration_cells * n_features * READOUT_BYTES),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def available_memory() -> float:
+    """Bytes this process may still use: the system's available memory, or the cgroup's limit when that is lower."""
+    import psutil
+
+    available = float(psutil.virtual_memory().available)
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = Path(usage_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit():
+            available = min(available, float(int(limit) - int(usage)))
+        break
+    return available
+
+
+def check_memory(estimate: dict[str, float], available: float, what: str) -> None:
+    """Refuse, in one line before training starts, a run whose estimated peak does not fit in ``available`` bytes."""
+    if estimate["total"] <= available:
+        return
+    gib = 2**30
+    largest = max((k for k in estimate if k not in ("total", "base")), key=estimate.get)
+    fixes = {
+        "activations": "lower --per_device_train_batch_size or --max_source_length / --max_target_length, or choose --model_size tiny",
+        "parameters": "choose --model_size tiny, or build the dataset with --top_peaks N to shrink the vocabulary",
+        "profile": "lower --per_device_train_batch_size, or build the dataset with --top_peaks N",
+        "calibration": "lower --calibration_cells, or build the dataset with --top_peaks N",
+    }
+    raise ValueError(f"{what} needs about {estimate['total'] / gib:.1f} GiB of memory ({largest} {estimate[largest] / gib:.1f} GiB) and "
+                      f"{available / gib:.1f} GiB are available: {fixes[largest]}")
+
+
+REFIT_SHARE = 0.5  # of the budget left after training: the head refit; the calibration gets most of the rest
+CALIBRATION_SHARE = 0.8  # of the budget left after the refit (the rest: the blend and the model folder)
+MIN_REFIT_CELLS = 50
+MIN_CALIBRATION_CELLS = 20
+PROBE_CELLS = 8
+
+
+def refit_cell_cap(budget: Budget, n_inputs: int, n_target_features: Sequence[int], device: torch.device | str = "cpu") -> int | None:
+    """Train cells the head refit may use to end within its share of what is left of ``budget`` (None: no limit).
+
+    The refit's time is about proportional to cells x features solved (:func:`translator.profile_fit.refit_cost`, summed over
+    the directions' target modalities), at the pace of a small solve timed here.
+    """
+    from .profile_fit import refit_cost, seconds_per_entry
+
+    if not budget.limited:
+        return None
+    pace = seconds_per_entry(n_inputs, device=device)
+    per_cell = sum(refit_cost(1, n) for n in n_target_features)
+    return max(MIN_REFIT_CELLS, int(REFIT_SHARE * max(0.0, budget.left()) / max(pace * per_cell, 1e-12)))
+
+
+def calibration_cell_cap(budget: Budget, model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int,
+                         max_target_length: int, batch_size: int, profile_head=None) -> int | None:
+    """Validation cells the calibration may decode to end within its share of what is left of ``budget`` (None: no limit),
+    from the time :func:`calibration_features` takes on a few cells."""
+    if not budget.limited or not len(split):
+        return None
+    probe = split.select(range(min(PROBE_CELLS, len(split))))
+    started = time.perf_counter()
+    calibration_features(model, tokenizer, meta, probe, directions, max_source_length, max_target_length, len(probe), batch_size, profile_head)
+    per_cell = (time.perf_counter() - started) / len(probe)
+    # The readout fits after the decoding take about half as long again.
+    return max(MIN_CALIBRATION_CELLS, int(CALIBRATION_SHARE * max(0.0, budget.left()) / (1.5 * per_cell)))
 
 
 class TailAverage:
