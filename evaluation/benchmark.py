@@ -24,8 +24,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from dataset_builder.outputs import check_output, write_text_atomic
 from evaluation.baselines import BASELINES
-from evaluation.report import results_json, write_text_atomic
+from evaluation.report import results_json
 from evaluation.runner import library_versions, portable_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,6 +178,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     started = time.perf_counter()
     out = Path(args.output_dir)
+    check_output(out, {"--input": [f for files in args.inputs.values() for f in files]}, "--output_dir")
     out.mkdir(parents=True, exist_ok=True)
     train_flags = shlex.split(args.train_args)
     summary: dict = {"split": args.split, "bootstrap": args.bootstrap, "time_budget_s": args.time_budget_s, "train_args": train_flags,
