@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import h5py
 from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi, hf_hub_download
 
 from .builder import META_FILE
+from .outputs import write_text_atomic
 
 __all__ = ["render_dataset_card", "dataset_card", "push_dataset_to_hub", "size_category", "recorded_license", "DEFAULT_LICENSE"]
 
@@ -222,7 +222,5 @@ def push_dataset_to_hub(dataset_dir: str | Path, repo_id: str, token: str | None
         CommitOperationAdd(META_FILE, (json.dumps(meta) + "\n").encode()),
     ]
     HfApi(token=token).create_commit(repo_id, operations, commit_message="Add dataset card and cell_sentences.json", repo_type="dataset")
-    tmp = meta_path.with_name(f".{META_FILE}.tmp")
-    tmp.write_text(json.dumps(meta) + "\n")
-    os.replace(tmp, meta_path)
+    write_text_atomic(meta_path, json.dumps(meta) + "\n")
     return f"https://huggingface.co/datasets/{repo_id}"

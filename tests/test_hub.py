@@ -236,3 +236,23 @@ def test_endpoint_handler_answers_both_directions_as_the_runtime_calls_it(tiny_m
                 {"inputs": "<atac2gex> chr1-1000-1500", "parameters": {"direction": "gex2atac"}}):
         with pytest.raises(ValueError):
             handler(bad)
+
+
+def test_card_sections_added_later_replace_their_old_text(tmp_path):
+    """translator.ensemble / translator.stack add a section to a finished card; doing it again replaces it."""
+    from translator.card import render_model_card, set_card_section
+
+    folder = _model_folder(tmp_path / "model")
+    render_model_card(folder, repo_id="someone/tiny")
+    readme = folder / "README.md"
+    before = ModelCard.load(readme)
+    set_card_section(readme, "Source-kernel stack", "weights gex2atac 0.30")
+    set_card_section(readme, "Ensemble", "the mean of 3 models")
+    set_card_section(readme, "Source-kernel stack", "weights gex2atac 0.55")
+    after = ModelCard.load(readme)
+    assert after.data.to_dict() == before.data.to_dict()
+    assert after.text.startswith(before.text.rstrip("\n"))
+    assert after.text.count("## Source-kernel stack") == 1 and "0.55" in after.text and "0.30" not in after.text
+    assert after.text.index("## Source-kernel stack") < after.text.index("## Ensemble") and after.text.endswith("the mean of 3 models\n")
+    set_card_section(tmp_path / "none" / "README.md", "Ensemble", "text")
+    assert not (tmp_path / "none").exists()

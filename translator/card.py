@@ -103,6 +103,27 @@ def write_card(path: str | os.PathLike, card: ModelCard) -> None:
     write_text_atomic(path, str(card))
 
 
+def set_card_section(readme_path: str | os.PathLike, heading: str, text: str) -> None:
+    """Set the section ``## heading`` of a model card to ``text``: replaced where the card has it, else appended.
+
+    The metadata and the other sections stay as they are; a folder without a card is left without one.
+    """
+    readme_path = Path(readme_path)
+    if not readme_path.exists():
+        return
+    card = ModelCard(readme_path.read_text(encoding="utf-8"))
+    title = f"## {heading}"
+    lines = card.text.rstrip("\n").split("\n")
+    if title in lines:
+        start = lines.index(title)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = [title, "", text.strip(), ""] if end < len(lines) else [title, "", text.strip()]
+    else:
+        lines += ["", title, "", text.strip()]
+    card.text = "\n".join(lines) + "\n"
+    write_card(readme_path, card)
+
+
 def _dataset(meta: dict, args: dict, results: dict | None = None) -> tuple[str | None, str]:
     """The training dataset's Hub id (None when it was never pushed) and a readable name."""
     hub_id = meta.get("hub_dataset_id")

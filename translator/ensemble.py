@@ -31,6 +31,8 @@ from pathlib import Path
 
 from dataset_builder.outputs import check_output, check_replaceable
 
+from .card import set_card_section
+
 MEMBER_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "cell_sentences.json", "profile_head.safetensors", "training_args.json")
 ENSEMBLE_DIR = "ensemble"
@@ -79,11 +81,9 @@ def build_ensemble(model_dir: str | Path, members: Sequence[str | Path], output_
             names.append(name)
         readout.update(ensemble=names, ensemble_from=[Path(m).name for m in members])
         (staged / READOUT_FILE).write_text(json.dumps(readout, indent=2))
-        card = staged / "README.md"
-        if card.exists():
-            card.write_text(card.read_text().rstrip("\n") + f"\n\n## Ensemble\n\nPredicted matrices are the mean of this model's and "
-                            f"{len(names)} more models' calibrated matrices (`{ENSEMBLE_DIR}/`, from {', '.join(readout['ensemble_from'])}), "
-                            "all with this model's calibration; `CellTranslator.predict_matrix` averages them, sentences come from this model.\n")
+        set_card_section(staged / "README.md", "Ensemble", f"Predicted matrices are the mean of this model's and {len(names)} more models' "
+                         f"calibrated matrices (`{ENSEMBLE_DIR}/`, from {', '.join(readout['ensemble_from'])}), all with this model's "
+                         "calibration; `CellTranslator.predict_matrix` averages them, sentences come from this model.")
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)

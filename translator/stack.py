@@ -55,6 +55,7 @@ def stack(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, pool: Se
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
     from .api import CellTranslator
+    from .card import set_card_section
     from .data import SOURCE_MODALITY, TARGET_MODALITY
     from .predictor import BLEND_FILE
     from .readout import READOUT_FILE
@@ -150,11 +151,9 @@ def stack(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, pool: Se
     if not arrays:
         (folder / KERNEL_FILE).unlink(missing_ok=True)  # a kernel of an earlier stack, now unused
     (folder / BLEND_FILE).unlink(missing_ok=True)
-    card = folder / "README.md"
-    if card.exists() and "## Source-kernel stack" not in card.read_text():
-        card.write_text(card.read_text().rstrip("\n") + "\n\n## Source-kernel stack\n\nPredicted matrices are `(1 - w) * model + w * kernel`, the kernel an RBF "
-                        f"kernel ridge regression on the source sentence's names (`{KERNEL_FILE}`, `python -m translator.stack`); weights per direction: "
-                        + ", ".join(f"{d} {r['weight']:.2f}" for d, r in records.items()) + " (`readout.json`, `source_kernel`).\n")
+    set_card_section(folder / "README.md", "Source-kernel stack", "Predicted matrices are `(1 - w) * model + w * kernel`, the kernel an RBF "
+                     f"kernel ridge regression on the source sentence's names (`{KERNEL_FILE}`, `python -m translator.stack`); weights per direction: "
+                     + ", ".join(f"{d} {r['weight']:.2f}" for d, r in records.items()) + " (`readout.json`, `source_kernel`).")
     records["seconds"] = round(time.perf_counter() - started, 1)
     return records
 
