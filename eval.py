@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 from dataset_builder.cli import run_main
 from evaluation.baselines import BASELINES
-from evaluation.runner import DIRECTIONS, run_evaluation
+from evaluation.runner import run_evaluation
+from tokenizer import DIRECTIONS
 
 __all__ = ["cli", "main", "parse_args", "run_evaluation"]
 

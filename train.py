@@ -33,7 +33,7 @@ from transformers import HfArgumentParser
 
 from dataset_builder.cli import run_cli
 from dataset_builder.outputs import check_output, check_replaceable, folder_kind
-from tokenizer import DIRECTIONS, PREFIX, check_vocabulary, load_tokenizer, read_meta
+from tokenizer import DIRECTIONS, PREFIX, check_same_features, check_vocabulary, load_tokenizer, read_meta
 from translator.data import (
     GEX_TARGET_ORDERS,
     LengthGroupedBatchSampler,
@@ -292,8 +292,7 @@ def read_refit_choices(folders: list[str], meta: dict, directions: list[str]) ->
         if not path.exists():
             raise FileNotFoundError(f"--profile_choices_from {folder}: no {READOUT_FILE}; give model folders written by train.py")
         folder_meta = read_meta(folder)
-        if folder_meta["genes"] != meta["genes"] or folder_meta["peaks"] != meta["peaks"]:
-            raise ValueError(f"--profile_choices_from {folder}: its genes or peaks differ from the dataset's; give fold models of this dataset")
+        check_same_features(meta, folder_meta, f"--profile_choices_from {folder}", reference="the dataset's", fix="give fold models of this dataset")
         refit = json.loads(path.read_text()).get("profile_refit") or {}
         missing = [d for d in directions if not refit.get(d, {}).get("validation_cells")]
         if missing:
@@ -309,10 +308,11 @@ def refit_head(model, profile_head, tokenizer, meta, train_split, validation, tr
     (``choices``, then validation may be empty). ``max_cells``: at most this many train cells, evenly spaced (a time budget)."""
     import numpy as np
 
+    from dataset_builder.records import truth_matrices
     from tokenizer import feature_token_ranges
     from translator.data import TARGET_MODALITY
     from translator.profile_fit import refit_profile_head
-    from translator.readout import profile_offsets, truth_matrices
+    from translator.readout import profile_offsets
 
     started = time.perf_counter()
     ranges = feature_token_ranges(tokenizer, n_genes=len(meta["genes"]))

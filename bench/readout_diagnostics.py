@@ -62,7 +62,7 @@ from bench_common import write_results
 
 from evaluation.crossval import ranked_keys
 from tokenizer import DIRECTIONS
-from translator.data import SOURCE_MODALITY as SOURCE
+from tokenizer import SOURCE_MODALITY as SOURCE
 from translator.data import TARGET_MODALITY as TARGET
 
 

@@ -8,7 +8,8 @@ train statistics), `builder` (the `datasets` builder and `build_dataset`), `simu
 
 from __future__ import annotations
 
-from .builder import BUILDER_VERSION, META_FILE, CellSentencesBuilder, CellSentencesConfig, build_dataset
+from .builder import BUILDER_VERSION, CellSentencesBuilder, CellSentencesConfig, build_dataset
+from .outputs import META_FILE
 from .readers import PairedCounts, genomic_order, normalize_peak_names, read_paired
 from .sentences import BINARY_THRESHOLD, encode_cells, rank_genes
 

@@ -29,14 +29,13 @@ from datasets.builder import Key
 from datasets.table import InMemoryTable
 from datasets.utils.py_utils import asdict
 
-from .outputs import check_output, check_replaceable
+from .outputs import META_FILE, check_output, check_replaceable
 from .plan import SPLITS, BuildPlan, TrainStats, content_digest, make_plan, train_stats
 from .readers import read_paired
 from .sentences import BINARY_THRESHOLD, NameTable, encode_atac, encode_gex, rank_genes
 
 __all__ = [
     "BUILDER_VERSION",
-    "META_FILE",
     "CellSentencesConfig",
     "CellSentencesBuilder",
     "build_dataset",
@@ -46,7 +45,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BUILDER_VERSION = "1.0.0"
-META_FILE = "cell_sentences.json"
 _PREFETCH_CHUNKS = 2  # chunks made ahead of the writer (512 cells each: ~65 MB of records at full size)
 
 

@@ -17,8 +17,7 @@ import datasets
 import h5py
 from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi, hf_hub_download
 
-from .builder import META_FILE
-from .outputs import write_text_atomic
+from .outputs import META_FILE, write_text_atomic
 
 __all__ = ["render_dataset_card", "dataset_card", "push_dataset_to_hub", "size_category", "recorded_license", "DEFAULT_LICENSE"]
 

@@ -18,13 +18,15 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-__all__ = ["FOLDER_KINDS", "apply_umask", "check_output", "check_replaceable", "folder_kind", "check_room_for", "is_prediction_file", "write_text_atomic"]
+__all__ = ["META_FILE", "FOLDER_KINDS", "apply_umask", "check_output", "check_replaceable", "folder_kind", "check_room_for", "is_prediction_file", "write_text_atomic"]
+
+META_FILE = "cell_sentences.json"  # the metadata of every dataset, tokenizer and model folder
 
 # The files that mark a folder as written by this tool, per kind (every file named must be present).
 FOLDER_KINDS: dict[str, tuple[str, ...]] = {
-    "dataset": ("cell_sentences.json", "dataset_dict.json"),
-    "model": ("cell_sentences.json", "config.json"),
-    "tokenizer": ("cell_sentences.json", "tokenizer.json"),
+    "dataset": (META_FILE, "dataset_dict.json"),
+    "model": (META_FILE, "config.json"),
+    "tokenizer": (META_FILE, "tokenizer.json"),
     "evaluation": ("eval_results.json",),
 }
 # What a model folder holds while its first training has not finished yet: checkpoints, tracker logs, hidden files.

@@ -29,6 +29,7 @@ __all__ = [
     "encode_cells",
     "encode_gex",
     "encode_atac",
+    "gex_sentences",
 ]
 
 BINARY_THRESHOLD = 2.0
@@ -249,19 +250,9 @@ def encode_gex(
     ranking: GeneRanking | None = None,
 ) -> dict[str, pa.Array]:
     """The GEX columns of `encode_cells`: ``gex_text``, ``gex_index``, ``gex_value``, ``n_genes``."""
-    if gex_encoding not in GEX_ENCODINGS:
-        raise ValueError(f"unknown gex_encoding '{gex_encoding}': use one of {GEX_ENCODINGS}")
-    genes = genes if isinstance(genes, NameTable) else NameTable(genes)
     if ranking is None:
         ranking = rank_genes(gex, size_factors)
-    if gex_encoding == "rank":
-        gex_text = join_names(genes, ranking.offsets, ranking.index)
-    else:
-        rows = ranking.rows
-        high = ranking.value >= np.float32(BINARY_THRESHOLD)
-        rows, index = rows[high], ranking.index[high]
-        order = np.lexsort((index, rows))
-        gex_text = join_names(genes, _offsets(rows[order], gex.shape[0]), index[order])
+    gex_text = gex_sentences(ranking, genes, gex_encoding=gex_encoding)
     return {
         "gex_text": gex_text,
         "gex_index": _list_array(ranking.offsets, ranking.index, pa.int32()),
@@ -278,3 +269,48 @@ def encode_atac(atac: sp.csr_matrix, peaks: NameTable | pa.Array, *, peak_map: n
         "atac_text": join_names(peaks, peak_offsets, peak_index),
         "n_peaks": pa.array(np.diff(peak_offsets).astype(np.int32), pa.int32()),
     }
+
+
+def gex_sentences(
+    ranking: GeneRanking,
+    genes: NameTable | pa.Array | Sequence[str],
+    *,
+    gex_encoding: str = "rank",
+    threshold: float = BINARY_THRESHOLD,
+    known: np.ndarray | None = None,
+) -> pa.Array:
+    """GEX sentences of a chunk of ranked cells: the one cell -> sentence step of the builder, prediction and evaluation.
+
+    Parameters
+    ----------
+    ranking
+        The cells' detected genes by descending log-norm (`rank_genes`, or a dataset's stored ``gex_index`` /
+        ``gex_value`` columns).
+    genes
+        Names of the columns ``ranking.index`` points into.
+    gex_encoding
+        ``"rank"``: every detected gene by descending log-norm; ``"binary"``: the genes with log-norm >= ``threshold``,
+        in feature order.
+    known
+        Optional boolean mask over the columns: genes outside it are left out of the sentences (prediction's input
+        genes the model does not know).
+
+    Returns
+    -------
+    pa.Array
+        One ``pa.string()`` sentence per cell.
+    """
+    if gex_encoding not in GEX_ENCODINGS:
+        raise ValueError(f"unknown gex_encoding '{gex_encoding}': use one of {GEX_ENCODINGS}")
+    names = genes if isinstance(genes, NameTable) else NameTable(genes)
+    if gex_encoding == "rank" and known is None:
+        return join_names(names, ranking.offsets, ranking.index)
+    rows, index = ranking.rows, ranking.index
+    keep = np.ones(index.size, dtype=bool) if known is None else np.asarray(known, dtype=bool)[index]
+    if gex_encoding == "binary":
+        keep &= np.asarray(ranking.value) >= np.float32(threshold)
+    rows, index = rows[keep], index[keep]
+    if gex_encoding == "binary":
+        order = np.lexsort((index, rows))
+        rows, index = rows[order], index[order]
+    return join_names(names, _offsets(rows, len(ranking.offsets) - 1), index)

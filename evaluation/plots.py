@@ -13,8 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dataset_builder.outputs import apply_umask  # noqa: E402
-
-DIRECTION_NAMES = {"gex2atac": "GEX to ATAC", "atac2gex": "ATAC to GEX"}
+from tokenizer import DIRECTION_NAMES  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

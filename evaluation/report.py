@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 
 from evaluation.metrics_core import METRIC_KEYS
+from tokenizer import DIRECTION_NAMES
 
-DIRECTION_NAMES = {"gex2atac": "GEX to ATAC", "atac2gex": "ATAC to GEX"}
 TABLE_KEYS = METRIC_KEYS + ("accuracy_binary_all_zeros",)
 HEADERS = {
     "rmse": "RMSE",

@@ -16,15 +16,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dataset_builder.outputs import apply_umask, check_output, folder_kind, write_text_atomic
+from dataset_builder.sentences import BINARY_THRESHOLD, GEX_ENCODINGS, gex_sentences
 from evaluation import plots
 from evaluation.baselines import BASELINES, fit_baselines
-from evaluation.data import binary_gex_sentences, load_split_matrices, rank_gex_sentences
+from evaluation.data import load_split_matrices
 from evaluation.metrics_core import MetricAccumulator, default_chunk_cells, iter_row_chunks, paired_bootstrap
 from evaluation.report import markdown_table, results_json
+from tokenizer import DIRECTIONS, SOURCE_MODALITY, TARGET_MODALITY, check_same_features
 
-DIRECTIONS = ("gex2atac", "atac2gex")
-SOURCE = {"gex2atac": "gex", "atac2gex": "atac"}
-TARGET = {"gex2atac": "atac", "atac2gex": "gex"}
 ACCURACY_DEFINITION = (
     "accuracy_binary = share of cell x feature entries where the binarized prediction equals the binarized truth; "
     "ATAC: prediction >= 0.5 vs accessible; GEX: prediction > 0 vs detected (log-norm > 0). "
@@ -84,22 +83,16 @@ def source_sentences(data: dict, direction: str, model_meta: dict | None) -> lis
     encoding = meta.get("gex_encoding", data["meta"].get("gex_encoding", "rank"))
     if encoding == data["meta"].get("gex_encoding", "rank") and meta.get("binary_threshold") in (None, data["meta"].get("binary_threshold")):
         return data["gex_text"]
-    if encoding == "binary":
-        return binary_gex_sentences(data["gex"], data["genes"], float(meta.get("binary_threshold", 2.0)))
-    if encoding == "rank":
-        return rank_gex_sentences(data["gex_order_offsets"], data["gex_order_indices"], data["genes"])
-    raise ValueError(f"the model's cell_sentences.json has an unknown gex_encoding {encoding!r}")
+    if encoding not in GEX_ENCODINGS:
+        raise ValueError(f"the model's cell_sentences.json has an unknown gex_encoding {encoding!r}")
+    threshold = float(meta.get("binary_threshold", BINARY_THRESHOLD))
+    return gex_sentences(data["gex_ranking"], data["genes"], gex_encoding=encoding, threshold=threshold).to_pylist()
 
 
 def _check_features(model_meta: dict | None, data: dict, name: str) -> None:
-    if not model_meta:
-        return
-    for key in ("genes", "peaks"):
-        if key in model_meta and list(model_meta[key]) != data[key]:
-            raise ValueError(
-                f"{name} was trained on other {key} ({len(model_meta[key])}) than the dataset ({len(data[key])}): "
-                "evaluate it on a dataset built with the same features (same input and --top_peaks)"
-            )
+    if model_meta:
+        check_same_features(data, model_meta, name, reference="the dataset's",
+                            fix="evaluate it on a dataset built with the same features (same input and --top_peaks)")
 
 
 def _accumulate(
@@ -134,7 +127,7 @@ def evaluate_direction(
     progress: bool = True,
 ) -> dict[str, MetricAccumulator]:
     """Stream every method's predictions for one direction into its own accumulator."""
-    target, source = TARGET[direction], SOURCE[direction]
+    target, source = TARGET_MODALITY[direction], SOURCE_MODALITY[direction]
     truth = data[target]
     features = data["peaks"] if target == "atac" else data["genes"]
     chunk = chunk_cells or min(256, default_chunk_cells(truth.shape[1]))
@@ -294,7 +287,7 @@ def run_evaluation(
     extras: dict = {"details": {}, "by_cell_type": {}, "baseline_settings": {}}
     plot_data: dict = {}
     for direction in directions:
-        source, target = SOURCE[direction], TARGET[direction]
+        source, target = SOURCE_MODALITY[direction], TARGET_MODALITY[direction]
         models, settings = {}, {}
         if baselines:
             models, settings = fit_baselines(
@@ -364,7 +357,7 @@ def _make_plots(folder: Path, plot_data: dict) -> list[Path]:
             paths.append(plots.plot_feature_means(pdata["means"], direction, folder / f"{direction}_feature_means.png"))
         examples = {n: e for n, e in pdata["examples"].items() if e}
         if examples:
-            paths.append(plots.plot_cell_example(examples, direction, TARGET[direction], folder / f"{direction}_cell_example.png"))
+            paths.append(plots.plot_cell_example(examples, direction, TARGET_MODALITY[direction], folder / f"{direction}_cell_example.png"))
         if pdata["curves"]:
             paths.append(plots.plot_roc_pr(pdata["curves"], pdata["metrics"], folder / f"{direction}_roc_pr.png"))
         if pdata["by_type"]:

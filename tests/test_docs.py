@@ -14,9 +14,9 @@ import pytest
 
 from evaluation.report import headline_table
 from tests.conftest import REPO
+from tokenizer import DIRECTION_NAMES
 
 RESULTS = sorted((REPO / "docs" / "results").glob("*.json"))
-DIRECTION_NAMES = {"gex2atac": "GEX to ATAC", "atac2gex": "ATAC to GEX"}
 METRICS = {"rmse": "RMSE", "pearson_cell": "Pearson (cell)", "auroc_cell": "AUROC (cell)", "ap_cell": "AP (cell)"}
 BASELINES = ("zeros", "mean", "svd_knn", "svd_krr")
 MARGIN_HEADER = "| dataset | direction | metric | model | best baseline | margin (sd) | model ahead in | verdict |"

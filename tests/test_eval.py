@@ -14,7 +14,9 @@ import torch
 import yaml
 
 import eval as eval_cli
-from evaluation.data import binary_gex_sentences, load_split_matrices, sentence_matrix
+from dataset_builder.records import sentence_matrix
+from dataset_builder.sentences import gex_sentences
+from evaluation.data import load_split_matrices
 from evaluation.metrics_core import METRIC_KEYS, metric_keys
 from evaluation.runner import portable_command, run_evaluation
 from translator.api import device_name, resolve_device
@@ -39,9 +41,9 @@ def oracle_predictor(dataset_dir: Path, split: str, noise: float = 0.0, binary: 
     KeyError shows that eval.py did not re-encode its source sentences.
     """
     data = load_split_matrices(dataset_dir, split)
-    gex_sentences = binary_gex_sentences(data["gex"], data["genes"], 2.0) if binary else data["gex_text"]
+    sources = gex_sentences(data["gex_ranking"], data["genes"], gex_encoding="binary").to_pylist() if binary else data["gex_text"]
     lookup = {
-        "gex2atac": {s: i for i, s in enumerate(gex_sentences)},
+        "gex2atac": {s: i for i, s in enumerate(sources)},
         "atac2gex": {s: i for i, s in enumerate(data["atac_text"])},
     }
     rng = np.random.default_rng(0)
@@ -75,8 +77,8 @@ def test_load_split_matrices_follows_the_contract(dataset_dir):
     assert len(data["cells"]) == n and data["cell_type"] is not None
     small = load_split_matrices(dataset_dir, "test", max_cells=7)
     assert small["gex"].shape[0] == 7
-    binary = binary_gex_sentences(data["gex"][:3], meta["genes"], 2.0)
-    for i, sentence in enumerate(binary):
+    binary = gex_sentences(data["gex_ranking"], meta["genes"], gex_encoding="binary", threshold=2.0).to_pylist()
+    for i, sentence in enumerate(binary[:3]):
         row = data["gex"][i].toarray().ravel()
         assert sentence.split() == [meta["genes"][j] for j in np.flatnonzero(row >= 2.0)]
     with pytest.raises(ValueError, match="not in cell_sentences.json"):

@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from dataset_builder.records import truth_matrices
 from tests.translator_fixtures import make_dataset_and_tokenizer
 from tokenizer import feature_token_ranges, load_tokenizer
 from translator.data import LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
@@ -22,7 +23,6 @@ from translator.readout import (
     fit_readout,
     logistic_fit,
     profile_offsets,
-    truth_matrices,
 )
 
 

@@ -13,6 +13,7 @@ from tokenizer import (
     SPECIAL_TOKENS,
     build_from_dataset,
     build_tokenizer,
+    check_same_features,
     check_vocabulary,
     encode_names,
     feature_token_ranges,
@@ -70,6 +71,20 @@ def test_vocabulary_mismatch_is_reported(tmp_path):
     tok = build_tokenizer(["G1", "G2"], ["chr1-10-20"])
     with pytest.raises(ValueError, match="another vocabulary"):
         check_vocabulary(tok, {"genes": ["G1", "G3"], "peaks": ["chr1-10-20"]})
+
+
+def test_feature_lists_of_two_folders_are_compared_in_order():
+    meta = {"genes": ["G1", "G2"], "peaks": ["chr1-10-20", "chr1-30-40"]}
+    check_same_features(meta, dict(meta), "--pool M D", reference="--model's", fix="pool folds")
+    check_same_features(meta, {"gex_encoding": "binary"}, "seed", reference="the dataset's", fix="x")  # lists it lacks are not compared
+    with pytest.raises(ValueError, match=r"^--pool M D: its peaks \(2\) differ from --model's \(2\); pool folds$"):
+        check_same_features(meta, dict(meta, peaks=meta["peaks"][::-1]), "--pool M D", reference="--model's", fix="pool folds")
+    with pytest.raises(ValueError, match="its genes \\(1\\) differ"):
+        check_same_features(meta, dict(meta, genes=["G1"]), "--pool M D", reference="--model's", fix="pool folds")
+    tok, other = build_tokenizer(meta["genes"], meta["peaks"]), build_tokenizer(["G2", "G1"], meta["peaks"])
+    check_same_features(meta, meta, "member", reference="the main model's", fix="f", tokenizers=(tok, tok))
+    with pytest.raises(ValueError, match="token ids differ"):
+        check_same_features(meta, meta, "member", reference="the main model's", fix="f", tokenizers=(tok, other))
 
 
 def test_cli_builds_from_dataset_metadata_and_refuses_existing_output(tmp_path, capsys):

@@ -21,24 +21,29 @@ import pyarrow.compute as pc
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from dataset_builder.outputs import apply_umask, check_output, check_replaceable
+from dataset_builder.outputs import META_FILE, apply_umask, check_output, check_replaceable
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 DIRECTIONS = ("gex2atac", "atac2gex")
 PREFIX = {"gex2atac": "<gex2atac>", "atac2gex": "<atac2gex>"}
+DIRECTION_NAMES = {"gex2atac": "GEX to ATAC", "atac2gex": "ATAC to GEX"}
+SOURCE_MODALITY = {"gex2atac": "gex", "atac2gex": "atac"}
+TARGET_MODALITY = {"gex2atac": "atac", "atac2gex": "gex"}
 SPECIAL_TOKENS = (PAD, EOS, UNK, PREFIX["gex2atac"], PREFIX["atac2gex"])
-META_FILE = "cell_sentences.json"
 # init kwargs that transformers records when it loads a tokenizer from a local folder
 LOADING_KWARGS = ("local_files_only", "is_local")
 
 __all__ = [
     "DIRECTIONS",
     "PREFIX",
+    "DIRECTION_NAMES",
+    "SOURCE_MODALITY",
+    "TARGET_MODALITY",
     "SPECIAL_TOKENS",
-    "META_FILE",
     "build_tokenizer",
     "feature_token_ranges",
     "check_vocabulary",
+    "check_same_features",
     "load_tokenizer",
     "save_tokenizer",
     "build_from_dataset",
@@ -106,6 +111,27 @@ def check_vocabulary(tokenizer: PreTrainedTokenizerFast, meta: dict, what: str =
             f"the {what} was built for another vocabulary ({len(expected)} names, {missing} unknown to the tokenizer "
             f"of {len(vocab)}); rebuild the tokenizer with `python -m tokenizer --dataset DIR --output_dir TOK`"
         )
+
+
+def check_same_features(meta: dict, other: dict, what: str, *, reference: str, fix: str, tokenizers: tuple | None = None) -> None:
+    """Raise a one-line ``ValueError`` unless ``other`` lists the same genes and peaks, in the same order, as ``meta``.
+
+    Parameters
+    ----------
+    meta, other
+        ``cell_sentences.json`` contents (or any dict with ``genes`` / ``peaks``); a list ``other`` lacks is not compared.
+    what, reference
+        Who ``other`` and ``meta`` are, for the message (e.g. ``"--pool MODEL DATA"``, ``"--model's"``).
+    fix
+        What the user should do instead.
+    tokenizers
+        ``(tokenizer of meta, tokenizer of other)``: their token ids must agree too.
+    """
+    for key in ("genes", "peaks"):
+        if key in other and list(other[key]) != list(meta[key]):
+            raise ValueError(f"{what}: its {key} ({len(other[key])}) differ from {reference} ({len(meta[key])}); {fix}")
+    if tokenizers is not None and tokenizers[0].get_vocab() != tokenizers[1].get_vocab():
+        raise ValueError(f"{what}: its token ids differ from {reference}; {fix}")
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, output_dir: str | os.PathLike, meta: dict) -> None:

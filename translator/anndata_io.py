@@ -20,8 +20,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from dataset_builder.outputs import check_room_for
-
-from .data import SOURCE_MODALITY, TARGET_MODALITY
+from tokenizer import SOURCE_MODALITY, TARGET_MODALITY
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +171,7 @@ def _check_found(found: int, total: int, kind: str, where: str, hint) -> None:
 
 def _gex_sentences(mod, meta: dict, where: str, block: int = SENTENCE_BLOCK) -> tuple[Iterator[list[str]], dict]:
     """GEX sentences ``block`` cells at a time (a generator), and the counts of what was mapped."""
-    from dataset_builder.sentences import BINARY_THRESHOLD, NameTable, library_size_factors, rank_genes
+    from dataset_builder.sentences import BINARY_THRESHOLD, NameTable, gex_sentences, library_size_factors, rank_genes
 
     names = pd.Index(np.asarray(mod.features, dtype=object).astype(str))
     model = pd.Index(meta["genes"])
@@ -183,20 +182,13 @@ def _gex_sentences(mod, meta: dict, where: str, block: int = SENTENCE_BLOCK) -> 
     use_obs = str(meta.get("normalization", {}).get("size_factor", "")).startswith("obs") and mod.size_factors is not None
     size_factors = np.asarray(mod.size_factors if use_obs else library_size_factors(counts), dtype=np.float64)
     name_array = NameTable(pa.array(names.tolist(), pa.string()))
+    encoding, threshold = meta.get("gex_encoding", "rank"), float(meta.get("binary_threshold", BINARY_THRESHOLD))
 
     def blocks() -> Iterator[list[str]]:
         for start in range(0, counts.shape[0], block):
             stop = min(start + block, counts.shape[0])
             ranking = rank_genes(counts[start:stop], size_factors[start:stop])
-            index, value, rows = ranking.index, ranking.value, ranking.rows
-            keep = known[index]
-            if meta.get("gex_encoding") == "binary":
-                keep &= value >= np.float32(BINARY_THRESHOLD)
-                order = np.lexsort((index, rows))
-                rows, index, keep = rows[order], index[order], keep[order]
-            rows, index = rows[keep], index[keep]
-            offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=stop - start))])
-            yield _join(name_array, offsets, index)
+            yield gex_sentences(ranking, name_array, gex_encoding=encoding, threshold=threshold, known=known).to_pylist()
 
     stats = {"source_features": len(names), "unknown_genes": int((~known).sum()), "model_features": len(model), "model_features_found": found}
     if stats["unknown_genes"]:
@@ -207,7 +199,7 @@ def _gex_sentences(mod, meta: dict, where: str, block: int = SENTENCE_BLOCK) -> 
 def _atac_sentences(mod, meta: dict, where: str, block: int = SENTENCE_BLOCK) -> tuple[Iterator[list[str]], dict]:
     """ATAC sentences (every model peak each cell's peaks overlap) ``block`` cells at a time, and the mapping counts."""
     from dataset_builder.readers import normalize_peak_names
-    from dataset_builder.sentences import NameTable
+    from dataset_builder.sentences import NameTable, encode_atac
 
     names = normalize_peak_names(mod.features, where)
     model = list(meta["peaks"])
@@ -227,7 +219,7 @@ def _atac_sentences(mod, meta: dict, where: str, block: int = SENTENCE_BLOCK) ->
             # Several input peaks may reach one model peak: it is listed once, in genomic (= model) order.
             accessible = opened @ overlap
             accessible.sort_indices()
-            yield _join(model_peaks, accessible.indptr, accessible.indices)
+            yield encode_atac(accessible, model_peaks)["atac_text"].to_pylist()
 
     mapped = int(np.unique(query_index).size)
     stats = {"source_features": len(names), "mapped_peaks": mapped, "unmapped_peaks": len(names) - mapped,
@@ -235,12 +227,6 @@ def _atac_sentences(mod, meta: dict, where: str, block: int = SENTENCE_BLOCK) ->
     if stats["unmapped_peaks"]:
         logger.warning("%d of %d input peaks overlap no model peak and were ignored", stats["unmapped_peaks"], len(names))
     return blocks(), stats
-
-
-def _join(names, offsets: np.ndarray, index: np.ndarray) -> list[str]:
-    from dataset_builder.sentences import join_names
-
-    return join_names(names, np.asarray(offsets), np.asarray(index)).to_pylist()
 
 
 def read_source(adata_or_path, direction: str, *, gex_modality: str = "rna", atac_modality: str = "atac",

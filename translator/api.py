@@ -19,9 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenizer import DIRECTIONS, META_FILE, encode_names, feature_token_ranges
+from dataset_builder import META_FILE
+from tokenizer import (
+    DIRECTIONS,
+    SOURCE_MODALITY,
+    TARGET_MODALITY,
+    check_same_features,
+    encode_names,
+    feature_token_ranges,
+)
 
-from .data import SOURCE_MODALITY, TARGET_MODALITY, source_ids
+from .data import source_ids
 from .modeling import PROFILE_HEAD_FILE, ProfileHead
 from .predictor import DirectionBlend, load_blend
 from .readout import READOUT_FILE, apply_readout, decode_features, is_profile
@@ -29,6 +37,7 @@ from .source_kernel import source_indicator
 
 logger = logging.getLogger(__name__)
 
+ENSEMBLE_REFERENCE, ENSEMBLE_FIX = "the main model's", "ensemble only models of one dataset and tokenizer"
 REQUIRED_FILES = ("config.json", "tokenizer.json", META_FILE)
 
 
@@ -70,12 +79,6 @@ def check_model_folder(folder: Path, allow_pickle: bool = False) -> None:
         missing.append("model.safetensors")
     if missing:
         raise FileNotFoundError(f"model folder {folder} lacks {', '.join(missing)}; point at a complete folder written by train.py")
-
-
-def check_same_vocabulary(tokenizer, meta: dict, other_tokenizer, other_meta: dict, what: str) -> None:
-    """Raise ``ValueError`` unless two models read and write the same names with the same token ids (ensemble members)."""
-    if meta["genes"] != other_meta["genes"] or meta["peaks"] != other_meta["peaks"] or tokenizer.get_vocab() != other_tokenizer.get_vocab():
-        raise ValueError(f"{what}: its genes, peaks or token ids differ from the main model's; ensemble only models of one dataset and tokenizer")
 
 
 def resolve_device(device: str | None) -> str:
@@ -151,7 +154,8 @@ class CellTranslator:
             if not member_folder.is_dir():
                 raise FileNotFoundError(f"model folder {folder} names ensemble member {name}, which it lacks; copy the whole folder")
             members.append(cls._load(member_folder, device, allow_pickle, ensemble=False))
-            check_same_vocabulary(tokenizer, meta, members[-1].tokenizer, members[-1].meta, f"ensemble member {name} of {folder}")
+            check_same_features(meta, members[-1].meta, f"ensemble member {name} of {folder}", reference=ENSEMBLE_REFERENCE,
+                                fix=ENSEMBLE_FIX, tokenizers=(tokenizer, members[-1].tokenizer))
         blend = load_blend(folder, readout) if ensemble else {}
         return cls(model, tokenizer, meta, readout, profile_head, members, blend)
 

@@ -17,13 +17,13 @@ from string import Template
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from tokenizer import META_FILE
+from dataset_builder import META_FILE
+from tokenizer import DIRECTION_NAMES
 
 from .predictor import card_text
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 MODEL_KEYS = ("translator", "model", "cell_translator", "t5")
-DIRECTION_NAMES = {"gex2atac": "GEX to ATAC", "atac2gex": "ATAC to GEX"}
 # Scores eval.py records beside the model's own for context: the all-zero prediction's accuracy is a baseline's.
 REFERENCE_KEYS = ("accuracy_binary_all_zeros",)
 TAGS = ["single-cell", "multiome", "biology", "t5", "cell-sentences", "scATAC-seq", "scRNA-seq"]

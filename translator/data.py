@@ -22,12 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from tokenizer import DIRECTIONS, PREFIX, encode_names, feature_token_ranges
+from tokenizer import DIRECTIONS, PREFIX, SOURCE_MODALITY, TARGET_MODALITY, encode_names, feature_token_ranges
 
 SOURCE_COLUMN = {"gex2atac": "gex_text", "atac2gex": "atac_text"}
 TARGET_COLUMN = {"gex2atac": "atac_text", "atac2gex": "gex_text"}
-TARGET_MODALITY = {"gex2atac": "atac", "atac2gex": "gex"}
-SOURCE_MODALITY = {"gex2atac": "gex", "atac2gex": "atac"}
 
 
 def cap_names(ids: np.ndarray, cap: int, modality: str) -> np.ndarray:

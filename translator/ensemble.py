@@ -29,20 +29,21 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from dataset_builder.outputs import check_output, check_replaceable
+from dataset_builder.outputs import META_FILE, check_output, check_replaceable
 
 from .card import set_card_section
+from .modeling import PROFILE_HEAD_FILE
 
 MEMBER_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "cell_sentences.json", "profile_head.safetensors", "training_args.json")
+                "special_tokens_map.json", META_FILE, PROFILE_HEAD_FILE, "training_args.json")
 ENSEMBLE_DIR = "ensemble"
 
 
 def build_ensemble(model_dir: str | Path, members: Sequence[str | Path], output_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the ensemble folder (see the module docstring); returns ``output_dir``. Nothing is left behind on failure."""
-    from tokenizer import load_tokenizer, read_meta
+    from tokenizer import check_same_features, load_tokenizer, read_meta
 
-    from .api import check_model_folder, check_same_vocabulary
+    from .api import ENSEMBLE_FIX, ENSEMBLE_REFERENCE, check_model_folder
     from .readout import READOUT_FILE
 
     top, out = Path(model_dir), Path(output_dir)
@@ -61,7 +62,8 @@ def build_ensemble(model_dir: str | Path, members: Sequence[str | Path], output_
         raise ValueError(f"--model {top} has no readout calibration to give the members; calibrate it first (python -m translator.recalibrate)")
     tokenizer, meta = load_tokenizer(top), read_meta(top)
     for member in members:
-        check_same_vocabulary(tokenizer, meta, load_tokenizer(member), read_meta(member), f"--members {member}")
+        check_same_features(meta, read_meta(member), f"--members {member}", reference=ENSEMBLE_REFERENCE, fix=ENSEMBLE_FIX,
+                            tokenizers=(tokenizer, load_tokenizer(member)))
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -329,7 +329,7 @@ def refit_profile_head(
     sources
         ``{direction: (train source ids, validation source ids)}`` (``<prefix> names </s>``, as in training).
     truths
-        ``{direction: (train truth, validation truth)}`` of the target modality (``readout.truth_matrices``).
+        ``{direction: (train truth, validation truth)}`` of the target modality (``dataset_builder.records.truth_matrices``).
     ranges
         ``{direction: target token range}``.
     offsets

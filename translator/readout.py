@@ -37,7 +37,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 
@@ -91,32 +90,6 @@ def profile_offsets(tokenizer, meta: dict) -> dict[int, tuple[torch.Tensor, bool
         ranges["atac"][0]: (torch.as_tensor(_logit(np.asarray(stats["atac_mean"], dtype=np.float64)), dtype=torch.float32), True),
         ranges["gex"][0]: (torch.as_tensor(np.asarray(stats["gex_mean"], dtype=np.float64), dtype=torch.float32), False),
     }
-
-
-def truth_matrices(split, meta: dict) -> dict[str, sp.csr_matrix]:
-    """Held-out truth of a dataset split: ``{"gex": log-norm csr [cells, genes], "atac": binary csr [cells, peaks]}``.
-
-    GEX comes from the ``gex_index``/``gex_value`` columns (all detected genes, not only the
-    sentence), ATAC from ``atac_text``.
-    """
-    n_cells = len(split)
-    gex_index = split["gex_index"]
-    counts = np.fromiter((len(ix) for ix in gex_index), dtype=np.int64, count=n_cells)
-    indptr = np.concatenate([[0], np.cumsum(counts)])
-    indices = np.concatenate([np.asarray(ix, dtype=np.int64) for ix in gex_index]) if n_cells else np.zeros(0, np.int64)
-    values = np.concatenate([np.asarray(v, dtype=np.float32) for v in split["gex_value"]]) if n_cells else np.zeros(0, np.float32)
-    gex = sp.csr_matrix((values, indices, indptr), shape=(n_cells, len(meta["genes"])))
-    gex.sort_indices()
-    peak_names = [s.split() for s in split["atac_text"]]
-    counts = np.fromiter((len(p) for p in peak_names), dtype=np.int64, count=n_cells)
-    flat = [p for names in peak_names for p in names]
-    cols = pd.Index(meta["peaks"]).get_indexer(flat)
-    if (cols < 0).any():
-        raise ValueError("atac_text names peaks that are not in cell_sentences.json; the dataset folder is inconsistent")
-    indptr = np.concatenate([[0], np.cumsum(counts)])
-    atac = sp.csr_matrix((np.ones(len(cols), np.float32), cols, indptr), shape=(n_cells, len(meta["peaks"])))
-    atac.sort_indices()
-    return {"gex": gex, "atac": atac}
 
 
 def decode_features(
@@ -483,7 +456,7 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
     features
         Output of :func:`decode_features` for the validation cells.
     truth
-        The matching truth matrix (:func:`truth_matrices`).
+        The matching truth matrix (:func:`dataset_builder.records.truth_matrices`).
     max_entries
         The logistic regression sees at most this many (cell, peak) entries, drawn at random.
     aggregations

@@ -44,7 +44,7 @@ def check_pool(pool: Sequence[tuple[str | os.PathLike, str | os.PathLike]], meta
     return ``[(MODEL, DATASET_DIR's validation split)]``."""
     import datasets
 
-    from tokenizer import check_vocabulary, load_tokenizer, read_meta
+    from tokenizer import check_same_features, check_vocabulary, load_tokenizer, read_meta
 
     from .readout import READOUT_FILE
 
@@ -54,8 +54,7 @@ def check_pool(pool: Sequence[tuple[str | os.PathLike, str | os.PathLike]], meta
         if not (Path(pool_model) / READOUT_FILE).exists():
             raise FileNotFoundError(f"{what}: {pool_model} is not a model folder written by train.py")
         pool_meta = read_meta(pool_model)
-        if pool_meta["genes"] != meta["genes"] or pool_meta["peaks"] != meta["peaks"]:
-            raise ValueError(f"{what}: its genes or peaks differ from --model's; pool only models of the same dataset (cross-validation folds)")
+        check_same_features(meta, pool_meta, what, reference="--model's", fix="pool only models of the same dataset (cross-validation folds)")
         check_vocabulary(load_tokenizer(pool_model), read_meta(pool_data), what=what)
         pool_split = datasets.load_from_disk(str(pool_data))
         if "validation" not in pool_split or not len(pool_split["validation"]):

@@ -14,9 +14,7 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
-from tokenizer import DIRECTIONS, PAD, PREFIX, UNK, feature_token_ranges
-
-from .data import SOURCE_MODALITY
+from tokenizer import DIRECTIONS, PAD, PREFIX, SOURCE_MODALITY, UNK, feature_token_ranges
 
 HANDLER_FILE = "handler.py"
 HANDLER_SOURCE = Path(__file__).resolve().parent / "endpoint.py"

@@ -25,6 +25,7 @@ import torch
 from transformers import GenerationConfig
 
 from dataset_builder.outputs import apply_umask, check_room_for
+from dataset_builder.records import truth_matrices
 from tokenizer import PREFIX, feature_token_ranges, save_tokenizer
 
 from .data import SOURCE_COLUMN, TARGET_MODALITY, names_to_ids, source_ids
@@ -36,7 +37,6 @@ from .readout import (
     SELECTION_REPEATS,
     decode_features,
     fit_readout,
-    truth_matrices,
     with_row_stats,
 )
 from .serving import write_serving_files
