@@ -28,10 +28,10 @@ from dataset_builder.outputs import check_output, write_text_atomic
 from evaluation.baselines import BASELINES
 from evaluation.report import results_json
 from evaluation.runner import library_versions, portable_command
+from tokenizer import DIRECTION_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_NAMES = {"rmse": "RMSE", "pearson_cell": "per-cell Pearson", "auroc_cell": "per-cell AUROC", "ap_cell": "per-cell AP"}
-DIRECTION_NAMES = {"gex2atac": "GEX to ATAC", "atac2gex": "ATAC to GEX"}
 
 
 class _OneLineParser(argparse.ArgumentParser):
