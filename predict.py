@@ -3,9 +3,12 @@
     python predict.py --model outputs/simulated --input cells.h5ad --direction gex2atac --output pred.h5ad
     python predict.py --model DIR --input rna.h5ad --input atac.h5ad --direction atac2gex --output pred.h5ad --text
 
-The output holds one row per input cell and one column per target feature of the model (the
-training data's feature names): accessibility probabilities (gex2atac) or expected log-normalized
-expression (atac2gex). ``--text`` also stores each cell's translated sentence in ``obs['translation']``.
+The output holds one row per input cell and one column per target feature of the model:
+accessibility probabilities (gex2atac) or expected log-normalized expression (atac2gex). It keeps the
+input's obs columns and obsm arrays; var_names are the features as the training data named them (e.g.
+chr1:100-200), with var['normalized_name'] (chr1-100-200) and the training data's annotations (gene_ids,
+interval, ...); uns['cell_translation'] records the model, direction and package version.
+``--text`` also stores each cell's translated sentence in ``obs['translation']``.
 The file is written in a temporary folder beside the output and renamed, so it appears whole or not at all;
 its mode follows the umask. A progress bar over cells is shown when stderr is a terminal (``--no_progress``: none).
 """

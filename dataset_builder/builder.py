@@ -23,6 +23,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 from datasets.builder import Key
@@ -209,11 +210,28 @@ class CellSentencesBuilder(datasets.ArrowBasedBuilder):
         return Key(0, batch_id), pa.table({name: columns[name] for name in schema.names}, schema=schema)
 
 
+def _feature_annotations(plan: BuildPlan) -> dict[str, dict[str, list[str]]]:
+    """The input's text annotations of the kept genes and peaks (``gene_ids``, ``interval``, ...) and, where the input
+    named peaks otherwise (``chr1:100-200``), their input names: predictions name and annotate features with them."""
+    paired, out = plan.paired, {}
+    for key, table, names in (("genes", paired.gene_var, paired.genes), ("peaks", paired.peak_var, plan.peaks)):
+        if table is None:
+            continue
+        table = table.reindex(pd.Index(names))
+        columns = {c: table[c].astype(str).tolist() for c in table.columns}
+        if columns.get("input_name") == list(names):
+            del columns["input_name"]
+        if columns:
+            out[key] = columns
+    return out
+
+
 def _metadata(plan: BuildPlan, fingerprint: str, stats: dict[str, list[float]] | None = None) -> dict:
     paired = plan.paired
     return {
         "genes": list(paired.genes),
         "peaks": list(plan.peaks),
+        "var": _feature_annotations(plan),
         "gex_encoding": plan.gex_encoding,
         "binary_threshold": BINARY_THRESHOLD,
         "top_peaks": plan.top_peaks,

@@ -31,6 +31,7 @@ __all__ = [
     "Modality",
     "PairedCounts",
     "read_modality",
+    "read_obsm",
     "read_paired",
     "normalize_peak_names",
     "genomic_order",
@@ -962,3 +963,22 @@ def read_modality(
     _check_counts_layer(mod, counts_layer)
     _check_modality(mod)
     return mod
+
+
+def read_obsm(mod: Modality) -> dict[str, object]:
+    """The ``obsm`` arrays (embeddings such as ``X_umap``) of the AnnData a :class:`Modality` was read from.
+
+    Returns
+    -------
+    dict
+        Name -> array (or DataFrame) with one row per cell of ``mod``, in its order; empty for a Cell Ranger ``.h5``
+        and for a file read through ``anndata.read_h5ad``.
+    """
+    if mod.group is None:
+        return {}
+    with _open_h5(mod.path) as f:
+        group = f[mod.group]
+        if "obsm" not in group:
+            return {}
+        obsm = _read(group, "obsm", mod.path)
+    return {str(k): v for k, v in obsm.items() if getattr(v, "shape", (None,))[0] == len(mod.cells)}

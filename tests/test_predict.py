@@ -120,9 +120,10 @@ def test_chunked_h5ad_equals_the_in_memory_prediction(model_dir, tmp_path, direc
     np.testing.assert_allclose(np.asarray(chunked.X), np.asarray(whole.X), rtol=1e-5, atol=1e-6)
     assert list(chunked.obs_names) == list(whole.obs_names) and list(chunked.var_names) == list(whole.var_names)
     assert list(chunked.obs["translation"]) == list(whole.obs["translation"])
-    assert (chunked.var["feature_types"] == whole.var["feature_types"]).all()
-    assert dict(chunked.uns["cell_translation"]) == dict(whole.uns["cell_translation"]) == {**stats, "direction": direction,
-                                                                                           "values": whole.uns["cell_translation"]["values"]}
+    pd.testing.assert_frame_equal(chunked.var, whole.var)
+    pd.testing.assert_frame_equal(chunked.obs, whole.obs)
+    provenance = {key: whole.uns["cell_translation"][key] for key in ("values", "model", "package_version")}
+    assert dict(chunked.uns["cell_translation"]) == dict(whole.uns["cell_translation"]) == {**stats, "direction": direction, **provenance}
     with pytest.raises(ValueError, match="--chunk_cells"):
         tr.predict_h5ad(shared_file(source), direction, tmp_path / "bad.h5ad", chunk_cells=0)
 

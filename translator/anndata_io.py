@@ -8,6 +8,7 @@ set are mapped onto the model's peaks by genomic overlap (numbers mapped / unmap
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import tempfile
@@ -231,7 +232,8 @@ def _atac_sentences(mod, meta: dict, where: str, block: int = SENTENCE_BLOCK) ->
 
 def read_source(adata_or_path, direction: str, *, gex_modality: str = "rna", atac_modality: str = "atac",
                 counts_layer: str | None = None):
-    """The source modality of ``direction`` from an ``AnnData``, a ``MuData``, one path or a list of one or two paths.
+    """The source modality of ``direction`` from an ``AnnData``, a ``MuData``, one path or a list of one or two paths,
+    and the source cells' annotations (:func:`source_cells`).
 
     In-memory objects are written to a temporary file and read back by ``dataset_builder.readers.read_modality``, so
     every input goes through the same reader and checks. ``gex_modality`` / ``atac_modality`` name a MuData's modalities;
@@ -256,14 +258,28 @@ def read_source(adata_or_path, direction: str, *, gex_modality: str = "rna", ata
     else:
         paths = [Path(p) for p in adata_or_path]
     try:
-        return read_modality(paths, label, gex_modality=gex_modality, atac_modality=atac_modality, counts_layer=counts_layer)
+        mod = read_modality(paths, label, gex_modality=gex_modality, atac_modality=atac_modality, counts_layer=counts_layer)
+        return mod, source_cells(mod)  # while a temporary copy still exists: obsm is read from the file
     finally:
         if tmp_dir is not None:
             tmp_dir.cleanup()
 
 
+def source_cells(mod):
+    """What the output keeps of the source cells: an ``AnnData`` without features holding every ``obs`` column as read
+    (a MuData's global columns too) and the ``obsm`` arrays, indexed by barcode."""
+    import anndata as ad
+
+    from dataset_builder.readers import read_obsm
+
+    obs = (mod.annotations if mod.annotations is not None else mod.obs).copy()
+    obs.index = pd.Index(mod.cells, name=None)
+    return ad.AnnData(obs=obs, obsm=read_obsm(mod))
+
+
 def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int = SENTENCE_BLOCK, **modalities: str):
-    """Source sentences ``block`` cells at a time (a generator of lists), with ``obs``, the counts and the cell count.
+    """Source sentences ``block`` cells at a time (a generator of lists), the source cells (:func:`source_cells`), the
+    counts and the cell count.
 
     Only the source matrix is held, never every cell's sentence (69,249 full-size cells' ATAC sentences would be
     6 G characters). ``stats['empty_cells']`` is complete once the generator is exhausted.
@@ -273,13 +289,11 @@ def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int
     """
     label = SOURCE_MODALITY[direction].upper()
     in_memory = not isinstance(adata_or_path, str | os.PathLike | list | tuple)
-    mod = read_source(adata_or_path, direction, **modalities)
+    mod, cells = read_source(adata_or_path, direction, **modalities)
     where = f"the {type(adata_or_path).__name__} given" if in_memory else str(mod.path)
     make = _gex_sentences if label == "GEX" else _atac_sentences
     blocks, stats = make(mod, meta, where, block)
     stats["empty_cells"] = 0
-    obs = mod.obs.copy()
-    obs.index = pd.Index(mod.cells, name=None)
 
     def counted() -> Iterator[list[str]]:
         for sentences in blocks:
@@ -288,55 +302,81 @@ def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int
         if stats["empty_cells"]:
             logger.warning("%d cells have no %s feature known to the model; they are kept and predicted from an empty sentence", stats["empty_cells"], label)
 
-    return counted(), obs, stats, len(mod.cells)
+    return counted(), cells, stats, len(mod.cells)
 
 
-def source_sentences_from_anndata(adata_or_path, direction: str, meta: dict, **modalities: str) -> tuple[list[str], pd.DataFrame, dict]:
-    """Source sentences of every cell of an AnnData / MuData object or file(s), their ``obs``, and counts of what was mapped."""
-    blocks, obs, stats, _ = source_sentence_blocks(adata_or_path, direction, meta, **modalities)
+def source_sentences_from_anndata(adata_or_path, direction: str, meta: dict, **modalities: str) -> tuple[list[str], object, dict]:
+    """Source sentences of every cell of an AnnData / MuData object or file(s), the source cells (:func:`source_cells`),
+    and counts of what was mapped."""
+    blocks, cells, stats, _ = source_sentence_blocks(adata_or_path, direction, meta, **modalities)
     sentences = [s for block in blocks for s in block]
-    return sentences, obs, stats
+    return sentences, cells, stats
 
 
-def _prediction_var(direction: str, meta: dict) -> pd.DataFrame:
-    target = TARGET_MODALITY[direction]
-    names = meta["peaks"] if target == "atac" else meta["genes"]
-    return pd.DataFrame({"feature_types": "ATAC" if target == "atac" else "GEX"}, index=pd.Index(names))
+def prediction_var(direction: str, meta: dict) -> pd.DataFrame:
+    """``var`` of a prediction: the target features named as the model's training data named them (e.g. ``chr1:100-200``),
+    ``normalized_name`` (the model's name, ``chr1-100-200``), ``feature_types`` and the training data's text annotations
+    (``gene_ids``, ``interval``, ``genome``, ...)."""
+    key = "peaks" if TARGET_MODALITY[direction] == "atac" else "genes"
+    names = list(meta[key])
+    annotations = dict((meta.get("var") or {}).get(key) or {})
+    var = pd.DataFrame(index=pd.Index([str(n) for n in annotations.pop("input_name", names)]))
+    var["feature_types"] = "ATAC" if key == "peaks" else "GEX"
+    var["normalized_name"] = names
+    for column, values in annotations.items():
+        var[column] = [str(v) for v in values]
+    return var
 
 
-def _prediction_uns(direction: str, stats: dict) -> dict:
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("cell-sentences")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _prediction_uns(direction: str, stats: dict, model: str | None) -> dict:
     value = "probability that the peak is accessible" if TARGET_MODALITY[direction] == "atac" else "expected log1p(counts / size_factor)"
-    return {"cell_translation": {"direction": direction, "values": value, **{k: int(v) for k, v in stats.items()}}}
+    provenance = {"model": model or "", "package_version": _package_version()}
+    return {"cell_translation": {"direction": direction, "values": value, **provenance, **{k: int(v) for k, v in stats.items()}}}
 
 
-def _prediction_obs(obs: pd.DataFrame, sentences: list[str] | None) -> pd.DataFrame:
-    obs = obs.copy()
+def _prediction_obs(cells, sentences: list[str] | None) -> pd.DataFrame:
+    obs = cells.obs.copy()
     if sentences is not None:
         obs["translation"] = sentences
     return obs
 
 
-def prediction_anndata(matrix: np.ndarray, obs: pd.DataFrame, direction: str, meta: dict, stats: dict, sentences: list[str] | None = None):
-    """The predicted target modality as AnnData: ``X`` = predictions, ``var_names`` = the model's features."""
+def prediction_anndata(matrix: np.ndarray, cells, direction: str, meta: dict, stats: dict, sentences: list[str] | None = None,
+                       model: str | None = None):
+    """The predicted target modality as AnnData.
+
+    ``X`` = predictions; ``obs`` / ``obsm`` = those of the source ``cells`` (:func:`source_cells`), plus
+    ``obs['translation']`` when ``sentences`` are given; ``var`` = :func:`prediction_var`; ``uns['cell_translation']`` =
+    direction, what the values are, the ``model`` (folder or Hub id), the package version and ``stats``.
+    """
     import anndata as ad
 
-    adata = ad.AnnData(X=np.asarray(matrix, dtype=np.float32), obs=_prediction_obs(obs, sentences), var=_prediction_var(direction, meta))
-    adata.uns.update(_prediction_uns(direction, stats))
+    adata = ad.AnnData(X=np.asarray(matrix, dtype=np.float32), obs=_prediction_obs(cells, sentences), var=prediction_var(direction, meta),
+                       obsm=dict(cells.obsm))
+    adata.uns.update(_prediction_uns(direction, stats, model))
     return adata
 
 
-def write_prediction_h5ad(path: str | os.PathLike, row_blocks, n_cells: int, obs: pd.DataFrame, direction: str, meta: dict, stats_fn):
+def write_prediction_h5ad(path: str | os.PathLike, row_blocks, n_cells: int, cells, direction: str, meta: dict, stats_fn,
+                          model: str | None = None):
     """Write the same ``.h5ad`` as ``prediction_anndata(...).write_h5ad(path)``, one block of rows at a time.
 
     ``row_blocks`` yields ``(matrix, sentences_or_None)`` for consecutive cells; only one block is in
     memory at once (``X`` is a dense float32 dataset filled block by block, stored in chunks of rows),
     so the output may be larger than RAM. ``stats_fn()`` gives the counts for ``uns`` once every block
-    has been made.
+    has been made. ``cells``, ``model``: see :func:`prediction_anndata`.
     """
     import h5py
     from anndata.io import write_elem
 
-    var = _prediction_var(direction, meta)
+    var = prediction_var(direction, meta)
     n_features = len(var)
     check_room_for(path, 4 * n_cells * n_features, f"{n_cells:,} cells x {n_features:,} features")
     rows_per_chunk = max(1, min(max(n_cells, 1), (4 << 20) // max(4 * n_features, 1)))  # ~4 MB HDF5 chunks of whole rows
@@ -358,8 +398,9 @@ def write_prediction_h5ad(path: str | os.PathLike, row_blocks, n_cells: int, obs
             start = stop
         if start != n_cells:
             raise ValueError(f"the prediction blocks hold {start} cells, not the {n_cells} input cells")
-        write_elem(f, "obs", _prediction_obs(obs, translations if with_text else None))
+        write_elem(f, "obs", _prediction_obs(cells, translations if with_text else None))
         write_elem(f, "var", var)
-        write_elem(f, "uns", _prediction_uns(direction, stats_fn()))
-        for name in ("layers", "obsm", "obsp", "varm", "varp"):
+        write_elem(f, "obsm", dict(cells.obsm))
+        write_elem(f, "uns", _prediction_uns(direction, stats_fn(), model))
+        for name in ("layers", "obsp", "varm", "varp"):
             write_elem(f, name, {})

@@ -122,6 +122,7 @@ class CellTranslator:
         self.max_source_length = int(self.readout.get("max_source_length", 512))
         self.max_target_length = int(self.readout.get("max_target_length", 512))
         self.last_stats: dict[str, int] = {}
+        self.name_or_path: str | None = None  # the folder or Hub id given to from_pretrained
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, device: str | None = None, allow_pickle: bool = False) -> CellTranslator:
@@ -129,7 +130,9 @@ class CellTranslator:
         (``python -m translator.ensemble``) loads its members too, and the blend of the transformer with the source kernel and the
         per-feature mean (``translator.predictor``) its arrays."""
         folder = _resolve(path_or_id)
-        return cls._load(folder, device, allow_pickle, ensemble=True)
+        translator = cls._load(folder, device, allow_pickle, ensemble=True)
+        translator.name_or_path = str(path_or_id)  # recorded in predictions' uns: which model made them
+        return translator
 
     @classmethod
     def _load(cls, folder: Path, device: str | None, allow_pickle: bool, ensemble: bool) -> CellTranslator:
@@ -227,14 +230,14 @@ class CellTranslator:
         from .anndata_io import prediction_anndata, source_sentences_from_anndata
 
         self._check_direction(direction)
-        sentences, obs, stats = source_sentences_from_anndata(
+        sentences, cells, stats = source_sentences_from_anndata(
             adata_or_path, direction, self.meta, gex_modality=gex_modality, atac_modality=atac_modality, counts_layer=counts_layer
         )
         # Sentences only when asked for: with the profile readout the matrix needs one decoder step, not greedy decoding.
         out = self.predict_matrix(sentences, direction, batch_size, return_sentences=return_sentences)
         matrix, translated = out if return_sentences else (out, None)
         stats.update(self.last_stats)
-        return prediction_anndata(matrix, obs, direction, self.meta, stats, translated if return_sentences else None)
+        return prediction_anndata(matrix, cells, direction, self.meta, stats, translated if return_sentences else None, self.name_or_path)
 
     def predict_h5ad(self, adata_or_path, direction: str, output: str | os.PathLike, batch_size: int = 64, chunk_cells: int = 1024,
                      return_sentences: bool = False, gex_modality: str = "rna", atac_modality: str = "atac",
@@ -254,7 +257,7 @@ class CellTranslator:
         if chunk_cells < 1:
             raise ValueError(f"--chunk_cells must be >= 1, got {chunk_cells}")
         # Sentences are made chunk by chunk too: memory holds the source matrix and one chunk, not every sentence.
-        sentence_blocks, obs, stats, n_cells = source_sentence_blocks(
+        sentence_blocks, cells, stats, n_cells = source_sentence_blocks(
             adata_or_path, direction, self.meta, block=chunk_cells, gex_modality=gex_modality, atac_modality=atac_modality,
             counts_layer=counts_layer,
         )
@@ -272,7 +275,7 @@ class CellTranslator:
         def final_stats() -> dict:
             return {**stats, "cells": n_cells, "unknown_source_names": unknown}
 
-        write_prediction_h5ad(output, blocks(), n_cells, obs, direction, self.meta, final_stats)
+        write_prediction_h5ad(output, blocks(), n_cells, cells, direction, self.meta, final_stats, self.name_or_path)
         self.last_stats = {"cells": n_cells, "unknown_source_names": unknown}
         return final_stats()
 
