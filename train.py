@@ -623,7 +623,7 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
         device = accelerator.device if accelerator.device.type == "cuda" else torch.device("cpu")
         model = model.to(device).eval()
         profile_head = profile_head.to(device).eval() if profile_head is not None else None
-        calibration, refit = {}, {}
+        calibration, refit, held_out_cap = {}, {}, {}
         if profile_head is not None and model_args.profile_refit and (len(validation) or refit_choices):
             targets = [len(meta["peaks" if d == "gex2atac" else "genes"]) for d in data_args.directions]
             refit_cells = refit_cell_cap(budget, profile_head.weight.shape[1], targets, device)
@@ -636,8 +636,9 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
             calibration_cells = min(len(splits["validation"]), data_args.calibration_cells)
             cap = calibration_cell_cap(budget, model, tokenizer, meta, splits["validation"], data_args.directions, *caps, run.per_device_eval_batch_size, profile_head)
             if cap is not None and cap < calibration_cells:
-                logger.info("--max_train_seconds: %.0f s left, the calibration decodes %d of %d validation cells", budget.left(), cap, calibration_cells)
+                logger.info("--max_train_seconds: %.0f s left, the calibration and the blend decode %d of %d validation cells", budget.left(), cap, calibration_cells)
                 calibration_cells = cap
+                held_out_cap = {"max_cells": cap}  # the blend reads the same cells again
             logger.info("calibrating the readout on %s validation cells", calibration_cells)
             calibration = calibrate(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, calibration_cells, run.per_device_eval_batch_size, run.seed, profile_head,
                                     selection_parts=data_args.calibration_selection_parts, selection_repeats=data_args.calibration_selection_repeats)
@@ -659,7 +660,7 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
                      early_stopped_at=early_stop or None, best_validation_step=best.best_step if best is not None and run.load_best_model_at_end and average is None else None,
                      job_seconds_before_finishing=round(budget.elapsed(), 1))
         write_model_folder(run.output_dir, model, tokenizer, meta, readout, saved, caps[1], profile_head)
-        fit_blend(run.output_dir, data_args.dataset_dir, data_args.directions, run.per_device_eval_batch_size, run.seed)
+        fit_blend(run.output_dir, data_args.dataset_dir, data_args.directions, run.per_device_eval_batch_size, run.seed, **held_out_cap)
         evaluate_folder(run, data_args)
         from translator.card import render_model_card
 

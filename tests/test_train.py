@@ -347,6 +347,8 @@ def test_early_stopping_ends_training_and_keeps_the_best_validations_weights(bmm
     assert args["completed_steps"] < 300 and args["early_stopped_at"] == args["completed_steps"]
     assert best == len(losses) - 2 and losses[-1] >= losses[best]
     assert args["best_validation_step"] == args["validation_history"][best]["step"]
+    card = (out / "README.md").read_text()
+    assert f"early stopping on the validation loss), the weights of step {args['best_validation_step']} (lowest validation loss)" in card
     saved = load_file(str(out / "checkpoints" / f"step_{args['best_validation_step']}" / "model.safetensors"))
     got = _weights(out)
     assert all(np.array_equal(value, saved[f"model.{key}"]) for key, value in got.items() if f"model.{key}" in saved)

@@ -244,6 +244,9 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, tem
         "training_text": (
             f"{args.get('completed_steps', '?')} steps"
             + (f" (of {args.get('planned_steps')} planned: stopped by --max_train_seconds)" if args.get("stopped_by_time_limit") else "")
+            + (f" (of {args.get('planned_steps')} planned: early stopping on the validation loss)" if args.get("early_stopped_at") else "")
+            + (f", the weights of step {args['best_validation_step']} (lowest validation loss)"
+               if args.get("best_validation_step") and args["best_validation_step"] != args.get("completed_steps") else "")
             + f", batch {args.get('per_device_train_batch_size', '?')} x "
             f"{args.get('num_processes', 1)} processes, learning rate {args.get('learning_rate', '?')}, "
             f"directions {', '.join(args.get('directions', ['gex2atac', 'atac2gex']))}, seed {args.get('seed', '?')}"
