@@ -42,7 +42,8 @@ from translator.data import (
     check_gex_target_cap,
     check_gex_target_min_value,
 )
-from translator.modeling import MODEL_SHAPES, PROFILE_INPUTS, TranslationLoss, cuda_tf32, make_config, make_model
+from translator.loss import TranslationLoss
+from translator.model import MODEL_SHAPES, PROFILE_INPUTS, cuda_tf32, make_config, make_model
 from translator.predictor import fit_blend
 from translator.profile_fit import RANK_GRID
 from translator.readout import SELECTION_REPEATS, check_selection_parts, check_selection_repeats, profile_offsets

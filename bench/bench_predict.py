@@ -67,7 +67,7 @@ def _untrained_folder(dataset: Path, target: Path) -> Path:
     import json
 
     from tokenizer import build_tokenizer
-    from translator.modeling import make_config, make_model
+    from translator.model import make_config, make_model
     from translator.training import write_model_folder
 
     meta = json.loads((dataset / "cell_sentences.json").read_text())

@@ -4,7 +4,7 @@ Each configuration runs in its own subprocess (clean peak memory): the MOp train
 /tmp once, or ``--dataset``) becomes ``translator.data.TranslationExamples`` (both directions), batched
 by ``LengthGroupedBatchSampler`` (``--group_factor 1`` = random batches within a direction, for the
 effect of length grouping), collated by ``TranslationCollator``, and trained with
-``translator.modeling.TranslationLoss`` and AdamW as ``train.py`` does. After warm-up steps, timed
+``translator.loss.TranslationLoss`` and AdamW as ``train.py`` does. After warm-up steps, timed
 steps give tokens/s (real tokens: source + target, padding excluded) and padded tokens/s.
 
 Settings compared: shapes ``tiny`` and ``t5-small``; length-grouped vs random batches; the restricted
@@ -54,7 +54,8 @@ def run_one(cfg: dict) -> dict:
 
     from tokenizer import build_tokenizer, save_tokenizer
     from translator.data import LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
-    from translator.modeling import TranslationLoss, default_chunk_elements, make_config, make_model
+    from translator.loss import TranslationLoss, default_chunk_elements
+    from translator.model import make_config, make_model
 
     torch.manual_seed(0)
     if cfg["threads"]:

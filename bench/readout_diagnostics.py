@@ -245,7 +245,7 @@ def sampled_features(translator, source_ids: Sequence[np.ndarray], direction: st
       ``weighted``, as the greedy readout aggregates its one path): the same quantity with far less variance than
       the share of a few draws.
     """
-    from translator.modeling import constrained_decode
+    from translator.decode import constrained_decode
     from translator.readout import decode_features, pad_sources
 
     start, stop = translator.ranges[TARGET[direction]]

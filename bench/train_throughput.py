@@ -27,7 +27,8 @@ def measure(args: argparse.Namespace, size: str, full: bool) -> dict:
 
     from tokenizer import load_tokenizer
     from translator.data import LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
-    from translator.modeling import TranslationLoss, make_config, make_model
+    from translator.loss import TranslationLoss
+    from translator.model import make_config, make_model
 
     tok = load_tokenizer(args.tokenizer_dir)
     split = datasets.load_from_disk(args.dataset_dir)["train"].select(range(args.cells))

@@ -12,13 +12,14 @@ Every command line of the project checks its output here before it reads or writ
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["META_FILE", "FOLDER_KINDS", "apply_umask", "check_output", "check_replaceable", "folder_kind", "check_room_for", "is_prediction_file", "write_text_atomic"]
+__all__ = ["META_FILE", "FOLDER_KINDS", "apply_umask", "check_output", "check_replaceable", "folder_kind", "check_room_for", "is_prediction_file", "atomic_file", "write_text_atomic"]
 
 META_FILE = "cell_sentences.json"  # the metadata of every dataset, tokenizer and model folder
 
@@ -158,17 +159,30 @@ def apply_umask(path: str | os.PathLike) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> None:
     """Write ``text`` (or bytes) to ``path`` through a temporary file in the same folder, then rename (mode from the umask)."""
+    with atomic_file(path) as tmp:
+        if isinstance(text, bytes):
+            tmp.write_bytes(text)
+        else:
+            tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary file beside ``path`` for the caller to write; renamed onto ``path`` when the block ends without error.
+
+    The file gets the mode the umask gives any new file; on an error (or a signal) it is removed and ``path`` is left
+    as it was. ``suffix``: for writers that choose the format by extension (``.h5ad``, ``.png``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        yield Path(tmp)
         apply_umask(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_room_for(path: str | os.PathLike, n_bytes: int, what: str) -> None:

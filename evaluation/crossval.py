@@ -26,17 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from dataset_builder.outputs import apply_umask, check_output, write_text_atomic
-from evaluation.report import DIRECTION_NAMES, HEADLINE_KEYS, LOWER_IS_BETTER
+from dataset_builder.outputs import atomic_file, check_output, write_text_atomic
+from evaluation.report import HEADLINE_KEYS, LOWER_IS_BETTER
+from tokenizer import DIRECTION_NAMES
 
 TUNED_BASELINES = ("mean", "svd_knn", "svd_krr")
 
@@ -80,16 +79,8 @@ def write_fold_file(source: str | Path, output: str | Path, batch: str, n_folds:
     folds = fold_labels(adata.obs_names[rows], n_folds)
     labels[rows] = [f"{batch}_f{k}" for k in folds]
     adata.obs[batch_key] = labels
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".h5ad", dir=output.parent)
-    os.close(fd)
-    try:
+    with atomic_file(output, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
-        apply_umask(tmp)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     names, counts = np.unique(labels, return_counts=True)
     return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
 

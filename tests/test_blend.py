@@ -100,7 +100,7 @@ def model_folder(root, data, tok, head_scale: float):
     import torch
 
     from tokenizer import load_tokenizer, read_meta
-    from translator.modeling import PROFILE_INPUTS, ProfileHead, make_config, make_model
+    from translator.model import PROFILE_INPUTS, ProfileHead, make_config, make_model
     from translator.training import calibrate, write_model_folder
 
     tokenizer, meta = load_tokenizer(tok), read_meta(data)

@@ -7,7 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from translator.embedding_init import init_embeddings_from_lsi, lsi_vectors
-from translator.modeling import make_config, make_model
+from translator.model import make_config, make_model
 
 
 def _cells(rng, n_cells=200, n_features=80, offset=7):

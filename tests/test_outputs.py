@@ -23,7 +23,14 @@ import scipy.sparse as sp
 import torch
 
 from dataset_builder.cli import environment_error, run_cli
-from dataset_builder.outputs import apply_umask, check_output, check_replaceable, folder_kind
+from dataset_builder.outputs import (
+    apply_umask,
+    atomic_file,
+    check_output,
+    check_replaceable,
+    folder_kind,
+    write_text_atomic,
+)
 from tests.conftest import REPO
 from tests.translator_fixtures import make_dataset_and_tokenizer, tiny_args
 
@@ -404,3 +411,25 @@ def test_a_real_full_disk_gives_one_line_and_leaves_it_empty(setup, tmp_path, fu
     assert proc.returncode == 2
     assert "MiB free" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
     assert list(full_disk.iterdir()) == []
+
+
+def test_atomic_file_replaces_only_when_the_writer_finishes(tmp_path):
+    target = tmp_path / "sub" / "fold.h5ad"
+    with atomic_file(target, suffix=".h5ad") as tmp:
+        assert tmp.parent == target.parent and tmp.suffix == ".h5ad" and tmp != target
+        tmp.write_text("first")
+    assert target.read_text() == "first"
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_current_umask())
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "first" and sorted(p.name for p in target.parent.iterdir()) == ["fold.h5ad"]
+    write_text_atomic(target, b"bytes")
+    assert target.read_bytes() == b"bytes" and sorted(p.name for p in target.parent.iterdir()) == ["fold.h5ad"]
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -15,7 +15,8 @@ from dataset_builder.records import truth_matrices
 from tests.translator_fixtures import make_dataset_and_tokenizer
 from tokenizer import feature_token_ranges, load_tokenizer
 from translator.data import LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
-from translator.modeling import ProfileHead, TranslationLoss, make_config, make_model, profile_loss, profile_scores
+from translator.loss import TranslationLoss, profile_loss
+from translator.model import ProfileHead, make_config, make_model, profile_scores
 from translator.readout import (
     PROFILE_AGGREGATIONS,
     apply_readout,
@@ -464,7 +465,7 @@ def _source_rows(rows: int, width: int, gex_prefix: int, atac_prefix: int, eos: 
 
 
 def test_gex_source_truncation_keeps_a_top_ranked_prefix_of_gex_sources_only():
-    from translator.modeling import truncate_sources
+    from translator.loss import truncate_sources
 
     gex_prefix, eos = 7, 1
     input_ids, attention_mask, lengths = _source_rows(400, 12, gex_prefix, 8, eos)
@@ -484,7 +485,7 @@ def test_gex_source_truncation_keeps_a_top_ranked_prefix_of_gex_sources_only():
 
 
 def test_count_downsampling_thins_and_reranks_gex_sources_only():
-    from translator.modeling import DOWNSAMPLE_MIN_RATE, downsample_sources
+    from translator.loss import DOWNSAMPLE_MIN_RATE, downsample_sources
 
     gex_prefix, eos, rows, width = 7, 1, 600, 12
     input_ids, attention_mask, lengths = _source_rows(rows, width, gex_prefix, 8, eos)  # rank order: name 100 the most expressed

@@ -12,7 +12,7 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from tests.conftest import REPO
-from translator.modeling import make_config
+from translator.model import make_config
 from translator.profile_fit import CHOICE_CHUNKS, fit_profile_rows, refit_cost
 from translator.training import (
     BestWeights,

@@ -10,14 +10,9 @@ import torch.nn.functional as F
 
 from translator.anndata_io import peak_overlaps
 from translator.data import LengthGroupedBatchSampler, TranslationCollator, cap_names, target_ids
-from translator.modeling import (
-    constrained_decode,
-    full_vocabulary_loss,
-    make_config,
-    make_model,
-    restricted_lm_loss,
-    sampled_targets,
-)
+from translator.decode import constrained_decode
+from translator.loss import full_vocabulary_loss, restricted_lm_loss, sampled_targets
+from translator.model import make_config, make_model
 from translator.readout import apply_readout, fit_readout
 
 N_SPECIAL, N_GENES, N_PEAKS = 5, 30, 200

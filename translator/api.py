@@ -30,7 +30,7 @@ from tokenizer import (
 )
 
 from .data import source_ids
-from .modeling import PROFILE_HEAD_FILE, ProfileHead
+from .model import PROFILE_HEAD_FILE, ProfileHead
 from .predictor import DirectionBlend, load_blend
 from .readout import READOUT_FILE, apply_readout, decode_features, is_profile
 from .source_kernel import source_indicator

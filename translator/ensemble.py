@@ -32,7 +32,7 @@ from pathlib import Path
 from dataset_builder.outputs import META_FILE, check_output, check_replaceable
 
 from .card import set_card_section
-from .modeling import PROFILE_HEAD_FILE
+from .model import PROFILE_HEAD_FILE
 
 MEMBER_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", META_FILE, PROFILE_HEAD_FILE, "training_args.json")

@@ -6,7 +6,7 @@ stayed at or above the per-feature mean's validation loss. Given the trained mod
 head is a generalised linear model on fixed features (the decoder state after the direction
 prefix), one independent convex problem per feature: logistic regression for ATAC, least squares
 for GEX, each as a residual over the per-feature train mean and with an L2 penalty. We solve them
-full-batch with L-BFGS (features from :func:`translator.modeling.profile_features`), features in chunks (memory ``cells x chunk``), for each penalty of a small
+full-batch with L-BFGS (features from :func:`translator.model.profile_features`), features in chunks (memory ``cells x chunk``), for each penalty of a small
 grid, and keep the penalty with the lowest validation RMSE of the readout.
 
 Then, optionally, a reduced rank (:func:`reduce_rank`): the head's scores over the train cells are a
@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .modeling import PROFILE_INPUTS, ProfileHead, cuda_tf32, profile_features
+from .model import PROFILE_INPUTS, ProfileHead, cuda_tf32, profile_features
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def refit_cost(n_cells: int, n_features: int, n_l2: int = len(L2_GRID), chunk_fe
 
 @torch.no_grad()
 def profile_states(model, sources: Sequence[np.ndarray], batch_size: int = 64) -> torch.Tensor:
-    """What the profile head reads for each source (:func:`translator.modeling.profile_features`), float32 on the CPU."""
+    """What the profile head reads for each source (:func:`translator.model.profile_features`), float32 on the CPU."""
     model.eval()
     device = next(model.parameters()).device
     order = np.argsort([-len(s) for s in sources], kind="stable")

@@ -1,6 +1,6 @@
 """Where a prediction becomes a matrix: token distributions -> cells x features, and its calibration.
 
-Decoding (:func:`translator.modeling.constrained_decode`) keeps, for every cell, each step's
+Decoding (:func:`translator.decode.constrained_decode`) keeps, for every cell, each step's
 probabilities over the target modality's names and aggregates them per feature:
 
 - ATAC targets: inclusion score ``s_k = 1 - prod_t (1 - p_t(k))`` (``noisy_or``) or ``sum_t p_t(k)`` (``sum``);
@@ -8,7 +8,7 @@ probabilities over the target modality's names and aggregates them per feature:
   log-norm value of the gene at rank t, from ``cell_sentences.json``) and inclusion ``s_g``.
 
 The ``profile`` readout needs no decoding: one decoder step after the direction prefix scores every
-target feature at once (:func:`translator.modeling.profile_scores`, trained with ``--profile_weight``
+target feature at once (:func:`translator.model.profile_scores`, trained with ``--profile_weight``
 as a residual over the train mean): ``r_k = logit(mean_k) + z_k`` for ATAC, ``r_g = mean_g + z_g`` for GEX.
 
 Calibration, fitted on the validation split, never discards what the per-feature train mean knows:
@@ -40,7 +40,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .modeling import constrained_decode, profile_scores
+from .decode import constrained_decode
+from .model import profile_scores
 
 READOUT_FILE = "readout.json"
 AGGREGATIONS = ("noisy_or", "sum", "profile", "profile_depth")

@@ -29,7 +29,7 @@ from dataset_builder.records import truth_matrices
 from tokenizer import PREFIX, feature_token_ranges, save_tokenizer
 
 from .data import SOURCE_COLUMN, TARGET_MODALITY, names_to_ids, source_ids
-from .modeling import PROFILE_HEAD_FILE
+from .model import PROFILE_HEAD_FILE
 from .readout import (
     AGGREGATIONS,
     READOUT_FILE,
@@ -419,7 +419,7 @@ def widget_examples(tokenizer, split, directions: Sequence[str], n_names: int = 
 def write_model_folder(output_dir: str | os.PathLike, model, tokenizer, meta: dict, readout: dict, training_args: dict, max_target_length: int, profile_head=None) -> list[str]:
     """Write the Hub-ready files into ``output_dir``: weights (safetensors), configs, tokenizer, metadata, readout, args.
 
-    ``profile_head`` (a :class:`translator.modeling.ProfileHead`) goes to ``profile_head.safetensors``.
+    ``profile_head`` (a :class:`translator.model.ProfileHead`) goes to ``profile_head.safetensors``.
 
     Files are written to a temporary folder in ``output_dir`` and moved in one by one.
     """

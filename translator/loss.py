@@ -1,197 +1,23 @@
-"""Model shapes, the restricted-vocabulary loss and constrained greedy decoding.
+"""The training loss: the restricted-vocabulary sentence loss, the profile readout's loss, and the source augmentations.
 
-The output layer over every gene and peak name (27k names for MOp, ~130k for a full 10x
-multiome) dominates the cost of a step. Training therefore scores each target position only
-against the target modality's names, ``</s>`` and a few hundred sampled off-modality names
-(:func:`restricted_lm_loss`), in chunks of positions whose gradients are computed on the spot,
-so fp32 logits of ``[batch, length, vocabulary]`` are never held at once and nothing is recomputed. Decoding (:func:`constrained_decode`)
-is a batched greedy loop with a key/value cache that only ever proposes names of the target
-modality, never repeats one, and for ATAC keeps the genomic order (increasing token id).
+The output layer over every gene and peak name (27k names for MOp, ~130k for a full 10x multiome) dominates the cost of a
+step. Training therefore scores each target position only against the target modality's names, ``</s>`` and a few hundred
+sampled off-modality names (:func:`restricted_lm_loss`), in chunks of positions whose gradients are computed on the spot,
+so fp32 logits of ``[batch, length, vocabulary]`` are never held at once and nothing is recomputed.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import T5Config, T5ForConditionalGeneration
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.models.t5.modeling_t5 import T5Stack
+from transformers import T5ForConditionalGeneration
 
-# transformers 5.24 renamed the decoder's ``past_key_values`` argument to ``cache`` (the old name goes in 5.40; before
-# 5.24 an unknown ``cache`` was silently ignored, which would decode without history). The cache object is filled in
-# place, so we pass it under the installed version's name and never read it back from the output.
-_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(T5Stack.forward).parameters else "past_key_values"
+from .model import EOS_ID, PROFILE_INPUTS, ProfileHead, decoder_hidden_states, output_weight, profile_scores
 
-PAD_ID, EOS_ID = 0, 1
-
-MODEL_SHAPES: dict[str, dict[str, int]] = {
-    "tiny": {"d_model": 64, "d_ff": 256, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4, "d_kv": 16},
-    "small": {"d_model": 192, "d_ff": 768, "num_layers": 3, "num_decoder_layers": 3, "num_heads": 4, "d_kv": 48},
-    "t5-small": {"d_model": 512, "d_ff": 2048, "num_layers": 6, "num_decoder_layers": 6, "num_heads": 8, "d_kv": 64},
-}
-
-
-def make_config(model_size: str, vocab_size: int, dropout_rate: float = 0.1, max_length: int = 512) -> T5Config:
-    """A ``T5Config`` of one of the shapes in :data:`MODEL_SHAPES` over our vocabulary.
-
-    ``pad`` = decoder start = 0 and ``</s>`` = 1, as in the tokenizer. transformers 5 always shares
-    the input and output embedding matrix of T5; its ``tie_word_embeddings`` flag only chooses
-    whether decoder outputs are scaled by ``d_model ** -0.5``. We keep the scaling: without it the
-    randomly initialised output layer (std 1) starts with logits of std ~sqrt(d_model).
-    """
-    if model_size not in MODEL_SHAPES:
-        raise ValueError(f"--model_size {model_size!r} is unknown; choose one of {', '.join(MODEL_SHAPES)}")
-    return T5Config(
-        vocab_size=int(vocab_size),
-        dropout_rate=float(dropout_rate),
-        feed_forward_proj="relu",
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        decoder_start_token_id=PAD_ID,
-        n_positions=int(max_length),
-        **MODEL_SHAPES[model_size],
-    )
-
-
-def make_model(config: T5Config, seed: int | None = None) -> T5ForConditionalGeneration:
-    """Randomly initialised ``T5ForConditionalGeneration`` (no Hub weights are needed or reachable)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config)
-
-
-def _output_weight(model: T5ForConditionalGeneration, ids: torch.Tensor) -> torch.Tensor:
-    """Rows of the output layer for ``ids``, with T5's output scaling folded in when the config asks for it."""
-    weight = model.lm_head.weight[ids]
-    if getattr(model.config, "scale_decoder_outputs", False):
-        weight = weight * (model.config.d_model**-0.5)
-    return weight
-
-
-def decoder_hidden_states(model: T5ForConditionalGeneration, batch: dict[str, torch.Tensor], encoder_hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """Run encoder (unless ``encoder_hidden`` is given) and decoder (teacher forcing); return the last decoder hidden states ``[B, T, d]``."""
-    labels = batch["labels"]
-    decoder_input_ids = model._shift_right(labels)
-    if encoder_hidden is None:
-        encoder_hidden = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    decoder_out = model.decoder(
-        input_ids=decoder_input_ids,
-        attention_mask=(labels != -100).long(),
-        encoder_hidden_states=encoder_hidden,
-        encoder_attention_mask=batch["attention_mask"],
-        use_cache=False,
-    )
-    return decoder_out.last_hidden_state
-
-
-PROFILE_HEAD_FILE = "profile_head.safetensors"
-
-
-PROFILE_INPUTS = 3  # decoder state after the prefix, mean encoder state, mean input embedding
 DOWNSAMPLE_MIN_RATE = 0.2  # the count down-sampling augmentation keeps each UMI with a rate drawn in [this, 1)
-
-
-class ProfileHead(nn.Module):
-    """Per-feature weights of the profile readout, ``[vocab_size, 3 * d_model]``, and biases ``[vocab_size]``.
-
-    Its input (:func:`profile_features`) is the decoder's state after the direction prefix, the mean of
-    the encoder's states and the mean of the source's input embeddings, scaled by ``d_model ** -0.5``
-    (as T5 scales its own output layer: with Adam every weight moves by about the learning rate a
-    step, and unscaled a step would move each score by ~``lr * d_model``). The weights start at
-    zero, so the readout starts exactly at the per-feature train mean; the bias is a buffer that only
-    the closed-form refit after training sets (:mod:`translator.profile_fit`). Kept apart from the T5
-    weights (``profile_head.safetensors``) so the folder still loads with ``AutoModelForSeq2SeqLM``.
-    """
-
-    def __init__(self, vocab_size: int, n_inputs: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(vocab_size, n_inputs))
-        self.register_buffer("bias", torch.zeros(vocab_size))
-
-    def forward(self, features: torch.Tensor, target_range: tuple[int, int]) -> torch.Tensor:
-        start, stop = target_range
-        return features @ self.weight[start:stop].T + self.bias[start:stop]
-
-    def save(self, path) -> None:
-        from safetensors.torch import save_file
-
-        save_file({"weight": self.weight.detach().cpu().contiguous(), "bias": self.bias.detach().cpu().contiguous()}, str(path))
-
-    @classmethod
-    def load(cls, path) -> ProfileHead:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        head = cls(*tensors["weight"].shape)
-        head.load_state_dict(tensors)
-        return head.eval()
-
-
-def cuda_tf32(enabled: bool):
-    """Allow (or forbid) TF32 tensor cores for CUDA fp32 matrix products; CPU products are untouched.
-
-    Returns a function that puts the previous setting back (torch >= 2.9 names it ``fp32_precision``, older ``allow_tf32``).
-    """
-    matmul = torch.backends.cuda.matmul
-    key = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
-    saved = getattr(matmul, key)
-    setattr(matmul, key, ("tf32" if enabled else "ieee") if key == "fp32_precision" else enabled)
-    return lambda: setattr(matmul, key, saved)
-
-
-def profile_features(model: T5ForConditionalGeneration, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """What the profile head reads, ``[B, 3 * d_model]`` scaled by ``d_model ** -0.5``.
-
-    The decoder's last hidden state after one step whose input is the direction prefix (the source's
-    first token), the masked mean of the encoder's last hidden states, and the masked mean of the
-    source's input embeddings (which start as the train split's LSI vectors, ``--embedding_init lsi``).
-    """
-    out = model.decoder(
-        input_ids=input_ids[:, :1],
-        encoder_hidden_states=encoder_hidden,
-        encoder_attention_mask=attention_mask,
-        use_cache=False,
-    )
-    mask = attention_mask[..., None].to(encoder_hidden.dtype)
-    count = mask.sum(1).clamp(min=1)
-    pooled = (encoder_hidden * mask).sum(1) / count
-    embedded = (model.get_input_embeddings()(input_ids) * mask).sum(1) / count
-    features = torch.cat([out.last_hidden_state[:, 0], pooled, embedded], dim=1)
-    return features * model.config.d_model**-0.5
-
-
-def profile_scores(
-    model: T5ForConditionalGeneration,
-    encoder_hidden: torch.Tensor,
-    attention_mask: torch.Tensor,
-    input_ids: torch.Tensor,
-    target_range: tuple[int, int],
-    head: ProfileHead | None = None,
-) -> torch.Tensor:
-    """The profile readout's scores over every target feature ``[B, n_features]`` (one decoder step, no decoding).
-
-    ``z_k = f . u_k + c_k`` with ``f`` = :func:`profile_features` and ``u_k, c_k`` the
-    :class:`ProfileHead` row of feature ``k`` (without a head: ``z_k = h . e_k``, the decoder state
-    after the prefix against the tied output embedding). Trained by :func:`profile_loss` as a
-    residual over the per-feature train mean (ATAC: ``P = sigmoid(logit(mean_k) + z_k)``; GEX:
-    ``value = mean_g + z_g``), so an uninformed model stays at what the mean knows. The sentence's
-    own first step (decoder input ``<pad>``) is a different step, so the two objectives do not
-    compete for it.
-    """
-    start, stop = target_range
-    if head is not None:
-        return head(profile_features(model, encoder_hidden, attention_mask, input_ids), target_range).float()
-    out = model.decoder(input_ids=input_ids[:, :1], encoder_hidden_states=encoder_hidden, encoder_attention_mask=attention_mask, use_cache=False)
-    weight = _output_weight(model, torch.arange(start, stop, device=encoder_hidden.device))
-    return (out.last_hidden_state[:, 0] @ weight.T).float()
 
 
 def profile_loss(scores: torch.Tensor, offset: torch.Tensor, values: torch.Tensor, binary: bool) -> torch.Tensor:
@@ -375,7 +201,7 @@ def restricted_lm_loss(
     position = torch.full((vocab_size,), -1, dtype=torch.long, device=labels.device)
     position[ids] = torch.arange(len(ids), device=labels.device)
     targets = position[flat_labels]
-    weight = _output_weight(model, ids)
+    weight = output_weight(model, ids)
     n_positions = hidden.shape[0]
     rows = max(1, chunk_elements // max(1, len(ids)))
     total = _ChunkedCrossEntropy.apply(hidden, weight, targets, float(label_smoothing), rows, logit_offset)
@@ -385,7 +211,7 @@ def restricted_lm_loss(
 def full_vocabulary_loss(model: T5ForConditionalGeneration, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
     """The usual seq2seq loss over the whole vocabulary (for comparison with :func:`restricted_lm_loss`)."""
     hidden = decoder_hidden_states(model, batch)
-    weight = _output_weight(model, torch.arange(model.config.vocab_size, device=hidden.device))
+    weight = output_weight(model, torch.arange(model.config.vocab_size, device=hidden.device))
     logits = (hidden @ weight.T).float()
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, label_smoothing=label_smoothing)
 
@@ -521,102 +347,3 @@ class TranslationLoss(nn.Module):
             total = total + self.profile_weight * profile
             self.last_parts["profile"] = profile.detach() / n_positions
         return total / n_positions
-
-
-@dataclass
-class DecodeResult:
-    """Output of :func:`constrained_decode`: generated ids and the per-feature aggregates of step probabilities."""
-
-    sequences: list[list[int]]
-    aggregates: dict[str, torch.Tensor]
-
-
-@torch.no_grad()
-def constrained_decode(
-    model: T5ForConditionalGeneration,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    target_range: tuple[int, int],
-    ordered: bool,
-    max_new_tokens: int,
-    step_weight: Callable[[int], float] | None = None,
-    generator: torch.Generator | None = None,
-    temperature: float = 1.0,
-) -> DecodeResult:
-    """Greedy (or sampled) decoding restricted to the target modality's names, with a key/value cache.
-
-    Each step names the most likely allowed name, or ends the sentence when ``</s>`` has probability
-    at least 0.5. With ``generator``, each step instead draws its name or ``</s>`` from the allowed
-    names' distribution at ``temperature`` (one sampled sentence per source; the aggregates are those
-    of the drawn path's steps). Allowed names are those of ``target_range`` not generated yet; with ``ordered``
-    (ATAC targets, written in genomic order = increasing id) only names after the previous one.
-    The step's distribution over the allowed names is aggregated per feature while decoding, so
-    nothing of size ``[steps, cells, features]`` is kept:
-
-    - ``noisy_or``: ``1 - prod_t (1 - p_t(k))`` (probability that feature k is named at some step);
-    - ``sum``: ``sum_t p_t(k)`` (expected number of times k is named);
-    - ``weighted``: ``sum_t p_t(k) * step_weight(t)`` (e.g. the mean value of the gene at rank t).
-
-    Returns
-    -------
-    :class:`DecodeResult` with the generated ids (without ``</s>``) and the aggregates ``[B, n_features]``.
-    """
-    model.eval()
-    start, stop = target_range
-    n_features = stop - start
-    batch_size = input_ids.shape[0]
-    device = input_ids.device
-    encoder_hidden = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    ids = torch.cat([torch.tensor([EOS_ID], device=device), torch.arange(start, stop, device=device)])
-    weight = _output_weight(model, ids)
-    banned = torch.zeros(batch_size, n_features + 1, dtype=torch.bool, device=device)
-    last = torch.full((batch_size,), -1, dtype=torch.long, device=device)
-    active = torch.ones(batch_size, dtype=torch.bool, device=device)
-    log_none = torch.zeros(batch_size, n_features, device=device)
-    total = torch.zeros(batch_size, n_features, device=device)
-    weighted = torch.zeros(batch_size, n_features, device=device)
-    sequences: list[list[int]] = [[] for _ in range(batch_size)]
-    step_input = torch.full((batch_size, 1), PAD_ID, dtype=torch.long, device=device)
-    column = torch.arange(n_features + 1, device=device)
-    for step in range(max_new_tokens):
-        out = model.decoder(
-            input_ids=step_input,
-            encoder_hidden_states=encoder_hidden,
-            encoder_attention_mask=attention_mask,
-            use_cache=True,
-            **{_CACHE_ARGUMENT: cache},
-        )
-        logits = (out.last_hidden_state[:, -1] @ weight.T).float()
-        allowed = ~banned
-        if ordered:
-            allowed &= (column[None, :] > last[:, None] + 1) | (column[None, :] == 0)
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        feature_probs = probs[:, 1:] * active[:, None]
-        log_none += torch.log1p(-feature_probs.clamp(max=1 - 1e-6))
-        total += feature_probs
-        if step_weight is not None:
-            weighted += feature_probs * step_weight(step)
-        # Stop only when </s> holds most of the mass. A plain argmax lets </s> win as the single most
-        # likely token while continuing is far more likely overall (the mass is spread over thousands of
-        # names), and an undertrained model then emits nothing at all.
-        if generator is None:
-            choice = torch.where(probs[:, 0] >= 0.5, torch.zeros_like(last), probs[:, 1:].argmax(dim=-1) + 1)
-        else:
-            draw = probs if temperature == 1.0 else torch.softmax(logits / temperature, dim=-1)
-            choice = torch.multinomial(draw, 1, generator=generator).squeeze(1)
-        finished = (choice == 0) | ~active
-        for row in torch.nonzero(~finished).flatten().tolist():
-            sequences[row].append(start + int(choice[row]) - 1)
-        banned[torch.arange(batch_size, device=device), choice] |= ~finished
-        banned[:, 0] = False
-        last = torch.where(finished, last, choice - 1)
-        active &= ~finished
-        if not active.any():
-            break
-        step_input = torch.where(active, start + choice - 1, torch.full_like(choice, PAD_ID))[:, None]
-    aggregates = {"noisy_or": 1 - torch.exp(log_none), "sum": total}
-    if step_weight is not None:
-        aggregates["weighted"] = weighted
-    return DecodeResult(sequences=sequences, aggregates=aggregates)
