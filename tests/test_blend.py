@@ -89,7 +89,7 @@ def test_a_blend_that_wins_rmse_by_losing_per_cell_pearson_is_refused():
 def test_the_weight_grid_is_the_simplex():
     grid = simplex_grid(3, 0.05)
     assert len(grid) == 231 and np.allclose(grid.sum(1), 1.0) and (grid >= 0).all()
-    with pytest.raises(ValueError, match="divide 1"):
+    with pytest.raises(ValueError, match="--weight_step must divide 1"):
         simplex_grid(3, 0.3)
 
 
@@ -165,6 +165,7 @@ def test_the_shipped_predictor_is_the_recorded_blend_of_its_parts(dataset, tmp_p
         assert held["cells"] == 40 and set(held["rmse"]) == {"blend", "mean", "kernel", "transformer"}
         assert held["rmse"]["blend"] <= held["rmse"]["mean"] + 1e-12 and held["pearson"]["blend"] >= held["pearson"]["mean"] - 1e-12
         assert ("kernel_against_mean" in record) == (few_cells > 40)
+        assert set(held.get("auroc", {})) == ({"blend", "mean", "kernel", "transformer"} if direction == "gex2atac" else set())
         sentences = source_sentences(test, direction, shipped.meta)
         target = "atac" if direction == "gex2atac" else "gex"
         expected = w["transformer"] * parts.predict_matrix(sentences, direction)

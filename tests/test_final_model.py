@@ -208,8 +208,7 @@ def test_the_source_kernel_predicts_what_svd_krr_predicts():
     """``SourceKernel`` (plain arrays in the folder) gives the fitted ``svd_krr`` regression's predictions, both source modalities."""
     import scipy.sparse as sp
 
-    from evaluation.baselines import SvdKrrBaseline
-    from translator.source_kernel import SourceKernel, source_indicator
+    from translator.source_kernel import SourceKernel, SvdKrrBaseline, source_indicator
 
     def binary(shape, seed):
         x = sp.random(*shape, density=0.06, random_state=seed, format="csr", dtype=np.float32)
@@ -228,8 +227,9 @@ def test_the_source_kernel_predicts_what_svd_krr_predicts():
     assert source_indicator(ids, (7, 12)).toarray().tolist() == [[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 1]]
 
 
-def test_a_stacked_folder_blends_its_matrix_with_the_source_kernel(folds, tmp_path):
-    """``python -m translator.stack``: settings and weight from the pool's held-out readings, (1 - w) * model + w * kernel at predict time."""
+def test_a_stacked_folder_blends_its_matrix_with_the_source_kernel_and_the_mean(folds, tmp_path):
+    """``python -m translator.stack --pool``: weights chosen on fold models' held-out readings; at predict time
+    ``w_t * model + w_k * kernel + w_m * mean``, the kernel and the mean fitted on the folder's cells."""
     import shutil
 
     import datasets
@@ -237,8 +237,8 @@ def test_a_stacked_folder_blends_its_matrix_with_the_source_kernel(folds, tmp_pa
 
     from evaluation.data import load_split_matrices
     from translator import CellTranslator
+    from translator.predictor import BLEND_FILE
     from translator.source_kernel import source_indicator
-    from translator.stack import WEIGHTS
 
     m0, m1 = folds["models"]
     ens = tmp_path / "ens"
@@ -250,64 +250,41 @@ def test_a_stacked_folder_blends_its_matrix_with_the_source_kernel(folds, tmp_pa
     result = subprocess.run([sys.executable, "-m", "translator.stack", "--model", str(out), "--dataset_dir", str(folds["all"]), *pool],
                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert len([line for line in result.stdout.splitlines() if "held-out RMSE" in line]) == 2
     readout = json.loads((out / "readout.json").read_text())
-    calibration = readout["calibration"]
     plain, stacked = CellTranslator.from_pretrained(ens), CellTranslator.from_pretrained(out)
-    for direction, record in readout["source_kernel"].items():
-        assert record["weight"] in WEIGHTS and record["fit_cells"] == 221 and record["pooled_cells"] == 221
-        assert record["pooled_from"] == [["m0", "f0"], ["m1", "f1"]]
-        rmse = record["pooled_rmse"]
-        assert rmse["stack"] <= min(rmse["model"], rmse["kernel"]) + 1e-12
-        assert rmse["stack"] == min(record["pooled_rmse_by_weight"].values())
-        # the model's pooled error, recomputed: each fold model with the folder's calibration reading the cells it did not train on
-        sse = n = 0.0
-        for model, data in zip(folds["models"], folds["data"], strict=True):
-            reader = CellTranslator.from_pretrained(model)
-            reader.readout = {**reader.readout, "calibration": calibration}
-            validation = load_split_matrices(data, "validation")
-            column, target = ("gex_text", "atac") if direction == "gex2atac" else ("atac_text", "gex")
-            diff = reader.predict_matrix(validation[column], direction).astype(np.float64) - validation[target].toarray()
-            sse, n = sse + float((diff**2).sum()), n + diff.size
-        assert abs(np.sqrt(sse / n) - rmse["model"]) < 1e-6
+    n_val = [len(datasets.load_from_disk(str(d))["validation"]) for d in folds["data"]]
+    mean_fit = {t: np.asarray(load_split_matrices(folds["all"], "train")[t].mean(axis=0)).ravel() for t in ("gex", "atac")}
     test = datasets.load_from_disk(str(folds["data"][0]))["test"].select(range(20))
-    blended = 0
     for direction, column in (("gex2atac", "gex_text"), ("atac2gex", "atac_text")):
+        record = readout["blend"][direction]
+        w, held = record["weights"], record["held_out"]
+        assert held["cells"] == sum(n_val) == 221 and held["pooled_from"] == n_val and record["mean_fit_cells"] == 221
+        assert held["rmse"]["blend"] <= held["rmse"]["mean"] + 1e-12 and held["pearson"]["blend"] >= held["pearson"]["mean"] - 1e-12
+        assert sum(w.values()) == pytest.approx(1.0)
         sentences = list(test[column])
-        got = stacked.predict_matrix(sentences, direction)
-        if direction not in stacked.blend:
-            np.testing.assert_array_equal(got, plain.predict_matrix(sentences, direction))
-            continue
-        blended += 1
-        weight, kernel = stacked.blend[direction].weights["kernel"], stacked.blend[direction].kernel
-        ids = stacked.encode_sources(sentences, direction, allow_empty=True)
-        kernel_matrix = kernel.predict(source_indicator(ids, stacked.ranges["gex" if direction == "gex2atac" else "atac"]))
-        np.testing.assert_allclose(got, (1 - weight) * plain.predict_matrix(sentences, direction) + weight * kernel_matrix, rtol=1e-5, atol=1e-6)
-        assert not np.allclose(got, plain.predict_matrix(sentences, direction))
-    assert blended >= 1, readout["source_kernel"]  # on these cells the kernel takes some weight in at least one direction
-    assert "## Source-kernel stack" in (out / "README.md").read_text()
+        expected = w["transformer"] * plain.predict_matrix(sentences, direction) + w["mean"] * mean_fit["atac" if direction == "gex2atac" else "gex"]
+        if w["kernel"] > 0:
+            assert record["kernel"]["fit_cells"] == 221
+            ids = stacked.encode_sources(sentences, direction, allow_empty=True)
+            expected += w["kernel"] * stacked.blend[direction].kernel.predict(source_indicator(ids, stacked.ranges["gex" if direction == "gex2atac" else "atac"]))
+        np.testing.assert_allclose(stacked.predict_matrix(sentences, direction), expected, rtol=1e-5, atol=1e-6)
+    assert "| gex2atac |" in (out / "README.md").read_text().split("## The shipped predictor")[1]
     assert AutoModelForSeq2SeqLM.from_pretrained(str(out)).config.d_model == plain.model.config.d_model
 
-    # --weights 0: the folder predicts as before; bad input: one line naming the flag, the folder untouched
-    zero = tmp_path / "zero"
-    shutil.copytree(m0, zero)
-    from translator.stack import main as stack_main
-
-    assert stack_main(["--model", str(zero), "--dataset_dir", str(folds["all"]), "--weights", "0", *pool]) == 0
-    assert CellTranslator.from_pretrained(zero).blend == {} and not (zero / "source_kernel.safetensors").exists()
-    assert {r["weight"] for r in json.loads((zero / "readout.json").read_text())["source_kernel"].values()} == {0.0}
-    np.testing.assert_array_equal(CellTranslator.from_pretrained(zero).predict_matrix(list(test["atac_text"]), "atac2gex"),
-                                  CellTranslator.from_pretrained(m0).predict_matrix(list(test["atac_text"]), "atac2gex"))
+    # bad input: one line naming the flag, the folder untouched
     before = (out / "readout.json").read_bytes()
     uncalibrated = tmp_path / "uncalibrated"
     shutil.copytree(m0, uncalibrated)
     (uncalibrated / "readout.json").write_text(json.dumps({**json.loads((m0 / "readout.json").read_text()), "calibration": {}}))
-    for args, flag in [([], "--pool"), (["--weights", "1.5", *pool], "--weights"), (["--pool", str(tmp_path / "missing"), str(folds["data"][0])], "--pool"),
+    for args, flag in [([], "--pool"), (["--weight_step", "0.3", *pool], "--weight_step"), (["--pool", str(tmp_path / "missing"), str(folds["data"][0])], "--pool"),
                        (["--model", str(uncalibrated), *pool], "--model")]:
         result = subprocess.run([sys.executable, "-m", "translator.stack", "--model", str(out), "--dataset_dir", str(folds["all"]), *args],
                                 cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], result.stderr[-2000:]
     assert (out / "readout.json").read_bytes() == before and not [p for p in out.iterdir() if p.name.startswith(".")]
-    (out / "source_kernel.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="source_kernel.safetensors"):
-        CellTranslator.from_pretrained(out)
+    if any(r["weights"]["kernel"] > 0 or r["weights"]["mean"] > 0 for r in readout["blend"].values()):
+        (out / BLEND_FILE).unlink()
+        with pytest.raises(FileNotFoundError, match=BLEND_FILE):
+            CellTranslator.from_pretrained(out)

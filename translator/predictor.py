@@ -119,11 +119,17 @@ def score_weights(stats: CellStats, weights: np.ndarray) -> tuple[np.ndarray, np
     return squared, np.clip(pearson, -1.0, 1.0)
 
 
+def check_weight_step(step: float) -> None:
+    """Refuse a step of the weights' grid that does not divide 1."""
+    n = round(1.0 / step) if step > 0 else 0
+    if n < 1 or abs(n * step - 1.0) > 1e-9:
+        raise ValueError(f"--weight_step must divide 1 (e.g. 0.05 or 0.1), got {step}")
+
+
 def simplex_grid(n_parts: int, step: float = WEIGHT_STEP) -> np.ndarray:
     """Every weighting of ``n_parts`` parts on the simplex with the given step (``[candidates, n_parts]``)."""
+    check_weight_step(step)
     n = round(1.0 / step)
-    if n < 1 or abs(n * step - 1.0) > 1e-9:
-        raise ValueError(f"the blend's weight step must divide 1 (e.g. 0.05), got {step}")
     points = [c for c in itertools.product(range(n + 1), repeat=n_parts - 1) if sum(c) <= n]
     return np.array([[*c, n - sum(c)] for c in points], dtype=np.float64) / n
 
@@ -247,7 +253,7 @@ def summary_lines(readout: dict) -> list[str]:
     for direction, record in (readout or {}).get("blend", {}).items():
         held, w = record["held_out"], record["weights"]
         rmse, pearson = held["rmse"], held["pearson"]
-        lines.append(f"{direction} held-out RMSE ({held['cells']} validation cells): blend {rmse['blend']:.6f}, mean {rmse['mean']:.6f}, "
+        lines.append(f"{direction} held-out RMSE ({held['cells']} cells): blend {rmse['blend']:.6f}, mean {rmse['mean']:.6f}, "
                      f"kernel {rmse['kernel']:.6f}, transformer {rmse['transformer']:.6f}; per-cell Pearson: blend {pearson['blend']:.4f}, "
                      f"mean {pearson['mean']:.4f}, kernel {pearson['kernel']:.4f}, transformer {pearson['transformer']:.4f}; "
                      f"weights transformer {w['transformer']:.2f}, kernel {w['kernel']:.2f}, mean {w['mean']:.2f}")
@@ -279,32 +285,52 @@ def card_text(readout: dict) -> str:
 
 
 # -- fitting a model folder's blend -----------------------------------------------------------------------------------------
-def _transformer_readings(translator, ids: list[np.ndarray], direction: str, truth: sp.csr_matrix, batch_size: int, seed: int) -> tuple[np.ndarray, str]:
-    """The transformer's calibrated matrix of validation cells, each part of the cells read with the calibration fitted on the
-    other parts (the shipped calibration was fitted on these very cells)."""
-    from .data import TARGET_MODALITY
-    from .readout import cross_fitted_readout, decode_features, is_profile
+@dataclass
+class HeldOut:
+    """Cells a reader did not train on (``validation``) and the cells it did (``train``): :func:`evaluation.data.load_split_matrices`
+    dicts. The reader is the model folder itself, or a cross-validation fold model read with the folder's calibration."""
 
-    params = (translator.readout.get("calibration") or {}).get(direction)
-    n = len(ids)
-    if params is None or translator.members or n < 2 * CALIBRATION_PARTS:
-        how = "uncalibrated" if params is None else "calibration in-sample"
-        return translator._predict_ids(ids, direction, batch_size, need_sentences=False)[0], how
-    features, _ = decode_features(translator.model, translator.tokenizer, translator.meta, ids, direction,
-                                  translator.ranges[TARGET_MODALITY[direction]], translator.max_target_length, batch_size,
-                                  decode=not is_profile(params), profile_head=translator.profile_head)
-    dense = truth.toarray()
+    reader: object
+    train: dict
+    validation: dict
+
+
+def _transformer_readings(held: Sequence[HeldOut], ids: Sequence[list[np.ndarray]], direction: str, batch_size: int, seed: int) -> tuple[list[np.ndarray], str]:
+    """The transformer's calibrated matrices of the held-out cells, each part of the cells (pooled over the readers) read with the
+    calibration fitted on the other parts: the shipped calibration was fitted on these very cells."""
+    from .data import TARGET_MODALITY
+    from .readout import cross_fitted_readout, decode_features, is_profile, with_row_stats
+
+    target = TARGET_MODALITY[direction]
+    params = (held[0].reader.readout.get("calibration") or {}).get(direction)
+    n = sum(len(x) for x in ids)
+
+    def in_sample(how: str) -> tuple[list[np.ndarray], str]:
+        return [h.reader._predict_ids(x, direction, batch_size, need_sentences=False)[0] for h, x in zip(held, ids, strict=True)], how
+
+    if params is None:
+        return in_sample("uncalibrated")
+    if any(h.reader.members for h in held) or n < 2 * CALIBRATION_PARTS:
+        return in_sample("calibration in-sample")
+    parts = []
+    for h, x in zip(held, ids, strict=True):
+        features, _ = decode_features(h.reader.model, h.reader.tokenizer, h.reader.meta, x, direction, h.reader.ranges[target],
+                                      h.reader.max_target_length, batch_size, decode=not is_profile(params), profile_head=h.reader.profile_head)
+        parts.append(with_row_stats(features, h.reader.meta, len(x)) if len(held) > 1 else features)
+    features = {key: np.concatenate([np.asarray(f[key]) for f in parts]) for key in parts[0]}
+    dense = sp.vstack([h.validation[target] for h in held]).toarray()
     out = np.empty(dense.shape, dtype=np.float32)
-    for rows, prediction in cross_fitted_readout(features, dense, direction, translator.meta, params["aggregation"], CALIBRATION_PARTS, seed):
-        if prediction is None:  # a part whose other parts are all 0 or all 1: read every cell with the shipped calibration
-            return translator._predict_ids(ids, direction, batch_size, need_sentences=False)[0], "calibration in-sample"
+    for rows, prediction in cross_fitted_readout(features, dense, direction, held[0].reader.meta, params["aggregation"], CALIBRATION_PARTS, seed):
+        if prediction is None:  # a part whose other parts are all 0 or all 1
+            return in_sample("calibration in-sample")
         out[rows] = prediction
-    return out, f"calibration cross-fitted over {CALIBRATION_PARTS} parts"
+    bounds = np.cumsum([0, *(len(x) for x in ids)])
+    return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)], f"calibration cross-fitted over {CALIBRATION_PARTS} parts"
 
 
 def _refit_kernel(src: str, tgt: str, settings: tuple, x: sp.csr_matrix, y: sp.csr_matrix, grid: dict, max_landmarks: int, seed: int):
     """``svd_krr`` with the chosen ``(n_components, gamma_scale, alpha)`` fitted on ``x`` / ``y`` (embedding as wide as when tuned)."""
-    from evaluation.baselines import SvdKrrBaseline
+    from .source_kernel import SvdKrrBaseline
 
     n_components, gamma_scale, alpha = settings
     model = SvdKrrBaseline(src, tgt, n_components=n_components, gamma_scale=gamma_scale, alpha=alpha, max_landmarks=max_landmarks, seed=seed)
@@ -315,95 +341,120 @@ def _predict(model, x: sp.csr_matrix) -> np.ndarray:
     return np.vstack(list(model.predict_chunks(x))).astype(np.float32)
 
 
+def _pooled_settings(src: str, tgt: str, folds: Sequence[tuple], grid: dict, max_landmarks: int, seed: int) -> tuple[tuple, list]:
+    """The kernel settings with the lowest squared error pooled over ``folds`` (``(x_fit, y_fit, x_held, y_held)``), and each
+    fold's kernel tuned on its own held cells."""
+    from .source_kernel import SvdKrrBaseline
+
+    sse: dict[tuple, float] = {}
+    tuned = []
+    for x_fit, y_fit, x_held, y_held in folds:
+        model, trials = SvdKrrBaseline.tune(src, tgt, (x_fit, y_fit), (x_held, y_held), grid=grid, max_landmarks=max_landmarks, seed=seed)
+        tuned.append(model)
+        for t in trials:
+            key = (t["n_components"], t["gamma_scale"], t["alpha"])
+            sse[key] = sse.get(key, 0.0) + t["validation_rmse"] ** 2 * x_held.shape[0]
+    return min(sse, key=sse.get), tuned
+
+
+def _held_kernel(src: str, tgt: str, folds: Sequence[tuple], grid: dict, max_landmarks: int, seed: int) -> tuple[tuple, list[np.ndarray], list[np.ndarray]]:
+    """The kernel settings pooled over ``folds``, and each fold's held cells as predicted by the kernel and the mean of its fit cells."""
+    settings, tuned = _pooled_settings(src, tgt, folds, grid, max_landmarks, seed)
+    kernels, means = [], []
+    for (x_fit, y_fit, x_held, _), model in zip(folds, tuned, strict=True):
+        if (model.n_components, model.gamma_scale, model.alpha) != settings:
+            model = _refit_kernel(src, tgt, settings, x_fit, y_fit, grid, max_landmarks, seed)
+        kernels.append(_predict(model, x_held))
+        means.append(np.asarray(y_fit.mean(axis=0), dtype=np.float32).ravel())
+    return settings, kernels, means
+
+
+def _merge(stats: Sequence[CellStats]) -> CellStats:
+    return CellStats(*(np.concatenate([getattr(s, name) for s in stats]) for name in ("gram", "cross", "sums", "truth_sq", "truth_sum")),
+                     n_features=stats[0].n_features)
+
+
 def _kfold_kernel(src: str, tgt: str, x: sp.csr_matrix, y: sp.csr_matrix, n_val: int, grid: dict, max_landmarks: int, seed: int,
                   step: float) -> tuple[tuple, float, np.ndarray, np.ndarray, dict]:
     """Few validation cells: the kernel's settings and its weight against the mean by k-fold over ``x``/``y`` (train then
-    validation rows). Returns the settings, the kernel weight, and the out-of-fold kernel and mean matrices of the last
-    ``n_val`` rows (the validation cells)."""
-    from evaluation.baselines import SvdKrrBaseline
-
+    validation rows). Returns the settings, the kernel weight, the out-of-fold kernel and mean matrices of the last ``n_val``
+    rows (the validation cells), and the record."""
     n = x.shape[0]
-    folds = min(FOLDS, n)
-    fold = np.random.default_rng(seed).permutation(n) % folds
-    sse: dict[tuple, float] = {}
-    for f in range(folds):
-        rest, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        _, trials = SvdKrrBaseline.tune(src, tgt, (x[rest], y[rest]), (x[held], y[held]), grid=grid, max_landmarks=max_landmarks, seed=seed)
-        for t in trials:
-            key = (t["n_components"], t["gamma_scale"], t["alpha"])
-            sse[key] = sse.get(key, 0.0) + t["validation_rmse"] ** 2 * len(held)
-    settings = min(sse, key=sse.get)
+    n_folds = min(FOLDS, n)
+    fold = np.random.default_rng(seed).permutation(n) % n_folds
+    splits = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(n_folds)]
+    settings, kernels, means = _held_kernel(src, tgt, [(x[rest], y[rest], x[held], y[held]) for rest, held in splits], grid, max_landmarks, seed)
+    stats = _merge([cell_stats([k, m], y[held]) for (_, held), k, m in zip(splits, kernels, means, strict=True)])
+    choice = choose_weights(stats, simplex_grid(2, step), mean_part=1)
     kernel_oof, mean_oof = np.empty((n_val, y.shape[1]), np.float32), np.empty((n_val, y.shape[1]), np.float32)
-    stats = []
-    for f in range(folds):
-        rest, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        k = _predict(_refit_kernel(src, tgt, settings, x[rest], y[rest], grid, max_landmarks, seed), x[held])
-        m = np.asarray(y[rest].mean(axis=0), dtype=np.float32).ravel()
-        stats.append(cell_stats([k, m], y[held]))
+    for (_, held), k, m in zip(splits, kernels, means, strict=True):
         val = held >= n - n_val
         kernel_oof[held[val] - (n - n_val)] = k[val]
         mean_oof[held[val] - (n - n_val)] = m
-    merged = CellStats(*(np.concatenate([getattr(s, name) for s in stats]) for name in ("gram", "cross", "sums", "truth_sq", "truth_sum")),
-                       n_features=y.shape[1])
-    grid_kernel = simplex_grid(2, step)
-    choice = choose_weights(merged, grid_kernel, mean_part=1)
-    record = {"folds": folds, "cells": int(n), "kernel_weight": float(choice["weights"][0]), "rmse": choice["rmse"], "mean_rmse": choice["mean_rmse"]}
+    record = {"folds": n_folds, "cells": int(n), "kernel_weight": float(choice["weights"][0]), "rmse": choice["rmse"], "mean_rmse": choice["mean_rmse"]}
     return settings, float(choice["weights"][0]), kernel_oof, mean_oof, record
 
 
-def _auroc(parts: dict[str, Callable[[slice], np.ndarray]], truth: sp.csr_matrix) -> dict[str, float]:
-    """Mean per-cell AUROC of each predictor over the held-out cells."""
+def _auroc(weights: np.ndarray, transformer: Sequence[np.ndarray], kernel: Sequence[np.ndarray], mean: Sequence[np.ndarray],
+           truth: Sequence[sp.csr_matrix]) -> dict[str, float]:
+    """Mean per-cell AUROC of the blend and of each part over the held-out cells (ATAC targets), a chunk of cells at a time."""
     from evaluation.metrics_core import default_chunk_cells, iter_row_chunks, rowwise_auroc
 
-    values: dict[str, list] = {name: [] for name in parts}
-    for rows in iter_row_chunks(truth.shape[0], default_chunk_cells(truth.shape[1])):
-        labels = truth[rows].toarray() > 0
-        for name, part in parts.items():
-            values[name].append(rowwise_auroc(part(rows), labels))
-    return {name: float(np.nanmean(np.concatenate(v))) if np.isfinite(np.concatenate(v)).any() else float("nan") for name, v in values.items()}
+    values: dict[str, list] = {name: [] for name in ("blend", *PARTS)}
+    for t, k, m, y in zip(transformer, kernel, mean, truth, strict=True):
+        for rows in iter_row_chunks(y.shape[0], default_chunk_cells(y.shape[1])):
+            labels = y[rows].toarray() > 0
+            parts = {"transformer": t[rows], "kernel": k[rows], "mean": np.broadcast_to(m if np.ndim(m) == 1 else m[rows], labels.shape)}
+            parts["blend"] = sum(w * parts[name] for w, name in zip(weights, PARTS, strict=True))
+            for name, prediction in parts.items():
+                values[name].append(rowwise_auroc(prediction, labels))
+    return {name: float(np.nanmean(np.concatenate(v))) for name, v in values.items()}
 
 
-def fit_direction(translator, direction: str, train: dict, validation: dict, batch_size: int = 64, seed: int = 0, grid: dict | None = None,
+def _rows(n: int, cap: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, max(1, min(n, cap))).round().astype(np.int64))
+
+
+def fit_direction(held: Sequence[HeldOut], fit: Sequence[dict], direction: str, batch_size: int = 64, seed: int = 0, grid: dict | None = None,
                   max_landmarks: int = 1000, step: float = WEIGHT_STEP, few_cells: int = FEW_CELLS) -> tuple[dict, DirectionBlend]:
     """Choose and fit one direction's blend (see the module docstring): returns ``readout.json``'s record and the blend.
 
-    ``train`` / ``validation``: :func:`evaluation.data.load_split_matrices` of the cells the model trained on and of
-    held-out cells it did not.
+    ``held``: the held-out cells and their readers (one: the folder and its validation cells; several: cross-validation
+    fold models). ``fit``: the cells the shipped kernel and mean are fitted on (:func:`evaluation.data.load_split_matrices`).
     """
-    from evaluation.baselines import KRR_GRID, SvdKrrBaseline
     from evaluation.runner import source_sentences
 
     from .data import SOURCE_MODALITY, TARGET_MODALITY
+    from .source_kernel import KRR_GRID
 
     src, tgt = SOURCE_MODALITY[direction], TARGET_MODALITY[direction]
     grid = grid or KRR_GRID
+    top = held[0].reader
 
-    def indicator(data) -> tuple[list[np.ndarray], sp.csr_matrix]:
-        ids = translator.encode_sources(source_sentences(data, direction, translator.meta), direction, allow_empty=True)
-        return ids, source_indicator(ids, translator.ranges[src])
+    def encoded(reader, data) -> tuple[list[np.ndarray], sp.csr_matrix]:
+        ids = reader.encode_sources(source_sentences(data, direction, reader.meta), direction, allow_empty=True)
+        return ids, source_indicator(ids, reader.ranges[src])
 
-    ids_val, x_val = indicator(validation)
-    _, x_train = indicator(train)
-    y_train, y_val = train[tgt], validation[tgt]
-    n_val = x_val.shape[0]
-    transformer, readings = _transformer_readings(translator, ids_val, direction, y_val, batch_size, seed)
+    val_ids, x_val = zip(*(encoded(h.reader, h.validation) for h in held), strict=True)
+    x_train = [encoded(h.reader, h.train)[1] for h in held]
+    y_train, y_val = [h.train[tgt] for h in held], [h.validation[tgt] for h in held]
+    n_val = sum(x.shape[0] for x in x_val)
+    transformer, readings = _transformer_readings(held, val_ids, direction, batch_size, seed)
     kfold = None
-    if n_val >= few_cells:
-        tuned, _ = SvdKrrBaseline.tune(src, tgt, (x_train, y_train), (x_val, y_val), grid=grid, max_landmarks=max_landmarks, seed=seed)
-        settings = (tuned.n_components, tuned.gamma_scale, tuned.alpha)
-        kernel_val = _predict(tuned, x_val)
-        mean_val = np.broadcast_to(np.asarray(y_train.mean(axis=0), dtype=np.float32).ravel(), y_val.shape)
+    if n_val >= few_cells or len(held) > 1:
+        settings, kernel_val, mean_val = _held_kernel(src, tgt, list(zip(x_train, y_train, x_val, y_val, strict=True)), grid, max_landmarks, seed)
         candidates = simplex_grid(3, step)
-        selection = f"simplex grid, step {step:g}, on {n_val} validation cells"
+        selection = f"simplex grid, step {step:g}, on {n_val} held-out cells"
     else:
-        rows = np.unique(np.linspace(0, x_train.shape[0] - 1, max(1, min(x_train.shape[0], KFOLD_CELLS - n_val))).round().astype(np.int64))
-        x_all, y_all = sp.vstack([x_train[rows], x_val]).tocsr(), sp.vstack([y_train[rows], y_val]).tocsr()
-        settings, v, kernel_val, mean_val, kfold = _kfold_kernel(src, tgt, x_all, y_all, n_val, grid, max_landmarks, seed, step)
+        rows = _rows(x_train[0].shape[0], KFOLD_CELLS - n_val)
+        x_all, y_all = sp.vstack([x_train[0][rows], x_val[0]]).tocsr(), sp.vstack([y_train[0][rows], y_val[0]]).tocsr()
+        settings, v, kernel, mean, kfold = _kfold_kernel(src, tgt, x_all, y_all, n_val, grid, max_landmarks, seed, step)
+        kernel_val, mean_val = [kernel], [mean]
         u = np.round(np.arange(0.0, 1.0 + step / 2, step), 10)[:, None]
         candidates = np.hstack([u, (1 - u) * v, (1 - u) * (1 - v)])
         selection = (f"kernel against mean by {kfold['folds']}-fold over {kfold['cells']} train and validation cells, "
-                     f"the transformer's share (step {step:g}) on {n_val} validation cells")
-    stats = cell_stats([transformer, kernel_val, mean_val], y_val)
+                     f"the transformer's share (step {step:g}) on {n_val} held-out cells")
+    stats = _merge([cell_stats([t, k, m], y) for t, k, m, y in zip(transformer, kernel_val, mean_val, y_val, strict=True)])
     choice = choose_weights(stats, candidates, mean_part=2)
     weights = {p: round(float(w), 10) for p, w in zip(PARTS, choice["weights"], strict=True)}
     alone = {"transformer": (1.0, 0.0, 0.0), "kernel": (0.0, 1.0, 0.0), "mean": (0.0, 0.0, 1.0)}
@@ -412,18 +463,19 @@ def fit_direction(translator, direction: str, train: dict, validation: dict, bat
     held_out = {"cells": int(n_val), "transformer_readings": readings, "selection": selection,
                 "rmse": {name: s[0] for name, s in scores.items()}, "pearson": {name: s[1] for name, s in scores.items()}}
     if tgt == "atac":
-        w = choice["weights"]
-        held_out["auroc"] = _auroc({"blend": lambda r: w[0] * transformer[r] + w[1] * kernel_val[r] + w[2] * mean_val[r],
-                                    "mean": lambda r: mean_val[r], "kernel": lambda r: kernel_val[r], "transformer": lambda r: transformer[r]}, y_val)
+        held_out["auroc"] = _auroc(choice["weights"], transformer, kernel_val, mean_val, y_val)
+    if len(held) > 1:
+        held_out["pooled_from"] = [int(x.shape[0]) for x in x_val]
 
-    # Shipped: the kernel and the mean fitted again on every train and validation cell.
-    x_all, y_all = sp.vstack([x_train, x_val]).tocsr(), sp.vstack([y_train, y_val]).tocsr()
-    mean = np.asarray(y_all.mean(axis=0), dtype=np.float32).ravel()
+    # Shipped: the kernel and the mean fitted again on the fit cells (the train and validation cells of the folder's dataset).
+    x_fit = sp.vstack([encoded(top, d)[1] for d in fit]).tocsr()
+    y_fit = sp.vstack([d[tgt] for d in fit]).tocsr()
+    mean = np.asarray(y_fit.mean(axis=0), dtype=np.float32).ravel()
     kernel, kernel_record = None, None
     if weights["kernel"] > 0:
-        kernel = SourceKernel.from_baseline(_refit_kernel(src, tgt, settings, x_all, y_all, grid, max_landmarks, seed))
-        kernel_record = {**kernel.settings(), "gamma_scale": settings[1], "alpha": settings[2], "fit_cells": int(x_all.shape[0])}
-    record = {"weights": weights, "held_out": held_out, "kernel": kernel_record, "mean_fit_cells": int(y_all.shape[0]),
+        kernel = SourceKernel.from_baseline(_refit_kernel(src, tgt, settings, x_fit, y_fit, grid, max_landmarks, seed))
+        kernel_record = {**kernel.settings(), "gamma_scale": settings[1], "alpha": settings[2], "fit_cells": int(x_fit.shape[0])}
+    record = {"weights": weights, "held_out": held_out, "kernel": kernel_record, "mean_fit_cells": int(y_fit.shape[0]),
               "predicts_the_mean": weights["mean"] == 1.0}
     if kfold:
         record["kernel_against_mean"] = kfold
@@ -431,24 +483,33 @@ def fit_direction(translator, direction: str, train: dict, validation: dict, bat
 
 
 def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, directions: Sequence[str] | None = None, batch_size: int = 64,
-              seed: int = 0, max_cells: int = 1000, max_train_cells: int = 20000, grid: dict | None = None, max_landmarks: int = 1000,
-              step: float = WEIGHT_STEP, few_cells: int = FEW_CELLS) -> dict:
-    """Choose and fit the blend of a trained model folder on its dataset, and write it into the folder.
+              seed: int = 0, pool: Sequence[tuple[str | os.PathLike, str | os.PathLike]] = (), max_cells: int = 1000,
+              max_train_cells: int = 20000, grid: dict | None = None, max_landmarks: int = 1000, step: float = WEIGHT_STEP,
+              few_cells: int = FEW_CELLS, require_held_out: bool = False) -> dict:
+    """Choose and fit the blend of a trained model folder, and write it into the folder.
 
     Parameters
     ----------
     model_dir
-        A folder written by ``train.py`` (calibrated on its validation cells).
+        A folder written by ``train.py`` (or ``translator.ensemble``).
     dataset_dir
-        The dataset it was trained on: its validation cells (at most ``max_cells``, evenly spaced) are the held-out
-        cells; the kernel and the mean fit on its train cells (at most ``max_train_cells``) and, shipped, on both.
+        The dataset it was trained on. Its validation cells (at most ``max_cells``, evenly spaced) are the held-out cells,
+        read by the folder; the kernel and the mean are fitted on its train cells (at most ``max_train_cells``) and, shipped,
+        on its train and validation cells.
+    pool
+        ``(MODEL, DATASET_DIR)`` pairs (cross-validation fold models): the held-out cells are then each ``DATASET_DIR``'s
+        validation cells as ``MODEL`` reads them with the folder's calibration, against a kernel and mean fitted on its
+        train cells (a folder trained on every cell has no validation cells of its own).
     directions
         Default: every calibrated direction.
+    require_held_out
+        Without held-out cells (no ``pool``, no validation split), raise ``ValueError`` instead of a warning.
 
     Returns
     -------
-    ``readout.json``'s new ``blend`` entry (``{direction: record}``); empty, with a warning, when the dataset has no
-    validation cells. The folder changes only at the end: ``blend.safetensors``, then ``readout.json``.
+    ``readout.json``'s new ``blend`` entry (``{direction: record}``); empty, with a warning, when there are no held-out
+    cells. The folder changes only at the end: ``blend.safetensors``, ``readout.json``, then the card's section on the
+    shipped predictor (``README.md``, when the folder has one).
     """
     import datasets
     from safetensors.numpy import save
@@ -459,6 +520,7 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
 
     from .api import CellTranslator
     from .readout import READOUT_FILE
+    from .recalibrate import check_pool
     from .source_kernel import KERNEL_FILE
 
     folder = Path(model_dir)
@@ -466,22 +528,40 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
     if not folder.is_dir() or not readout_path.exists():
         raise FileNotFoundError(f"--model {folder}: not a model folder written by train.py")
     readout = json.loads(readout_path.read_text())
+    meta = read_meta(folder)
     check_vocabulary(load_tokenizer(folder), read_meta(dataset_dir), what=f"--dataset_dir {dataset_dir}")
     splits = datasets.load_from_disk(str(dataset_dir))
-    if "validation" not in splits or not len(splits["validation"]):
-        logger.warning("%s has no validation cells: the shipped predictor is the transformer alone, not checked against the per-feature mean", dataset_dir)
+    has_validation = "validation" in splits and len(splits["validation"]) > 0
+    if pool and not readout.get("calibration"):
+        raise ValueError(f"--model {folder} has no readout calibration to read the pool with; calibrate it first (python -m translator.recalibrate)")
+    if not pool and not has_validation:
+        if require_held_out:
+            raise ValueError(f"--dataset_dir {dataset_dir} has no validation cells to choose the weights on; give --pool MODEL DATASET_DIR (fold models)")
+        logger.warning("%s has no validation cells: the shipped predictor is the transformer alone, not checked against the per-feature mean "
+                       "(choose its blend on fold models' readings: python -m translator.stack --model %s --dataset_dir %s --pool MODEL DATASET_DIR ...)",
+                       dataset_dir, folder, dataset_dir)
         return {}
+    check_pool(pool, meta)
     started = time.perf_counter()
-    translator = CellTranslator.from_pretrained(folder)
-    translator.blend = {}  # the parts as they are, without any blend the folder holds already
+    top = CellTranslator.from_pretrained(folder)
+    top.blend = {}  # the parts as they are, without any blend the folder holds already
+    calibration = readout.get("calibration") or {}
+    held = []
+    for pool_model, pool_data in pool or [(folder, dataset_dir)]:
+        if Path(pool_model).resolve() == folder.resolve():
+            reader = top
+        else:
+            reader = CellTranslator.from_pretrained(pool_model)
+            reader.readout = {**reader.readout, "calibration": calibration}
+            reader.blend, reader.members = {}, []
+        held.append(HeldOut(reader, load_split_matrices(pool_data, "train", max_train_cells), load_split_matrices(pool_data, "validation", max_cells)))
+    fit = [load_split_matrices(dataset_dir, "train", max_train_cells), *([load_split_matrices(dataset_dir, "validation")] if has_validation else [])]
     args_path = folder / "training_args.json"
     trained = json.loads(args_path.read_text()).get("directions") if args_path.exists() else None
-    directions = list(directions or readout.get("calibration") or trained or ("gex2atac", "atac2gex"))
-    train = load_split_matrices(dataset_dir, "train", max_train_cells)
-    validation = load_split_matrices(dataset_dir, "validation", max_cells)
+    directions = list(directions or calibration or trained or ("gex2atac", "atac2gex"))
     records, arrays = {}, {}
     for direction in directions:
-        record, blend = fit_direction(translator, direction, train, validation, batch_size, seed, grid, max_landmarks, step, few_cells)
+        record, blend = fit_direction(held, fit, direction, batch_size, seed, grid, max_landmarks, step, few_cells)
         records[direction] = record
         if blend.mean is not None:
             arrays[f"{direction}.mean"] = blend.mean
@@ -491,7 +571,7 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
         for line in summary_lines({"blend": {direction: record}}):
             logger.info("%s", line)
         if record["predicts_the_mean"]:
-            logger.warning("%s: no blend of the transformer and the source kernel beat the per-feature mean on %d held-out validation cells; "
+            logger.warning("%s: no blend of the transformer and the source kernel beat the per-feature mean on %d held-out cells; "
                            "the model folder predicts the per-feature mean", direction, record["held_out"]["cells"])
     readout["blend"] = records
     readout.pop("source_kernel", None)
@@ -500,6 +580,20 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
     write_text_atomic(readout_path, json.dumps(readout, indent=2))
     if not arrays:
         (folder / BLEND_FILE).unlink(missing_ok=True)
-    (folder / KERNEL_FILE).unlink(missing_ok=True)  # a source kernel of an earlier stack, replaced by the blend
+    (folder / KERNEL_FILE).unlink(missing_ok=True)  # a two-part stack's kernel, superseded by blend.safetensors
+    update_card(folder / "README.md", readout)
     logger.info("blend of %s fitted in %.1f s", ", ".join(directions), time.perf_counter() - started)
     return records
+
+
+def update_card(card: Path, readout: dict) -> None:
+    """Rewrite the model card's section on the shipped predictor (the rest of the card as it is)."""
+    heading = "## The shipped predictor\n"
+    if not card.exists() or heading not in card.read_text():
+        return
+    text = card.read_text()
+    start = text.index(heading) + len(heading)
+    end = text.find("\n## ", start)
+    from dataset_builder.outputs import write_text_atomic
+
+    write_text_atomic(card, text[:start] + "\n" + card_text(readout) + "\n" + (text[end:] if end >= 0 else ""))

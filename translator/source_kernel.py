@@ -1,16 +1,224 @@
-"""The source kernel of a stacked model folder (``python -m translator.stack``): an ``svd_krr`` regression kept as plain arrays.
+"""The kernel ridge regression on the source names: fitted (``svd_krr``) and kept as plain arrays.
 
-``CellTranslator`` loads it from ``source_kernel.safetensors`` and blends its prediction from the source sentence's names
-into the calibrated matrix: ``(1 - w) * model + w * kernel`` (weights in ``readout.json``'s ``source_kernel``).
+- :class:`SvdKrrBaseline`: an RBF kernel ridge regression from the source's SVD / PCA space (:class:`SourceEmbedding`) to the
+  target's PCA, fitted on train and tuned on validation: ``eval.py``'s ``svd_krr`` baseline, and the ``kernel`` part of the
+  shipped predictor (:mod:`translator.predictor`).
+- :class:`SourceKernel`: a fitted regression as plain arrays (``blend.safetensors``); ``CellTranslator`` predicts with it
+  from the names of a source sentence (:func:`source_indicator`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+from sklearn.decomposition import PCA, TruncatedSVD
+from sklearn.feature_extraction.text import TfidfTransformer
+from sklearn.kernel_approximation import Nystroem
+
+from evaluation.metrics_core import default_chunk_cells, iter_row_chunks
+
+MODALITIES = ("gex", "atac")
+KRR_GRID = {"n_components": (32, 64), "gamma_scale": (0.1, 0.3, 1.0, 3.0), "alpha": (0.1, 1.0, 10.0, 100.0)}
+
+
+def check_modality(name: str, value: str) -> None:
+    """Refuse a modality name other than ``gex`` / ``atac`` (``name``: what it was given as)."""
+    if value not in MODALITIES:
+        raise ValueError(f"{name} must be one of {MODALITIES}, got {value!r}")
+
+
+def clip_prediction(values: np.ndarray, target: str) -> np.ndarray:
+    """Clip predictions into the valid range of the target modality (in place, returned)."""
+    if target == "atac":
+        return np.clip(values, 0.0, 1.0, out=values)
+    return np.maximum(values, 0.0, out=values)
+
+
+def rmse(prediction_chunks: Iterator[np.ndarray], truth: sp.csr_matrix, chunk_cells: int) -> float:
+    """RMSE of predictions given chunk by chunk (rows in order) against a sparse truth."""
+    sse = 0.0
+    for rows, pred in zip(iter_row_chunks(truth.shape[0], chunk_cells), prediction_chunks, strict=True):
+        diff = np.asarray(pred, dtype=np.float64) - truth[rows].toarray()
+        sse += float(np.einsum("ij,ij->", diff, diff))
+    return float(np.sqrt(sse / (truth.shape[0] * truth.shape[1])))
+
+
+class SourceEmbedding:
+    """Low-dimensional embedding of a source matrix, fit on train.
+
+    GEX: log-norm scaled to unit variance per gene (values capped at 10, as scanpy's ``scale``), then PCA
+    (centring stays implicit, so the matrix stays sparse). ATAC: TF-IDF, then TruncatedSVD (LSI).
+    """
+
+    def __init__(self, source: str, n_components: int, seed: int = 0) -> None:
+        check_modality("source", source)
+        self.source, self.n_components, self.seed = source, int(n_components), seed
+
+    def _prepare(self, x: sp.csr_matrix) -> sp.csr_matrix:
+        x = sp.csr_matrix(x, dtype=np.float32)
+        if self.source == "atac":
+            return self.tfidf.transform(x)
+        x = sp.csr_matrix(x @ sp.diags(self.inv_sd))
+        np.minimum(x.data, 10.0, out=x.data)
+        return x
+
+    def fit(self, x: sp.csr_matrix) -> SourceEmbedding:
+        x = sp.csr_matrix(x, dtype=np.float32)
+        n_comp = max(1, min(self.n_components, min(x.shape) - 1))
+        if self.source == "atac":
+            self.tfidf = TfidfTransformer(norm="l2").fit(x)
+            self.reducer = TruncatedSVD(n_components=n_comp, n_iter=7, random_state=self.seed)
+        else:
+            mean = np.asarray(x.mean(axis=0)).ravel()
+            var = np.asarray(x.multiply(x).mean(axis=0)).ravel() - mean**2
+            self.inv_sd = (1.0 / (np.sqrt(np.maximum(var, 0.0)) + 1e-3)).astype(np.float32)
+            self.reducer = PCA(n_components=n_comp, svd_solver="arpack", random_state=self.seed)
+        self.reducer.fit(self._prepare(x))
+        return self
+
+    def transform(self, x: sp.csr_matrix, n_components: int | None = None) -> np.ndarray:
+        z = self.reducer.transform(self._prepare(x))
+        return z[:, : n_components or z.shape[1]]
+
+
+class SvdKrrBaseline:
+    """RBF kernel ridge regression from a source SVD space to a target PCA space (Nystroem features).
+
+    The kernel width is ``gamma = gamma_scale / median squared distance`` between train embeddings,
+    so the grid does not depend on the scale of the data.
+    """
+
+    name = "svd_krr"
+
+    def __init__(
+        self,
+        source: str,
+        target: str,
+        n_components: int = 64,
+        target_components: int = 64,
+        gamma_scale: float = 1.0,
+        alpha: float = 1.0,
+        max_landmarks: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        check_modality("target", target)
+        self.source, self.target = source, target
+        self.n_components, self.target_components = int(n_components), int(target_components)
+        self.gamma_scale, self.alpha = float(gamma_scale), float(alpha)
+        self.max_landmarks, self.seed = int(max_landmarks), seed
+
+    def _fit_target(self, target_train: sp.csr_matrix) -> np.ndarray:
+        target_train = sp.csr_matrix(target_train, dtype=np.float32)
+        n_comp = max(1, min(self.target_components, min(target_train.shape) - 1))
+        # arpack PCA centres the sparse target implicitly (no dense copy)
+        self.target_pca = PCA(n_components=n_comp, svd_solver="arpack", random_state=self.seed).fit(target_train)
+        return self.target_pca.transform(target_train)
+
+    def _embed(self, source: sp.csr_matrix, n_components: int) -> np.ndarray:
+        return self.embedding.transform(source, n_components) / self.scale
+
+    def _features(self, z: np.ndarray, n_components: int, gamma_scale: float) -> tuple[Nystroem, np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        sample = z[rng.choice(z.shape[0], size=min(1000, z.shape[0]), replace=False)]
+        d2 = ((sample[:, None, :] - sample[None, :, :]) ** 2).sum(-1)
+        median = float(np.median(d2[np.triu_indices(sample.shape[0], 1)])) or 1.0
+        m = min(self.max_landmarks, z.shape[0])
+        mapper = Nystroem(kernel="rbf", gamma=gamma_scale / median, n_components=m, random_state=self.seed).fit(z)
+        return mapper, mapper.transform(z)
+
+    def _solve(self, phi: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> dict[float, np.ndarray]:
+        # ridge in the Nystroem feature space, one eigendecomposition for every alpha
+        gram = phi.T @ phi
+        evals, evecs = np.linalg.eigh(gram)
+        proj = evecs.T @ (phi.T @ y)
+        return {a: evecs @ (proj / (np.maximum(evals, 0.0) + a)[:, None]) for a in alphas}
+
+    def fit(self, source_train: sp.csr_matrix, target_train: sp.csr_matrix) -> SvdKrrBaseline:
+        self._prepare(source_train, target_train)
+        z = self._embed(source_train, self.n_components)
+        self.mapper, phi = self._features(z, self.n_components, self.gamma_scale)
+        self.coef = self._solve(phi, self.y_train, [self.alpha])[self.alpha]
+        return self
+
+    def refit(self, source: sp.csr_matrix, target: sp.csr_matrix, embed_components: int | None = None) -> SvdKrrBaseline:
+        """Fit again on other cells with the settings chosen (the embedding as wide as when tuned, then cut).
+
+        ``embed_components``: that width for a model never tuned (default: the tuned embedding's).
+        """
+        chosen, self.n_components = self.n_components, embed_components or self.embedding.n_components
+        self._prepare(source, target)
+        self.n_components = chosen
+        self.mapper, phi = self._features(self._embed(source, chosen), chosen, self.gamma_scale)
+        self.coef = self._solve(phi, self.y_train, [self.alpha])[self.alpha]
+        return self
+
+    def _prepare(self, source_train: sp.csr_matrix, target_train: sp.csr_matrix) -> None:
+        self.embedding = SourceEmbedding(self.source, self.n_components, self.seed).fit(source_train)
+        z = self.embedding.transform(source_train)
+        self.scale = float(np.sqrt((z**2).sum(axis=1).mean())) or 1.0
+        self.y_train = self._fit_target(target_train)
+        self.n_features = target_train.shape[1]
+
+    def _predict_rows(self, source: sp.csr_matrix) -> np.ndarray:
+        latent = self.mapper.transform(self._embed(source, self.n_components)) @ self.coef
+        values = self.target_pca.inverse_transform(latent).astype(np.float32)
+        return clip_prediction(values, self.target)
+
+    def predict_chunks(self, source: sp.csr_matrix, chunk_cells: int | None = None) -> Iterator[np.ndarray]:
+        for rows in iter_row_chunks(source.shape[0], chunk_cells or default_chunk_cells(self.n_features)):
+            yield self._predict_rows(source[rows])
+
+    def settings(self) -> dict:
+        return {
+            "n_components": self.n_components,
+            "target_components": int(self.target_pca.n_components_),
+            "gamma_scale": self.gamma_scale,
+            "gamma": float(self.mapper.gamma),
+            "alpha": self.alpha,
+            "landmarks": int(self.mapper.n_components),
+            "tfidf": self.source == "atac",
+        }
+
+    @classmethod
+    def tune(
+        cls,
+        source: str,
+        target: str,
+        train: tuple[sp.csr_matrix, sp.csr_matrix],
+        validation: tuple[sp.csr_matrix, sp.csr_matrix],
+        grid: dict[str, Sequence] | None = None,
+        target_components: int = 64,
+        max_landmarks: int = 1000,
+        seed: int = 0,
+    ) -> tuple[SvdKrrBaseline, list[dict]]:
+        """Fit on train for every grid point, keep the lowest validation RMSE; returns (model, trials)."""
+        grid = grid or KRR_GRID
+        model = cls(
+            source, target, n_components=max(grid["n_components"]), target_components=target_components,
+            max_landmarks=max_landmarks, seed=seed,
+        )
+        model._prepare(*train)
+        val_source, val_target = validation
+        chunk = default_chunk_cells(val_target.shape[1])
+        trials, fitted = [], {}
+        for n_comp, gamma_scale in itertools.product(sorted(grid["n_components"]), grid["gamma_scale"]):
+            model.n_components = n_comp
+            mapper, phi = model._features(model._embed(train[0], n_comp), n_comp, gamma_scale)
+            coefs = model._solve(phi, model.y_train, grid["alpha"])
+            for alpha, coef in coefs.items():
+                model.mapper, model.coef = mapper, coef
+                score = rmse(model.predict_chunks(val_source, chunk), val_target, chunk)
+                trials.append({"n_components": n_comp, "gamma_scale": gamma_scale, "alpha": alpha, "validation_rmse": score})
+                fitted[(n_comp, gamma_scale, alpha)] = (mapper, coef)
+        best = min(trials, key=lambda t: t["validation_rmse"])
+        model.n_components, model.gamma_scale, model.alpha = best["n_components"], best["gamma_scale"], best["alpha"]
+        model.mapper, model.coef = fitted[(best["n_components"], best["gamma_scale"], best["alpha"])]
+        return model, trials
+
 
 KERNEL_FILE = "source_kernel.safetensors"
 _EMBED_KEYS = {"atac": ("idf",), "gex": ("inv_sd", "reducer_mean")}
@@ -42,7 +250,7 @@ class SourceKernel:
 
     @classmethod
     def from_baseline(cls, krr) -> SourceKernel:
-        """From a fitted ``evaluation.baselines.SvdKrrBaseline``."""
+        """From a fitted :class:`SvdKrrBaseline`."""
         emb = krr.embedding
         arrays = {"reducer_components": emb.reducer.components_[: krr.n_components], "landmarks": krr.mapper.components_,
                   "normalization": krr.mapper.normalization_, "coef": krr.coef, "target_components": krr.target_pca.components_,
