@@ -519,6 +519,7 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
     from .api import CellTranslator
+    from .card import set_card_section
     from .readout import READOUT_FILE
     from .recalibrate import check_pool
     from .source_kernel import KERNEL_FILE
@@ -581,19 +582,6 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
     if not arrays:
         (folder / BLEND_FILE).unlink(missing_ok=True)
     (folder / KERNEL_FILE).unlink(missing_ok=True)  # a two-part stack's kernel, superseded by blend.safetensors
-    update_card(folder / "README.md", readout)
+    set_card_section(folder / "README.md", "The shipped predictor", card_text(readout))
     logger.info("blend of %s fitted in %.1f s", ", ".join(directions), time.perf_counter() - started)
     return records
-
-
-def update_card(card: Path, readout: dict) -> None:
-    """Rewrite the model card's section on the shipped predictor (the rest of the card as it is)."""
-    heading = "## The shipped predictor\n"
-    if not card.exists() or heading not in card.read_text():
-        return
-    text = card.read_text()
-    start = text.index(heading) + len(heading)
-    end = text.find("\n## ", start)
-    from dataset_builder.outputs import write_text_atomic
-
-    write_text_atomic(card, text[:start] + "\n" + card_text(readout) + "\n" + (text[end:] if end >= 0 else ""))
