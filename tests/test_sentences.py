@@ -31,8 +31,8 @@ def _same_sentences(path, in_memory, out, **options) -> None:
     meta = json.loads((out / "cell_sentences.json").read_text())
     predicted = {}
     for direction in ("gex2atac", "atac2gex"):
-        sentences, obs, _ = source_sentences_from_anndata(in_memory, direction, meta)
-        predicted[direction] = dict(zip(obs.index, sentences, strict=True))
+        sentences, cells, _ = source_sentences_from_anndata(in_memory, direction, meta)
+        predicted[direction] = dict(zip(cells.obs_names, sentences, strict=True))
     checked = 0
     for split in ("train", "validation", "test"):
         if not meta["splits"].get(split):
