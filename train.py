@@ -637,12 +637,15 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
             calibration_cells = min(len(splits["validation"]), data_args.calibration_cells)
             cap = calibration_cell_cap(budget, model, tokenizer, meta, splits["validation"], data_args.directions, *caps, run.per_device_eval_batch_size, profile_head)
             if cap is not None and cap < calibration_cells:
-                logger.info("--max_train_seconds: %.0f s left, the calibration and the blend decode %d of %d validation cells", budget.left(), cap, calibration_cells)
+                logger.info("--max_train_seconds: %.0f s left, the calibration and the blend decode %d of %d validation cells (the readout chosen on one partition)", budget.left(), cap, calibration_cells)
                 calibration_cells = cap
                 held_out_cap = {"max_cells": cap}  # the blend reads the same cells again
+                selection_repeats = 1  # one partition: the readout's cross-fitted choice costs a tenth
+            else:
+                selection_repeats = data_args.calibration_selection_repeats
             logger.info("calibrating the readout on %s validation cells", calibration_cells)
             calibration = calibrate(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, calibration_cells, run.per_device_eval_batch_size, run.seed, profile_head,
-                                    selection_parts=data_args.calibration_selection_parts, selection_repeats=data_args.calibration_selection_repeats)
+                                    selection_parts=data_args.calibration_selection_parts, selection_repeats=selection_repeats)
             for direction, params in calibration.items():
                 cross = params.get("validation_rmse_cross_fitted")
                 logger.info("%s readout: %s (chosen by %s validation RMSE: %s; per-feature mean %.6f)", direction, params["aggregation"],
