@@ -412,6 +412,8 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
     refit_choices = read_refit_choices(model_args.profile_choices_from, meta, data_args.directions) if model_args.profile_choices_from else None
     config = make_config(model_args.model_size, len(tokenizer), model_args.dropout_rate, data_args.max_target_length)
     splits = datasets.load_from_disk(data_args.dataset_dir)
+    if "validation" not in splits:  # a dataset pushed without its empty validation split and saved back to disk
+        splits["validation"] = splits["train"].select([])
     estimate = check_run_memory(config, model_args, data_args, run, meta, len(splits["validation"]))
     accelerator = Accelerator(
         gradient_accumulation_steps=run.gradient_accumulation_steps,

@@ -433,3 +433,20 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_train_reads_a_dataset_folder_that_has_no_validation_split(setup, tmp_path):
+    """A dataset pushed without validation cells comes back from the Hub with train and test only."""
+    import shutil
+
+    import datasets
+
+    import train
+
+    splits = datasets.load_from_disk(str(setup["data"]))
+    folder = tmp_path / "from_hub"
+    datasets.DatasetDict({"train": splits["train"], "test": splits["test"]}).save_to_disk(str(folder))
+    shutil.copy(setup["data"] / "cell_sentences.json", folder / "cell_sentences.json")
+    out = tmp_path / "model"
+    assert train.main(tiny_args(folder, setup["tok"], out, "--max_steps", "2", "--checkpointing_steps", "0")) == 0
+    assert (out / "model.safetensors").exists()
