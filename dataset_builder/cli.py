@@ -42,7 +42,8 @@ def _chain(err: BaseException):
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         yield err
-        err = err.__cause__ or err.__context__
+        # `raise ... from None` hides the context on purpose (its message already says what to do), as tracebacks do.
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
 
 
 def environment_error(err: BaseException) -> str | None:
