@@ -177,3 +177,17 @@ def test_split_of_one_modality_equals_that_modality_of_the_full_split(tmp_path, 
         np.testing.assert_array_equal(got.indices, want.indices)
         np.testing.assert_array_equal(got.data, want.data)
     assert no_atac.shape == atac.shape and no_atac.nnz == 0 and no_gex.shape == gex.shape and no_gex.nnz == 0
+
+
+def test_prediction_reads_counts_from_the_named_layer(tmp_path):
+    from translator.anndata_io import read_source
+
+    rna, _ = simulate_paired(n_cells=30, n_genes=10, peaks_per_gene=2)
+    rna.layers["raw"] = rna.X.copy()
+    rna.X = rna.X.astype(np.float32)
+    rna.X.data = np.log1p(rna.X.data)
+    with pytest.raises(ValueError, match="--counts_layer NAME"):
+        read_source(rna, "gex2atac")
+    mod, cells = read_source(rna, "gex2atac", counts_layer="raw")
+    assert mod.counts_source == "layers/raw" and (mod.matrix != sp.csr_matrix(rna.layers["raw"])).nnz == 0
+    assert list(cells.obs_names) == list(rna.obs_names) and list(cells.obs.columns) == list(rna.obs.columns)
