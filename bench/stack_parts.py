@@ -1,6 +1,6 @@
-"""Score a stacked model folder (``python -m translator.stack``) and its two parts on one split: RMSE and per-cell Pearson
-of the stack, of the folder without its kernel (the calibrated model or ensemble), of the kernel alone, and of eval.py's
-tuned ``svd_krr`` (``--refit_baselines`` as eval.py). A diagnostic after a read: it chooses nothing.
+"""Score a model folder's blend (``translator.predictor``) and its parts on one split: RMSE and per-cell Pearson of the
+blend, of the folder without it (the calibrated model or ensemble), of its kernel and mean, and of eval.py's tuned
+``svd_krr`` (``--refit_baselines`` as eval.py). A diagnostic after a read: it chooses nothing.
 
     python bench/stack_parts.py --model bmmc_T50rsd1ds5_ens6_stack_v12 --dataset_dir f0 --split test --refit_baselines
 
@@ -28,23 +28,25 @@ def stack_parts(model: str, dataset_dir: str, split: str = "test", refit_baselin
 
     translator = CellTranslator.from_pretrained(model)
     if not translator.blend:
-        raise ValueError(f"--model {model} has no source kernel with a weight above 0; stack it first (python -m translator.stack)")
+        raise ValueError(f"--model {model} has no blend; fit one first (python -m translator.stack)")
+    parts_of = CellTranslator.from_pretrained(model)
+    parts_of.blend = {}  # the calibrated model or ensemble alone
     data, train, validation = (load_split_matrices(dataset_dir, s) for s in (split, "train", "validation"))
     out = {}
     for direction, blend in translator.blend.items():
-        weight, kernel = blend.weights["kernel"], blend.kernel
         source, target = SOURCE_MODALITY[direction], TARGET_MODALITY[direction]
         sentences = source_sentences(data, direction, translator.meta)
         truth = data[target].toarray()
-        stacked = translator.predict_matrix(sentences, direction)
-        kernel_matrix = kernel.predict(source_indicator(translator.encode_sources(sentences, direction, allow_empty=True), translator.ranges[source]))
-        model_part = (stacked - weight * kernel_matrix) / (1.0 - weight) if weight < 1 else None
+        parts = {"blend": translator.predict_matrix(sentences, direction), "transformer": parts_of.predict_matrix(sentences, direction)}
+        if blend.kernel is not None:
+            parts["kernel"] = blend.kernel.predict(source_indicator(translator.encode_sources(sentences, direction, allow_empty=True), translator.ranges[source]))
+        if blend.mean is not None:
+            parts["mean"] = np.broadcast_to(blend.mean, truth.shape)
         baselines, _ = fit_baselines(source, target, (train[source], train[target]), (validation[source], validation[target]), ["svd_krr"],
                                      refit=refit_baselines)
-        svd_krr = np.vstack(list(baselines["svd_krr"].predict_chunks(data[source])))
-        parts = {"stack": stacked, "model_part": model_part, "kernel": kernel_matrix, "svd_krr": svd_krr}
-        out[direction] = {"weight": weight, **{name: {"rmse": float(np.sqrt(((m - truth) ** 2).mean())), "pearson_cell": float(np.nanmean(rowwise_pearson(m, truth)))}
-                                                for name, m in parts.items() if m is not None}}
+        parts["svd_krr"] = np.vstack(list(baselines["svd_krr"].predict_chunks(data[source])))
+        out[direction] = {"weights": blend.weights, **{name: {"rmse": float(np.sqrt(((m - truth) ** 2).mean())), "pearson_cell": float(np.nanmean(rowwise_pearson(m, truth)))}
+                                                       for name, m in parts.items()}}
     return out
 
 
@@ -59,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = stack_parts(args.model, args.dataset_dir, args.split, args.refit_baselines)
     for direction, row in result.items():
         for name, m in row.items():
-            if name != "weight":
-                print(f"{direction} (w {row['weight']:.2f}) {name}: RMSE {m['rmse']:.6f}, per-cell Pearson {m['pearson_cell']:.6f}")
+            if name != "weights":
+                print(f"{direction} {name}: RMSE {m['rmse']:.6f}, per-cell Pearson {m['pearson_cell']:.6f}")
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
     return 0

@@ -136,6 +136,9 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     old = readout.get("calibration") or {}
     readout["calibration"] = new
     write_text_atomic(readout_path, json.dumps(readout, indent=2))
+    if readout.get("blend") and new != old:
+        logger.warning("the blend in %s was chosen for the previous calibration; choose it again: python -m translator.stack --model %s "
+                       "--dataset_dir %s [--pool MODEL DATASET_DIR ...]", readout_path, folder, dataset_dir)
     summary = {}
     for direction, params in new.items():
         before = old.get(direction, {})
