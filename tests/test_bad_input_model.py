@@ -98,7 +98,7 @@ def test_eval_refuses_a_dataset_of_another_vocabulary(setup, tmp_path, capsys):
     out = tmp_path / "eval"
     code, lines = _cli(eval_cli.cli, ["--model", str(setup["model"]), "--dataset_dir", str(setup["other"]),
                                       "--output_dir", str(out), "--baselines", "--no_plots"], capsys)
-    _one_line(code, lines, "other genes", "same features")
+    _one_line(code, lines, "its genes (20) differ from the dataset", "same features")
     assert not out.exists()
 
 
