@@ -121,7 +121,7 @@ def test_bad_final_model_flags_get_one_line_errors(folds, tmp_path):
                         (["--no_validation"], "--no_validation")]:
         result = subprocess.run([sys.executable, "-m", "dataset_builder", "--input", str(folds["root"] / "folds.h5ad"),
                                  "--output_dir", str(tmp_path / "ds"), *extra], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-        lines = result.stderr.strip().splitlines()
+        lines = [line for line in result.stderr.strip().splitlines() if "error:" in line or "Traceback" in line]  # logs may come first
         assert result.returncode == 2 and len(lines) == 1 and flag in lines[0], result.stderr[-2000:]
         assert not (tmp_path / "ds").exists()
 
@@ -187,16 +187,16 @@ def test_an_ensemble_folder_averages_its_members_calibrated_matrices(folds, tmp_
     # --push_to_hub sends the whole folder, members included (the upload calls replaced, nothing leaves the machine)
     import huggingface_hub
 
-    from tests.test_push_model import FakeHfApi
+    from tests.fake_hub import LocalHub
     from translator.ensemble import main as ensemble_main
     from translator.hub import hub_files
 
-    FakeHfApi.calls = []
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    hub = LocalHub(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.api_class())
     assert ensemble_main(["--model", str(m0), "--members", str(m1), "--output_dir", str(tmp_path / "pushed"), "--push_to_hub",
                           "--hub_model_id", "user/ens"]) == 0
-    create, upload = FakeHfApi.calls
-    assert create["repo_id"] == upload["repo_id"] == "user/ens"
+    upload = next(call for call in hub.calls if call["call"] == "upload_folder")
+    assert upload["repo_id"] == "user/ens" and any(call["call"] == "create_repo" for call in hub.calls)
     assert {"model.safetensors", "readout.json", "ensemble/member_0/model.safetensors", "ensemble/member_0/readout.json",
             "ensemble/member_0/profile_head.safetensors"} <= set(upload["files"])
     assert upload["files"] == hub_files(tmp_path / "pushed")
