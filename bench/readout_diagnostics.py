@@ -67,14 +67,14 @@ from translator.data import TARGET_MODALITY as TARGET
 
 
 def _load(model: str, dataset_dir: str):
-    from evaluation.data import load_split_matrices
+    from dataset_builder.records import load_split_matrices
     from translator.api import CellTranslator
 
     return CellTranslator.from_pretrained(model), load_split_matrices(dataset_dir, "train"), load_split_matrices(dataset_dir, "validation")
 
 
 def _states(translator, split: dict, direction: str) -> tuple[list[str], torch.Tensor]:
-    from evaluation.runner import source_sentences
+    from dataset_builder.records import source_sentences
     from translator.profile_fit import profile_states
 
     sentences = source_sentences(split, direction, translator.meta)
@@ -162,8 +162,8 @@ def centre(translator, train: dict, val: dict, directions: Sequence[str], datase
 
 
 def bootstrap(translator, train: dict, val: dict, directions: Sequence[str], resamples: int, seed: int = 0) -> dict:
+    from dataset_builder.records import source_sentences
     from evaluation.baselines import fit_baselines
-    from evaluation.runner import source_sentences
 
     rng = np.random.default_rng(seed)
     out = {}
@@ -186,9 +186,9 @@ def bootstrap(translator, train: dict, val: dict, directions: Sequence[str], res
 
 
 def ensemble(translator, members: Sequence[str], val: dict, directions: Sequence[str]) -> dict:
-    from evaluation.metrics_core import compute_metrics
-    from evaluation.runner import source_sentences
+    from dataset_builder.records import source_sentences
     from translator.api import CellTranslator
+    from translator.metrics_core import compute_metrics
 
     models = [translator, *(CellTranslator.from_pretrained(m) for m in members)]
     out = {}
@@ -294,8 +294,8 @@ def sampled(translator, val: dict, directions: Sequence[str], samples: int, temp
     over a grid of ``w``, chosen on the same pooled cross-fitted predictions it is scored on: an upper bound on what
     the draws add to the profile readout.
     """
-    from evaluation.metrics_core import compute_metrics
-    from evaluation.runner import source_sentences
+    from dataset_builder.records import source_sentences
+    from translator.metrics_core import compute_metrics
     from translator.readout import decode_features
 
     part, selection_parts, selection_repeats = _partition(val, parts, seed, selection_parts, selection_repeats)
@@ -340,8 +340,8 @@ def crossfit(translator, val: dict, directions: Sequence[str], arms: Sequence[Se
              output_dir: str | None, seed: int = 0, selection_parts: int | None = None, selection_repeats: int | None = None) -> dict:
     """Cross-fitted calibration of each arm (a set of aggregations); see the module docstring."""
     from dataset_builder.outputs import write_text_atomic
-    from evaluation.metrics_core import compute_metrics
-    from evaluation.runner import source_sentences
+    from dataset_builder.records import source_sentences
+    from translator.metrics_core import compute_metrics
     from translator.readout import apply_readout, decode_features, fit_readout
 
     part, selection_parts, selection_repeats = _partition(val, parts, seed, selection_parts, selection_repeats)
@@ -379,10 +379,9 @@ def foldpool(models: Sequence[str], dataset_dirs: Sequence[str], directions: Seq
              dataset: str, output_dir: str | None, seed: int = 0, selection_parts: int | None = None, selection_repeats: int | None = None) -> dict:
     """The calibration fitted on pooled folds (see the module docstring): for each fold, arm and mode, the fold's metrics."""
     from dataset_builder.outputs import write_text_atomic
-    from evaluation.data import load_split_matrices
-    from evaluation.metrics_core import compute_metrics
-    from evaluation.runner import source_sentences
+    from dataset_builder.records import load_split_matrices, source_sentences
     from translator.api import CellTranslator
+    from translator.metrics_core import compute_metrics
     from translator.readout import apply_readout, decode_features, fit_readout, with_row_stats
 
     if len(models) != len(dataset_dirs) or len(models) < 2:

@@ -18,12 +18,11 @@ import numpy as np
 
 
 def stack_parts(model: str, dataset_dir: str, split: str = "test", refit_baselines: bool = False) -> dict:
+    from dataset_builder.records import load_split_matrices, source_sentences
     from evaluation.baselines import fit_baselines
-    from evaluation.data import load_split_matrices
-    from evaluation.metrics_core import rowwise_pearson
-    from evaluation.runner import source_sentences
     from translator import CellTranslator
     from translator.data import SOURCE_MODALITY, TARGET_MODALITY
+    from translator.metrics_core import rowwise_pearson
     from translator.source_kernel import source_indicator
 
     translator = CellTranslator.from_pretrained(model)

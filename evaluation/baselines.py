@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import normalize
 
-from evaluation.metrics_core import default_chunk_cells, iter_row_chunks
+from translator.metrics_core import default_chunk_cells, iter_row_chunks
 from translator.source_kernel import (  # noqa: F401 -- svd_krr and the source embedding live with the shipped kernel
     KRR_GRID,
     MODALITIES,

@@ -6,8 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from evaluation.metrics_core import METRIC_KEYS
 from tokenizer import DIRECTION_NAMES
+from translator.metrics_core import METRIC_KEYS
 
 TABLE_KEYS = METRIC_KEYS + ("accuracy_binary_all_zeros",)
 HEADERS = {

@@ -16,13 +16,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dataset_builder.outputs import apply_umask, check_output, folder_kind, write_text_atomic
-from dataset_builder.sentences import BINARY_THRESHOLD, GEX_ENCODINGS, gex_sentences
+from dataset_builder.records import load_split_matrices, source_sentences
 from evaluation import plots
 from evaluation.baselines import BASELINES, fit_baselines
-from evaluation.data import load_split_matrices
-from evaluation.metrics_core import MetricAccumulator, default_chunk_cells, iter_row_chunks, paired_bootstrap
 from evaluation.report import markdown_table, results_json
 from tokenizer import DIRECTIONS, SOURCE_MODALITY, TARGET_MODALITY, check_same_features
+from translator.metrics_core import MetricAccumulator, default_chunk_cells, iter_row_chunks, paired_bootstrap
 
 ACCURACY_DEFINITION = (
     "accuracy_binary = share of cell x feature entries where the binarized prediction equals the binarized truth; "
@@ -73,20 +72,6 @@ def translator_predictor(model: str | os.PathLike, batch_size: int = 64, allow_p
         return translator.predict_matrix(list(sentences), direction=direction, batch_size=batch_size, return_sentences=True)
 
     return predict, translator.meta
-
-
-def source_sentences(data: dict, direction: str, model_meta: dict | None) -> list[str]:
-    """Source sentences of the split, re-made in the model's own GEX encoding when it differs."""
-    if direction == "atac2gex":
-        return data["atac_text"]
-    meta = model_meta or {}
-    encoding = meta.get("gex_encoding", data["meta"].get("gex_encoding", "rank"))
-    if encoding == data["meta"].get("gex_encoding", "rank") and meta.get("binary_threshold") in (None, data["meta"].get("binary_threshold")):
-        return data["gex_text"]
-    if encoding not in GEX_ENCODINGS:
-        raise ValueError(f"the model's cell_sentences.json has an unknown gex_encoding {encoding!r}")
-    threshold = float(meta.get("binary_threshold", BINARY_THRESHOLD))
-    return gex_sentences(data["gex_ranking"], data["genes"], gex_encoding=encoding, threshold=threshold).to_pylist()
 
 
 def _check_features(model_meta: dict | None, data: dict, name: str) -> None:
@@ -233,7 +218,7 @@ def run_evaluation(
         Where the model and seed model run: ``auto`` / None (a GPU when torch sees one), ``cpu``, ``cuda[:N]``.
     bootstrap
         With a model and ``bootstrap`` > 0: that many paired bootstrap resamples of the cells
-        (:func:`evaluation.metrics_core.paired_bootstrap`, seeded by ``seed``), recorded per direction under ``bootstrap``:
+        (:func:`translator.metrics_core.paired_bootstrap`, seeded by ``seed``), recorded per direction under ``bootstrap``:
         how often the model stays first on each headline metric, and its margin over each method with a standard deviation.
 
     Returns

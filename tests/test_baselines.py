@@ -12,8 +12,8 @@ from evaluation.baselines import (
     ZerosBaseline,
     fit_baselines,
 )
-from evaluation.metrics_core import compute_metrics
 from tests.conftest import shared_file
+from translator.metrics_core import compute_metrics
 
 SMALL_KNN = {"n_components": (8, 16), "k": (10, 30), "prior": (0.0, 10.0)}
 SMALL_KRR = {"n_components": (8, 16), "gamma_scale": (0.3, 1.0), "alpha": (0.1, 1.0)}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from evaluation.metrics_core import rowwise_pearson
+from translator.metrics_core import rowwise_pearson
 from translator.predictor import BLEND_FILE, cell_stats, choose_weights, score_weights, simplex_grid
 
 
@@ -142,8 +142,7 @@ def dataset(tmp_path_factory):
 
 @pytest.mark.parametrize("few_cells", [100, 0])  # 40 validation cells: k-fold for the kernel's part, or the simplex on validation
 def test_the_shipped_predictor_is_the_recorded_blend_of_its_parts(dataset, tmp_path, few_cells):
-    from evaluation.data import load_split_matrices
-    from evaluation.runner import source_sentences
+    from dataset_builder.records import load_split_matrices, source_sentences
     from translator import CellTranslator
     from translator.predictor import fit_blend
     from translator.source_kernel import source_indicator
@@ -179,8 +178,7 @@ def test_the_shipped_predictor_is_the_recorded_blend_of_its_parts(dataset, tmp_p
 
 
 def test_a_predictor_that_cannot_beat_the_mean_ships_the_mean_with_a_warning(dataset, tmp_path, caplog):
-    from evaluation.data import load_split_matrices
-    from evaluation.runner import source_sentences
+    from dataset_builder.records import load_split_matrices, source_sentences
     from translator import CellTranslator
     from translator.predictor import fit_blend
 

@@ -14,13 +14,12 @@ import torch
 import yaml
 
 import eval as eval_cli
-from dataset_builder.records import sentence_matrix
+from dataset_builder.records import load_split_matrices, sentence_matrix
 from dataset_builder.sentences import gex_sentences
-from evaluation.data import load_split_matrices
-from evaluation.metrics_core import METRIC_KEYS, metric_keys
 from evaluation.runner import portable_command, run_evaluation
 from translator.api import device_name, resolve_device
 from translator.card import merge_model_index
+from translator.metrics_core import METRIC_KEYS, metric_keys
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -172,7 +171,7 @@ def test_bootstrap_says_how_firmly_the_model_leads(dataset_dir, tmp_path):
 def test_paired_bootstrap_of_two_equally_good_methods_is_a_coin_flip():
     """Two predictions with noise of the same size: neither leads firmly; the margin sits inside two of its sds,
     and the resampled RMSEs centre on the point RMSE."""
-    from evaluation.metrics_core import MetricAccumulator, paired_bootstrap
+    from translator.metrics_core import MetricAccumulator, paired_bootstrap
 
     rng = np.random.default_rng(5)
     truth = np.clip(rng.normal(1.0, 1.0, (300, 40)), 0, None).astype(np.float32)
@@ -190,7 +189,7 @@ def test_paired_bootstrap_of_two_equally_good_methods_is_a_coin_flip():
 
 
 def test_paired_bootstrap_refuses_unpaired_input():
-    from evaluation.metrics_core import MetricAccumulator, paired_bootstrap
+    from translator.metrics_core import MetricAccumulator, paired_bootstrap
 
     truth = sp.csr_matrix((np.random.default_rng(0).random((6, 5)) > 0.5).astype(np.float32))
     full, half = MetricAccumulator("atac", 6, 5), MetricAccumulator("atac", 6, 5)

@@ -237,7 +237,7 @@ def test_a_stacked_folder_blends_its_matrix_with_the_source_kernel_and_the_mean(
     import datasets
     from transformers import AutoModelForSeq2SeqLM
 
-    from evaluation.data import load_split_matrices
+    from dataset_builder.records import load_split_matrices
     from translator import CellTranslator
     from translator.predictor import BLEND_FILE
     from translator.source_kernel import source_indicator

@@ -11,7 +11,8 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from evaluation import load_metric
-from evaluation.metrics_core import (
+from tests.conftest import shared_file
+from translator.metrics_core import (
     METRIC_KEYS,
     compute_metrics,
     histogram_auroc_ap,
@@ -19,7 +20,6 @@ from evaluation.metrics_core import (
     rowwise_auroc,
     rowwise_average_precision,
 )
-from tests.conftest import shared_file
 
 
 def simulated_atac(n_cells: int = 60, n_peaks: int = 400, seed: int = 0):

@@ -225,7 +225,7 @@ def test_the_calibration_logistic_fit_reaches_the_penalised_optimum():
 def test_profile_depth_weighs_a_cells_depth_apart_from_its_peaks():
     """Scores whose cell mean is part of the true depth (too small) and whose per-peak part is noise, the rest of
     the depth in the source's size: one weight on the scores cannot fit that."""
-    from evaluation.metrics_core import compute_metrics
+    from translator.metrics_core import compute_metrics
 
     rng = np.random.default_rng(5)
     n_cells, n_peaks = 300, 200
@@ -260,7 +260,7 @@ def test_gex_profile_depth_finds_the_mean_level_a_cells_source_size_carries():
     """GEX targets: a cell's mean log-norm rises with its depth (more genes detected), which the length-free scores
     miss and the source's size carries; the per-gene pattern of the scores is right. profile_depth keeps the pattern
     (``a`` near 1), finds the size, and beats the one-weight readout on RMSE and per-cell Pearson is not hurt."""
-    from evaluation.metrics_core import compute_metrics
+    from translator.metrics_core import compute_metrics
 
     rng = np.random.default_rng(6)
     n_cells, n_genes = 400, 120

@@ -9,9 +9,8 @@ import mudata as md
 import pytest
 
 from dataset_builder.builder import build_dataset
+from dataset_builder.records import load_split_matrices, source_sentences
 from dataset_builder.simulate import write_simulated
-from evaluation.data import load_split_matrices
-from evaluation.runner import source_sentences
 from tests.conftest import shared_file
 from translator.anndata_io import source_sentences_from_anndata
 

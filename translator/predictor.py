@@ -287,7 +287,7 @@ def card_text(readout: dict) -> str:
 # -- fitting a model folder's blend -----------------------------------------------------------------------------------------
 @dataclass
 class HeldOut:
-    """Cells a reader did not train on (``validation``) and the cells it did (``train``): :func:`evaluation.data.load_split_matrices`
+    """Cells a reader did not train on (``validation``) and the cells it did (``train``): :func:`dataset_builder.records.load_split_matrices`
     dicts. The reader is the model folder itself, or a cross-validation fold model read with the folder's calibration."""
 
     reader: object
@@ -398,7 +398,7 @@ def _kfold_kernel(src: str, tgt: str, x: sp.csr_matrix, y: sp.csr_matrix, n_val:
 def _auroc(weights: np.ndarray, transformer: Sequence[np.ndarray], kernel: Sequence[np.ndarray], mean: Sequence[np.ndarray],
            truth: Sequence[sp.csr_matrix]) -> dict[str, float]:
     """Mean per-cell AUROC of the blend and of each part over the held-out cells (ATAC targets), a chunk of cells at a time."""
-    from evaluation.metrics_core import default_chunk_cells, iter_row_chunks, rowwise_auroc
+    from .metrics_core import default_chunk_cells, iter_row_chunks, rowwise_auroc
 
     values: dict[str, list] = {name: [] for name in ("blend", *PARTS)}
     for t, k, m, y in zip(transformer, kernel, mean, truth, strict=True):
@@ -420,9 +420,9 @@ def fit_direction(held: Sequence[HeldOut], fit: Sequence[dict], direction: str, 
     """Choose and fit one direction's blend (see the module docstring): returns ``readout.json``'s record and the blend.
 
     ``held``: the held-out cells and their readers (one: the folder and its validation cells; several: cross-validation
-    fold models). ``fit``: the cells the shipped kernel and mean are fitted on (:func:`evaluation.data.load_split_matrices`).
+    fold models). ``fit``: the cells the shipped kernel and mean are fitted on (:func:`dataset_builder.records.load_split_matrices`).
     """
-    from evaluation.runner import source_sentences
+    from dataset_builder.records import source_sentences
 
     from .data import SOURCE_MODALITY, TARGET_MODALITY
     from .source_kernel import KRR_GRID
@@ -515,7 +515,7 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
     from safetensors.numpy import save
 
     from dataset_builder.outputs import write_text_atomic
-    from evaluation.data import load_split_matrices
+    from dataset_builder.records import load_split_matrices
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
     from .api import CellTranslator

@@ -19,7 +19,7 @@ from sklearn.decomposition import PCA, TruncatedSVD
 from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.kernel_approximation import Nystroem
 
-from evaluation.metrics_core import default_chunk_cells, iter_row_chunks
+from .metrics_core import default_chunk_cells, iter_row_chunks
 
 MODALITIES = ("gex", "atac")
 KRR_GRID = {"n_components": (32, 64), "gamma_scale": (0.1, 0.3, 1.0, 3.0), "alpha": (0.1, 1.0, 10.0, 100.0)}

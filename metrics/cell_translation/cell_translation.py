@@ -2,7 +2,7 @@
 
 Load it by path, offline: ``evaluate.load("metrics/cell_translation", "atac")`` (or ``"gex"``). The folder is
 self-contained (numpy / scipy): the numbers come from ``metrics_core.py`` beside this script, which is the
-package's ``evaluation/metrics_core.py`` (a link to it in the repository; a copy of it wherever the folder is
+package's ``translator/metrics_core.py`` (a link to it in the repository; a copy of it wherever the folder is
 published or copied).
 """
 

@@ -1,1 +1,1 @@
-../../evaluation/metrics_core.py
+../../translator/metrics_core.py

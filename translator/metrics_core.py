@@ -1,5 +1,9 @@
 """Numeric core of the translation metrics: pure numpy / scipy, streamed over chunks of cells.
 
+The shipped predictor scores its blend with these kernels (:mod:`translator.predictor`), ``eval.py`` reports them
+(:mod:`evaluation.runner`), and ``metrics/cell_translation`` serves them as an ``evaluate`` module: the file imports
+nothing from the package, so that a copy of it works on its own.
+
 A cells x features target is never held as one dense array: the truth stays sparse (or is given
 dense for small data), predictions arrive chunk by chunk, and :class:`MetricAccumulator` keeps
 only per-feature sums, per-cell scores, two score histograms and a bounded sample of cells for
@@ -59,7 +63,7 @@ PER_CELL_KEYS = ("pearson_cell", "spearman_cell", "auroc_cell", "ap_cell", "toke
 
 
 def metric_keys(target: str) -> tuple[str, ...]:
-    """Metric names reported for a target modality (``"atac"`` or ``"gex"``), issue-4 keys first."""
+    """Metric names reported for a target modality (``"atac"`` or ``"gex"``), the headline keys first."""
     _check_target(target)
     keys = METRIC_KEYS if target == "atac" else tuple(k for k in METRIC_KEYS if k not in ATAC_ONLY_KEYS)
     return keys + EXTRA_KEYS
