@@ -1,7 +1,8 @@
 """Read paired GEX + ATAC raw counts from the layouts users have in the wild.
 
 Layouts: two AnnData files (one per modality), one AnnData with both modalities side by side
-(``var['feature_types']``), a MuData ``.h5mu`` and a Cell Ranger ARC ``filtered_feature_bc_matrix.h5``.
+(``var['feature_types']``), a MuData ``.h5mu`` and a Cell Ranger ARC ``filtered_feature_bc_matrix.h5``; the same
+layouts as objects in memory (``AnnData``, ``MuData``), read with the same checks and messages.
 Every reader returns a :class:`PairedCounts`: the cells present in both modalities (first file's order),
 CSR raw counts, gene names, and peak names normalized to ``chrN-start-end`` in genomic order.
 Matrices are read straight from HDF5 with ``anndata.io.read_elem`` and stay sparse; a CSC matrix is
@@ -16,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -26,6 +28,10 @@ from anndata.utils import make_index_unique
 
 from .combined import split_csr_columns
 from .peaks import genomic_order, looks_like_peaks, normalize_peak_names
+
+if TYPE_CHECKING:
+    import anndata
+    import mudata
 
 __all__ = [
     "Modality",
@@ -116,7 +122,10 @@ class Modality:
     annotations
         Every ``obs`` column as read, indexed by ``cells``.
     group
-        The HDF5 group of the modality's AnnData (``/`` or ``/mod/NAME``), or ``None`` (10x ``.h5``).
+        The HDF5 group of the modality's AnnData (``/`` or ``/mod/NAME``), or ``None`` (10x ``.h5``, objects).
+    adata
+        The ``AnnData`` object the modality was read from when it was given in memory (``path`` then names it,
+        e.g. ``the AnnData given``), else ``None``.
     """
 
     path: Path
@@ -130,6 +139,7 @@ class Modality:
     var: pd.DataFrame | None = None
     annotations: pd.DataFrame | None = None
     group: str | None = "/"
+    adata: object | None = None
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -212,12 +222,23 @@ def _read_with_anndata(
             ) from None
         raise ValueError(str(fast_error)) from None
     logger.info("read %s with anndata.read_h5ad (an older layout)", path)
+    return adata.obs, adata.var, *_object_counts(adata, path, "AnnData", counts_layer)
+
+
+def _object_counts(adata, path: Path, where: str, counts_layer: str | None = None) -> tuple[object, str]:
+    """The raw counts of an ``AnnData`` object: ``layers[counts_layer or 'counts']`` when present, else ``X``."""
     layer = counts_layer or "counts"
     if layer in adata.layers:
-        return adata.obs, adata.var, adata.layers[layer], f"layers/{layer}"
+        return adata.layers[layer], f"layers/{layer}"
     if adata.X is None:
-        raise ValueError(f"AnnData in {path} has neither X nor layers['counts']: there are no counts to read")
-    return adata.obs, adata.var, adata.X, "X"
+        raise ValueError(f"{where} in {path} has neither X nor layers['counts']: there are no counts to read")
+    return adata.X, "X"
+
+
+def _object_elements(adata, path: Path, where: str, counts_layer: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, sp.csr_matrix, str]:
+    """obs, var, CSR raw counts and their source of an ``AnnData`` object (``path``: how messages name it)."""
+    counts, source = _object_counts(adata, path, where, counts_layer)
+    return adata.obs, adata.var, _to_csr(counts, path, f"{where} {source}"), source
 
 
 def _signed_indices(matrix):
@@ -423,6 +444,12 @@ def _read_single_modality_h5ad(path: Path, counts_layer: str | None = None) -> M
     except _Unreadable as err:
         obs, var, counts, source = _read_with_anndata(path, err, counts_layer)
         matrix, group = _to_csr(counts, path, f"AnnData {source}"), None
+    return _single_modality(path, obs, var, matrix, source, group)
+
+
+def _single_modality(path: Path, obs: pd.DataFrame, var: pd.DataFrame, matrix: sp.csr_matrix, source: str,
+                     group: str | None, adata=None) -> Modality:
+    """The one modality of an AnnData (labelled by ``var['feature_types']``, else by its feature names)."""
     labels = _feature_labels(var, path)
     names = var.index.astype(str).tolist()
     if labels is not None and len(set(labels)) == 1:
@@ -436,12 +463,12 @@ def _read_single_modality_h5ad(path: Path, counts_layer: str | None = None) -> M
     keep, sf = _obs_subset(obs, ("size_factors",))
     return Modality(
         path, label, obs.index.astype(str), names, matrix, keep, source, sf if label == "GEX" else None,
-        var=_annotations(var), annotations=obs, group=group,
+        var=_annotations(var), annotations=obs, group=group, adata=adata,
     )
 
 
 def _split_combined(
-    path: Path, obs: pd.DataFrame, var: pd.DataFrame, matrix, source: str, labels: np.ndarray
+    path: Path, obs: pd.DataFrame, var: pd.DataFrame, matrix, source: str, labels: np.ndarray, adata=None
 ) -> tuple[Modality, Modality]:
     cells = obs.index.astype(str)
     keep, sf = _obs_subset(obs, ("GEX_size_factors", "size_factors"))
@@ -452,7 +479,7 @@ def _split_combined(
         names = var.index.astype(str)[columns].tolist()
         mods.append(Modality(
             path, label, cells, names, sub, keep, source, sf if label == "GEX" else None,
-            var=_annotations(var.iloc[columns]), annotations=obs,
+            var=_annotations(var.iloc[columns]), annotations=obs, group=None if adata is not None else "/", adata=adata,
         ))
     return mods[0], mods[1]
 
@@ -491,6 +518,13 @@ def _csr_group(group: h5py.Group, counts_layer: str | None = None) -> h5py.Group
     return element
 
 
+def _without_feature_types(path: Path) -> ValueError:
+    return ValueError(
+        f"{path} is one AnnData file without var['feature_types']: label each feature GEX or ATAC in "
+        "var['feature_types'], or pass the two modalities as two files (--input RNA --input ATAC)"
+    )
+
+
 def _read_combined_h5ad(path: Path, only: str | None = None, counts_layer: str | None = None) -> tuple[Modality, Modality]:
     try:
         return _read_combined_h5ad_elements(path, only, counts_layer)
@@ -498,10 +532,7 @@ def _read_combined_h5ad(path: Path, only: str | None = None, counts_layer: str |
         obs, var, counts, source = _read_with_anndata(path, err, counts_layer)
     labels = _feature_labels(var, path)
     if labels is None:
-        raise ValueError(
-            f"{path} is one AnnData file without var['feature_types']: label each feature GEX or ATAC in "
-            "var['feature_types'], or pass the two modalities as two files (--input RNA --input ATAC)"
-        )
+        raise _without_feature_types(path)
     mods = _split_combined(path, obs, var, _signed_indices(counts), source, labels)
     for mod in mods:
         mod.group = None  # not readable element by element
@@ -514,10 +545,7 @@ def _read_combined_h5ad_elements(path: Path, only: str | None, counts_layer: str
         var = _read(f, "var", path)
         labels = _feature_labels(var, path)
         if labels is None:
-            raise ValueError(
-                f"{path} is one AnnData file without var['feature_types']: label each feature GEX or ATAC in "
-                "var['feature_types'], or pass the two modalities as two files (--input RNA --input ATAC)"
-            )
+            raise _without_feature_types(path)
         csr = _csr_group(f, counts_layer)
         if csr is not None:
             # CSR on disk: split it chunk by chunk of rows, never holding the combined matrix.
@@ -540,31 +568,57 @@ def _read_h5mu(
 ) -> list[Modality]:
     """The GEX and ATAC modalities of a ``.h5mu`` (``only``: just that one; the other may be absent)."""
     with _open_h5(path) as f:
-        available = sorted(f["mod"].keys())
-        if int(f.attrs.get("axis", 0)) != 0:
-            raise ValueError(
-                f"{path} is a MuData with axis={int(f.attrs['axis'])} (its modalities share features, not cells): give "
-                "paired GEX + ATAC as a MuData of axis=0, whose modalities hold the same cells (mudata.MuData({'rna': "
-                "rna, 'atac': atac}))"
-            )
         top_obs = _read(f, "obs", path) if "obs" in f else None
-        mods = []
-        for label, name, flag in (("GEX", gex_modality, "--gex_modality"), ("ATAC", atac_modality, "--atac_modality")):
-            if only is not None and label != only:
-                continue
-            if name not in f["mod"]:
-                raise ValueError(
-                    f"{path} has no '{name}' modality (it has {available}): pass the {label} modality's name with {flag}"
-                )
-            obs, var, matrix, source = _read_anndata_group(f["mod"][name], path, f"modality '{name}'", counts_layer)
-            keep, sf = _obs_subset(obs, ("size_factors",))
-            names = var.index.astype(str).tolist()
-            mods.append(
-                Modality(
-                    path, label, obs.index.astype(str), names, matrix, keep, source, sf if label == "GEX" else None,
-                    var=_annotations(var), annotations=_with_top_obs(obs, top_obs), group=f"/mod/{name}",
-                )
+
+        def read(name: str, where: str) -> tuple:
+            return (*_read_anndata_group(f["mod"][name], path, where, counts_layer), f"/mod/{name}", None)
+
+        return _mudata_modalities(path, int(f.attrs.get("axis", 0)), sorted(f["mod"].keys()), top_obs, read,
+                                  gex_modality, atac_modality, only)
+
+
+def _read_mudata(mdata, gex_modality: str, atac_modality: str, only: str | None = None,
+                 counts_layer: str | None = None) -> list[Modality]:
+    """:func:`_read_h5mu` for a ``MuData`` object: its global ``obs`` columns are those ``write_h5mu`` would write (not a
+    modality's column pulled up as ``NAME:column``)."""
+    path = _object_path(mdata)
+    pulled = {f"{name}:{column}" for name, adata in mdata.mod.items() for column in adata.obs.columns}
+    top_obs = mdata.obs.loc[:, [c for c in mdata.obs.columns if c not in pulled]]
+
+    def read(name: str, where: str) -> tuple:
+        return (*_object_elements(mdata.mod[name], path, where, counts_layer), None, mdata.mod[name])
+
+    return _mudata_modalities(path, int(getattr(mdata, "axis", 0)), sorted(mdata.mod), top_obs, read,
+                              gex_modality, atac_modality, only)
+
+
+def _mudata_modalities(path: Path, axis: int, available: list[str], top_obs: pd.DataFrame | None, read,
+                       gex_modality: str, atac_modality: str, only: str | None) -> list[Modality]:
+    """The modalities of a MuData (file or object): ``read(name, where)`` gives a modality's obs, var, CSR counts, their
+    source, its HDF5 group and its ``AnnData`` object (one of the two is ``None``)."""
+    if axis != 0:
+        raise ValueError(
+            f"{path} is a MuData with axis={axis} (its modalities share features, not cells): give "
+            "paired GEX + ATAC as a MuData of axis=0, whose modalities hold the same cells (mudata.MuData({'rna': "
+            "rna, 'atac': atac}))"
+        )
+    mods = []
+    for label, name, flag in (("GEX", gex_modality, "--gex_modality"), ("ATAC", atac_modality, "--atac_modality")):
+        if only is not None and label != only:
+            continue
+        if name not in available:
+            raise ValueError(
+                f"{path} has no '{name}' modality (it has {available}): pass the {label} modality's name with {flag}"
             )
+        obs, var, matrix, source, group, adata = read(name, f"modality '{name}'")
+        keep, sf = _obs_subset(obs, ("size_factors",))
+        names = var.index.astype(str).tolist()
+        mods.append(
+            Modality(
+                path, label, obs.index.astype(str), names, matrix, keep, source, sf if label == "GEX" else None,
+                var=_annotations(var), annotations=_with_top_obs(obs, top_obs), group=group, adata=adata,
+            )
+        )
     if top_obs is not None:
         _global_obs_columns(top_obs, mods)
     return mods
@@ -743,6 +797,15 @@ def _feature_var(mod: Modality, index: Sequence[str]) -> pd.DataFrame:
     return var
 
 
+def _paired_rows(mod: Modality, rows: np.ndarray) -> sp.csr_matrix:
+    """``mod.matrix[rows]``; all rows in order: the matrix itself when it was read from a file (pairing then sorts it and
+    drops its zeros in place), a copy when it belongs to an object in memory (the caller's object is never changed)."""
+    n = mod.matrix.shape[0]
+    if len(rows) == n and np.array_equal(rows, np.arange(n)):
+        return mod.matrix.copy() if mod.adata is not None else mod.matrix
+    return mod.matrix[rows]
+
+
 def _pair(
     first: Modality, second: Modality, batch_key: str | None = None, cell_type_key: str | None = None
 ) -> PairedCounts:
@@ -766,9 +829,7 @@ def _pair(
     gex, atac = (first, second) if first.label == "GEX" else (second, first)
     gex_rows, atac_rows = (first_rows, second_rows) if first.label == "GEX" else (second_rows, first_rows)
     obs = _paired_obs(shared, ((first, first_rows), (second, second_rows)), batch_key, cell_type_key)
-    whole = lambda rows, n: len(rows) == n and np.array_equal(rows, np.arange(n))  # noqa: E731
-    gex_matrix = gex.matrix if whole(gex_rows, gex.matrix.shape[0]) else gex.matrix[gex_rows]
-    atac_matrix = atac.matrix if whole(atac_rows, atac.matrix.shape[0]) else atac.matrix[atac_rows]
+    gex_matrix, atac_matrix = _paired_rows(gex, gex_rows), _paired_rows(atac, atac_rows)
     peaks = normalize_peak_names(atac.features, atac.path)
     if pd.Index(peaks).has_duplicates:
         dup = pd.Index(peaks)[pd.Index(peaks).duplicated()][0]
@@ -818,7 +879,7 @@ def _check_size_factors(paired: PairedCounts, path: Path) -> None:
 
 
 def read_paired(
-    inputs: Sequence[str | Path],
+    inputs: str | os.PathLike | Sequence[str | os.PathLike | anndata.AnnData] | anndata.AnnData | mudata.MuData,
     *,
     gex_modality: str = "rna",
     atac_modality: str = "atac",
@@ -826,15 +887,17 @@ def read_paired(
     cell_type_key: str | None = None,
     counts_layer: str | None = None,
 ) -> PairedCounts:
-    """Read paired GEX + ATAC raw counts from one or two files.
+    """Read paired GEX + ATAC raw counts from one or two files, or from the same layouts as objects in memory.
 
     Parameters
     ----------
     inputs
         One file (combined ``.h5ad`` with ``var['feature_types']``, ``.h5mu``, or Cell Ranger ARC ``.h5``)
-        or two ``.h5ad`` files, one per modality (detected by ``feature_types`` or peak-like names).
+        or two ``.h5ad`` files, one per modality (detected by ``feature_types`` or peak-like names); or a ``MuData``,
+        a combined ``AnnData``, or two ``AnnData`` objects (checked as their files would be; messages name them
+        ``the AnnData given``). Objects are not changed.
     gex_modality, atac_modality
-        Modality names inside a ``.h5mu`` file.
+        Modality names inside a ``.h5mu`` file or ``MuData``.
     batch_key, cell_type_key
         ``obs`` columns read as ``batch`` (library / sample / donor) and ``cell_type``; default: those names, if present.
     counts_layer
@@ -843,21 +906,10 @@ def read_paired(
     Returns
     -------
     PairedCounts
-        The cells present in both modalities, in the first file's order. Barcodes that differ only by one suffix per
-        file (``AAAC-1_rna`` / ``AAAC-1_atac``) are paired without it.
+        The cells present in both modalities, in the first input's order. Barcodes that differ only by one suffix per
+        input (``AAAC-1_rna`` / ``AAAC-1_atac``) are paired without it.
     """
-    paths = _input_paths(inputs)
-    if len(paths) == 2:
-        first, second = (_read_single_modality_h5ad(p, counts_layer) for p in paths)
-    else:
-        path = paths[0]
-        kind = _layout(path)
-        if kind == "h5mu":
-            first, second = _read_h5mu(path, gex_modality, atac_modality, counts_layer=counts_layer)
-        elif kind == "10x":
-            first, second = _read_10x_h5(path)
-        else:
-            first, second = _read_combined_h5ad(path, counts_layer=counts_layer)
+    first, second = _read_layout(_inputs(inputs), None, gex_modality, atac_modality, counts_layer)
     for mod in (first, second):
         _check_counts_layer(mod, counts_layer)
         _check_modality(mod)
@@ -872,11 +924,69 @@ def read_paired(
     return paired
 
 
-def _input_paths(inputs: Sequence[str | Path]) -> list[Path]:
-    paths = [Path(p) for p in inputs]
-    if len(paths) not in (1, 2):
-        raise ValueError(f"give one or two --input files, not {len(paths)}")
-    return paths
+def _is_anndata(value) -> bool:
+    import anndata
+
+    return isinstance(value, anndata.AnnData)
+
+
+def _is_mudata(value) -> bool:
+    import mudata
+
+    return isinstance(value, mudata.MuData)
+
+
+def _object_path(value) -> Path:
+    """How messages name an object given in memory: ``the AnnData given``."""
+    return Path(f"the {type(value).__name__} given")
+
+
+def _inputs(inputs) -> list:
+    """One or two inputs: paths as ``Path``, objects as given."""
+    single = isinstance(inputs, str | os.PathLike) or _is_anndata(inputs) or _is_mudata(inputs)
+    items = [inputs] if single else list(inputs)
+    if len(items) not in (1, 2):
+        raise ValueError(f"give one or two --input files, not {len(items)}")
+    if len(items) == 2 and any(_is_mudata(x) for x in items):
+        raise ValueError("a MuData holds both modalities: give it alone, not with a second input")
+    return [x if _is_anndata(x) or _is_mudata(x) else Path(x) for x in items]
+
+
+def _read_layout(items: list, only: str | None, gex_modality: str, atac_modality: str, counts_layer: str | None) -> list[Modality]:
+    """The modalities of one or two inputs (``only``: ``"GEX"`` or ``"ATAC"`` when one is enough), unchecked."""
+    if len(items) == 2:
+        return [_read_single(x, counts_layer) for x in items]
+    item = items[0]
+    if _is_mudata(item):
+        return _read_mudata(item, gex_modality, atac_modality, only=only, counts_layer=counts_layer)
+    if _is_anndata(item):
+        path = _object_path(item)
+        obs, var, matrix, source = _object_elements(item, path, "AnnData", counts_layer)
+        labels = _feature_labels(var, path)
+        if labels is not None and (only is None or (set(labels) & GEX_LABELS and set(labels) & ATAC_LABELS)):
+            return list(_split_combined(path, obs, var, matrix, source, labels, adata=item))
+        if only is None:
+            raise _without_feature_types(path)
+        return [_single_modality(path, obs, var, matrix, source, None, adata=item)]
+    kind = _layout(item)
+    if kind == "h5mu":
+        return _read_h5mu(item, gex_modality, atac_modality, only=only, counts_layer=counts_layer)
+    if kind == "10x":
+        return list(_read_10x_h5(item))
+    found = _h5ad_feature_labels(item) if only is not None else set()
+    if only is None or (found & GEX_LABELS and found & ATAC_LABELS):
+        # Both modalities in one file: only the asked modality's entries are copied out (CSR on disk),
+        # and the whole matrix is never read first as a single modality.
+        return list(_read_combined_h5ad(item, only=only, counts_layer=counts_layer))
+    return [_read_single_modality_h5ad(item, counts_layer)]
+
+
+def _read_single(item, counts_layer: str | None) -> Modality:
+    """One modality of two inputs: an ``.h5ad`` file or an ``AnnData`` object."""
+    if _is_anndata(item):
+        path = _object_path(item)
+        return _single_modality(path, *_object_elements(item, path, "AnnData", counts_layer), None, adata=item)
+    return _read_single_modality_h5ad(item, counts_layer)
 
 
 def _h5ad_feature_labels(path: Path) -> set[str]:
@@ -900,7 +1010,7 @@ def _check_counts_layer(mod: Modality, counts_layer: str | None) -> None:
     """``--counts_layer NAME`` must name a layer of the GEX data (ATAC, binarized anyway, may use X)."""
     if counts_layer is None or mod.label != "GEX" or mod.counts_source == f"layers/{counts_layer}":
         return
-    layers: list[str] = []
+    layers: list[str] = sorted(mod.adata.layers.keys()) if mod.adata is not None else []
     if mod.group is not None:
         with _open_h5(mod.path) as f:
             group = f[mod.group]
@@ -912,53 +1022,39 @@ def _check_counts_layer(mod: Modality, counts_layer: str | None) -> None:
 
 
 def read_modality(
-    inputs: Sequence[str | Path],
+    inputs: str | os.PathLike | Sequence[str | os.PathLike | anndata.AnnData] | anndata.AnnData | mudata.MuData,
     label: str,
     *,
     gex_modality: str = "rna",
     atac_modality: str = "atac",
     counts_layer: str | None = None,
 ) -> Modality:
-    """Read one modality (``"GEX"`` or ``"ATAC"``) from any layout :func:`read_paired` reads, unpaired.
+    """Read one modality (``"GEX"`` or ``"ATAC"``) from any input :func:`read_paired` reads, unpaired.
 
     Parameters
     ----------
     inputs
-        One file (single-modality or combined ``.h5ad``, ``.h5mu``, Cell Ranger ARC ``.h5``) or two ``.h5ad`` files.
+        One file (single-modality or combined ``.h5ad``, ``.h5mu``, Cell Ranger ARC ``.h5``) or two ``.h5ad`` files;
+        or the same as objects in memory (``AnnData``, ``MuData``).
     label
         ``"GEX"`` or ``"ATAC"``.
     gex_modality, atac_modality
-        Modality names inside a ``.h5mu`` file.
+        Modality names inside a ``.h5mu`` file or ``MuData``.
     counts_layer
         The layer holding raw counts when ``X`` is normalized (see :func:`read_paired`).
 
     Returns
     -------
     Modality
-        Every cell of the file holding that modality, checked as the builder checks it.
+        Every cell of the input holding that modality, checked as the builder checks it.
     """
-    paths = _input_paths(inputs)
-    if len(paths) == 2:
-        mods = [_read_single_modality_h5ad(p, counts_layer) for p in paths]
-    else:
-        path = paths[0]
-        kind = _layout(path)
-        if kind == "h5mu":
-            mods = _read_h5mu(path, gex_modality, atac_modality, only=label, counts_layer=counts_layer)
-        elif kind == "10x":
-            mods = list(_read_10x_h5(path))
-        else:
-            found = _h5ad_feature_labels(path)
-            if found & GEX_LABELS and found & ATAC_LABELS:
-                # Both modalities in one file: only the asked modality's entries are copied out (CSR on disk),
-                # and the whole matrix is never read first as a single modality.
-                mods = list(_read_combined_h5ad(path, only=label, counts_layer=counts_layer))
-            else:
-                mods = [_read_single_modality_h5ad(path, counts_layer)]
+    items = _inputs(inputs)
+    mods = _read_layout(items, label, gex_modality, atac_modality, counts_layer)
     chosen = [m for m in mods if m.label == label]
     if not chosen:
         found = ", ".join(sorted({m.label for m in mods}))
-        raise ValueError(f"{', '.join(str(p) for p in paths)} holds {found}, not the {label} modality this direction needs")
+        names = ", ".join(str(x if isinstance(x, Path) else _object_path(x)) for x in items)
+        raise ValueError(f"{names} holds {found}, not the {label} modality this direction needs")
     mod = chosen[0]
     _check_counts_layer(mod, counts_layer)
     _check_modality(mod)
@@ -971,9 +1067,11 @@ def read_obsm(mod: Modality) -> dict[str, object]:
     Returns
     -------
     dict
-        Name -> array (or DataFrame) with one row per cell of ``mod``, in its order; empty for a Cell Ranger ``.h5``
-        and for a file read through ``anndata.read_h5ad``.
+        Name -> array (or DataFrame) with one row per cell of ``mod``, in its order (copies, for an object in memory);
+        empty for a Cell Ranger ``.h5`` and for a file read through ``anndata.read_h5ad``.
     """
+    if mod.adata is not None:
+        return {str(k): v.copy() for k, v in mod.adata.obsm.items() if getattr(v, "shape", (None,))[0] == len(mod.cells)}
     if mod.group is None:
         return {}
     with _open_h5(mod.path) as f:

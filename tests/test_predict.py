@@ -128,6 +128,39 @@ def test_chunked_h5ad_equals_the_in_memory_prediction(model_dir, tmp_path, direc
         tr.predict_h5ad(shared_file(source), direction, tmp_path / "bad.h5ad", chunk_cells=0)
 
 
+@pytest.mark.parametrize("layout", ["anndata", "mudata"])
+def test_an_object_in_memory_predicts_as_its_file_without_a_temporary_file(model_dir, tmp_path, monkeypatch, layout):
+    import tempfile
+
+    import mudata
+
+    from translator import CellTranslator
+
+    gex = ad.read_h5ad(shared_file(TEST_MOD1))[:40].copy()
+    gex.obsm["X_umap"] = np.arange(80, dtype=np.float32).reshape(40, 2)
+    if layout == "mudata":
+        cells, path = mudata.MuData({"rna": gex, "atac": ad.read_h5ad(shared_file(TEST_MOD2))[:40].copy()}), tmp_path / "cells.h5mu"
+        cells.obs["donor"] = "s1d2"
+        cells.write_h5mu(path)
+    else:
+        cells, path = gex, tmp_path / "cells.h5ad"
+        cells.write_h5ad(path)
+    tr = CellTranslator.from_pretrained(model_dir)
+    from_file = tr.predict_anndata(path, "gex2atac")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a temporary file was made")
+
+    for name in ("TemporaryDirectory", "NamedTemporaryFile", "mkstemp", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, refuse)
+    in_memory = tr.predict_anndata(cells, "gex2atac")
+    np.testing.assert_array_equal(np.asarray(in_memory.X), np.asarray(from_file.X))
+    assert list(in_memory.obs_names) == list(from_file.obs_names) and list(in_memory.var_names) == list(from_file.var_names)
+    pd.testing.assert_frame_equal(in_memory.obs.astype(str), from_file.obs.astype(str))
+    np.testing.assert_array_equal(in_memory.obsm["X_umap"], from_file.obsm["X_umap"])
+    assert dict(in_memory.uns["cell_translation"]) == dict(from_file.uns["cell_translation"])
+
+
 def test_atac_to_gex_from_another_peak_set_is_mapped_by_overlap(model_dir, tmp_path):
     from translator import CellTranslator
 

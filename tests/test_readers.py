@@ -191,3 +191,49 @@ def test_prediction_reads_counts_from_the_named_layer(tmp_path):
     mod, cells = read_source(rna, "gex2atac", counts_layer="raw")
     assert mod.counts_source == "layers/raw" and (mod.matrix != sp.csr_matrix(rna.layers["raw"])).nnz == 0
     assert list(cells.obs_names) == list(rna.obs_names) and list(cells.obs.columns) == list(rna.obs.columns)
+
+
+def _same_paired(a, b) -> None:
+    assert list(a.cells) == list(b.cells) and a.genes == b.genes and a.peaks == b.peaks
+    assert (a.gex != b.gex).nnz == 0 and (a.atac != b.atac).nnz == 0
+    assert a.counts_source == b.counts_source and a.dropped_cells == b.dropped_cells
+    np.testing.assert_array_equal(a.size_factors, b.size_factors)
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    pd.testing.assert_frame_equal(a.peak_var, b.peak_var)
+
+
+@pytest.mark.parametrize("layout", ["h5mu", "combined", "two"])
+def test_objects_in_memory_read_as_their_files(layout):
+    import mudata
+
+    if layout == "h5mu":
+        paths = [shared_file("pbmc_markers/pbmc1k_markers.h5mu")]
+        objects = mudata.read_h5mu(paths[0])
+    elif layout == "combined":
+        paths = [shared_file("bmmc_starter/openproblems_bmmc_multiome_starter.combined.h5ad")]
+        objects = ad.read_h5ad(paths[0])
+    else:
+        paths = [shared_file(f"bmmc_starter/openproblems_bmmc_multiome_starter.{m}.h5ad") for m in ("atac", "rna")]
+        objects = [ad.read_h5ad(p) for p in paths]
+    first = objects[0] if isinstance(objects, list) else objects
+    before = first.copy()
+    _same_paired(read_paired(objects), read_paired(paths))
+    for label in ("GEX", "ATAC"):
+        from_object, from_file = read_modality(objects, label), read_modality(paths, label)
+        assert from_object.features == from_file.features and list(from_object.cells) == list(from_file.cells)
+        assert (from_object.matrix != from_file.matrix).nnz == 0
+    # The caller's object is not changed (pairing sorts peaks and drops stored zeros in place).
+    target = first.mod["atac"] if layout == "h5mu" else first
+    kept = before.mod["atac"] if layout == "h5mu" else before
+    assert (sp.csr_matrix(target.X) != sp.csr_matrix(kept.X)).nnz == 0 and list(target.var_names) == list(kept.var_names)
+
+
+def test_an_object_in_memory_is_checked_and_named_as_given():
+    rna, atac = simulate_paired(n_cells=30, n_genes=8, peaks_per_gene=2)
+    rna.X = sp.csr_matrix(rna.X, dtype=np.float32) * 0.5
+    with pytest.raises(ValueError, match=r"GEX values \(X\) in the AnnData given are not integers .* --counts_layer"):
+        read_paired([rna, atac])
+    with pytest.raises(ValueError, match="the AnnData given holds ATAC, not the GEX modality"):
+        read_modality(atac, "GEX")
+    with pytest.raises(ValueError, match="--counts_layer raw: the GEX data in the AnnData given has no layers"):
+        read_modality(rna, "GEX", counts_layer="raw")

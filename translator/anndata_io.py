@@ -11,9 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -235,34 +233,15 @@ def read_source(adata_or_path, direction: str, *, gex_modality: str = "rna", ata
     """The source modality of ``direction`` from an ``AnnData``, a ``MuData``, one path or a list of one or two paths,
     and the source cells' annotations (:func:`source_cells`).
 
-    In-memory objects are written to a temporary file and read back by ``dataset_builder.readers.read_modality``, so
-    every input goes through the same reader and checks. ``gex_modality`` / ``atac_modality`` name a MuData's modalities;
-    ``counts_layer`` the layer of raw counts when ``X`` is normalized.
+    Objects and files go through the same reader and checks (``dataset_builder.readers.read_modality``).
+    ``gex_modality`` / ``atac_modality`` name a MuData's modalities; ``counts_layer`` the layer of raw counts when ``X``
+    is normalized.
     """
     from dataset_builder.readers import read_modality
 
     label = SOURCE_MODALITY[direction].upper()
-    tmp_dir = None
-    if hasattr(adata_or_path, "mod") and hasattr(adata_or_path, "write_h5mu"):
-        tmp_dir = tempfile.TemporaryDirectory()
-        path = Path(tmp_dir.name) / "input.h5mu"
-        adata_or_path.write_h5mu(path)
-        paths = [path]
-    elif hasattr(adata_or_path, "obs_names"):
-        tmp_dir = tempfile.TemporaryDirectory()
-        path = Path(tmp_dir.name) / "input.h5ad"
-        adata_or_path.write_h5ad(path)
-        paths = [path]
-    elif isinstance(adata_or_path, str | os.PathLike):
-        paths = [Path(adata_or_path)]
-    else:
-        paths = [Path(p) for p in adata_or_path]
-    try:
-        mod = read_modality(paths, label, gex_modality=gex_modality, atac_modality=atac_modality, counts_layer=counts_layer)
-        return mod, source_cells(mod)  # while a temporary copy still exists: obsm is read from the file
-    finally:
-        if tmp_dir is not None:
-            tmp_dir.cleanup()
+    mod = read_modality(adata_or_path, label, gex_modality=gex_modality, atac_modality=atac_modality, counts_layer=counts_layer)
+    return mod, source_cells(mod)
 
 
 def source_cells(mod):
@@ -288,9 +267,8 @@ def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int
     ``atac_modality`` (the modality names of a MuData) and ``counts_layer`` (see :func:`read_source`).
     """
     label = SOURCE_MODALITY[direction].upper()
-    in_memory = not isinstance(adata_or_path, str | os.PathLike | list | tuple)
     mod, cells = read_source(adata_or_path, direction, **modalities)
-    where = f"the {type(adata_or_path).__name__} given" if in_memory else str(mod.path)
+    where = str(mod.path)
     make = _gex_sentences if label == "GEX" else _atac_sentences
     blocks, stats = make(mod, meta, where, block)
     stats["empty_cells"] = 0
