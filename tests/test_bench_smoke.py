@@ -19,6 +19,7 @@ import bench_build  # noqa: E402
 import bench_common  # noqa: E402
 import bench_growth  # noqa: E402
 import bench_predict  # noqa: E402
+import bench_stream  # noqa: E402
 import bench_tokenize  # noqa: E402
 import bench_train  # noqa: E402
 import build_stages  # noqa: E402
@@ -111,6 +112,18 @@ def test_bench_growth_quick(tmp_path):
     assert [row["cells"] for row in data["cells"]] == [200, 800]
     lengths = [row["nonzeros_per_cell"] for row in data["length"]]
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+
+
+def test_bench_stream_quick(tmp_path):
+    bench_stream.main(["--quick", "--workdir", str(tmp_path / "work"), "--results_dir", str(tmp_path)])
+    data = _results(tmp_path, "stream_scale")
+    (row,) = data["sizes"]
+    assert row["cells"] == 300 and 0 < row["train_cells"] < 300
+    assert row["stream_examples"] == 2 * row["train_cells"] and row["stream_batches"] >= row["stream_examples"] / 32
+    assert row["stream_tokens"] > row["stream_examples"] and row["stream_peak_rss_mb"] > 0 and row["build_peak_rss_mb"] > 0
+    assert not any((tmp_path / "work").iterdir())  # inputs and datasets deleted after the size
+    with pytest.raises(ValueError, match="write them outside the repository"):
+        bench_stream.main(["--quick", "--workdir", str(REPO / "bench" / "results")])
 
 
 def test_results_name_scripts_relative_to_the_repository():

@@ -42,7 +42,7 @@ def split_files(tmp_path_factory):
 
 def _stream(split_files, **kwargs) -> StreamingExamples:
     folder, _, tokenizer = split_files
-    settings = {"batch_size": 8, "seed": 3, "group_factor": 2, **CAPS, **kwargs}
+    settings = {"batch_size": 8, "seed": 3, "group_factor": 2, "read_cells": 5, **CAPS, **kwargs}
     return StreamingExamples(ArrowSplit.from_dataset_dir(folder, "train"), tokenizer, **settings)
 
 
@@ -187,3 +187,21 @@ def test_two_gloo_processes_read_disjoint_shares_that_cover_the_split(split_file
     shares = [Counter(tuple(e) for e in share) for share in json.loads(out.read_text())]
     assert not set(shares[0]) & set(shares[1])
     assert shares[0] + shares[1] == _reference(split_files)
+
+
+def test_the_loader_marks_the_epochs_last_batch_for_gradient_accumulation(split_files):
+    """Each process reads its own share, so the loader is not prepared by accelerate; it still tells accelerate's
+    gradient state where an epoch ends (``accumulate`` steps the optimizer there), and resumes with skip()."""
+    from accelerate.state import GradientState
+
+    from translator.streaming import StreamingLoader
+
+    loader = StreamingLoader(_stream(split_files))
+    state = GradientState()
+    loader.set_epoch(2)
+    ends = [state.end_of_dataloader for _ in loader]
+    assert len(ends) == len(loader) and ends == [False] * (len(loader) - 1) + [True]
+    assert state.active_dataloader is None
+    loader.set_epoch(2)
+    loader.skip(len(loader) - 2)
+    assert [state.end_of_dataloader for _ in loader] == [False, True]

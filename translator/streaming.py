@@ -36,7 +36,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from accelerate.data_loader import DataLoaderStateMixin
+from accelerate.state import GradientState
+from accelerate.utils import send_to_device
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokenizer import DIRECTIONS
 
@@ -44,6 +47,7 @@ from .data import TranslationCollator, TranslationExamples
 
 STRING_COLUMNS = ("gex_text", "atac_text")
 LIST_COLUMNS = ("gex_index", "gex_value")
+READ_CELLS = 256
 
 
 class ArrowSplit:
@@ -183,6 +187,8 @@ class StreamingExamples(IterableDataset):
         Batches per direction in a window: the cells shuffled, length-sorted and batched together.
     block_cells
         Contiguous rows read together; the epoch's order shuffles blocks, each window shuffles its cells.
+    read_cells
+        Cells read and tokenized at a time while a window is built (a chunk's text is freed once tokenized).
     shuffle
         False: the split's row order, batches in window order (still length-grouped).
     **example_args
@@ -195,15 +201,16 @@ class StreamingExamples(IterableDataset):
     """
 
     def __init__(self, split: ArrowSplit, tokenizer, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 directions: Sequence[str] = DIRECTIONS, group_factor: int = 50, block_cells: int = 64, shuffle: bool = True, **example_args):
-        if batch_size < 1 or group_factor < 1 or block_cells < 1:
-            raise ValueError(f"batch size, group factor and block size must be >= 1, got {batch_size}, {group_factor}, {block_cells}")
+                 directions: Sequence[str] = DIRECTIONS, group_factor: int = 50, block_cells: int = 64, read_cells: int = READ_CELLS, shuffle: bool = True,
+                 **example_args):
+        if min(batch_size, group_factor, block_cells, read_cells) < 1:
+            raise ValueError(f"batch size, group factor, block and read sizes must be >= 1, got {batch_size}, {group_factor}, {block_cells}, {read_cells}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.split, self.tokenizer = split, tokenizer
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.directions = list(directions)
-        self.group_factor, self.block_cells, self.shuffle = group_factor, block_cells, shuffle
+        self.group_factor, self.block_cells, self.read_cells, self.shuffle = group_factor, block_cells, read_cells, shuffle
         self.example_args = example_args
         self.columns = [c for c in (*STRING_COLUMNS, *LIST_COLUMNS) if c in split.column_names]
         if not set(STRING_COLUMNS) <= set(self.columns):
@@ -270,23 +277,70 @@ class StreamingExamples(IterableDataset):
         window, skip = divmod(self.position, per_window)
         for first in range(window * self.group_factor, self.batches_per_direction, self.group_factor):
             last = min(first + self.group_factor, self.batches_per_direction)
-            examples, groups = self._window(rows[starts[first] : starts[last]], sizes[first:last], first // self.group_factor)
+            parts, groups = self._window(rows[starts[first] : starts[last]], sizes[first:last], first // self.group_factor)
             for group in groups[skip:]:
                 self.position += 1
-                yield self.collator([examples[int(i)] for i in group])
+                yield self.collator([parts[p][i] for p, i in group])
             skip = 0
 
-    def _window(self, rows: np.ndarray, sizes: np.ndarray, window: int) -> tuple[TranslationExamples, list[np.ndarray]]:
-        """One window's examples and its batches (example indices), in the order they are yielded."""
+    def _window(self, rows: np.ndarray, sizes: np.ndarray, window: int) -> tuple[list[TranslationExamples], list[list[tuple[int, int]]]]:
+        """One window's examples, built ``read_cells`` cells at a time, and its batches as ``(chunk, example)`` pairs, in the order they are yielded."""
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, window])
         if self.shuffle:
             rows = rows[rng.permutation(len(rows))]
-        examples = TranslationExamples(table_columns(self.split.read(rows, self.columns)), self.tokenizer, self.directions, **self.example_args)
-        lengths, codes = examples.lengths, np.asarray(examples.directions)
+        parts = [TranslationExamples(table_columns(self.split.read(rows[i : i + self.read_cells], self.columns)), self.tokenizer, self.directions,
+                                     **self.example_args) for i in range(0, len(rows), self.read_cells)]
+        part = np.concatenate([np.full(len(p), k) for k, p in enumerate(parts)])
+        local = np.concatenate([np.arange(len(p)) for p in parts])
+        lengths = np.concatenate([p.lengths for p in parts])
+        codes = np.concatenate([np.asarray(p.directions, dtype=np.int64) for p in parts])
         cut = np.cumsum(sizes)[:-1]
         groups = []
         for code in dict.fromkeys(codes.tolist()):
             idx = np.flatnonzero(codes == code)
             groups.extend(np.split(idx[np.argsort(-lengths[idx], kind="stable")], cut))
         order = rng.permutation(len(groups)) if self.shuffle else np.arange(len(groups))
-        return examples, [groups[g] for g in order]
+        return parts, [list(zip(part[groups[g]].tolist(), local[groups[g]].tolist(), strict=True)) for g in order]
+
+
+def sample_rows(n_rows: int, max_cells: int) -> np.ndarray:
+    """At most ``max_cells`` evenly spaced rows of ``n_rows``: the train cells a streamed run keeps in memory for the
+    steps that read train cells outside the loop (the embeddings' LSI, the head refit)."""
+    return np.unique(np.linspace(0, n_rows - 1, min(n_rows, max_cells)).round().astype(np.int64)) if n_rows else np.zeros(0, np.int64)
+
+
+class StreamingLoader(DataLoaderStateMixin):
+    """The training loop's loader over a :class:`StreamingExamples`: batches on ``device``, one epoch per iteration.
+
+    Not passed through ``accelerator.prepare`` (that would read the stream on one process and split its batches,
+    while here each process reads its own share); it registers with accelerate's gradient state like a prepared
+    loader, so that ``accelerator.accumulate`` still steps the optimizer at the end of each epoch.
+    """
+
+    _drop_last = True
+
+    def __init__(self, stream: StreamingExamples, device: torch.device | str = "cpu"):
+        self.stream, self.device = stream, device
+        self.gradient_state = GradientState()
+        # The main process reads; pinned memory makes the copy to a GPU asynchronous.
+        self.loader = DataLoader(stream, batch_size=None, pin_memory=torch.device(device).type == "cuda")
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` at its first batch (then :meth:`skip` to resume inside it)."""
+        self.stream.set_epoch(epoch)
+
+    def skip(self, n_batches: int) -> None:
+        self.stream.skip(n_batches)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.begin()
+        try:
+            last = len(self.stream)
+            for batch in self.loader:
+                self.end_of_dataloader = self.stream.position == last
+                yield send_to_device(batch, self.device, non_blocking=True)
+        finally:
+            self.end()
