@@ -44,7 +44,7 @@ from translator.data import (
 )
 from translator.loss import TranslationLoss
 from translator.model import MODEL_SHAPES, PROFILE_INPUTS, cuda_tf32, make_config, make_model
-from translator.predictor import fit_blend
+from translator.predictor import HELD_OUT_CELLS, fit_blend
 from translator.profile_fit import RANK_GRID
 from translator.readout import SELECTION_REPEATS, check_selection_parts, check_selection_repeats, profile_offsets
 from translator.training import (
@@ -638,10 +638,11 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
         elif data_args.calibration_cells > 0:
             calibration_cells = min(len(splits["validation"]), data_args.calibration_cells)
             cap = calibration_cell_cap(budget, model, tokenizer, meta, splits["validation"], data_args.directions, *caps, run.per_device_eval_batch_size, profile_head)
+            if cap is not None:
+                held_out_cap = {"max_cells": min(cap, HELD_OUT_CELLS)}  # the blend decodes validation cells again: at most as many as the budget allows
             if cap is not None and cap < calibration_cells:
                 logger.info("--max_train_seconds: %.0f s left, the calibration and the blend decode %d of %d validation cells (the readout chosen on one partition)", budget.left(), cap, calibration_cells)
                 calibration_cells = cap
-                held_out_cap = {"max_cells": cap}  # the blend reads the same cells again
                 selection_repeats = 1  # one partition: the readout's cross-fitted choice costs a tenth
             else:
                 selection_repeats = data_args.calibration_selection_repeats
@@ -666,7 +667,8 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
                      early_stopped_at=early_stop or None, best_validation_step=best.best_step if best is not None and run.load_best_model_at_end and average is None else None,
                      job_seconds_before_finishing=round(budget.elapsed(), 1))
         write_model_folder(run.output_dir, model, tokenizer, meta, readout, saved, caps[1], profile_head)
-        fit_blend(run.output_dir, data_args.dataset_dir, data_args.directions, run.per_device_eval_batch_size, run.seed, **held_out_cap)
+        fit_blend(run.output_dir, data_args.dataset_dir, data_args.directions, run.per_device_eval_batch_size, run.seed, **held_out_cap,
+                  max_seconds=budget.left() if budget.limited else None)
         evaluate_folder(run, data_args)
         from translator.card import render_model_card
 

@@ -195,3 +195,43 @@ def test_a_predictor_that_cannot_beat_the_mean_ships_the_mean_with_a_warning(dat
     matrix = shipped.predict_matrix(source_sentences(test, "gex2atac", shipped.meta), "gex2atac")
     mean = np.asarray(sp.vstack([load_split_matrices(data, s)["atac"] for s in ("train", "validation")]).mean(axis=0)).ravel()
     np.testing.assert_allclose(matrix, np.broadcast_to(mean, matrix.shape), rtol=1e-6)
+
+
+def kernel_data(n_cells: int = 120, seed: int = 0) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 3, n_cells)
+    x = sp.csr_matrix((rng.random((n_cells, 40)) < 0.2 + 0.2 * (label[:, None] == np.arange(40) % 3)).astype(np.float32))
+    y = sp.csr_matrix(rng.poisson(0.5 + label[:, None] * (np.arange(25) % 2)).astype(np.float32))
+    return x, y
+
+
+def test_the_kernel_tuning_stops_at_its_deadline_after_one_width_and_keeps_every_fitted_point():
+    import time
+
+    from translator.source_kernel import SvdKrrBaseline
+
+    x, y = kernel_data()
+    grid = {"n_components": (4, 8), "gamma_scale": (0.1, 0.3, 1.0, 3.0), "alpha": (0.1, 1.0, 10.0)}
+    train, held = (x[:90], y[:90]), (x[90:], y[90:])
+    full, trials = SvdKrrBaseline.tune("gex", "gex", train, held, grid=grid, max_landmarks=50)
+    assert len(trials) == 2 * 4 * 3 and len(full.fitted) == len(trials)
+    short, cut = SvdKrrBaseline.tune("gex", "gex", train, held, grid=grid, max_landmarks=50, deadline=time.perf_counter() - 1.0)
+    assert {(t["n_components"], t["gamma_scale"]) for t in cut} == {(8, 1.0)} and len(cut) == 3  # the middle width, every alpha
+    assert short.fit_seconds > 0
+    # A fitted point predicts as a model refitted with its settings.
+    refit = SvdKrrBaseline("gex", "gex", n_components=4, gamma_scale=0.3, alpha=10.0, max_landmarks=50).refit(*train, embed_components=8)
+    np.testing.assert_allclose(np.vstack(list(full.use((4, 0.3, 10.0)).predict_chunks(held[0]))), np.vstack(list(refit.predict_chunks(held[0]))),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_the_shipped_kernel_is_fitted_on_the_cells_the_time_left_allows():
+    import time
+
+    from translator.predictor import MIN_FIT_CELLS, _affordable_rows
+
+    pace = 2e-3  # seconds a cell
+    assert _affordable_rows(5000, pace, None) is None and _affordable_rows(5000, None, time.perf_counter() + 1.0) is None
+    assert _affordable_rows(5000, pace, time.perf_counter() + 60.0) is None  # 5000 cells: about 10 s
+    rows = _affordable_rows(5000, pace, time.perf_counter() + 4.0)
+    assert 1500 <= len(rows) <= 2000 and np.all(np.diff(rows) > 0) and rows[0] == 0 and rows[-1] == 4999
+    assert len(_affordable_rows(5000, pace, time.perf_counter() - 1.0)) == MIN_FIT_CELLS

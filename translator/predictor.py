@@ -45,7 +45,11 @@ PARTS = ("transformer", "kernel", "mean")
 WEIGHT_STEP = 0.05
 FEW_CELLS = 100  # fewer validation cells than this: the kernel's part is chosen by k-fold over train + validation
 FOLDS = 5
+HELD_OUT_CELLS = 1000  # the blend is chosen on at most this many validation cells (evenly spaced)
 KFOLD_CELLS = 3000  # the k-fold fits the kernel on at most this many cells (every validation cell, then evenly spaced train cells)
+TUNE_SHARE = 0.6  # of a direction's time left after the transformer's readings: the kernel's tuning; the rest, its final fit
+MIN_FIT_CELLS = 200
+PROBE_FIT_CELLS = 300  # under a time budget, a kernel fit on this many cells times the first fold
 CALIBRATION_PARTS = 5  # the transformer's validation readings: its calibration fitted on the other parts of the cells
 
 
@@ -341,32 +345,60 @@ def _predict(model, x: sp.csr_matrix) -> np.ndarray:
     return np.vstack(list(model.predict_chunks(x))).astype(np.float32)
 
 
-def _pooled_settings(src: str, tgt: str, folds: Sequence[tuple], grid: dict, max_landmarks: int, seed: int) -> tuple[tuple, list]:
-    """The kernel settings with the lowest squared error pooled over ``folds`` (``(x_fit, y_fit, x_held, y_held)``), and each
-    fold's kernel tuned on its own held cells."""
+def _pooled_settings(src: str, tgt: str, folds: Sequence[tuple], grid: dict, max_landmarks: int, seed: int,
+                     deadline: float | None = None) -> tuple[tuple, list]:
+    """The kernel settings with the lowest squared error pooled over ``folds`` (``(x_fit, y_fit, x_held, y_held)``) among those
+    every fold tried, and each fold's tuned kernel.
+
+    With ``deadline``, each fold tunes within an equal share of the time left, on as many of its fit cells as that share
+    allows at the pace measured so far (a small fit times it before the first fold); every held cell is still predicted.
+    """
     from .source_kernel import SvdKrrBaseline
 
     sse: dict[tuple, float] = {}
     tuned = []
-    for x_fit, y_fit, x_held, y_held in folds:
-        model, trials = SvdKrrBaseline.tune(src, tgt, (x_fit, y_fit), (x_held, y_held), grid=grid, max_landmarks=max_landmarks, seed=seed)
+    pace = None  # seconds per fit cell of the embedding and one kernel width
+    for i, (x_fit, y_fit, x_held, y_held) in enumerate(folds):
+        share = None
+        if deadline is not None:
+            now = time.perf_counter()
+            share = now + max(0.0, deadline - now) / (len(folds) - i)
+            if pace is None and x_fit.shape[0] > PROBE_FIT_CELLS:
+                pace = _probe_pace(src, tgt, x_fit, y_fit, grid, max_landmarks, seed)
+            rows = _affordable_rows(x_fit.shape[0], pace, share)
+            if rows is not None:
+                x_fit, y_fit = x_fit[rows], y_fit[rows]
+        model, trials = SvdKrrBaseline.tune(src, tgt, (x_fit, y_fit), (x_held, y_held), grid=grid, max_landmarks=max_landmarks, seed=seed, deadline=share)
+        pace = model.fit_seconds / model.embedding_cells
         tuned.append(model)
         for t in trials:
             key = (t["n_components"], t["gamma_scale"], t["alpha"])
             sse[key] = sse.get(key, 0.0) + t["validation_rmse"] ** 2 * x_held.shape[0]
-    return min(sse, key=sse.get), tuned
+    common = [key for key in sse if all(key in model.fitted for model in tuned)]
+    return min(common, key=sse.get), tuned
 
 
-def _held_kernel(src: str, tgt: str, folds: Sequence[tuple], grid: dict, max_landmarks: int, seed: int) -> tuple[tuple, list[np.ndarray], list[np.ndarray]]:
-    """The kernel settings pooled over ``folds``, and each fold's held cells as predicted by the kernel and the mean of its fit cells."""
-    settings, tuned = _pooled_settings(src, tgt, folds, grid, max_landmarks, seed)
+def _probe_pace(src: str, tgt: str, x: sp.csr_matrix, y: sp.csr_matrix, grid: dict, max_landmarks: int, seed: int) -> float:
+    """Seconds a cell of tuning one kernel width: fitting on :data:`PROBE_FIT_CELLS` cells of ``x`` / ``y`` and predicting
+    as many others (fewer when there are fewer), timed."""
+    from .source_kernel import SvdKrrBaseline
+
+    m = max(1, min(PROBE_FIT_CELLS, x.shape[0] // 2))
+    started = time.perf_counter()
+    SvdKrrBaseline.tune(src, tgt, (x[:m], y[:m]), (x[m:2 * m], y[m:2 * m]), grid=grid, max_landmarks=max_landmarks, seed=seed, deadline=started)
+    return (time.perf_counter() - started) / m
+
+
+def _held_kernel(src: str, tgt: str, folds: Sequence[tuple], grid: dict, max_landmarks: int, seed: int,
+                 deadline: float | None = None) -> tuple[tuple, list[np.ndarray], list[np.ndarray], object]:
+    """The kernel settings pooled over ``folds``, each fold's held cells as predicted by the kernel and the mean of its fit
+    cells, and the first fold's tuned kernel (its ``fit_seconds`` prices a refit)."""
+    settings, tuned = _pooled_settings(src, tgt, folds, grid, max_landmarks, seed, deadline)
     kernels, means = [], []
-    for (x_fit, y_fit, x_held, _), model in zip(folds, tuned, strict=True):
-        if (model.n_components, model.gamma_scale, model.alpha) != settings:
-            model = _refit_kernel(src, tgt, settings, x_fit, y_fit, grid, max_landmarks, seed)
-        kernels.append(_predict(model, x_held))
+    for (_, y_fit, x_held, _), model in zip(folds, tuned, strict=True):
+        kernels.append(_predict(model.use(settings), x_held))
         means.append(np.asarray(y_fit.mean(axis=0), dtype=np.float32).ravel())
-    return settings, kernels, means
+    return settings, kernels, means, tuned[0]
 
 
 def _merge(stats: Sequence[CellStats]) -> CellStats:
@@ -375,15 +407,16 @@ def _merge(stats: Sequence[CellStats]) -> CellStats:
 
 
 def _kfold_kernel(src: str, tgt: str, x: sp.csr_matrix, y: sp.csr_matrix, n_val: int, grid: dict, max_landmarks: int, seed: int,
-                  step: float) -> tuple[tuple, float, np.ndarray, np.ndarray, dict]:
+                  step: float, deadline: float | None = None, folds: int = FOLDS) -> tuple[tuple, float, np.ndarray, np.ndarray, dict, object]:
     """Few validation cells: the kernel's settings and its weight against the mean by k-fold over ``x``/``y`` (train then
     validation rows). Returns the settings, the kernel weight, the out-of-fold kernel and mean matrices of the last ``n_val``
     rows (the validation cells), and the record."""
     n = x.shape[0]
-    n_folds = min(FOLDS, n)
+    n_folds = min(folds, n)
     fold = np.random.default_rng(seed).permutation(n) % n_folds
     splits = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(n_folds)]
-    settings, kernels, means = _held_kernel(src, tgt, [(x[rest], y[rest], x[held], y[held]) for rest, held in splits], grid, max_landmarks, seed)
+    settings, kernels, means, first = _held_kernel(src, tgt, [(x[rest], y[rest], x[held], y[held]) for rest, held in splits], grid, max_landmarks,
+                                                   seed, deadline)
     stats = _merge([cell_stats([k, m], y[held]) for (_, held), k, m in zip(splits, kernels, means, strict=True)])
     choice = choose_weights(stats, simplex_grid(2, step), mean_part=1)
     kernel_oof, mean_oof = np.empty((n_val, y.shape[1]), np.float32), np.empty((n_val, y.shape[1]), np.float32)
@@ -392,7 +425,7 @@ def _kfold_kernel(src: str, tgt: str, x: sp.csr_matrix, y: sp.csr_matrix, n_val:
         kernel_oof[held[val] - (n - n_val)] = k[val]
         mean_oof[held[val] - (n - n_val)] = m
     record = {"folds": n_folds, "cells": int(n), "kernel_weight": float(choice["weights"][0]), "rmse": choice["rmse"], "mean_rmse": choice["mean_rmse"]}
-    return settings, float(choice["weights"][0]), kernel_oof, mean_oof, record
+    return settings, float(choice["weights"][0]), kernel_oof, mean_oof, record, first
 
 
 def _auroc(weights: np.ndarray, transformer: Sequence[np.ndarray], kernel: Sequence[np.ndarray], mean: Sequence[np.ndarray],
@@ -411,16 +444,32 @@ def _auroc(weights: np.ndarray, transformer: Sequence[np.ndarray], kernel: Seque
     return {name: float(np.nanmean(np.concatenate(v))) for name, v in values.items()}
 
 
+def _affordable_rows(n: int, pace: float | None, deadline: float | None) -> np.ndarray | None:
+    """Evenly spaced rows of ``n`` fit cells whose kernel fit ends by ``deadline`` at ``pace`` seconds a cell (time about
+    proportional to cells), at least :data:`MIN_FIT_CELLS`; None: every cell."""
+    if deadline is None or pace is None:
+        return None
+    cap = max(MIN_FIT_CELLS, int(max(0.0, deadline - time.perf_counter()) / max(pace, 1e-12)))
+    if cap >= n:
+        return None
+    logger.info("time budget: the kernel is fitted on %d of %d cells", cap, n)
+    return _rows(n, cap)
+
+
 def _rows(n: int, cap: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, max(1, min(n, cap))).round().astype(np.int64))
 
 
 def fit_direction(held: Sequence[HeldOut], fit: Sequence[dict], direction: str, batch_size: int = 64, seed: int = 0, grid: dict | None = None,
-                  max_landmarks: int = 1000, step: float = WEIGHT_STEP, few_cells: int = FEW_CELLS) -> tuple[dict, DirectionBlend]:
+                  max_landmarks: int = 1000, step: float = WEIGHT_STEP, few_cells: int = FEW_CELLS,
+                  deadline: float | None = None) -> tuple[dict, DirectionBlend]:
     """Choose and fit one direction's blend (see the module docstring): returns ``readout.json``'s record and the blend.
 
     ``held``: the held-out cells and their readers (one: the folder and its validation cells; several: cross-validation
     fold models). ``fit``: the cells the shipped kernel and mean are fitted on (:func:`dataset_builder.records.load_split_matrices`).
+    ``deadline`` (a ``time.perf_counter()`` value): after the transformer's readings, the kernel's settings are tuned in
+    :data:`TUNE_SHARE` of the time left (fewer kernel widths when short), and the shipped kernel is fitted on as many of
+    the fit cells as the rest allows at the pace the tuning measured (every cell when there is time).
     """
     from dataset_builder.records import source_sentences
 
@@ -440,15 +489,26 @@ def fit_direction(held: Sequence[HeldOut], fit: Sequence[dict], direction: str, 
     y_train, y_val = [h.train[tgt] for h in held], [h.validation[tgt] for h in held]
     n_val = sum(x.shape[0] for x in x_val)
     transformer, readings = _transformer_readings(held, val_ids, direction, batch_size, seed)
+    tune_by = None if deadline is None else time.perf_counter() + TUNE_SHARE * max(0.0, deadline - time.perf_counter())
     kfold = None
     if n_val >= few_cells or len(held) > 1:
-        settings, kernel_val, mean_val = _held_kernel(src, tgt, list(zip(x_train, y_train, x_val, y_val, strict=True)), grid, max_landmarks, seed)
+        settings, kernel_val, mean_val, tuned = _held_kernel(src, tgt, list(zip(x_train, y_train, x_val, y_val, strict=True)), grid, max_landmarks,
+                                                             seed, tune_by)
         candidates = simplex_grid(3, step)
         selection = f"simplex grid, step {step:g}, on {n_val} held-out cells"
     else:
-        rows = _rows(x_train[0].shape[0], KFOLD_CELLS - n_val)
+        cells, folds = KFOLD_CELLS, FOLDS
+        if tune_by is not None:  # each fold costs about a probe (wide targets) plus its cells at the probe's pace
+            started = time.perf_counter()
+            pace = _probe_pace(src, tgt, x_train[0], y_train[0], grid, max_landmarks, seed)
+            left = max(0.0, tune_by - time.perf_counter())
+            folds = int(np.clip(left // (time.perf_counter() - started), 2, FOLDS))
+            cells = min(cells, max(n_val + MIN_FIT_CELLS, int(left / (folds * pace))))
+            if (cells, folds) != (KFOLD_CELLS, FOLDS):
+                logger.info("time budget: the kernel's k-fold runs %d folds on at most %d train and validation cells", folds, cells)
+        rows = _rows(x_train[0].shape[0], cells - n_val)
         x_all, y_all = sp.vstack([x_train[0][rows], x_val[0]]).tocsr(), sp.vstack([y_train[0][rows], y_val[0]]).tocsr()
-        settings, v, kernel, mean, kfold = _kfold_kernel(src, tgt, x_all, y_all, n_val, grid, max_landmarks, seed, step)
+        settings, v, kernel, mean, kfold, tuned = _kfold_kernel(src, tgt, x_all, y_all, n_val, grid, max_landmarks, seed, step, tune_by, folds)
         kernel_val, mean_val = [kernel], [mean]
         u = np.round(np.arange(0.0, 1.0 + step / 2, step), 10)[:, None]
         candidates = np.hstack([u, (1 - u) * v, (1 - u) * (1 - v)])
@@ -473,6 +533,8 @@ def fit_direction(held: Sequence[HeldOut], fit: Sequence[dict], direction: str, 
     mean = np.asarray(y_fit.mean(axis=0), dtype=np.float32).ravel()
     kernel, kernel_record = None, None
     if weights["kernel"] > 0:
+        rows = _affordable_rows(x_fit.shape[0], tuned.fit_seconds / tuned.embedding_cells, deadline)
+        x_fit, y_fit = (x_fit, y_fit) if rows is None else (x_fit[rows], y_fit[rows])
         kernel = SourceKernel.from_baseline(_refit_kernel(src, tgt, settings, x_fit, y_fit, grid, max_landmarks, seed))
         kernel_record = {**kernel.settings(), "gamma_scale": settings[1], "alpha": settings[2], "fit_cells": int(x_fit.shape[0])}
     record = {"weights": weights, "held_out": held_out, "kernel": kernel_record, "mean_fit_cells": int(y_fit.shape[0]),
@@ -483,9 +545,9 @@ def fit_direction(held: Sequence[HeldOut], fit: Sequence[dict], direction: str, 
 
 
 def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, directions: Sequence[str] | None = None, batch_size: int = 64,
-              seed: int = 0, pool: Sequence[tuple[str | os.PathLike, str | os.PathLike]] = (), max_cells: int = 1000,
+              seed: int = 0, pool: Sequence[tuple[str | os.PathLike, str | os.PathLike]] = (), max_cells: int = HELD_OUT_CELLS,
               max_train_cells: int = 20000, grid: dict | None = None, max_landmarks: int = 1000, step: float = WEIGHT_STEP,
-              few_cells: int = FEW_CELLS, require_held_out: bool = False) -> dict:
+              few_cells: int = FEW_CELLS, require_held_out: bool = False, max_seconds: float | None = None) -> dict:
     """Choose and fit the blend of a trained model folder, and write it into the folder.
 
     Parameters
@@ -504,6 +566,10 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
         Default: every calibrated direction.
     require_held_out
         Without held-out cells (no ``pool``, no validation split), raise ``ValueError`` instead of a warning.
+    max_seconds
+        A time budget from the call to the folder written (None: none), shared equally by the directions left: each tunes
+        its kernel and fits the shipped one within its share (:func:`fit_direction`). The transformer's readings of the
+        held-out cells are not cut here: bound them with ``max_cells``.
 
     Returns
     -------
@@ -544,6 +610,7 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
         return {}
     check_pool(pool, meta)
     started = time.perf_counter()
+    end = None if max_seconds is None else started + max(0.0, max_seconds)
     top = CellTranslator.from_pretrained(folder)
     top.blend = {}  # the parts as they are, without any blend the folder holds already
     calibration = readout.get("calibration") or {}
@@ -561,8 +628,9 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
     trained = json.loads(args_path.read_text()).get("directions") if args_path.exists() else None
     directions = list(directions or calibration or trained or ("gex2atac", "atac2gex"))
     records, arrays = {}, {}
-    for direction in directions:
-        record, blend = fit_direction(held, fit, direction, batch_size, seed, grid, max_landmarks, step, few_cells)
+    for i, direction in enumerate(directions):
+        deadline = None if end is None else time.perf_counter() + max(0.0, end - time.perf_counter()) / (len(directions) - i)
+        record, blend = fit_direction(held, fit, direction, batch_size, seed, grid, max_landmarks, step, few_cells, deadline)
         records[direction] = record
         if blend.mean is not None:
             arrays[f"{direction}.mean"] = blend.mean

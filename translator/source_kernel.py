@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import itertools
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -123,8 +123,9 @@ class SvdKrrBaseline:
 
     def _features(self, z: np.ndarray, n_components: int, gamma_scale: float) -> tuple[Nystroem, np.ndarray]:
         rng = np.random.default_rng(self.seed)
-        sample = z[rng.choice(z.shape[0], size=min(1000, z.shape[0]), replace=False)]
-        d2 = ((sample[:, None, :] - sample[None, :, :]) ** 2).sum(-1)
+        sample = np.asarray(z[rng.choice(z.shape[0], size=min(1000, z.shape[0]), replace=False)], dtype=np.float64)
+        sq = (sample**2).sum(1)
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * sample @ sample.T, 0.0)
         median = float(np.median(d2[np.triu_indices(sample.shape[0], 1)])) or 1.0
         m = min(self.max_landmarks, z.shape[0])
         mapper = Nystroem(kernel="rbf", gamma=gamma_scale / median, n_components=m, random_state=self.seed).fit(z)
@@ -162,6 +163,7 @@ class SvdKrrBaseline:
         self.scale = float(np.sqrt((z**2).sum(axis=1).mean())) or 1.0
         self.y_train = self._fit_target(target_train)
         self.n_features = target_train.shape[1]
+        self.embedding_cells = source_train.shape[0]
 
     def _predict_rows(self, source: sp.csr_matrix) -> np.ndarray:
         latent = self.mapper.transform(self._embed(source, self.n_components)) @ self.coef
@@ -194,9 +196,16 @@ class SvdKrrBaseline:
         target_components: int = 64,
         max_landmarks: int = 1000,
         seed: int = 0,
+        deadline: float | None = None,
     ) -> tuple[SvdKrrBaseline, list[dict]]:
-        """Fit on train for every grid point, keep the lowest validation RMSE; returns (model, trials)."""
+        """Fit on train for every grid point, keep the lowest validation RMSE; returns (model, trials).
+
+        The kernel widths are tried from the middle of the grid outwards (every alpha of a width costs one fit). With
+        ``deadline`` (a ``time.perf_counter()`` value), no further width is tried once it has passed: at least one is.
+        The model keeps every fitted point (:meth:`use`) and ``fit_seconds``, the time of the embedding and the first width.
+        """
         grid = grid or KRR_GRID
+        started = time.perf_counter()
         model = cls(
             source, target, n_components=max(grid["n_components"]), target_components=target_components,
             max_landmarks=max_landmarks, seed=seed,
@@ -205,7 +214,9 @@ class SvdKrrBaseline:
         val_source, val_target = validation
         chunk = default_chunk_cells(val_target.shape[1])
         trials, fitted = [], {}
-        for n_comp, gamma_scale in itertools.product(sorted(grid["n_components"]), grid["gamma_scale"]):
+        for n_comp, gamma_scale in _middle_out(grid):
+            if trials and deadline is not None and time.perf_counter() > deadline:
+                break
             model.n_components = n_comp
             mapper, phi = model._features(model._embed(train[0], n_comp), n_comp, gamma_scale)
             coefs = model._solve(phi, model.y_train, grid["alpha"])
@@ -214,10 +225,26 @@ class SvdKrrBaseline:
                 score = rmse(model.predict_chunks(val_source, chunk), val_target, chunk)
                 trials.append({"n_components": n_comp, "gamma_scale": gamma_scale, "alpha": alpha, "validation_rmse": score})
                 fitted[(n_comp, gamma_scale, alpha)] = (mapper, coef)
+            if len(fitted) == len(coefs):
+                model.fit_seconds = time.perf_counter() - started
+        model.fitted = fitted
         best = min(trials, key=lambda t: t["validation_rmse"])
-        model.n_components, model.gamma_scale, model.alpha = best["n_components"], best["gamma_scale"], best["alpha"]
-        model.mapper, model.coef = fitted[(best["n_components"], best["gamma_scale"], best["alpha"])]
+        model.use((best["n_components"], best["gamma_scale"], best["alpha"]))
         return model, trials
+
+    def use(self, settings: tuple) -> SvdKrrBaseline:
+        """Predict with the grid point ``(n_components, gamma_scale, alpha)`` fitted by :meth:`tune`."""
+        self.n_components, self.gamma_scale, self.alpha = settings
+        self.mapper, self.coef = self.fitted[tuple(settings)]
+        return self
+
+
+def _middle_out(grid: dict[str, Sequence]) -> list[tuple[int, float]]:
+    """``(n_components, gamma_scale)`` pairs of ``grid``: the middle kernel width first, the widest embedding first."""
+    gammas = sorted(grid["gamma_scale"])
+    middle = np.log(gammas[len(gammas) // 2])
+    order = sorted(gammas, key=lambda g: (abs(np.log(g) - middle), g))
+    return [(n, g) for g in order for n in sorted(grid["n_components"], reverse=True)]
 
 
 KERNEL_FILE = "source_kernel.safetensors"

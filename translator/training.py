@@ -265,7 +265,8 @@ def check_memory(estimate: dict[str, float], available: float, what: str) -> Non
 
 
 REFIT_SHARE = 0.5  # of the budget left after training: the head refit; the calibration gets most of the rest
-CALIBRATION_SHARE = 0.8  # of the budget left after the refit (the rest: the blend and the model folder)
+CALIBRATION_SHARE = 0.6  # of the budget left after the refit: the calibration and the blend's second reading of its cells
+# (the rest: the blend's kernel and the model folder)
 MIN_REFIT_CELLS = 50
 MIN_CALIBRATION_CELLS = 20
 PROBE_CELLS = 8
@@ -296,8 +297,8 @@ def calibration_cell_cap(budget: Budget, model, tokenizer, meta: dict, split, di
     started = time.perf_counter()
     calibration_features(model, tokenizer, meta, probe, directions, max_source_length, max_target_length, len(probe), batch_size, profile_head)
     per_cell = (time.perf_counter() - started) / len(probe)
-    # The readout fits after the decoding take about half as long again.
-    return max(MIN_CALIBRATION_CELLS, int(CALIBRATION_SHARE * max(0.0, budget.left()) / (1.5 * per_cell)))
+    # The readout fits after the decoding take about half as long again; the blend then decodes the cells once more.
+    return max(MIN_CALIBRATION_CELLS, int(CALIBRATION_SHARE * max(0.0, budget.left()) / (2.5 * per_cell)))
 
 
 class TailAverage:
