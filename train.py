@@ -44,7 +44,7 @@ from translator.data import (
 )
 from translator.loss import TranslationLoss
 from translator.model import MODEL_SHAPES, PROFILE_INPUTS, cuda_tf32, make_config, make_model
-from translator.predictor import HELD_OUT_CELLS, fit_blend
+from translator.predictor import HELD_OUT_CELLS, fit_blend, held_out_cells
 from translator.profile_fit import RANK_GRID
 from translator.readout import SELECTION_REPEATS, check_selection_parts, check_selection_repeats, profile_offsets
 from translator.training import (
@@ -350,13 +350,14 @@ def check_run_memory(config, model_args: ModelArguments, data_args: DataArgument
         n_params += config.vocab_size * (PROFILE_INPUTS * config.d_model + 1)
     n_features = max(len(meta["genes"]), len(meta["peaks"]))
     calibration_cells = min(n_validation, data_args.calibration_cells)
-    estimate = estimate_memory(config, n_params, run.per_device_train_batch_size, data_args.max_source_length, data_args.max_target_length, n_features, calibration_cells)
+    estimate = estimate_memory(config, n_params, run.per_device_train_batch_size, data_args.max_source_length, data_args.max_target_length, n_features, calibration_cells,
+                               held_out_cells(n_validation))
     what = (f"--model_size {model_args.model_size} with {config.vocab_size:,} names, batch {run.per_device_train_batch_size} and caps "
             f"{data_args.max_source_length}/{data_args.max_target_length}")
     if torch.cuda.is_available():  # the model trains on the GPU; the host keeps the data and the calibration
         device = {k: estimate[k] for k in ("parameters", "activations", "profile")}
         check_memory({**device, "total": sum(device.values())}, float(torch.cuda.mem_get_info()[0]), what + " (GPU)")
-        host = {k: estimate[k] for k in ("base", "parameters", "calibration")}
+        host = {k: estimate[k] for k in ("base", "parameters", "calibration", "blend")}
         check_memory({**host, "total": sum(host.values())}, available_memory(), what)
     else:
         check_memory(estimate, available_memory(), what)

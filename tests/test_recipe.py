@@ -107,6 +107,12 @@ def test_the_memory_estimate_grows_with_vocabulary_and_batch_and_refuses_in_one_
                                          r"lower --per_device_train_batch_size") as err:
         check_memory(wide, 4 * 2**30, "t5-small")
     assert "\n" not in str(err.value)
+    # The blend's held-out matrices count: few validation cells add a k-fold's fold.
+    from translator.predictor import held_out_cells
+
+    assert held_out_cells(5000) == 1000 and held_out_cells(40) > 40
+    blend = estimate_memory(make_config("tiny", 130_000), 30_000_000, 32, 512, 128, 116_000, 500, held_out_cells(5000))
+    assert blend["blend"] > 0 and blend["total"] == pytest.approx(large["total"] + blend["blend"])
 
 
 def test_many_features_choose_the_l2_on_a_sample_of_chunks_and_fit_the_rest_with_it():

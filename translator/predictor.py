@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -394,11 +394,14 @@ def _held_kernel(src: str, tgt: str, folds: Sequence[tuple], grid: dict, max_lan
     """The kernel settings pooled over ``folds``, each fold's held cells as predicted by the kernel and the mean of its fit
     cells, and the first fold's tuned kernel (its ``fit_seconds`` prices a refit)."""
     settings, tuned = _pooled_settings(src, tgt, folds, grid, max_landmarks, seed, deadline)
-    kernels, means = [], []
+    kernels, means = zip(*_held_predictions(folds, tuned, settings), strict=True)
+    return settings, list(kernels), list(means), tuned[0]
+
+
+def _held_predictions(folds: Sequence[tuple], tuned: Sequence, settings: tuple) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Fold by fold: its held cells as predicted by its kernel with ``settings``, and the mean of its fit cells."""
     for (_, y_fit, x_held, _), model in zip(folds, tuned, strict=True):
-        kernels.append(_predict(model.use(settings), x_held))
-        means.append(np.asarray(y_fit.mean(axis=0), dtype=np.float32).ravel())
-    return settings, kernels, means, tuned[0]
+        yield _predict(model.use(settings), x_held), np.asarray(y_fit.mean(axis=0), dtype=np.float32).ravel()
 
 
 def _merge(stats: Sequence[CellStats]) -> CellStats:
@@ -415,15 +418,18 @@ def _kfold_kernel(src: str, tgt: str, x: sp.csr_matrix, y: sp.csr_matrix, n_val:
     n_folds = min(folds, n)
     fold = np.random.default_rng(seed).permutation(n) % n_folds
     splits = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(n_folds)]
-    settings, kernels, means, first = _held_kernel(src, tgt, [(x[rest], y[rest], x[held], y[held]) for rest, held in splits], grid, max_landmarks,
-                                                   seed, deadline)
-    stats = _merge([cell_stats([k, m], y[held]) for (_, held), k, m in zip(splits, kernels, means, strict=True)])
-    choice = choose_weights(stats, simplex_grid(2, step), mean_part=1)
+    folds_xy = [(x[rest], y[rest], x[held], y[held]) for rest, held in splits]
+    settings, tuned = _pooled_settings(src, tgt, folds_xy, grid, max_landmarks, seed, deadline)
+    # One fold's predictions at a time: only the validation rows are kept.
     kernel_oof, mean_oof = np.empty((n_val, y.shape[1]), np.float32), np.empty((n_val, y.shape[1]), np.float32)
-    for (_, held), k, m in zip(splits, kernels, means, strict=True):
+    stats = []
+    for (_, held), (k, m) in zip(splits, _held_predictions(folds_xy, tuned, settings), strict=True):
+        stats.append(cell_stats([k, m], y[held]))
         val = held >= n - n_val
         kernel_oof[held[val] - (n - n_val)] = k[val]
         mean_oof[held[val] - (n - n_val)] = m
+    choice = choose_weights(_merge(stats), simplex_grid(2, step), mean_part=1)
+    first = tuned[0]
     record = {"folds": n_folds, "cells": int(n), "kernel_weight": float(choice["weights"][0]), "rmse": choice["rmse"], "mean_rmse": choice["mean_rmse"]}
     return settings, float(choice["weights"][0]), kernel_oof, mean_oof, record, first
 
@@ -442,6 +448,13 @@ def _auroc(weights: np.ndarray, transformer: Sequence[np.ndarray], kernel: Seque
             for name, prediction in parts.items():
                 values[name].append(rowwise_auroc(prediction, labels))
     return {name: float(np.nanmean(np.concatenate(v))) for name, v in values.items()}
+
+
+def held_out_cells(n_validation: int) -> int:
+    """The cells whose matrices the blend's choice holds at once, for a dataset with ``n_validation`` validation cells: the
+    held-out cells, and one fold of the k-fold when they are few (:func:`translator.training.estimate_memory`)."""
+    n = min(n_validation, HELD_OUT_CELLS)
+    return n + (-(-KFOLD_CELLS // FOLDS) if n < FEW_CELLS else 0)
 
 
 def _affordable_rows(n: int, pace: float | None, deadline: float | None) -> np.ndarray | None:

@@ -203,15 +203,18 @@ FF_BYTES = 12  # per position and feed-forward width, per layer
 ATTENTION_BYTES = 12  # per head and pair of positions, per attention block: scores, probabilities, dropout
 PROFILE_BYTES = 16  # per cell of a batch and target feature: the profile readout's scores, loss and gradients
 READOUT_BYTES = 56  # per validation cell and feature in the calibration: the decoded features and the truth, float64
+BLEND_BYTES = 24  # per held-out cell and feature in the blend's choice: the transformer's, the kernel's and the true matrices
 
 
 def estimate_memory(config, n_parameters: int, batch_size: int, max_source_length: int, max_target_length: int, n_features: int,
-                    calibration_cells: int) -> dict[str, float]:
-    """Peak memory of a training run in bytes, by part: ``{"base", "parameters", "activations", "profile", "calibration", "total"}``.
+                    calibration_cells: int, held_out_cells: int = 0) -> dict[str, float]:
+    """Peak memory of a training run in bytes, by part: ``{"base", "parameters", "activations", "profile", "calibration", "blend",
+    "total"}``.
 
     ``config`` is the T5 config (width, feed-forward width, heads, layers), ``n_parameters`` counts the model and the
     profile head, ``n_features`` is the larger modality (genes or peaks), ``calibration_cells`` the cells the readout
-    calibration decodes. The activations are those of one micro-batch of full-length sources and targets: an upper bound
+    calibration decodes, ``held_out_cells`` those the blend is chosen on (with a k-fold's fold, see
+    :mod:`translator.predictor`). The activations are those of one micro-batch of full-length sources and targets: an upper bound
     on what a length-grouped batch holds.
     """
     b, s, t = batch_size, max_source_length, max_target_length
@@ -225,6 +228,7 @@ def estimate_memory(config, n_parameters: int, batch_size: int, max_source_lengt
         "activations": float(hidden + attention),
         "profile": float(b * n_features * PROFILE_BYTES),
         "calibration": float(calibration_cells * n_features * READOUT_BYTES),
+        "blend": float(held_out_cells * n_features * BLEND_BYTES),
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -259,6 +263,7 @@ def check_memory(estimate: dict[str, float], available: float, what: str) -> Non
         "parameters": "choose --model_size tiny, or build the dataset with --top_peaks N to shrink the vocabulary",
         "profile": "lower --per_device_train_batch_size, or build the dataset with --top_peaks N",
         "calibration": "lower --calibration_cells, or build the dataset with --top_peaks N",
+        "blend": "build the dataset with --top_peaks N",
     }
     raise ValueError(f"{what} needs about {estimate['total'] / gib:.1f} GiB of memory ({largest} {estimate[largest] / gib:.1f} GiB) and "
                       f"{available / gib:.1f} GiB are available: {fixes[largest]}")
