@@ -189,19 +189,26 @@ def test_two_gloo_processes_read_disjoint_shares_that_cover_the_split(split_file
     assert shares[0] + shares[1] == _reference(split_files)
 
 
-def test_the_loader_marks_the_epochs_last_batch_for_gradient_accumulation(split_files):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_loader_marks_the_epochs_last_batch_for_gradient_accumulation(split_files, workers):
     """Each process reads its own share, so the loader is not prepared by accelerate; it still tells accelerate's
-    gradient state where an epoch ends (``accumulate`` steps the optimizer there), and resumes with skip()."""
+    gradient state where an epoch ends (``accumulate`` steps the optimizer there), also in a resumed epoch, and a
+    worker process yields the batches the main process would."""
     from accelerate.state import GradientState
 
     from translator.streaming import StreamingLoader
 
-    loader = StreamingLoader(_stream(split_files))
-    state = GradientState()
+    loader, state = StreamingLoader(_stream(split_files), workers=workers), GradientState()
     loader.set_epoch(2)
-    ends = [state.end_of_dataloader for _ in loader]
+    batches, ends = [], []
+    for batch in loader:
+        batches.append(batch)
+        ends.append(state.end_of_dataloader)
     assert len(ends) == len(loader) and ends == [False] * (len(loader) - 1) + [True]
     assert state.active_dataloader is None
-    loader.set_epoch(2)
-    loader.skip(len(loader) - 2)
+    reference = _stream(split_files)
+    reference.set_epoch(2)
+    assert _same(batches, list(reference))
+    loader.set_epoch(2, skip=len(loader) - 2)
     assert [state.end_of_dataloader for _ in loader] == [False, True]
+

@@ -315,32 +315,37 @@ class StreamingLoader(DataLoaderStateMixin):
     Not passed through ``accelerator.prepare`` (that would read the stream on one process and split its batches,
     while here each process reads its own share); it registers with accelerate's gradient state like a prepared
     loader, so that ``accelerator.accumulate`` still steps the optimizer at the end of each epoch.
+    ``workers=1`` reads and tokenizes in a worker process, ahead of the training step (on a GPU the step then
+    does not wait for the CPU); the batches are the same.
     """
 
     _drop_last = True
 
-    def __init__(self, stream: StreamingExamples, device: torch.device | str = "cpu"):
+    def __init__(self, stream: StreamingExamples, device: torch.device | str = "cpu", workers: int = 0):
+        if workers not in (0, 1):
+            raise ValueError(f"a streaming loader reads in the main process (0) or one worker (1), got {workers}")
         self.stream, self.device = stream, device
         self.gradient_state = GradientState()
-        # The main process reads; pinned memory makes the copy to a GPU asynchronous.
-        self.loader = DataLoader(stream, batch_size=None, pin_memory=torch.device(device).type == "cuda")
+        # Pinned memory makes the copy to a GPU asynchronous.
+        self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.device(device).type == "cuda",
+                                 prefetch_factor=4 if workers else None)
 
     def __len__(self) -> int:
         return len(self.stream)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` at its first batch (then :meth:`skip` to resume inside it)."""
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Start epoch ``epoch`` after its first ``skip`` batches (a resumed run; they are not read)."""
         self.stream.set_epoch(epoch)
-
-    def skip(self, n_batches: int) -> None:
-        self.stream.skip(n_batches)
+        self.stream.skip(skip)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.begin()
         try:
-            last = len(self.stream)
+            # Counted here: a worker advances its own copy of the stream's position.
+            seen = self.stream.position
             for batch in self.loader:
-                self.end_of_dataloader = self.stream.position == last
+                seen += 1
+                self.end_of_dataloader = seen == len(self.stream)
                 yield send_to_device(batch, self.device, non_blocking=True)
         finally:
             self.end()
