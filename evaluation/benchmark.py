@@ -152,19 +152,40 @@ def verdicts(results: dict) -> list[dict]:
     return rows
 
 
+def with_transformer_alone(rows: list[dict], results: dict) -> list[dict]:
+    """``rows`` (:func:`verdicts`) with the transformer's readout alone beside each: its value, margin over the best baseline,
+    interval and verdict (``transformer_alone``), and the blend's weights of the direction (``weights``)."""
+    blocks = {d: {"model": b["transformer_alone"], "baselines": b["baselines"]} for d, b in results["directions"].items() if "transformer_alone" in b}
+    alone = {(r["direction"], r["metric"]): r for r in verdicts({"bootstrap": results.get("bootstrap_transformer_alone", {}), "directions": blocks})}
+    out = []
+    for row in rows:
+        other = alone.get((row["direction"], row["metric"]))
+        weights = results["directions"][row["direction"]].get("blend_weights")
+        out.append({**row, "transformer_alone": other and {k: other[k] for k in ("model", "best_baseline", "margin", "interval_95", "verdict")},
+                    "weights": weights})
+    return out
+
+
 def markdown(summary: dict) -> str:
     """The table across datasets."""
     lines = [f"Split: {summary['split']}; {summary['bootstrap']} paired bootstrap resamples of the cells; margin = the model's lead over the "
              "best baseline (positive: the model is better; for RMSE, baseline minus model); verdict `ahead` / `behind` only where the "
              "95% interval excludes zero.", "",
-             "| dataset | cells | direction | metric | model | best baseline | margin | 95% interval | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "The transformer alone: the model folder's transformer readout without the blend, against the same baselines; weights: "
+             "the blend's transformer / kernel / mean weights, chosen on held-out training cells.", "",
+             "| dataset | cells | direction | metric | model | best baseline | margin | 95% interval | verdict | transformer alone | its margin "
+             "[95% interval] | its verdict | weights t/k/m |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in summary["datasets"].items():
         for row in entry["rows"]:
             low, high = row["interval_95"]
+            alone, weights = row.get("transformer_alone"), row.get("weights")
+            alone_cells = (f"{alone['model']:.6f} | {alone['margin']:+.6f} [{alone['interval_95'][0]:+.6f}, {alone['interval_95'][1]:+.6f}] | "
+                           f"{alone['verdict']}") if alone else "- | - | -"
+            weight_cell = "/".join(f"{weights[p]:.2f}" for p in ("transformer", "kernel", "mean")) if weights else "-"
             lines.append(f"| {name} | {entry['n_cells']} | {DIRECTION_NAMES[row['direction']]} | {METRIC_NAMES.get(row['metric'], row['metric'])} | "
                          f"{row['model']:.6f} | {row['best_baseline']} {row['baseline']:.6f} | {row['margin']:+.6f} | [{low:+.6f}, {high:+.6f}] | "
-                         f"{row['verdict']} |")
+                         f"{row['verdict']} | {alone_cells} | {weight_cell} |")
     lines.append("")
     for name, entry in summary["datasets"].items():
         train = entry["training"]
@@ -191,10 +212,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         seed = prepare_dataset(name, files, flags, folder, args.time_budget_s, train_flags, binary=True, overwrite=args.overwrite_output_dir) if args.seed_binary else None
         results = run_evaluation(model=str(made["model"]), dataset_dir=str(made["data"]), split=args.split, output_dir=str(folder / f"eval_{args.split}"),
                                  seed_model=str(seed["model"]) if seed else None, baselines=BASELINES, dataset_name=name, update_model_folder=False,
-                                 make_plots=False, progress=False, bootstrap=args.bootstrap, command=portable_command(sys.argv))
+                                 make_plots=False, progress=False, bootstrap=args.bootstrap, command=portable_command(sys.argv),
+                                 transformer_alone=True)
         training = json.loads((made["model"] / "training_args.json").read_text())
         summary["datasets"][name] = {
-            "files": [f.name for f in files], "build_args": flags, "n_cells": results["n_cells"], "rows": verdicts(results),
+            "files": [f.name for f in files], "build_args": flags, "n_cells": results["n_cells"], "rows": with_transformer_alone(verdicts(results), results),
             "times": {**made["times"], "evaluation_s": results["wall_time_s"]},
             "training": {k: training.get(k) for k in ("completed_steps", "planned_steps", "train_seconds", "early_stopped_at", "best_validation_step",
                                                       "stopped_by_time_limit", "n_parameters")},

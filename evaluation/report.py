@@ -50,6 +50,8 @@ def _methods(block: dict) -> list[tuple[str, dict]]:
     rows = []
     if isinstance(block.get("model"), dict):
         rows.append(("model", block["model"]))
+    if isinstance(block.get("transformer_alone"), dict):
+        rows.append(("model: transformer alone", block["transformer_alone"]))
     rows += [(name, values) for name, values in block.get("baselines", {}).items()]
     return rows
 

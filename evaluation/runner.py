@@ -32,6 +32,7 @@ VERSION_PACKAGES = ("numpy", "scipy", "scikit-learn", "evaluate", "datasets", "t
 
 # predictor(source_sentences, direction) -> (matrix [cells, target features], generated sentences or None)
 Predictor = Callable[[Sequence[str], str], tuple[np.ndarray, Sequence[str] | None]]
+ALONE = "transformer_alone"  # the model folder's transformer readout without its blend
 
 
 def library_versions() -> dict[str, str]:
@@ -62,14 +63,22 @@ def _device_name(device: str) -> str:
     return device_name(device)
 
 
-def translator_predictor(model: str | os.PathLike, batch_size: int = 64, allow_pickle: bool = False, device: str | None = None) -> tuple[Predictor, dict]:
-    """Load a model folder or Hub id onto ``device`` (auto: a GPU when one is visible); return a predictor and the model's metadata."""
+def translator_predictor(model: str | os.PathLike, batch_size: int = 64, allow_pickle: bool = False, device: str | None = None,
+                         transformer_alone: bool = False) -> tuple[Predictor, dict]:
+    """Load a model folder or Hub id onto ``device`` (auto: a GPU when one is visible); return a predictor and the model's metadata.
+
+    ``transformer_alone``: predict with the transformer's calibrated readout only, without the folder's blend with the
+    source kernel and the per-feature mean."""
     from translator import CellTranslator
 
     translator = CellTranslator.from_pretrained(model, device=device, allow_pickle=allow_pickle)
+    if transformer_alone:
+        translator.blend = {}
 
     def predict(sentences: Sequence[str], direction: str) -> tuple[np.ndarray, list[str]]:
         return translator.predict_matrix(list(sentences), direction=direction, batch_size=batch_size, return_sentences=True)
+
+    predict.readout = translator.readout
 
     return predict, translator.meta
 
@@ -183,6 +192,7 @@ def run_evaluation(
     allow_pickle: bool = False,
     device: str | None = None,
     bootstrap: int = 0,
+    transformer_alone: bool = False,
 ) -> dict:
     """Evaluate a translator and the baselines on one split; write results, table and plots.
 
@@ -220,6 +230,10 @@ def run_evaluation(
         With a model and ``bootstrap`` > 0: that many paired bootstrap resamples of the cells
         (:func:`translator.metrics_core.paired_bootstrap`, seeded by ``seed``), recorded per direction under ``bootstrap``:
         how often the model stays first on each headline metric, and its margin over each method with a standard deviation.
+    transformer_alone
+        Also score ``model``'s transformer readout without its blend (:mod:`translator.predictor`): per direction
+        ``transformer_alone`` (its metrics), ``blend_weights`` (the folder's), and with ``bootstrap`` its paired bootstrap
+        against the baselines under ``bootstrap_transformer_alone``. It is not a baseline of the model's bootstrap.
 
     Returns
     -------
@@ -250,6 +264,8 @@ def run_evaluation(
             raise ValueError("give --model DIR (or a Hub id), or --skip_model to score the baselines only")
         predictors["model"] = translator_predictor(model, batch_size, allow_pickle, device)
         _check_features(predictors["model"][1], data, f"model {model}")
+        if transformer_alone:
+            predictors[ALONE] = translator_predictor(model, batch_size, allow_pickle, device, transformer_alone=True)
     if seed_predictor is not None:
         predictors["seed_binary"] = (seed_predictor, {"gex_encoding": "binary", "binary_threshold": 2.0})
     elif seed_model is not None:
@@ -284,11 +300,16 @@ def run_evaluation(
         block: dict = {}
         if "model" in outcome:
             block["model"] = outcome["model"]["metrics"]
-        block["baselines"] = {name: out["metrics"] for name, out in outcome.items() if name != "model"}
+        if ALONE in outcome:
+            block[ALONE] = outcome[ALONE]["metrics"]
+            block["blend_weights"] = (predictors["model"][0].readout.get("blend") or {}).get(direction, {}).get("weights")
+        block["baselines"] = {name: out["metrics"] for name, out in outcome.items() if name not in ("model", ALONE)}
         results["directions"][direction] = block
-        if bootstrap and "model" in accs:
-            results.setdefault("bootstrap", {})[direction] = paired_bootstrap(accs, "model", bootstrap, seed,
-                                                                          point={name: out["metrics"] for name, out in outcome.items()})
+        points = {name: out["metrics"] for name, out in outcome.items()}
+        for reference, key in (("model", "bootstrap"), (ALONE, "bootstrap_transformer_alone")):
+            if bootstrap and reference in accs:
+                others = {name: acc for name, acc in accs.items() if name not in ("model", ALONE) or name == reference}
+                results.setdefault(key, {})[direction] = paired_bootstrap(others, reference, bootstrap, seed, point=points)
         extras["details"][direction] = {name: out["details"] for name, out in outcome.items()}
         if data["cell_type"] is not None:
             extras["by_cell_type"][direction] = {name: out["by_cell_type"] for name, out in outcome.items()}

@@ -65,6 +65,10 @@ def test_the_benchmark_builds_trains_and_scores_a_dataset_in_one_table(tmp_path)
         assert row["verdict"] == ("ahead" if low > 0 else "behind" if high < 0 else "tied")
         better = row["baseline"] - row["model"] if row["metric"] == "rmse" else row["model"] - row["baseline"]
         assert row["margin"] == pytest.approx(better)
+        # Beside it, the transformer's readout alone against the same baselines, and the blend's weights.
+        alone = row["transformer_alone"]
+        assert alone["best_baseline"] in ("zeros", "mean", "svd_knn", "svd_krr") and alone["verdict"] in ("ahead", "tied", "behind")
+        assert sum(row["weights"].values()) == pytest.approx(1.0)
     table = (out / "benchmark.md").read_text()
     assert sum(line.startswith("| batched |") for line in table.splitlines()) == 6
     assert entry["training"]["completed_steps"] > 0
