@@ -166,6 +166,23 @@ def with_transformer_alone(rows: list[dict], results: dict) -> list[dict]:
     return out
 
 
+def compact_table(summary: dict) -> str:
+    """One line per dataset and direction: each headline metric's margin over the best baseline and verdict, and the
+    blend's weights (the README's table)."""
+    lines = ["| dataset | test cells | direction | RMSE | per-cell Pearson | per-cell AUROC | per-cell AP | weights t/k/m |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, entry in summary["datasets"].items():
+        by_direction: dict[str, dict] = {}
+        for row in entry["rows"]:
+            by_direction.setdefault(row["direction"], {})[row["metric"]] = row
+        for direction, rows in by_direction.items():
+            cells = [f"{rows[m]['margin']:+.4f} {rows[m]['verdict']}" if m in rows else "-" for m in METRIC_NAMES]
+            weights = next(iter(rows.values())).get("weights")
+            weight_cell = "/".join(f"{weights[p]:.2f}" for p in ("transformer", "kernel", "mean")) if weights else "-"
+            lines.append(f"| {name} | {entry['n_cells']} | {DIRECTION_NAMES[direction]} | {' | '.join(cells)} | {weight_cell} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict) -> str:
     """The table across datasets."""
     lines = [f"Split: {summary['split']}; {summary['bootstrap']} paired bootstrap resamples of the cells; margin = the model's lead over the "
