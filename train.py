@@ -562,17 +562,18 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
                                run.max_train_seconds, training_seconds, completed_steps, max_steps)
                 time_cut = completed_steps
             if budget.limited and completed_steps % run.logging_steps == 0 and completed_steps - first_step >= run.logging_steps:
-                # Steps that fit in the rest of the loop's share at the pace so far (validations included): the decay ends there.
+                # Steps that fit in the rest of the loop's share at the pace so far (validations included): the decay ends there,
+                # later again if the pace improves (the first steps are the slowest), never past max_steps.
                 pace = (time.perf_counter() - started) / (completed_steps - first_step)
                 reachable = completed_steps + int(max(0.0, training_seconds - (time.perf_counter() - started)) / pace)
                 if accelerator.num_processes > 1:  # every rank keeps the same schedule: the slowest rank's
                     reachable = int(accelerator.gather(torch.tensor([reachable], device=accelerator.device)).min())
-                if reachable < end and schedule.shorten(reachable * accelerator.num_processes):
-                    end = reachable
+                if schedule.move_end(reachable * accelerator.num_processes):
+                    end = schedule.total // accelerator.num_processes
                     if not announced:
                         announced = True
-                        logger.info("--max_train_seconds %g: at %.2f s a step, the learning rate now decays to 0 by step %d of %d",
-                                    run.max_train_seconds, pace, reachable, max_steps)
+                        logger.info("--max_train_seconds %g: at %.2f s a step, the learning rate now decays to 0 by step %d of %d "
+                                    "(moved as the pace changes)", run.max_train_seconds, pace, end, max_steps)
             last = completed_steps >= end or bool(time_cut)
             if len(eval_examples) and ((eval_steps > 0 and completed_steps % eval_steps == 0) or last):
                 val = validation_loss(loss_module, eval_loader, accelerator)

@@ -43,14 +43,16 @@ def test_the_schedule_is_transformers_linear_schedule_and_can_end_sooner():
     schedule = LinearSchedule(5, 40)
     scheduler = torch.optim.lr_scheduler.LambdaLR(ours, schedule)
     assert _lrs(scheduler, ours, 40) == pytest.approx(expected)
-    # Shortened at step 10 to end at 20: the rate decays to 0 by step 20; the end is never moved later nor into the warmup.
+    # Moved at step 10 to end at 20: the rate decays to 0 by step 20; the end moves later again, never past the planned
+    # end nor into the warmup.
     schedule = LinearSchedule(5, 40)
     scheduler = torch.optim.lr_scheduler.LambdaLR(ours, schedule)
     _lrs(scheduler, ours, 10)
-    assert schedule.shorten(20) and not schedule.shorten(30) and schedule.total == 20
+    assert schedule.move_end(20) and not schedule.move_end(20) and schedule.total == 20
     rates = _lrs(scheduler, ours, 10)  # the first was set before the change
     assert rates[1] == pytest.approx(9 / 15) and rates[-1] == pytest.approx(1 / 15) and _lrs(scheduler, ours, 1) == [0.0]
-    schedule.shorten(2)
+    assert schedule.move_end(30) and schedule.total == 30 and schedule.move_end(100) and schedule.total == 40
+    schedule.move_end(2)
     assert schedule.total == 6
     # The shortened end is saved with the scheduler (a resumed run keeps it).
     state = scheduler.state_dict()

@@ -115,25 +115,25 @@ def auto_eval_steps(steps_per_epoch: int) -> int:
 class LinearSchedule:
     """Learning-rate factor: linear warmup over ``warmup`` scheduler steps, then linear decay to 0 at ``total``.
 
-    The same factors as ``transformers.get_linear_schedule_with_warmup``, but ``total`` may be shortened while
-    training (:meth:`shorten`: a time budget that will not reach the planned end still decays to 0 at the end it
-    reaches). A callable object, so ``LambdaLR.state_dict`` saves ``total`` with the checkpoint and a resumed run
-    continues the shortened schedule.
+    The same factors as ``transformers.get_linear_schedule_with_warmup``, but the end may move while training
+    (:meth:`move_end`: under a time budget the decay ends where the budget's pace says training will end, sooner or
+    later as the pace changes, never past the planned ``total``). A callable object, so ``LambdaLR.state_dict`` saves the
+    end with the checkpoint and a resumed run continues the same schedule.
     """
 
     def __init__(self, warmup: int, total: int):
         self.warmup = int(warmup)
-        self.total = int(total)
+        self.total = self.planned = int(total)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return step / max(1, self.warmup)
         return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
 
-    def shorten(self, total: int) -> bool:
-        """End the decay at ``total`` scheduler steps when that is sooner than the current end (never past the warmup); True when it moved."""
-        total = max(int(total), self.warmup + 1)
-        if total >= self.total:
+    def move_end(self, total: int) -> bool:
+        """End the decay at ``total`` scheduler steps (never into the warmup, never past the planned end); True when it moved."""
+        total = min(max(int(total), self.warmup + 1), self.planned)
+        if total == self.total:
             return False
         self.total = total
         return True
