@@ -67,8 +67,8 @@ def _untrained_folder(dataset: Path, target: Path) -> Path:
     import json
 
     from tokenizer import build_tokenizer
+    from translator.finishing import write_model_folder
     from translator.model import make_config, make_model
-    from translator.training import write_model_folder
 
     meta = json.loads((dataset / "cell_sentences.json").read_text())
     tok = build_tokenizer(meta["genes"], meta["peaks"])

@@ -400,6 +400,37 @@ def build_dataset(
         {k: int(v.size) for k, v in plan.rows.items()},
         plan.split_by,
     )
+    config = dict(
+        inputs=tuple(str(p) for p in inputs),
+        gex_modality=gex_modality,
+        atac_modality=atac_modality,
+        batch_key=batch_key,
+        cell_type_key=cell_type_key,
+        counts_layer=counts_layer,
+        test_batches=tuple(test_batches or ()),
+        validation_batches=tuple(validation_batches or ()),
+        no_validation=no_validation,
+        gex_encoding=gex_encoding,
+        top_peaks=top_peaks,
+        chunk_size=chunk_size,
+    )
+    from .hub import recorded_license
+
+    meta = _write_dataset(plan, config, output_dir, paired.n_cells if progress else None, overwrite, license or recorded_license(inputs))
+    empty = meta["empty_cells"]
+    if empty["gex"] or empty["atac"]:
+        logger.warning(
+            "kept all-zero cells with empty sentences: %d without GEX counts, %d without ATAC counts",
+            empty["gex"],
+            empty["atac"],
+        )
+    return datasets.load_from_disk(str(output_dir))
+
+
+def _write_dataset(plan: BuildPlan, config: dict, output_dir: Path, progress_cells: int | None, overwrite: bool, license: str | None) -> dict:
+    """Make the records of ``plan`` (``config``: the builder's settings) in a work folder beside ``output_dir``, save them
+    with their metadata and publish them as ``output_dir``; return the metadata. ``progress_cells``: show a bar over
+    that many cells."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     bar = None
@@ -407,29 +438,12 @@ def build_dataset(
     try:
         # The digest (hashing every count) runs beside the records' making; only the fingerprints need it.
         digest_future = hashing.submit(content_digest, plan)
-        if progress:
+        if progress_cells is not None:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=paired.n_cells, unit="cell", desc="cell sentences")
+            bar = tqdm(total=progress_cells, unit="cell", desc="cell sentences")
         builder = CellSentencesBuilder(
-            cache_dir=str(work / "cache"),
-            dataset_name="cell_sentences",
-            config_id="default",
-            hash="records",
-            plan=plan,
-            progress=bar,
-            inputs=tuple(str(p) for p in inputs),
-            gex_modality=gex_modality,
-            atac_modality=atac_modality,
-            batch_key=batch_key,
-            cell_type_key=cell_type_key,
-            counts_layer=counts_layer,
-            test_batches=tuple(test_batches or ()),
-            validation_batches=tuple(validation_batches or ()),
-            no_validation=no_validation,
-            gex_encoding=gex_encoding,
-            top_peaks=top_peaks,
-            chunk_size=chunk_size,
+            cache_dir=str(work / "cache"), dataset_name="cell_sentences", config_id="default", hash="records", plan=plan, progress=bar, **config,
         )
         was_enabled = datasets.utils.logging.is_progress_bar_enabled()
         datasets.utils.logging.disable_progress_bar()
@@ -444,9 +458,7 @@ def build_dataset(
                 datasets.utils.logging.enable_progress_bar()
         del dataset
         meta = _metadata(plan, digest, builder.train_stats)
-        from .hub import recorded_license
-
-        meta["license"] = license or recorded_license(inputs)
+        meta["license"] = license
         (staged / META_FILE).write_text(json.dumps(meta) + "\n")
         _publish(staged, output_dir, overwrite)
     finally:
@@ -454,11 +466,4 @@ def build_dataset(
         if bar is not None:
             bar.close()
         shutil.rmtree(work, ignore_errors=True)
-    empty = meta["empty_cells"]
-    if empty["gex"] or empty["atac"]:
-        logger.warning(
-            "kept all-zero cells with empty sentences: %d without GEX counts, %d without ATAC counts",
-            empty["gex"],
-            empty["atac"],
-        )
-    return datasets.load_from_disk(str(output_dir))
+    return meta

@@ -6,6 +6,7 @@ modality in one pass; see `split_csr_columns`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -62,6 +63,50 @@ def _copy_runs(source: np.ndarray, runs: tuple[np.ndarray, np.ndarray], out: np.
         raise AssertionError(f"copied {position} entries into {out.size}")
 
 
+class _Entries:
+    """Entry ranges ``lo:hi`` of a CSR's ``data`` / ``indices`` (HDF5 datasets or arrays), with errors that name the file.
+
+    HDF5 datasets are read into one buffer each of ``longest`` entries, reused for every chunk (fresh memory costs the
+    kernel a zeroing pass per page: a new array a chunk doubled the system time of the read).
+    """
+
+    def __init__(self, path: Path, data, indices, longest: int, n_cols: int):
+        self.path, self.data, self.indices, self.n_cols = path, data, indices, n_cols
+        self.buffers = {id(array): np.empty(longest, dtype=array.dtype) for array in (data, indices) if isinstance(array, h5py.Dataset)}
+
+    def read(self, array, lo: int, hi: int) -> np.ndarray:
+        try:
+            if id(array) in self.buffers:
+                out = self.buffers[id(array)][: hi - lo]
+                if hi > lo:
+                    array.read_direct(out, np.s_[lo:hi], np.s_[0 : hi - lo])
+                return out
+            return np.asarray(array[lo:hi])
+        except Exception as err:  # h5py raises many types on a damaged file
+            raise ValueError(
+                f"the count matrix in {self.path} could not be read ({type(err).__name__}: {err}): "
+                "it may be truncated or damaged; re-download or re-write it"
+            ) from None
+
+    def columns(self, lo: int, hi: int) -> np.ndarray:
+        index = self.read(self.indices, lo, hi)
+        if index.size and (int(index.min()) < 0 or int(index.max()) >= self.n_cols):
+            raise ValueError(
+                f"the count matrix in {self.path} has column indices outside 0..{self.n_cols - 1}: it is damaged; re-write it"
+            )
+        return index
+
+
+def _check_csr(path: Path, indptr: np.ndarray, nnz: int, n_indices: int, n_rows: int) -> None:
+    if indptr.shape != (n_rows + 1,) or indptr[0] != 0 or indptr[-1] != nnz or n_indices != nnz:
+        raise ValueError(
+            f"the count matrix in {path} is not a consistent CSR matrix (indptr of {indptr.size} for {n_rows} cells, "
+            f"{nnz} values, {n_indices} indices): it may be truncated or damaged; re-write it"
+        )
+    if np.any(np.diff(indptr) < 0):
+        raise ValueError(f"the count matrix in {path} has a decreasing indptr: it is damaged; re-write it")
+
+
 def split_csr_columns(
     path: Path, indptr, data, indices, shape: tuple[int, int], is_gex: np.ndarray, only: str | None = None
 ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
@@ -77,120 +122,37 @@ def split_csr_columns(
     n_rows, n_cols = shape
     indptr = np.asarray(indptr, dtype=np.int64)
     nnz = int(data.shape[0])
-    if indptr.shape != (n_rows + 1,) or indptr[0] != 0 or indptr[-1] != nnz or int(indices.shape[0]) != nnz:
-        raise ValueError(
-            f"the count matrix in {path} is not a consistent CSR matrix (indptr of {indptr.size} for {n_rows} cells, "
-            f"{nnz} values, {int(indices.shape[0])} indices): it may be truncated or damaged; re-write it"
-        )
-    if np.any(np.diff(indptr) < 0):
-        raise ValueError(f"the count matrix in {path} has a decreasing indptr: it is damaged; re-write it")
+    _check_csr(path, indptr, nnz, int(indices.shape[0]), n_rows)
     n_gex = int(is_gex.sum())
     n_atac = n_cols - n_gex
-    remap = np.zeros(n_cols, dtype=np.int64)
-    remap[is_gex] = np.arange(n_gex)
-    remap[~is_gex] = np.arange(n_atac)
     chunks = _row_chunks(indptr, _SPLIT_ENTRIES)
-
-    # HDF5 datasets are read into one buffer each, reused for every chunk (fresh memory costs the kernel a
-    # zeroing pass per page: a new array a chunk doubled the system time of the read).
-    longest = max((int(indptr[stop] - indptr[start]) for start, stop in chunks), default=0)
-    buffers = {
-        id(array): np.empty(longest, dtype=array.dtype) for array in (data, indices) if isinstance(array, h5py.Dataset)
-    }
-
-    def read(array, lo: int, hi: int) -> np.ndarray:
-        try:
-            if id(array) in buffers:
-                out = buffers[id(array)][: hi - lo]
-                if hi > lo:
-                    array.read_direct(out, np.s_[lo:hi], np.s_[0 : hi - lo])
-                return out
-            return np.asarray(array[lo:hi])
-        except Exception as err:  # h5py raises many types on a damaged file
-            raise ValueError(
-                f"the count matrix in {path} could not be read ({type(err).__name__}: {err}): "
-                "it may be truncated or damaged; re-download or re-write it"
-            ) from None
-
-    def columns(lo: int, hi: int) -> np.ndarray:
-        index = read(indices, lo, hi)
-        if index.size and (int(index.min()) < 0 or int(index.max()) >= n_cols):
-            raise ValueError(
-                f"the count matrix in {path} has column indices outside 0..{n_cols - 1}: it is damaged; re-write it"
-            )
-        return index
+    entries = _Entries(path, data, indices, max((int(indptr[stop] - indptr[start]) for start, stop in chunks), default=0), n_cols)
 
     # One pass: each entry is copied to its modality, column renumbered. The outputs are allocated at the
     # combined size, of which only the pages written become resident, and shrunk in place at the end.
     index_dtype = np.dtype(np.int32) if max(nnz, n_cols) < 2**31 - 1 else np.dtype(np.int64)
-    remap = remap.astype(index_dtype)
+    remap = np.zeros(n_cols, dtype=np.int64)
+    remap[is_gex] = np.arange(n_gex)
+    remap[~is_gex] = np.arange(n_atac)
     # The usual layouts store one modality's columns first, then the other's: then the mask is one comparison
     # and the remap one subtraction (no gathers through lookup tables).
     gex_first = bool(is_gex[:n_gex].all())
-    atac_first = not gex_first and bool(is_gex[n_atac:].all())
+    layout = _Layout(is_gex, n_gex, n_atac, gex_first, not gex_first and bool(is_gex[n_atac:].all()), remap.astype(index_dtype), only)
     gex_indptr = np.zeros(n_rows + 1, dtype=np.int64)
     gex_data, gex_index = np.empty(nnz, dtype=data.dtype), np.empty(nnz, dtype=index_dtype)
     atac_data, atac_index = np.empty(nnz, dtype=data.dtype), np.empty(nnz, dtype=index_dtype)
     n_gex_entries = n_atac_entries = 0
     for start, stop in chunks:
         lo, hi = int(indptr[start]), int(indptr[stop])
-        values, index = read(data, lo, hi), columns(lo, hi).astype(index_dtype, copy=False)
-        if gex_first:
-            mask = index < n_gex
-        elif atac_first:
-            mask = index >= n_atac
-        else:
-            mask = is_gex[index]
-        bounds = indptr[start : stop + 1] - lo
-        # Sorted columns in a block layout put each row's first modality before the other: then every output
-        # is a run of each row, copied as such (a few times faster than masking every entry).
-        leading = _leading_runs(mask if gex_first else ~mask, bounds) if gex_first or atac_first else None
-        if leading is not None:
-            per_row = leading if gex_first else np.diff(bounds) - leading
-        else:
-            # GEX entries of each row: sums over the rows' entry ranges (empty rows have none).
-            lengths = np.diff(bounds)
-            per_row = np.zeros(stop - start, dtype=np.int64)
-            if mask.size:
-                filled = lengths > 0
-                per_row[filled] = np.add.reduceat(mask.view(np.uint8), bounds[:-1][filled], dtype=np.int64)
+        values, index = entries.read(data, lo, hi), entries.columns(lo, hi).astype(index_dtype, copy=False)
+        outputs = ((gex_data, gex_index, n_gex_entries), (atac_data, atac_index, n_atac_entries))
+        per_row = _split_chunk(values, index, indptr[start : stop + 1] - lo, layout, outputs)
         cumulative = np.cumsum(per_row)
         gex_indptr[start + 1 : stop + 1] = n_gex_entries + cumulative
         g = int(cumulative[-1]) if cumulative.size else 0
-        a = mask.size - g
-        parts = (
-            ("GEX", gex_data, gex_index, n_atac if atac_first else 0, n_gex_entries, g),
-            ("ATAC", atac_data, atac_index, n_gex if gex_first else 0, n_atac_entries, a),
-        )
-        if leading is not None:
-            cuts = bounds[:-1] + leading  # where each row's second modality starts
-            first, second = (parts[0], parts[1]) if gex_first else (parts[1], parts[0])
-            for label, lo_side, (_, out_data, out_index, shift, done, count) in (
-                (first[0], True, first),
-                (second[0], False, second),
-            ):
-                if only is not None and label != only:
-                    continue
-                runs = (bounds[:-1], cuts) if lo_side else (cuts, bounds[1:])
-                _copy_runs(values, runs, out_data[done : done + count])
-                _copy_runs(index, runs, out_index[done : done + count])
-                if shift:
-                    np.subtract(out_index[done : done + count], shift, out=out_index[done : done + count])
-        else:
-            for label, out_data, out_index, shift, done, count in parts:
-                if only is not None and label != only:
-                    continue
-                keep = mask if label == "GEX" else ~mask
-                np.compress(keep, values, out=out_data[done : done + count])
-                if gex_first or atac_first:
-                    np.compress(keep, index, out=out_index[done : done + count])
-                    if shift:
-                        np.subtract(out_index[done : done + count], shift, out=out_index[done : done + count])
-                else:
-                    np.take(remap, index[keep], out=out_index[done : done + count])
         n_gex_entries += g
-        n_atac_entries += a
-        del values, index, mask
+        n_atac_entries += hi - lo - g
+        del values, index
     atac_indptr = indptr - gex_indptr
     # A skipped modality comes back empty (its buffers were never written, so never resident).
     if only == "ATAC":
@@ -203,3 +165,70 @@ def split_csr_columns(
         sp.csr_matrix((gex_data, gex_index, gex_indptr.astype(index_dtype)), shape=(n_rows, n_gex)),
         sp.csr_matrix((atac_data, atac_index, atac_indptr.astype(index_dtype)), shape=(n_rows, n_atac)),
     )
+
+
+@dataclass
+class _Layout:
+    """Where each modality's columns are: ``gex_first`` / ``atac_first`` (one block, then the other) or mixed (``remap``)."""
+
+    is_gex: np.ndarray
+    n_gex: int
+    n_atac: int
+    gex_first: bool
+    atac_first: bool
+    remap: np.ndarray
+    only: str | None
+
+
+def _split_chunk(values: np.ndarray, index: np.ndarray, bounds: np.ndarray, layout: _Layout, outputs: tuple) -> np.ndarray:
+    """Copy one chunk of rows (entries ``values`` / ``index``, row ``bounds``) into the GEX and ATAC outputs
+    (``(data, index, entries written so far)`` each), column renumbered; return the GEX entries of each row."""
+    gex_first, atac_first = layout.gex_first, layout.atac_first
+    if gex_first:
+        mask = index < layout.n_gex
+    elif atac_first:
+        mask = index >= layout.n_atac
+    else:
+        mask = layout.is_gex[index]
+    # Sorted columns in a block layout put each row's first modality before the other: then every output
+    # is a run of each row, copied as such (a few times faster than masking every entry).
+    leading = _leading_runs(mask if gex_first else ~mask, bounds) if gex_first or atac_first else None
+    if leading is not None:
+        per_row = leading if gex_first else np.diff(bounds) - leading
+    else:
+        # GEX entries of each row: sums over the rows' entry ranges (empty rows have none).
+        lengths = np.diff(bounds)
+        per_row = np.zeros(bounds.size - 1, dtype=np.int64)
+        if mask.size:
+            filled = lengths > 0
+            per_row[filled] = np.add.reduceat(mask.view(np.uint8), bounds[:-1][filled], dtype=np.int64)
+    g = int(per_row.sum())
+    (gex_data, gex_index, gex_done), (atac_data, atac_index, atac_done) = outputs
+    parts = (
+        ("GEX", gex_data, gex_index, layout.n_atac if atac_first else 0, gex_done, g),
+        ("ATAC", atac_data, atac_index, layout.n_gex if gex_first else 0, atac_done, mask.size - g),
+    )
+    if leading is not None:
+        cuts = bounds[:-1] + leading  # where each row's second modality starts
+        first, second = (parts[0], parts[1]) if gex_first else (parts[1], parts[0])
+        for (label, out_data, out_index, shift, done, count), lo_side in ((first, True), (second, False)):
+            if layout.only is not None and label != layout.only:
+                continue
+            runs = (bounds[:-1], cuts) if lo_side else (cuts, bounds[1:])
+            _copy_runs(values, runs, out_data[done : done + count])
+            _copy_runs(index, runs, out_index[done : done + count])
+            if shift:
+                np.subtract(out_index[done : done + count], shift, out=out_index[done : done + count])
+        return per_row
+    for label, out_data, out_index, shift, done, count in parts:
+        if layout.only is not None and label != layout.only:
+            continue
+        keep = mask if label == "GEX" else ~mask
+        np.compress(keep, values, out=out_data[done : done + count])
+        if gex_first or atac_first:
+            np.compress(keep, index, out=out_index[done : done + count])
+            if shift:
+                np.subtract(out_index[done : done + count], shift, out=out_index[done : done + count])
+        else:
+            np.take(layout.remap, index[keep], out=out_index[done : done + count])
+    return per_row

@@ -249,7 +249,76 @@ def run_evaluation(
     if output_dir is not None:
         check_evaluation_output(output_dir, dataset_dir, seed_model)
     data = load_split_matrices(dataset_dir, split, max_cells=max_cells)
+    predictors, device = _predictors(data, model, seed_model, predictor, seed_predictor, skip_model, batch_size, allow_pickle, device, transformer_alone)
+    train = validation = None
+    if baselines:
+        train = load_split_matrices(dataset_dir, "train")
+        validation = load_split_matrices(dataset_dir, "validation")
 
+    results: dict = {
+        "dataset": dataset_name or Path(dataset_dir).resolve().name,
+        "split": split,
+        "n_cells": int(data["gex"].shape[0]),
+        "directions": {},
+    }
+    extras: dict = {"details": {}, "by_cell_type": {}, "baseline_settings": {}}
+    plot_data: dict = {}
+    for direction in directions:
+        source, target = SOURCE_MODALITY[direction], TARGET_MODALITY[direction]
+        models, settings = {}, {}
+        if baselines:
+            models, settings = fit_baselines(
+                source, target, (train[source], train[target]), (validation[source], validation[target]), baselines,
+                seed=seed, krr_landmarks=krr_landmarks, refit=refit_baselines,
+            )
+        accs = evaluate_direction(direction, data, predictors, models, chunk_cells, progress)
+        plot_data[direction] = _record_direction(direction, data, accs, predictors, results, extras, bootstrap, seed)
+        extras["baseline_settings"][direction] = settings
+
+    results.update(
+        accuracy_binary_definition=ACCURACY_DEFINITION,
+        baseline_fit="fit on train, hyper-parameters chosen on validation by RMSE"
+        + (", then fit again on train and validation together" if refit_baselines else "")
+        + (" (these very cells: validation numbers of the tuned baselines are optimistic)" if split == "validation" else ""),
+        baseline_settings=extras["baseline_settings"],
+        by_cell_type=extras["by_cell_type"],
+        details=extras["details"],
+        versions=library_versions(),
+        model_device=_device_name(device) if device else None,
+        command=command or portable_command(sys.argv),
+        max_cells=max_cells,
+        wall_time_s=round(time.perf_counter() - start, 1),
+    )
+    if output_dir is not None:
+        _write_results(results, Path(output_dir), plot_data if make_plots else None, start)
+    if update_model_folder and "model" in predictors and predictor is None and model is not None and Path(model).is_dir():
+        folder = Path(model)
+        write_text_atomic(folder / "eval_results.json", results_json(results))
+        write_text_atomic(folder / "eval_results.md", markdown_table(results))
+        from translator.card import merge_model_index
+
+        merge_model_index(folder / "README.md", results)
+    return results
+
+
+def _write_results(results: dict, output_dir: Path, plot_data: dict | None, start: float) -> None:
+    """``eval_results.json``, ``eval_results.md`` and the plots (``plot_data`` None: none) into ``output_dir``; the JSON then
+    lists the files and the full wall time."""
+    table = markdown_table(results)
+    results["outputs"] = _write_outputs(
+        output_dir,
+        {"eval_results.json": results_json(results), "eval_results.md": table},
+        lambda folder: _make_plots(folder, plot_data) if plot_data is not None else [],
+    )
+    results["wall_time_s"] = round(time.perf_counter() - start, 1)
+    write_text_atomic(output_dir / "eval_results.json", results_json(results))
+
+
+def _predictors(data: dict, model, seed_model, predictor: Predictor | None, seed_predictor: Predictor | None, skip_model: bool, batch_size: int,
+                allow_pickle: bool, device: str | None, transformer_alone: bool = False) -> tuple[dict[str, tuple[Predictor, dict | None]], str | None]:
+    """The model (and, with ``transformer_alone``, its transformer readout without the blend) and the seed model as
+    predictors (with their metadata, checked against the dataset's features), and the device they run on (None when no
+    model is loaded)."""
     predictors: dict[str, tuple[Predictor, dict | None]] = {}
     if (predictor is None and not skip_model and model is not None) or (seed_predictor is None and seed_model is not None):
         from translator.api import resolve_device
@@ -274,86 +343,36 @@ def run_evaluation(
         if predictors["seed_binary"][1].get("gex_encoding") != "binary":
             raise ValueError(f"--seed_model {seed_model} was not trained on binary GEX sentences (gex_encoding is not 'binary')")
 
-    train = validation = None
-    if baselines:
-        train = load_split_matrices(dataset_dir, "train")
-        validation = load_split_matrices(dataset_dir, "validation")
+    return predictors, device
 
-    results: dict = {
-        "dataset": dataset_name or Path(dataset_dir).resolve().name,
-        "split": split,
-        "n_cells": int(data["gex"].shape[0]),
-        "directions": {},
+
+def _record_direction(direction: str, data: dict, accs: dict[str, MetricAccumulator], predictors: dict, results: dict, extras: dict, bootstrap: int,
+                      seed: int) -> dict:
+    """Put one direction's scores into ``results`` (metrics, bootstrap) and ``extras`` (details, by cell type); return its plot data."""
+    outcome = {name: acc.result(cell_types=data["cell_type"]) for name, acc in accs.items()}
+    block: dict = {}
+    if "model" in outcome:
+        block["model"] = outcome["model"]["metrics"]
+    if ALONE in outcome:
+        block[ALONE] = outcome[ALONE]["metrics"]
+        block["blend_weights"] = (predictors["model"][0].readout.get("blend") or {}).get(direction, {}).get("weights")
+    block["baselines"] = {name: out["metrics"] for name, out in outcome.items() if name not in ("model", ALONE)}
+    results["directions"][direction] = block
+    points = {name: out["metrics"] for name, out in outcome.items()}
+    for reference, key in (("model", "bootstrap"), (ALONE, "bootstrap_transformer_alone")):
+        if bootstrap and reference in accs:
+            others = {name: acc for name, acc in accs.items() if name not in ("model", ALONE) or name == reference}
+            results.setdefault(key, {})[direction] = paired_bootstrap(others, reference, bootstrap, seed, point=points)
+    extras["details"][direction] = {name: out["details"] for name, out in outcome.items()}
+    if data["cell_type"] is not None:
+        extras["by_cell_type"][direction] = {name: out["by_cell_type"] for name, out in outcome.items()}
+    return {
+        "means": {n: a.feature_means() for n, a in accs.items() if n != "zeros"},
+        "examples": {n: a.example for n, a in accs.items() if n != "zeros"},
+        "curves": {n: a.curves() for n, a in accs.items() if n != "zeros"} if TARGET_MODALITY[direction] == "atac" else None,
+        "metrics": {n: o["metrics"] for n, o in outcome.items()},
+        "by_type": {n: o["by_cell_type"] for n, o in outcome.items() if "by_cell_type" in o and n != "zeros"},
     }
-    extras: dict = {"details": {}, "by_cell_type": {}, "baseline_settings": {}}
-    plot_data: dict = {}
-    for direction in directions:
-        source, target = SOURCE_MODALITY[direction], TARGET_MODALITY[direction]
-        models, settings = {}, {}
-        if baselines:
-            models, settings = fit_baselines(
-                source, target, (train[source], train[target]), (validation[source], validation[target]), baselines,
-                seed=seed, krr_landmarks=krr_landmarks, refit=refit_baselines,
-            )
-        accs = evaluate_direction(direction, data, predictors, models, chunk_cells, progress)
-        outcome = {name: acc.result(cell_types=data["cell_type"]) for name, acc in accs.items()}
-        block: dict = {}
-        if "model" in outcome:
-            block["model"] = outcome["model"]["metrics"]
-        if ALONE in outcome:
-            block[ALONE] = outcome[ALONE]["metrics"]
-            block["blend_weights"] = (predictors["model"][0].readout.get("blend") or {}).get(direction, {}).get("weights")
-        block["baselines"] = {name: out["metrics"] for name, out in outcome.items() if name not in ("model", ALONE)}
-        results["directions"][direction] = block
-        points = {name: out["metrics"] for name, out in outcome.items()}
-        for reference, key in (("model", "bootstrap"), (ALONE, "bootstrap_transformer_alone")):
-            if bootstrap and reference in accs:
-                others = {name: acc for name, acc in accs.items() if name not in ("model", ALONE) or name == reference}
-                results.setdefault(key, {})[direction] = paired_bootstrap(others, reference, bootstrap, seed, point=points)
-        extras["details"][direction] = {name: out["details"] for name, out in outcome.items()}
-        if data["cell_type"] is not None:
-            extras["by_cell_type"][direction] = {name: out["by_cell_type"] for name, out in outcome.items()}
-        extras["baseline_settings"][direction] = settings
-        plot_data[direction] = {
-            "means": {n: a.feature_means() for n, a in accs.items() if n != "zeros"},
-            "examples": {n: a.example for n, a in accs.items() if n != "zeros"},
-            "curves": {n: a.curves() for n, a in accs.items() if n != "zeros"} if target == "atac" else None,
-            "metrics": {n: o["metrics"] for n, o in outcome.items()},
-            "by_type": {n: o["by_cell_type"] for n, o in outcome.items() if "by_cell_type" in o and n != "zeros"},
-        }
-
-    results.update(
-        accuracy_binary_definition=ACCURACY_DEFINITION,
-        baseline_fit="fit on train, hyper-parameters chosen on validation by RMSE"
-        + (", then fit again on train and validation together" if refit_baselines else "")
-        + (" (these very cells: validation numbers of the tuned baselines are optimistic)" if split == "validation" else ""),
-        baseline_settings=extras["baseline_settings"],
-        by_cell_type=extras["by_cell_type"],
-        details=extras["details"],
-        versions=library_versions(),
-        model_device=_device_name(device) if device else None,
-        command=command or portable_command(sys.argv),
-        max_cells=max_cells,
-        wall_time_s=round(time.perf_counter() - start, 1),
-    )
-    if output_dir is not None:
-        table = markdown_table(results)
-        results["outputs"] = _write_outputs(
-            Path(output_dir),
-            {"eval_results.json": results_json(results), "eval_results.md": table},
-            lambda folder: _make_plots(folder, plot_data) if make_plots else [],
-        )
-        # rewrite the JSON so it lists the files and the full wall time
-        results["wall_time_s"] = round(time.perf_counter() - start, 1)
-        write_text_atomic(Path(output_dir) / "eval_results.json", results_json(results))
-    if update_model_folder and "model" in predictors and predictor is None and model is not None and Path(model).is_dir():
-        folder = Path(model)
-        write_text_atomic(folder / "eval_results.json", results_json(results))
-        write_text_atomic(folder / "eval_results.md", markdown_table(results))
-        from translator.card import merge_model_index
-
-        merge_model_index(folder / "README.md", results)
-    return results
 
 
 def _make_plots(folder: Path, plot_data: dict) -> list[Path]:

@@ -100,8 +100,8 @@ def model_folder(root, data, tok, head_scale: float):
     import torch
 
     from tokenizer import load_tokenizer, read_meta
+    from translator.finishing import calibrate, write_model_folder
     from translator.model import PROFILE_INPUTS, ProfileHead, make_config, make_model
-    from translator.training import calibrate, write_model_folder
 
     tokenizer, meta = load_tokenizer(tok), read_meta(data)
     model = make_model(make_config("tiny", len(tokenizer), 0.0, 64), seed=0).eval()

@@ -12,6 +12,7 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from tests.conftest import REPO
+from translator.finishing import refit_cell_cap
 from translator.model import make_config
 from translator.profile_fit import CHOICE_CHUNKS, fit_profile_rows, refit_cost
 from translator.training import (
@@ -22,7 +23,6 @@ from translator.training import (
     auto_warmup_steps,
     check_memory,
     estimate_memory,
-    refit_cell_cap,
 )
 
 

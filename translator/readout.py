@@ -60,7 +60,7 @@ ROW_STATS = ("atac_mean", "gex_mean", "gex_mean_detected")  # train statistics a
 def _train_stat(features: dict[str, np.ndarray] | None, meta: dict, key: str) -> np.ndarray:
     """``meta``'s per-feature train statistic ``key``, or ``features[key]`` (``[cells, features]``) where the features carry it.
 
-    A calibration pooled over several models' readings (:func:`translator.training.calibration_features` of cross-validation
+    A calibration pooled over several models' readings (:func:`translator.finishing.calibration_features` of cross-validation
     fold models) keeps, for each cell, the train statistics of the model that read it; row selections of the features dict
     select them with the rest.
     """

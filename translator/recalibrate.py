@@ -1,7 +1,7 @@
 """Refit the readout calibration of a trained model folder: the last stage of ``train.py``, alone.
 
 ``train.py`` ends by fitting ``readout.json``'s ``calibration`` on the validation split
-(:func:`translator.training.calibrate`). When the readout gains an option (such as ``profile_depth``),
+(:func:`translator.finishing.calibrate`). When the readout gains an option (such as ``profile_depth``),
 a folder trained before can take it without retraining: this runs that same stage on the same cells with
 the settings in the folder's ``training_args.json`` (``calibration_cells``, ``directions``, ``seed``,
 ``per_device_eval_batch_size``) and the caps in ``readout.json``, so the folder ends as a fresh
@@ -82,6 +82,7 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
     from .api import CellTranslator
+    from .finishing import calibrate, calibration_features
     from .readout import (
         AGGREGATIONS,
         READOUT_FILE,
@@ -91,7 +92,6 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
         check_selection_parts,
         check_selection_repeats,
     )
-    from .training import calibrate, calibration_features
 
     folder = Path(model_dir)
     if not folder.is_dir():

@@ -1,5 +1,6 @@
-"""Pieces of a training run that are not the loop itself: the recipe's schedule, early stopping, the time
-budget and the memory check, checkpoints, calibration, the model folder.
+"""Pieces of a training run around the loop: the recipe's schedule, early stopping, tail averaging, the time budget,
+the memory and disk checks, checkpoints, the output folder's lock. The loop: :mod:`translator.loop`; after it (head
+refit, calibration, the model folder's files): :mod:`translator.finishing`.
 
 Checkpoints (``accelerator.save_state``) are written to a hidden temporary folder and renamed, so a
 kill during a save leaves the previous checkpoint usable. The model folder's files are written to a
@@ -15,31 +16,15 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
-from transformers import GenerationConfig
 
-from dataset_builder.outputs import apply_umask, check_room_for
-from dataset_builder.records import truth_matrices
-from tokenizer import PREFIX, feature_token_ranges, save_tokenizer
+from dataset_builder.outputs import check_room_for
 
-from .data import SOURCE_COLUMN, TARGET_MODALITY, names_to_ids, source_ids
-from .model import PROFILE_HEAD_FILE
-from .readout import (
-    AGGREGATIONS,
-    READOUT_FILE,
-    SELECTION_PARTS,
-    SELECTION_REPEATS,
-    decode_features,
-    fit_readout,
-    with_row_stats,
-)
-from .serving import write_serving_files
+from .model import PROFILE_INPUTS
 
 logger = logging.getLogger("train")
 
@@ -269,41 +254,31 @@ def check_memory(estimate: dict[str, float], available: float, what: str) -> Non
                       f"{available / gib:.1f} GiB are available: {fixes[largest]}")
 
 
-REFIT_SHARE = 0.5  # of the budget left after training: the head refit; the calibration gets most of the rest
-CALIBRATION_SHARE = 0.6  # of the budget left after the refit: the calibration and the blend's second reading of its cells
-# (the rest: the blend's kernel and the model folder)
-MIN_REFIT_CELLS = 50
-MIN_CALIBRATION_CELLS = 20
-PROBE_CELLS = 8
+def check_run_memory(config, model_args, data_args, run, meta: dict, n_validation: int) -> dict[str, float]:
+    """Estimate the run's peak memory from the vocabulary, the model's shape and the batch (bytes by part, see
+    :func:`estimate_memory`), and refuse in one line what cannot fit."""
+    from transformers import T5ForConditionalGeneration
 
+    with torch.device("meta"):  # shapes only: no memory, no time
+        n_params = sum(p.numel() for p in T5ForConditionalGeneration(config).parameters())
+    if model_args.profile_weight > 0:
+        n_params += config.vocab_size * (PROFILE_INPUTS * config.d_model + 1)
+    n_features = max(len(meta["genes"]), len(meta["peaks"]))
+    calibration_cells = min(n_validation, data_args.calibration_cells)
+    from .predictor import held_out_cells
 
-def refit_cell_cap(budget: Budget, n_inputs: int, n_target_features: Sequence[int], device: torch.device | str = "cpu") -> int | None:
-    """Train cells the head refit may use to end within its share of what is left of ``budget`` (None: no limit).
-
-    The refit's time is about proportional to cells x features solved (:func:`translator.profile_fit.refit_cost`, summed over
-    the directions' target modalities), at the pace of a small solve timed here.
-    """
-    from .profile_fit import refit_cost, seconds_per_entry
-
-    if not budget.limited:
-        return None
-    pace = seconds_per_entry(n_inputs, device=device)
-    per_cell = sum(refit_cost(1, n) for n in n_target_features)
-    return max(MIN_REFIT_CELLS, int(REFIT_SHARE * max(0.0, budget.left()) / max(pace * per_cell, 1e-12)))
-
-
-def calibration_cell_cap(budget: Budget, model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int,
-                         max_target_length: int, batch_size: int, profile_head=None) -> int | None:
-    """Validation cells the calibration may decode to end within its share of what is left of ``budget`` (None: no limit),
-    from the time :func:`calibration_features` takes on a few cells."""
-    if not budget.limited or not len(split):
-        return None
-    probe = split.select(range(min(PROBE_CELLS, len(split))))
-    started = time.perf_counter()
-    calibration_features(model, tokenizer, meta, probe, directions, max_source_length, max_target_length, len(probe), batch_size, profile_head)
-    per_cell = (time.perf_counter() - started) / len(probe)
-    # The readout fits after the decoding take about half as long again; the blend then decodes the cells once more.
-    return max(MIN_CALIBRATION_CELLS, int(CALIBRATION_SHARE * max(0.0, budget.left()) / (2.5 * per_cell)))
+    estimate = estimate_memory(config, n_params, run.per_device_train_batch_size, data_args.max_source_length, data_args.max_target_length, n_features, calibration_cells,
+                               held_out_cells(n_validation))
+    what = (f"--model_size {model_args.model_size} with {config.vocab_size:,} names, batch {run.per_device_train_batch_size} and caps "
+            f"{data_args.max_source_length}/{data_args.max_target_length}")
+    if torch.cuda.is_available():  # the model trains on the GPU; the host keeps the data and the calibration
+        device = {k: estimate[k] for k in ("parameters", "activations", "profile")}
+        check_memory({**device, "total": sum(device.values())}, float(torch.cuda.mem_get_info()[0]), what + " (GPU)")
+        host = {k: estimate[k] for k in ("base", "parameters", "calibration", "blend")}
+        check_memory({**host, "total": sum(host.values())}, available_memory(), what)
+    else:
+        check_memory(estimate, available_memory(), what)
+    return estimate
 
 
 class TailAverage:
@@ -353,107 +328,6 @@ def parameter_checksum(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def calibration_features(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int,
-                         max_cells: int = 500, batch_size: int = 64, profile_head=None, row_stats: bool = False) -> dict:
-    """What a calibration is fitted on: ``{direction: (features, truth)}`` for (up to ``max_cells`` evenly spaced) cells of ``split``.
-
-    ``row_stats``: the features also carry the model's per-feature train statistics as one row per cell
-    (:data:`translator.readout.ROW_STATS`), so that readings of several models (cross-validation fold models, each
-    with its own train split) can be pooled into one calibration.
-    """
-    n = len(split)
-    rows = np.unique(np.linspace(0, n - 1, min(n, max_cells)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
-    cells = split.select(rows.tolist())
-    truth = truth_matrices(cells, meta)
-    ranges = feature_token_ranges(tokenizer, n_genes=len(meta["genes"]))
-    out = {}
-    for direction in directions:
-        names = names_to_ids(tokenizer, cells[SOURCE_COLUMN[direction]])
-        ids = [source_ids(x, direction, tokenizer, max_source_length) for x in names]
-        target = TARGET_MODALITY[direction]
-        features, _ = decode_features(model, tokenizer, meta, ids, direction, ranges[target], max_target_length, batch_size, profile_head=profile_head)
-        if row_stats:
-            with_row_stats(features, meta, len(rows))
-        out[direction] = (features, truth[target])
-    return out
-
-
-def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int, max_cells: int = 500, batch_size: int = 64, seed: int = 0, profile_head=None,
-              aggregations: Sequence[str] = AGGREGATIONS, selection_parts: int = SELECTION_PARTS, selection_repeats: int = SELECTION_REPEATS,
-              pool: Sequence[dict] = ()) -> dict:
-    """Fit the readout calibration of each direction on (up to ``max_cells`` evenly spaced) cells of ``split``, choosing among ``aggregations``
-    (by RMSE cross-fitted over ``selection_parts`` parts of the cells, averaged over ``selection_repeats`` random partitions; 0 parts:
-    in-sample, see :func:`translator.readout.fit_readout`).
-
-    ``pool``: more cells to fit on, as other models read them (:func:`calibration_features` with ``row_stats=True``, one dict
-    per model: the other folds of a cross-validation, each read by the fold model that did not train on it); each cell
-    keeps the train statistics of the model that read it. The coefficients are then fitted on all of them together.
-    ``split`` None: on ``pool`` alone (a model trained on every cell, whose fold models read the cells it trained on).
-    """
-    import scipy.sparse as sp
-
-    if split is None and not pool:
-        raise ValueError("a calibration needs cells: a split, or readings to pool")
-    own = calibration_features(model, tokenizer, meta, split, directions, max_source_length, max_target_length, max_cells, batch_size,
-                               profile_head, row_stats=bool(pool)) if split is not None else None
-    out = {}
-    for direction in directions:
-        parts = [*([own[direction]] if own is not None else []), *(extra[direction] for extra in pool)]
-        features, truth = parts[0]
-        if pool:  # one features dict and one truth matrix over every model's cells
-            features = {key: np.concatenate([np.asarray(f[key]) for f, _ in parts]) for key in features}
-            truth = sp.vstack([t for _, t in parts]).tocsr()
-        out[direction] = fit_readout(features, truth, direction, meta, seed=seed, aggregations=aggregations, selection_parts=selection_parts,
-                                     selection_repeats=selection_repeats)
-        if pool:
-            out[direction]["pooled_cells"] = [int(t.shape[0]) for _, t in parts]
-    return out
-
-
-def widget_examples(tokenizer, split, directions: Sequence[str], n_names: int = 50, n_cells: int = 2) -> list[dict]:
-    """Real input sentences for the card's widget: prefix and the first ``n_names`` names of validation cells."""
-    examples = []
-    for direction in directions:
-        for i in range(min(n_cells, len(split))):
-            names = split[i][SOURCE_COLUMN[direction]].split()[:n_names]
-            examples.append({"text": " ".join([PREFIX[direction], *names]), "title": f"{direction} cell {split[i]['cell']}"})
-    return examples
-
-
-def write_model_folder(output_dir: str | os.PathLike, model, tokenizer, meta: dict, readout: dict, training_args: dict, max_target_length: int, profile_head=None) -> list[str]:
-    """Write the Hub-ready files into ``output_dir``: weights (safetensors), configs, tokenizer, metadata, readout, args.
-
-    ``profile_head`` (a :class:`translator.model.ProfileHead`) goes to ``profile_head.safetensors``.
-
-    Files are written to a temporary folder in ``output_dir`` and moved in one by one.
-    """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
-    try:
-        model.generation_config = GenerationConfig(
-            decoder_start_token_id=0,
-            eos_token_id=1,
-            pad_token_id=0,
-            max_length=int(max_target_length),
-            no_repeat_ngram_size=1,
-        )
-        model.save_pretrained(tmp, safe_serialization=True)
-        write_serving_files(tmp, model.generation_config, tokenizer, len(meta["genes"]))
-        if profile_head is not None:
-            profile_head.save(tmp / PROFILE_HEAD_FILE)
-        save_tokenizer(tokenizer, tmp, meta)
-        (tmp / READOUT_FILE).write_text(json.dumps(readout, indent=2))
-        (tmp / "training_args.json").write_text(json.dumps(training_args, indent=2))
-        names = sorted(p.name for p in tmp.iterdir())
-        for name in names:
-            apply_umask(tmp / name)
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return names
 
 
 @contextlib.contextmanager
