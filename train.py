@@ -43,6 +43,7 @@ from translator.loss import TranslationLoss
 from translator.model import cuda_tf32, make_config, make_model
 from translator.predictor import fit_blend
 from translator.readout import profile_offsets
+from translator.streaming import ArrowSplit, StreamingExamples, StreamingLoader, sample_rows
 from translator.training import (
     BestWeights,
     Budget,
@@ -117,6 +118,17 @@ def make_loaders(splits, tokenizer, data_args: DataArguments, model_args: ModelA
     return train_examples, eval_examples, validation, *loaders
 
 
+def stream_loader(data_args: DataArguments, model_args: ModelArguments, run: RunArguments, tokenizer, accelerator: Accelerator) -> StreamingLoader:
+    """``--streaming``: this process's share of the train split, streamed from its Arrow files as length-grouped batches."""
+    stream = StreamingExamples(ArrowSplit.from_dataset_dir(data_args.dataset_dir, "train"), tokenizer, run.per_device_train_batch_size, run.seed,
+                               accelerator.process_index, accelerator.num_processes, data_args.directions, max_source_length=data_args.max_source_length,
+                               max_target_length=data_args.max_target_length, gex_target_order=data_args.gex_target_order,
+                               max_gex_target_length=data_args.max_gex_target_length, gex_target_min_value=data_args.gex_target_min_value,
+                               source_counts=model_args.gex_source_downsample > 0)
+    # On a GPU a worker process reads and tokenizes ahead of the step; on CPU cores it would compete with the step.
+    return StreamingLoader(stream, accelerator.device, workers=int(accelerator.device.type == "cuda"))
+
+
 def make_loss_module(config, model_args: ModelArguments, run: RunArguments, train_split, tokenizer, meta: dict) -> TranslationLoss:
     """The T5 (name embeddings from latent semantic analysis of the train sentences, unless resumed or ``--embedding_init
     random``) inside the training loss, which holds the profile head."""
@@ -155,9 +167,14 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
     if run.cpu_threads > 0:
         torch.set_num_threads(run.cpu_threads)
 
-    # Data.
+    # Data. With --streaming each process streams its share of the train split; the train cells held in memory (the
+    # embeddings' LSI, the head refit) are then an evenly spaced sample of it.
+    if data_args.streaming:
+        splits = {**splits, "train": splits["train"].select(sample_rows(len(splits["train"]), data_args.streaming_sample_cells))}
     train_examples, eval_examples, validation, train_loader, eval_loader = make_loaders(splits, tokenizer, data_args, model_args, run, accelerator.num_processes)
-    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
+    if data_args.streaming:
+        train_loader = stream_loader(data_args, model_args, run, tokenizer, accelerator)
+    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)  # a StreamingLoader passes through unchanged
 
     # Model, optimizer, schedule.
     loss_module = make_loss_module(config, model_args, run, splits["train"], tokenizer, meta)
@@ -182,7 +199,7 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
     # The loop.
     if accelerator.is_main_process:
         check_free_space(out, n_params, checkpoints=run.checkpointing_steps > 0)
-    logger.info("%d train examples, at most %d steps (%d epochs), validation every %d steps, %.1fM parameters, %d processes", len(train_examples), plan.max_steps,
+    logger.info("%d train examples, at most %d steps (%d epochs), validation every %d steps, %.1fM parameters, %d processes", train_loader.stream.n_examples if data_args.streaming else len(train_examples), plan.max_steps,
                 plan.num_epochs, plan.eval_steps, n_params / 1e6, accelerator.num_processes)
     loop = TrainingLoop(accelerator, loss_module, optimizer, scheduler, schedule, train_loader, eval_loader, plan, run, budget, average, best, len(eval_examples) > 0)
     finished = loop.run(*position)

@@ -150,6 +150,13 @@ def test_refusals_name_the_fix(split_files, tmp_path):
     state = _stream(split_files, world_size=2).state_dict()
     with pytest.raises(ValueError, match="world_size 2 now 1"):
         _stream(split_files).load_state_dict(state)
+    import train
+    from tests.translator_fixtures import tiny_args
+
+    _, data, _ = split_files
+    with pytest.raises(ValueError, match="--streaming_sample_cells must be >= 1, got 0"):
+        train.main(tiny_args(data, data.parent / "tok", tmp_path / "out", "--streaming", "--streaming_sample_cells", "0"))
+    assert not (tmp_path / "out").exists()
 
 
 def _gloo_rank(rank: int, world_size: int, port: int, folder: str, tokenizer_dir: str, out: str) -> None:
@@ -212,3 +219,25 @@ def test_the_loader_marks_the_epochs_last_batch_for_gradient_accumulation(split_
     loader.set_epoch(2, skip=len(loader) - 2)
     assert [state.end_of_dataloader for _ in loader] == [False, True]
 
+
+def test_train_py_streaming_resumes_inside_an_epoch_to_the_same_weights(split_files, tmp_path):
+    """train.py --streaming: a run stopped after step 12 and resumed from its checkpoint of step 7 (inside the first
+    epoch of 10 batches) reaches step 14 with the weights of an uninterrupted run (checkpoints of step 14 compared; no
+    run finishes a model folder: tests/test_multinode.py trains one with --streaming on two processes)."""
+    from safetensors.numpy import load_file
+
+    import train
+    from tests.translator_fixtures import tiny_args
+
+    _, data, _ = split_files
+
+    def args(out: Path, *extra: str) -> list[str]:
+        return tiny_args(data, data.parent / "tok", out, "--streaming", "--streaming_sample_cells", "50", "--max_steps", "20",
+                         "--checkpointing_steps", "7", "--eval_steps", "7", "--cpu_threads", "1", *extra)
+
+    assert train.main(args(tmp_path / "straight", "--stop_after_steps", "14")) == 0
+    assert train.main(args(tmp_path / "resumed", "--stop_after_steps", "12")) == 0
+    step_7 = tmp_path / "resumed" / "checkpoints" / "step_7"
+    assert train.main(args(tmp_path / "resumed", "--stop_after_steps", "14", "--resume_from_checkpoint", str(step_7))) == 0
+    straight, resumed = (load_file(str(tmp_path / run / "checkpoints" / "step_14" / "model.safetensors")) for run in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys() and all(np.array_equal(straight[k], resumed[k]) for k in straight)

@@ -283,14 +283,10 @@ def _kill_run(proc: subprocess.Popen, out: Path) -> None:
             pass
 
 
-def test_ddp_on_two_cpu_processes_stays_in_step(bmmc, tmp_path):
-    # accelerate 1.15: `launch --num_processes 2 --cpu` starts one process; --multi_gpu with ACCELERATE_USE_CPU=1 starts two.
-    out = tmp_path / "ddp"
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "train.py",
-           *tiny_args(*bmmc, out, "--max_steps", "4", "--checkpointing_steps", "0", "--calibration_cells", "0")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**ENV, "ACCELERATE_USE_CPU": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def run_two_processes(cmd: list[str], out: Path, env: dict) -> tuple[str, str]:
+    """Run a 2-process launch of train.py writing ``out``; its stdout and stderr once it succeeded, both ranks
+    ending with the same parameter checksum (a run still going after DDP_TEST_TIMEOUT seconds is killed)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     timeout = float(os.environ.get("DDP_TEST_TIMEOUT", 240))
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -305,6 +301,16 @@ def test_ddp_on_two_cpu_processes_stays_in_step(bmmc, tmp_path):
     assert proc.returncode == 0, stdout[-1000:] + stderr[-3000:]
     sums = dict(re.findall(r"rank (\d) parameter checksum ([0-9a-f]{16})", stdout))
     assert set(sums) == {"0", "1"} and sums["0"] == sums["1"], stdout[-2000:]
+    return stdout, stderr
+
+
+def test_ddp_on_two_cpu_processes_stays_in_step(bmmc, tmp_path):
+    # accelerate 1.15: `launch --num_processes 2 --cpu` starts one process; --multi_gpu with ACCELERATE_USE_CPU=1 starts two.
+    out = tmp_path / "ddp"
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "train.py",
+           *tiny_args(*bmmc, out, "--max_steps", "4", "--checkpointing_steps", "0", "--calibration_cells", "0")]
+    stdout, stderr = run_two_processes(cmd, out, {**ENV, "ACCELERATE_USE_CPU": "1"})
     # The DDP wrapper was freed before the process group (else a rank can hang at exit in ~ProcessGroupGloo).
     assert "DDP wrapper is still referenced" not in stderr, stderr[-3000:]
     assert json.loads((out / "training_args.json").read_text())["num_processes"] == 2

@@ -58,6 +58,10 @@ class DataArguments:
     calibration_cells: int = field(default=500, metadata={"help": "validation cells used to fit the readout calibration"})
     calibration_selection_parts: int = field(default=5, metadata={"help": "the calibration keeps the readout with the lowest RMSE cross-fitted over this many parts of its cells; 0: the lowest in-sample RMSE"})
     calibration_selection_repeats: int = field(default=SELECTION_REPEATS, metadata={"help": "that cross-fitted RMSE is averaged over this many random partitions of the cells; 1: one partition"})
+    streaming: bool = field(default=False, metadata={"help": "stream the train split from its Arrow files a window of cells at a time, each process reading its own share "
+                                                           "(every cell once per epoch), instead of holding every train example in memory: for datasets larger than "
+                                                           "memory and for training on many machines (docs/multinode.md)"})
+    streaming_sample_cells: int = field(default=10000, metadata={"help": "with --streaming: the evenly spaced train cells held in memory for the name embeddings' LSI and the head refit"})
 
 
 @dataclass
@@ -159,6 +163,8 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
     for name in ("max_eval_cells", "calibration_cells"):
         if getattr(data_args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(data_args, name)}")
+    if data_args.streaming_sample_cells < 1:
+        raise ValueError(f"--streaming_sample_cells must be >= 1, got {data_args.streaming_sample_cells}")
     check_selection_parts(data_args.calibration_selection_parts, "--calibration_selection_parts")
     check_selection_repeats(data_args.calibration_selection_repeats, "--calibration_selection_repeats")
     if any(k < 1 for k in model_args.profile_ranks):

@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from .streaming import StreamingLoader
 from .training import (
     AVERAGE_STATE_FILE,
     BEST_WEIGHTS_FILE,
@@ -166,8 +167,13 @@ class TrainingLoop:
         self.micro_step = starting_epoch * len(self.train_loader) + resume_batches  # batches seen by this process
         self.loss_module.train()
         for epoch in range(starting_epoch, self.plan.num_epochs):
-            loader = acc.skip_first_batches(self.train_loader, resume_batches) if epoch == starting_epoch and resume_batches else self.train_loader
-            loader.set_epoch(epoch)  # the batch order depends only on (seed, epoch)
+            skip = resume_batches if epoch == starting_epoch else 0
+            if isinstance(self.train_loader, StreamingLoader):  # skips without reading what it skips
+                loader = self.train_loader
+                loader.set_epoch(epoch, skip)
+            else:
+                loader = acc.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+                loader.set_epoch(epoch)  # the batch order depends only on (seed, epoch)
             for batch in loader:
                 if self._micro_step(batch) and self._after_step(epoch):
                     break

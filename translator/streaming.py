@@ -231,6 +231,11 @@ class StreamingExamples(IterableDataset):
     def __len__(self) -> int:
         return len(self.directions) * self.batches_per_direction
 
+    @property
+    def n_examples(self) -> int:
+        """Examples per epoch over all processes: one per cell and direction."""
+        return len(self.directions) * len(self.split)
+
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its first batch."""
         self.epoch, self.position = int(epoch), 0
