@@ -176,7 +176,7 @@ def compact_table(summary: dict) -> str:
         for row in entry["rows"]:
             by_direction.setdefault(row["direction"], {})[row["metric"]] = row
         for direction, rows in by_direction.items():
-            cells = [f"{rows[m]['margin']:+.4f} {rows[m]['verdict']}" if m in rows else "-" for m in METRIC_NAMES]
+            cells = [f"{rows[m]['margin']:+.5f} {rows[m]['verdict']}" if m in rows else "-" for m in METRIC_NAMES]
             weights = next(iter(rows.values())).get("weights")
             weight_cell = "/".join(f"{weights[p]:.2f}" for p in ("transformer", "kernel", "mean")) if weights else "-"
             lines.append(f"| {name} | {entry['n_cells']} | {DIRECTION_NAMES[direction]} | {' | '.join(cells)} | {weight_cell} |")
