@@ -557,6 +557,47 @@ def fit_direction(held: Sequence[HeldOut], fit: Sequence[dict], direction: str, 
     return record, DirectionBlend(weights, kernel, mean if weights["mean"] > 0 else None)
 
 
+def _held_out(folder: Path, dataset_dir, pool: Sequence[tuple], calibration: dict, max_cells: int, max_train_cells: int) -> list[HeldOut]:
+    """The held-out cells and their readers: the folder and its dataset's validation cells, or each pool member (a fold
+    model read with the folder's calibration) and its dataset's validation cells."""
+    from dataset_builder.records import load_split_matrices
+
+    from .api import CellTranslator
+
+    top = CellTranslator.from_pretrained(folder)
+    top.blend = {}  # the parts as they are, without any blend the folder holds already
+    held = []
+    for pool_model, pool_data in pool or [(folder, dataset_dir)]:
+        if Path(pool_model).resolve() == folder.resolve():
+            reader = top
+        else:
+            reader = CellTranslator.from_pretrained(pool_model)
+            reader.readout = {**reader.readout, "calibration": calibration}
+            reader.blend, reader.members = {}, []
+        held.append(HeldOut(reader, load_split_matrices(pool_data, "train", max_train_cells), load_split_matrices(pool_data, "validation", max_cells)))
+    return held
+
+
+def _write_blend(folder: Path, readout: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Write the blend into the folder: ``blend.safetensors`` (none when no direction needs arrays), ``readout.json``, the card's section."""
+    from safetensors.numpy import save
+
+    from dataset_builder.outputs import write_text_atomic
+
+    from .card import set_card_section
+    from .readout import READOUT_FILE
+    from .source_kernel import KERNEL_FILE
+
+    readout.pop("source_kernel", None)
+    if arrays:
+        write_text_atomic(folder / BLEND_FILE, save(arrays))
+    write_text_atomic(folder / READOUT_FILE, json.dumps(readout, indent=2))
+    if not arrays:
+        (folder / BLEND_FILE).unlink(missing_ok=True)
+    (folder / KERNEL_FILE).unlink(missing_ok=True)  # a two-part stack's kernel, superseded by blend.safetensors
+    set_card_section(folder / "README.md", "The shipped predictor", card_text(readout))
+
+
 def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, directions: Sequence[str] | None = None, batch_size: int = 64,
               seed: int = 0, pool: Sequence[tuple[str | os.PathLike, str | os.PathLike]] = (), max_cells: int = HELD_OUT_CELLS,
               max_train_cells: int = 20000, grid: dict | None = None, max_landmarks: int = 1000, step: float = WEIGHT_STEP,
@@ -591,17 +632,12 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
     shipped predictor (``README.md``, when the folder has one).
     """
     import datasets
-    from safetensors.numpy import save
 
-    from dataset_builder.outputs import write_text_atomic
     from dataset_builder.records import load_split_matrices
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
-    from .api import CellTranslator
-    from .card import set_card_section
     from .readout import READOUT_FILE
     from .recalibrate import check_pool
-    from .source_kernel import KERNEL_FILE
 
     folder = Path(model_dir)
     readout_path = folder / READOUT_FILE
@@ -624,18 +660,8 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
     check_pool(pool, meta)
     started = time.perf_counter()
     end = None if max_seconds is None else started + max(0.0, max_seconds)
-    top = CellTranslator.from_pretrained(folder)
-    top.blend = {}  # the parts as they are, without any blend the folder holds already
     calibration = readout.get("calibration") or {}
-    held = []
-    for pool_model, pool_data in pool or [(folder, dataset_dir)]:
-        if Path(pool_model).resolve() == folder.resolve():
-            reader = top
-        else:
-            reader = CellTranslator.from_pretrained(pool_model)
-            reader.readout = {**reader.readout, "calibration": calibration}
-            reader.blend, reader.members = {}, []
-        held.append(HeldOut(reader, load_split_matrices(pool_data, "train", max_train_cells), load_split_matrices(pool_data, "validation", max_cells)))
+    held = _held_out(folder, dataset_dir, pool, calibration, max_cells, max_train_cells)
     fit = [load_split_matrices(dataset_dir, "train", max_train_cells), *([load_split_matrices(dataset_dir, "validation")] if has_validation else [])]
     args_path = folder / "training_args.json"
     trained = json.loads(args_path.read_text()).get("directions") if args_path.exists() else None
@@ -656,13 +682,6 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
             logger.warning("%s: no blend of the transformer and the source kernel beat the per-feature mean on %d held-out cells; "
                            "the model folder predicts the per-feature mean", direction, record["held_out"]["cells"])
     readout["blend"] = records
-    readout.pop("source_kernel", None)
-    if arrays:
-        write_text_atomic(folder / BLEND_FILE, save(arrays))
-    write_text_atomic(readout_path, json.dumps(readout, indent=2))
-    if not arrays:
-        (folder / BLEND_FILE).unlink(missing_ok=True)
-    (folder / KERNEL_FILE).unlink(missing_ok=True)  # a two-part stack's kernel, superseded by blend.safetensors
-    set_card_section(folder / "README.md", "The shipped predictor", card_text(readout))
+    _write_blend(folder, readout, arrays)
     logger.info("blend of %s fitted in %.1f s", ", ".join(directions), time.perf_counter() - started)
     return records
