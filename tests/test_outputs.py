@@ -118,8 +118,13 @@ def test_overwrite_replaces_only_what_this_tool_wrote(setup, tmp_path):
 
 # -- every command line, pointed at its own inputs ---------------------------------------------------------------------
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C raises KeyboardInterrupt, even when the suite runs where SIGINT is ignored (a background job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout, preexec_fn=_default_sigint)
 
 
 def _cli(args: list[str], capsys) -> subprocess.CompletedProcess:
@@ -316,7 +321,8 @@ def test_real_ctrl_c_during_a_build_leaves_nothing_behind(setup, tmp_path):
 def test_real_ctrl_c_during_training_keeps_the_checkpoint_and_drops_the_lock(setup, tmp_path):
     out = tmp_path / "run"
     argv = tiny_args(setup["data"], setup["tok"], out, "--max_steps", "400", "--checkpointing_steps", "2", "--calibration_cells", "0")
-    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     try:
         deadline = time.time() + 120
         while not (out / "checkpoints" / "step_2").exists():

@@ -363,8 +363,9 @@ def test_early_stopping_ends_training_and_keeps_the_best_validations_weights(bmm
 
 def test_a_setting_that_cannot_fit_in_memory_is_refused_before_anything_is_written(bmmc, tmp_path, monkeypatch):
     import train
+    from translator import training
 
-    monkeypatch.setattr(train, "available_memory", lambda: 2.0**30)
+    monkeypatch.setattr(training, "available_memory", lambda: 2.0**30)
     with pytest.raises(ValueError, match=r"^--model_size t5-small with [\d,]+ names, batch 256 and caps 512/512 needs about [\d.]+ GiB of memory "
                                          r"\(activations [\d.]+ GiB\) and 1\.0 GiB are available: lower --per_device_train_batch_size"):
         train.main(tiny_args(*bmmc, tmp_path / "big", "--model_size", "t5-small", "--per_device_train_batch_size", "256",
