@@ -346,18 +346,18 @@ def _predict(model, x: sp.csr_matrix) -> np.ndarray:
 
 
 def _pooled_settings(src: str, tgt: str, folds: Sequence[tuple], grid: dict, max_landmarks: int, seed: int,
-                     deadline: float | None = None) -> tuple[tuple, list]:
+                     deadline: float | None = None, pace: float | None = None) -> tuple[tuple, list]:
     """The kernel settings with the lowest squared error pooled over ``folds`` (``(x_fit, y_fit, x_held, y_held)``) among those
     every fold tried, and each fold's tuned kernel.
 
     With ``deadline``, each fold tunes within an equal share of the time left, on as many of its fit cells as that share
-    allows at the pace measured so far (a small fit times it before the first fold); every held cell is still predicted.
+    allows at the pace measured so far (``pace``, seconds a fit cell; when not given, a small fit times it before the
+    first fold); every held cell is still predicted.
     """
     from .source_kernel import SvdKrrBaseline
 
     sse: dict[tuple, float] = {}
     tuned = []
-    pace = None  # seconds per fit cell of the embedding and one kernel width
     for i, (x_fit, y_fit, x_held, y_held) in enumerate(folds):
         share = None
         if deadline is not None:
@@ -369,7 +369,7 @@ def _pooled_settings(src: str, tgt: str, folds: Sequence[tuple], grid: dict, max
             if rows is not None:
                 x_fit, y_fit = x_fit[rows], y_fit[rows]
         model, trials = SvdKrrBaseline.tune(src, tgt, (x_fit, y_fit), (x_held, y_held), grid=grid, max_landmarks=max_landmarks, seed=seed, deadline=share)
-        pace = model.fit_seconds / model.embedding_cells
+        pace = model.seconds_per_cell
         tuned.append(model)
         for t in trials:
             key = (t["n_components"], t["gamma_scale"], t["alpha"])
@@ -410,7 +410,8 @@ def _merge(stats: Sequence[CellStats]) -> CellStats:
 
 
 def _kfold_kernel(src: str, tgt: str, x: sp.csr_matrix, y: sp.csr_matrix, n_val: int, grid: dict, max_landmarks: int, seed: int,
-                  step: float, deadline: float | None = None, folds: int = FOLDS) -> tuple[tuple, float, np.ndarray, np.ndarray, dict, object]:
+                  step: float, deadline: float | None = None, folds: int = FOLDS,
+                  pace: float | None = None) -> tuple[tuple, float, np.ndarray, np.ndarray, dict, object]:
     """Few validation cells: the kernel's settings and its weight against the mean by k-fold over ``x``/``y`` (train then
     validation rows). Returns the settings, the kernel weight, the out-of-fold kernel and mean matrices of the last ``n_val``
     rows (the validation cells), and the record."""
@@ -419,7 +420,7 @@ def _kfold_kernel(src: str, tgt: str, x: sp.csr_matrix, y: sp.csr_matrix, n_val:
     fold = np.random.default_rng(seed).permutation(n) % n_folds
     splits = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(n_folds)]
     folds_xy = [(x[rest], y[rest], x[held], y[held]) for rest, held in splits]
-    settings, tuned = _pooled_settings(src, tgt, folds_xy, grid, max_landmarks, seed, deadline)
+    settings, tuned = _pooled_settings(src, tgt, folds_xy, grid, max_landmarks, seed, deadline, pace)
     # One fold's predictions at a time: only the validation rows are kept.
     kernel_oof, mean_oof = np.empty((n_val, y.shape[1]), np.float32), np.empty((n_val, y.shape[1]), np.float32)
     stats = []
@@ -510,7 +511,7 @@ def fit_direction(held: Sequence[HeldOut], fit: Sequence[dict], direction: str, 
         candidates = simplex_grid(3, step)
         selection = f"simplex grid, step {step:g}, on {n_val} held-out cells"
     else:
-        cells, folds = KFOLD_CELLS, FOLDS
+        cells, folds, pace = KFOLD_CELLS, FOLDS, None
         if tune_by is not None:  # each fold costs about a probe (wide targets) plus its cells at the probe's pace
             started = time.perf_counter()
             pace = _probe_pace(src, tgt, x_train[0], y_train[0], grid, max_landmarks, seed)
@@ -521,7 +522,7 @@ def fit_direction(held: Sequence[HeldOut], fit: Sequence[dict], direction: str, 
                 logger.info("time budget: the kernel's k-fold runs %d folds on at most %d train and validation cells", folds, cells)
         rows = _rows(x_train[0].shape[0], cells - n_val)
         x_all, y_all = sp.vstack([x_train[0][rows], x_val[0]]).tocsr(), sp.vstack([y_train[0][rows], y_val[0]]).tocsr()
-        settings, v, kernel, mean, kfold, tuned = _kfold_kernel(src, tgt, x_all, y_all, n_val, grid, max_landmarks, seed, step, tune_by, folds)
+        settings, v, kernel, mean, kfold, tuned = _kfold_kernel(src, tgt, x_all, y_all, n_val, grid, max_landmarks, seed, step, tune_by, folds, pace)
         kernel_val, mean_val = [kernel], [mean]
         u = np.round(np.arange(0.0, 1.0 + step / 2, step), 10)[:, None]
         candidates = np.hstack([u, (1 - u) * v, (1 - u) * (1 - v)])
@@ -546,7 +547,7 @@ def fit_direction(held: Sequence[HeldOut], fit: Sequence[dict], direction: str, 
     mean = np.asarray(y_fit.mean(axis=0), dtype=np.float32).ravel()
     kernel, kernel_record = None, None
     if weights["kernel"] > 0:
-        rows = _affordable_rows(x_fit.shape[0], tuned.fit_seconds / tuned.embedding_cells, deadline)
+        rows = _affordable_rows(x_fit.shape[0], tuned.seconds_per_cell, deadline)
         x_fit, y_fit = (x_fit, y_fit) if rows is None else (x_fit[rows], y_fit[rows])
         kernel = SourceKernel.from_baseline(_refit_kernel(src, tgt, settings, x_fit, y_fit, grid, max_landmarks, seed))
         kernel_record = {**kernel.settings(), "gamma_scale": settings[1], "alpha": settings[2], "fit_cells": int(x_fit.shape[0])}

@@ -232,6 +232,11 @@ class SvdKrrBaseline:
         model.use((best["n_components"], best["gamma_scale"], best["alpha"]))
         return model, trials
 
+    @property
+    def seconds_per_cell(self) -> float:
+        """:meth:`tune`'s pace: ``fit_seconds`` over the cells the embedding was fitted on."""
+        return self.fit_seconds / max(1, self.embedding_cells)
+
     def use(self, settings: tuple) -> SvdKrrBaseline:
         """Predict with the grid point ``(n_components, gamma_scale, alpha)`` fitted by :meth:`tune`."""
         self.n_components, self.gamma_scale, self.alpha = settings
