@@ -84,6 +84,22 @@ def resume(accelerator: Accelerator, run, n_batches: int, average: TailAverage |
     return state["completed_steps"], starting_epoch, resume_batches
 
 
+def train_step(accelerator: Accelerator, loss_module: torch.nn.Module, optimizer, scheduler, batch: dict) -> torch.Tensor:
+    """One micro-batch: forward, backward and, at the end of a gradient accumulation, the clipped optimizer step.
+
+    Returns the loss (a device tensor; nothing here waits for the device).
+    """
+    with accelerator.accumulate(loss_module):
+        loss = loss_module(**batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(loss_module.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return loss
+
+
 def validation_loss(loss_module, loader, accelerator) -> dict[str, float]:
     """Token-weighted mean validation loss (and its sentence / profile parts) over all processes.
 
@@ -192,14 +208,7 @@ class TrainingLoop:
         # Dropout and negative sampling depend only on (seed, micro-step, rank): a resumed run repeats them exactly.
         torch.manual_seed(self.run_args.seed * 1_000_003 + self.micro_step * 101 + acc.process_index)
         self.micro_step += 1
-        with acc.accumulate(self.loss_module):
-            loss = self.loss_module(**batch)
-            acc.backward(loss)
-            if acc.sync_gradients:
-                acc.clip_grad_norm_(self.loss_module.parameters(), 1.0)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad()
+        loss = train_step(acc, self.loss_module, self.optimizer, self.scheduler, batch)
         self.tokens += batch["attention_mask"].sum() + (batch["labels"] != -100).sum()  # a device tensor: summed without waiting
         self.running.append(loss.detach())
         self.parts.append(acc.unwrap_model(self.loss_module).last_parts)

@@ -19,13 +19,15 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
 }
 
 
-def make_config(model_size: str, vocab_size: int, dropout_rate: float = 0.1, max_length: int = 512) -> T5Config:
+def make_config(model_size: str, vocab_size: int, dropout_rate: float = 0.1, max_length: int = 512, attn_implementation: str | None = None) -> T5Config:
     """A ``T5Config`` of one of the shapes in :data:`MODEL_SHAPES` over our vocabulary.
 
     ``pad`` = decoder start = 0 and ``</s>`` = 1, as in the tokenizer. transformers 5 always shares
     the input and output embedding matrix of T5; its ``tie_word_embeddings`` flag only chooses
     whether decoder outputs are scaled by ``d_model ** -0.5``. We keep the scaling: without it the
     randomly initialised output layer (std 1) starts with logits of std ~sqrt(d_model).
+    ``attn_implementation`` (``eager``, ``sdpa``, ``flex_attention``; None: transformers' choice, ``sdpa`` where torch
+    has it) is how attention is computed; every choice adds T5's relative position bias.
     """
     if model_size not in MODEL_SHAPES:
         raise ValueError(f"--model_size {model_size!r} is unknown; choose one of {', '.join(MODEL_SHAPES)}")
@@ -39,6 +41,7 @@ def make_config(model_size: str, vocab_size: int, dropout_rate: float = 0.1, max
         eos_token_id=EOS_ID,
         decoder_start_token_id=PAD_ID,
         n_positions=int(max_length),
+        attn_implementation=attn_implementation,
         **MODEL_SHAPES[model_size],
     )
 

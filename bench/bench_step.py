@@ -1,0 +1,199 @@
+"""Training-step benchmark: operators dispatched and seconds per step of the default recipe's step, per model shape.
+
+The step is ``translator.loop.train_step`` (forward of ``TranslationLoss``, backward, gradient clipping, AdamW from
+``make_optimizer``, the scheduler) with the default recipe's loss settings (profile readout, label smoothing 0.1, source
+dropout 0.1, 256 off-modality names, a sampled softmax above 16,384 target names). Batches are synthetic full-size cells at
+the default recipe's caps: every GEX source holds 512 tokens (the prefix, 510 genes, ``</s>``) as a cell of about 1,500
+genes does, every ATAC target 128, every GEX target 6; the vocabulary has GSE194122's 13,431 genes and 116,490 peaks
+(129,926 names with the special tokens). The directions alternate, one batch each.
+
+After ``--warmup_steps`` steps, ``--steps`` timed steps give seconds per step; then the torch profiler records two more
+steps (one per direction) and counts the ``aten::`` operators dispatched a step: all of them (``aten_ops``, nested ones
+included, as the profiler lists them) and those called from Python or compiled code rather than from inside another
+operator (``top_level_ops``). With ``--torch_compile`` the compiled graphs' own kernels count too
+(``compiled_kernels``).
+
+    python bench/bench_step.py                              # tiny (batch 32) and t5-small (batch 8), CPU
+    python bench/bench_step.py --shapes t5-small --torch_compile
+    python bench/bench_step.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bench_common as common  # noqa: E402
+
+N_GENES, N_PEAKS = 13_431, 116_490  # GSE194122
+GENES_PER_CELL, PEAKS_PER_CELL = 1_500, 4_000
+N_SPECIAL = 5  # <pad> </s> <unk> <gex2atac> <atac2gex>
+GEX_PREFIX, ATAC_PREFIX = 3, 4
+DEFAULT_BATCH = {"tiny": 32, "small": 32, "t5-small": 8}
+
+
+def synthetic_batches(batch_size: int, n_genes: int, n_peaks: int, caps: tuple[int, int, int], seed: int = 0) -> list[dict]:
+    """Two full-size batches, GEX to ATAC then ATAC to GEX, in the layout of ``TranslationCollator``.
+
+    ``caps`` = (source, ATAC target, GEX target) lengths in tokens, ``</s>`` included.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    genes = (N_SPECIAL, N_SPECIAL + n_genes)
+    peaks = (genes[1], genes[1] + n_peaks)
+
+    def names(rng: tuple[int, int], k: int) -> torch.Tensor:
+        k = min(k, rng[1] - rng[0])
+        return torch.rand(batch_size, rng[1] - rng[0], generator=gen).topk(k, dim=1).indices + rng[0]
+
+    def sentence(prefix: int | None, body: torch.Tensor) -> torch.Tensor:
+        eos = torch.ones(batch_size, 1, dtype=torch.long)
+        parts = ([torch.full((batch_size, 1), prefix)] if prefix is not None else []) + [body, eos]
+        return torch.cat(parts, dim=1)
+
+    source_len, atac_len, gex_len = caps
+    batches = []
+    for prefix, src, tgt, tgt_len, binary, per_cell in ((GEX_PREFIX, genes, peaks, atac_len, True, PEAKS_PER_CELL),
+                                                      (ATAC_PREFIX, peaks, genes, gex_len, False, GENES_PER_CELL)):
+        source = sentence(prefix, names(src, source_len - 2))
+        labels = sentence(None, names(tgt, tgt_len - 1))
+        n_target = tgt[1] - tgt[0]
+        detected = torch.rand(batch_size, n_target, generator=gen) < min(1.0, per_cell / n_target)
+        values = detected.float() if binary else detected * torch.rand(batch_size, n_target, generator=gen) * 4
+        batches.append({"input_ids": source, "attention_mask": torch.ones_like(source), "labels": labels,
+                        "target_start": torch.tensor(tgt[0]), "target_stop": torch.tensor(tgt[1]), "profile_values": values})
+    return batches
+
+
+def count_ops(prof, n_steps: int) -> dict:
+    """Per step: every ``aten::`` event, those not nested in another ``aten::`` event, and compiled kernels."""
+    aten = top = kernels = 0
+    for event in prof.events():
+        name = event.name
+        if name.startswith("aten::"):
+            aten += 1
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            top += parent is None
+        elif name.startswith(("cpp_fused", "triton_", "cpp_kernel")):
+            kernels += 1
+    return {"aten_ops": aten / n_steps, "top_level_ops": top / n_steps, "compiled_kernels": kernels / n_steps}
+
+
+def run_shape(shape: str, args: argparse.Namespace) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from torch.profiler import ProfilerActivity, profile
+
+    from translator.loop import make_optimizer, train_step
+    from translator.loss import TranslationLoss
+    from translator.model import make_config, make_model
+
+    torch.manual_seed(args.seed)
+    n_genes, n_peaks = (args.n_genes, args.n_peaks)
+    vocab = N_SPECIAL + n_genes + n_peaks
+    batch_size = args.batch_size or DEFAULT_BATCH[shape]
+    caps = (args.max_source_length, args.max_target_length, args.max_gex_target_length)
+    batches = synthetic_batches(batch_size, n_genes, n_peaks, caps, args.seed)
+    config_kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    config = make_config(shape, vocab, 0.2, args.max_target_length, **config_kwargs)
+    model = make_model(config, seed=args.seed)
+    rate = min(0.5, PEAKS_PER_CELL / n_peaks)
+    offsets = {N_SPECIAL: (torch.full((n_genes,), 1.0), False), N_SPECIAL + n_genes: (torch.full((n_peaks,), math.log(rate / (1 - rate))), True)}
+    loss_module = TranslationLoss(model, 256, 0.1, 1.0, offsets, 0.1, max_scored_targets=16_384)
+    if args.torch_compile:
+        loss_module.compile_step()
+    optimizer = make_optimizer(loss_module, 2e-3, 0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    accelerator = Accelerator(cpu=True)
+    loss_module, optimizer, scheduler = accelerator.prepare(loss_module, optimizer, scheduler)
+    loss_module.train()
+
+    def step(i: int) -> torch.Tensor:
+        torch.manual_seed(args.seed * 1_000_003 + i * 101)  # as the training loop seeds each micro-step
+        return train_step(accelerator, loss_module, optimizer, scheduler, batches[i % 2])
+
+    started = time.perf_counter()
+    warmup_losses = [float(step(i).detach()) for i in range(args.warmup_steps)]
+    warmup_seconds = time.perf_counter() - started
+    load = common.load_average()
+    started = time.perf_counter()
+    losses = [step(args.warmup_steps + i).detach() for i in range(args.steps)]
+    seconds = time.perf_counter() - started
+    activities = [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for i in range(2):
+            step(args.warmup_steps + args.steps + i)
+    tokens = sum(int(b["attention_mask"].sum() + (b["labels"] != -100).sum()) for b in batches) / 2
+    return {
+        "shape": shape,
+        "batch_size": batch_size,
+        "vocab_size": vocab,
+        "caps": list(caps),
+        "attn_implementation": model.config._attn_implementation,
+        "torch_compile": bool(args.torch_compile),
+        "parameters": sum(p.numel() for p in accelerator.unwrap_model(loss_module).parameters()),
+        "warmup_steps": args.warmup_steps,
+        "warmup_seconds": round(warmup_seconds, 2),
+        "warmup_losses": [round(x, 5) for x in warmup_losses],
+        "timed_steps": args.steps,
+        "seconds_per_step": round(seconds / max(1, args.steps), 4),
+        "tokens_per_step": tokens,
+        "tokens_per_s": round(tokens * args.steps / seconds, 1) if seconds else None,
+        "losses": [round(float(x), 5) for x in losses],
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": load,
+        **count_ops(prof, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Ops dispatched and seconds per training step (see the module docstring).")
+    parser.add_argument("--shapes", nargs="+", default=None, help="model shapes (default tiny t5-small; --quick: tiny)")
+    parser.add_argument("--batch_size", type=int, default=None, help="cells per step (default: 32 for tiny, 8 for t5-small on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 4; --quick 1)")
+    parser.add_argument("--warmup_steps", type=int, default=None, help="untimed steps first (default 2, one per direction)")
+    parser.add_argument("--max_source_length", type=int, default=512, help="source cap (the default recipe's)")
+    parser.add_argument("--max_target_length", type=int, default=128, help="ATAC target cap (the default recipe's)")
+    parser.add_argument("--max_gex_target_length", type=int, default=6, help="GEX target cap (the default recipe's)")
+    parser.add_argument("--n_genes", type=int, default=N_GENES, help="genes in the vocabulary (GSE194122: 13,431)")
+    parser.add_argument("--n_peaks", type=int, default=N_PEAKS, help="peaks in the vocabulary (GSE194122: 116,490)")
+    parser.add_argument("--attn_implementation", default=None, help="eager | sdpa | flex_attention (default: the model's)")
+    parser.add_argument("--torch_compile", action="store_true", help="compile the step's forward and backward (torch.compile)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default=None, help="suffix of the result name: results/step_cpu_TAG.json")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny shape, a small vocabulary and short sentences")
+    parser.add_argument("--results_dir", type=Path, default=None, help="where the JSON goes (default bench/results; --quick: a temp folder)")
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.n_genes, args.n_peaks = min(args.n_genes, 300), min(args.n_peaks, 2_000)
+        args.max_source_length, args.max_target_length = min(args.max_source_length, 64), min(args.max_target_length, 32)
+        args.batch_size = args.batch_size or 4
+    args.steps = args.steps if args.steps is not None else (1 if args.quick else 4)
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else 2
+    rows = []
+    for shape in args.shapes or (["tiny"] if args.quick else ["tiny", "t5-small"]):
+        row = run_shape(shape, args)
+        rows.append(row)
+        print(f"{shape:9s} batch {row['batch_size']:3d} {row['attn_implementation']:8s} compile {str(row['torch_compile']):5s} "
+              f"{row['seconds_per_step']:8.3f} s/step  {row['aten_ops']:8,.0f} aten ops ({row['top_level_ops']:,.0f} top-level, "
+              f"{row['compiled_kernels']:,.0f} compiled kernels) a step", flush=True)
+    figures = {"device": "cpu", "runs": rows}
+    common.write_results("step_cpu" + (f"_{args.tag}" if args.tag else ""), figures, args.quick, args.results_dir)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
