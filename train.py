@@ -178,6 +178,8 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
 
     # Model, optimizer, schedule.
     loss_module = make_loss_module(config, model_args, run, splits["train"], tokenizer, meta)
+    if run.torch_compile:
+        loss_module.compile_step(run.torch_compile_mode)
     n_params = sum(p.numel() for p in loss_module.model.parameters())
     optimizer = make_optimizer(loss_module, run.learning_rate, run.weight_decay)
     plan = plan_steps(len(train_loader), run)

@@ -67,7 +67,7 @@ def synthetic_batches(batch_size: int, n_genes: int, n_peaks: int, caps: tuple[i
         detected = torch.rand(batch_size, n_target, generator=gen) < min(1.0, per_cell / n_target)
         values = detected.float() if binary else detected * torch.rand(batch_size, n_target, generator=gen) * 4
         batches.append({"input_ids": source, "attention_mask": torch.ones_like(source), "labels": labels,
-                        "target_start": torch.tensor(tgt[0]), "target_stop": torch.tensor(tgt[1]), "profile_values": values})
+                        "target_start": tgt[0], "target_stop": tgt[1], "profile_values": values})
     return batches
 
 

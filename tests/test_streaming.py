@@ -60,7 +60,7 @@ def _reference(split_files) -> Counter:
 
 
 def _same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x) for x, y in zip(a, b, strict=True))
 
 
 def test_arrow_split_reads_rows_in_any_order_across_files_and_record_batches(split_files):

@@ -16,6 +16,7 @@ from dataset_builder.outputs import check_output, check_replaceable, folder_kind
 from tokenizer import DIRECTIONS
 
 from .data import GEX_TARGET_ORDERS, check_gex_target_cap, check_gex_target_min_value
+from .loss import COMPILE_MODES
 from .model import MODEL_SHAPES
 from .profile_fit import RANK_GRID
 from .readout import SELECTION_REPEATS, check_selection_parts, check_selection_repeats
@@ -89,6 +90,10 @@ class RunArguments:
                                                                      "gets --training_share of it (its learning rate then decays to 0 by the end it can reach), the head "
                                                                      "refit and the calibration the rest, with their work cut to fit"})
     training_share: float = field(default=0.6, metadata={"help": "share of --max_train_seconds for the training loop"})
+    torch_compile: bool = field(default=False, metadata={"help": "compile the training step's forward and backward with torch.compile: far fewer operators a "
+                                                                 "step; the first steps compile (minutes on a CPU, again for new batch shapes), so off by default"})
+    torch_compile_mode: str = field(default="default", metadata={"help": f"torch.compile mode with --torch_compile: {' | '.join(COMPILE_MODES)} "
+                                                                         "(reduce-overhead replays CUDA graphs on a GPU)"})
     early_stopping_patience: int = field(default=3, metadata={"help": "end training after this many validations in a row without a lower validation loss (0: never)"})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "finish with the weights of the validation with the lowest loss (not with --weight_average_fraction)"})
     seed: int = field(default=42, metadata={"help": "random seed (weights, batches, dropout)"})
@@ -156,6 +161,8 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
     for name in ("checkpointing_steps", "stop_after_steps", "cpu_threads", "weight_decay", "early_stopping_patience"):
         if getattr(run, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(run, name)}")
+    if run.torch_compile_mode not in COMPILE_MODES:
+        raise ValueError(f"--torch_compile_mode must be one of {', '.join(COMPILE_MODES)}, got {run.torch_compile_mode!r}")
     if data_args.gex_target_order not in GEX_TARGET_ORDERS:
         raise ValueError(f"--gex_target_order must be one of {', '.join(GEX_TARGET_ORDERS)}, got {data_args.gex_target_order!r}")
     check_gex_target_cap(data_args.max_gex_target_length, data_args.max_target_length)

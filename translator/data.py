@@ -294,8 +294,8 @@ class TranslationCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "target_start": torch.tensor(start),
-            "target_stop": torch.tensor(stop),
+            "target_start": int(start),  # Python ints: reading the range never waits for the device
+            "target_stop": int(stop),
         }
         if all("profile" in ex for ex in examples):
             values = torch.zeros(len(examples), stop - start, dtype=torch.float32)

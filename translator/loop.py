@@ -40,10 +40,19 @@ logger = logging.getLogger("train")
 
 
 def make_optimizer(loss_module: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with ``weight_decay`` on every weight but the layer norms and biases."""
+    """AdamW with ``weight_decay`` on every weight but the layer norms and biases.
+
+    The fused implementation (one operator per group of parameters instead of about a dozen per parameter, and no wait
+    for the device) where torch has it for the parameters' device; the same update otherwise.
+    """
     decay = [p for n, p in loss_module.named_parameters() if "layer_norm" not in n and not n.endswith("bias")]
     no_decay = [p for n, p in loss_module.named_parameters() if "layer_norm" in n or n.endswith("bias")]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    params = decay + no_decay
+    fused = bool(params) and all(p.device.type in _get_fused_kernels_supported_devices() and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=fused or None)
 
 
 @dataclass

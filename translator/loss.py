@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import T5ForConditionalGeneration
 
-from .model import EOS_ID, PROFILE_INPUTS, ProfileHead, decoder_hidden_states, output_weight, profile_scores
+from .model import EOS_ID, PROFILE_INPUTS, ProfileHead, decoder_hidden_states, encode, output_weight, profile_scores
 
 DOWNSAMPLE_MIN_RATE = 0.2  # the count down-sampling augmentation keeps each UMI with a rate drawn in [this, 1)
 
@@ -34,47 +34,67 @@ def profile_loss(scores: torch.Tensor, offset: torch.Tensor, values: torch.Tenso
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``hidden @ weight.T`` computed chunk by chunk, gradients included.
+    """Summed cross-entropy of every position's label against ``hidden @ weight.T`` (+ ``logit_offset``), chunk by chunk,
+    gradients included.
 
-    Each chunk's logits live only inside the loop: the forward pass also computes the chunk's
-    gradients with respect to ``hidden`` and ``weight`` (d loss / d logits = softmax - smoothed
-    one-hot), so backward needs no logits and no recomputation.
+    Each chunk's logits live only inside the loop: the forward pass also computes the chunk's gradients with respect to
+    ``hidden``, ``weight`` and ``label_weight`` (d loss / d logits = softmax - smoothed one-hot), so backward needs no
+    logits and no recomputation. Shapes are fixed by the batch: every position is scored and ``valid`` (0/1) zeroes the
+    padding's loss and gradients, so nothing waits for the device. ``targets`` is each label's column among the scored
+    ids; a label that is not among them (``outside``) joins its own row's softmax as one more column, its logit
+    ``hidden . label_weight`` (``label_weight``: the output row of each position's label). ``logit_offset`` (or None)
+    adds to every row's logits; a column whose offset is ``-inf`` takes no part.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, label_smoothing: float, rows: int, logit_offset=None):
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, label_weight, targets, valid, outside, logit_offset, label_smoothing: float, rows: int):
+        needs_grad = any(ctx.needs_input_grad[:3])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_label_weight = torch.empty_like(label_weight) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
-        n_ids = weight.shape[0]
+        if logit_offset is None:
+            columns, n_columns = None, weight.shape[0]
+        else:
+            columns = torch.isfinite(logit_offset)
+            n_columns = columns.sum()
+        keep = 1 - label_smoothing
         for begin in range(0, hidden.shape[0], rows):
-            h = hidden[begin : begin + rows]
-            t = targets[begin : begin + rows]
+            end = begin + rows
+            h, lw, t, v, out = hidden[begin:end], label_weight[begin:end], targets[begin:end, None], valid[begin:end], outside[begin:end]
             logits = (h @ weight.T).float()
             if logit_offset is not None:
                 logits = logits + logit_offset
-            log_probs = torch.log_softmax(logits, dim=-1)
-            picked = log_probs.gather(1, t[:, None]).squeeze(1)
-            loss = -(1 - label_smoothing) * picked
+            own = (h.float() * lw.float()).sum(-1)
+            extra = torch.where(out, own, -math.inf)
+            lse = torch.logaddexp(torch.logsumexp(logits, dim=-1), extra)
+            picked = torch.where(out, own, logits.gather(1, t).squeeze(1))
+            loss = lse - keep * picked
             if label_smoothing:
-                loss = loss - label_smoothing * log_probs.mean(dim=-1)
-            total += loss.sum()
+                row_columns = n_columns + out.float()
+                logit_sum = logits.sum(-1) if columns is None else torch.where(columns, logits, 0.0).sum(-1)
+                loss = loss - label_smoothing * (logit_sum + torch.where(out, own, 0.0)) / row_columns
+            total += (loss * v).sum()
             if needs_grad:
-                grad = log_probs.exp_()
-                grad[torch.arange(len(t), device=t.device), t] -= 1 - label_smoothing
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad.scatter_add_(1, t, (-keep * ~out)[:, None].to(grad.dtype))
+                grad_own = (extra - lse).exp() - keep * out
                 if label_smoothing:
-                    grad -= label_smoothing / n_ids
-                grad_hidden[begin : begin + rows] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+                    grad -= (label_smoothing / row_columns)[:, None] * (1.0 if columns is None else columns)
+                    grad_own = grad_own - label_smoothing * out / row_columns
+                grad *= v[:, None]
+                grad_own = grad_own * v
+                grad_hidden[begin:end] = (grad.to(weight.dtype) @ weight + grad_own[:, None].to(lw.dtype) * lw).to(hidden.dtype)
+                grad_label_weight[begin:end] = (grad_own[:, None] * h.float()).to(label_weight.dtype)
                 grad_weight += grad.T @ h.float()
         if needs_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), grad_label_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None
+        grad_hidden, grad_weight, grad_label_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, grad_label_weight * grad_output, None, None, None, None, None, None
 
 
 CPU_CHUNK_ELEMENTS = 2**23
@@ -86,47 +106,73 @@ def default_chunk_elements(device: torch.device) -> int:
     return GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
 
 
-def candidate_ids(
-    target_range: tuple[int, int],
-    vocab_size: int,
-    n_negatives: int = 256,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Output ids scored by the restricted loss: ``</s>``, the target range, and ``n_negatives`` random other names.
+def _uniform(n: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
+    """``n`` uniform draws on ``device`` (from ``generator``, on its own device, when given; else torch's global RNG)."""
+    if generator is None:
+        return torch.rand(n, device=device)
+    return torch.rand(n, generator=generator, device=generator.device).to(device)
 
-    The negatives come from the other modality's names and the direction prefixes (never ``<pad>``),
-    so that a plain ``generate`` learns to keep off-modality tokens low.
+
+def negative_ids(target_range: tuple[int, int], vocab_size: int, n_negatives: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n_negatives`` distinct names drawn uniformly from outside ``target_range``: the other modality's names and the
+    direction prefixes (never ``<pad>`` or ``</s>``), so that a plain ``generate`` learns to keep off-modality tokens low.
+
+    Drawn on ``device`` as the smallest of uniform keys: no wait for the device, a shape fixed by the arguments.
     """
     start, stop = target_range
-    others = torch.cat([torch.arange(2, start), torch.arange(stop, vocab_size)])
-    parts = [torch.tensor([EOS_ID]), torch.arange(start, stop)]
-    if n_negatives > 0 and len(others):
-        pick = torch.randperm(len(others), generator=generator)[: min(n_negatives, len(others))]
-        parts.append(others[pick.sort().values])
-    return torch.cat(parts).to(device)
+    n_others = (start - 2) + (vocab_size - stop)
+    k = min(max(0, n_negatives), n_others)
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    pick = _uniform(n_others, generator, device).topk(k, largest=False).indices
+    return torch.where(pick < start - 2, pick + 2, pick - (start - 2) + stop)
 
 
 def sampled_targets(target_range: tuple[int, int], labels: torch.Tensor, max_targets: int,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target names scored by a sampled softmax: every name among ``labels``, and names drawn evenly from the rest of
-    the range up to ``max_targets`` in all.
+    """Target names scored by a sampled softmax: every name among ``labels`` (``-100`` and names outside the range are
+    ignored), and names drawn evenly from the rest of the range up to ``max_targets`` in all.
 
-    Returns ``(ids, logit_offset)``: each drawn name's logit is raised by ``log(n_rest / n_drawn)`` (the inverse of its
-    chance to be drawn), so that the drawn names stand for all the names left out and the softmax's normaliser
-    stays an unbiased estimate of the whole range's; the names of ``labels`` get 0.
+    Returns ``(ids, logit_offset)``, the batch's names first: each drawn name's logit is raised by ``log(n_rest / n_drawn)``
+    (the inverse of its chance to be drawn), so that the drawn names stand for all the names left out and the softmax's
+    normaliser stays an unbiased estimate of the whole range's; the names of ``labels`` get 0. The length is fixed by the
+    shapes, ``min(range size, max(max_targets, labels.numel()))``, so nothing waits for the device: when the batch holds
+    fewer distinct names than that allows beyond ``max_targets``, the surplus ids get an offset of ``-inf`` (not scored).
     """
     start, stop = target_range
-    present = labels[(labels >= start) & (labels < stop)].unique()
-    keep = torch.ones(stop - start, dtype=torch.bool)
-    keep[(present - start).cpu()] = False
-    rest = torch.arange(start, stop)[keep]
-    n_drawn = min(len(rest), max(0, max_targets - len(present)))
-    drawn = rest[torch.randperm(len(rest), generator=generator)[:n_drawn].sort().values].to(labels.device)
-    offset = torch.zeros(len(present) + n_drawn, device=labels.device)
-    if n_drawn:
-        offset[len(present):] = math.log(len(rest) / n_drawn)
-    return torch.cat([present, drawn]), offset
+    n_range = stop - start
+    flat = labels.reshape(-1)
+    slot = torch.where((flat >= start) & (flat < stop), flat - start, n_range)
+    present = torch.zeros(n_range + 1, dtype=torch.bool, device=labels.device).index_fill_(0, slot, True)[:n_range]
+    keys = torch.where(present, -1.0, _uniform(n_range, generator, labels.device))
+    k = min(n_range, max(max_targets, flat.numel()))
+    ids = keys.topk(k, largest=False).indices + start  # sorted by key: the batch's names first
+    n_present = present.sum()
+    n_rest = n_range - n_present
+    n_drawn = (max_targets - n_present).clamp(min=0).minimum(n_rest)
+    order = torch.arange(k, device=labels.device)
+    drawn = torch.log(n_rest.clamp(min=1) / n_drawn.clamp(min=1)).float()
+    offset = torch.where(order < n_present, 0.0, torch.where(order < n_present + n_drawn, drawn, -math.inf))
+    return ids, offset
+
+
+def scored_ids(target_range: tuple[int, int], vocab_size: int, labels: torch.Tensor, n_negatives: int = 256, max_targets: int = 0,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output ids the restricted loss scores for a batch's ``labels`` and their logit offsets (None: all 0).
+
+    ``</s>``, the target range (or, when it holds more than ``max_targets`` > 0 names, :func:`sampled_targets`), and
+    ``n_negatives`` off-modality names (:func:`negative_ids`). On the labels' device; shapes fixed by the arguments.
+    """
+    start, stop = target_range
+    device = labels.device
+    eos = torch.full((1,), EOS_ID, dtype=torch.long, device=device)
+    negatives = negative_ids(target_range, vocab_size, n_negatives, generator, device)
+    if 0 < max_targets < stop - start:
+        targets, target_offset = sampled_targets(target_range, labels, max_targets, generator)
+        offset = torch.cat([torch.zeros(1, device=device), target_offset, torch.zeros(len(negatives), device=device)])
+        return torch.cat([eos, targets, negatives]), offset
+    return torch.cat([eos, torch.arange(start, stop, device=device), negatives]), None
 
 
 def restricted_lm_loss(
@@ -172,40 +218,33 @@ def restricted_lm_loss(
 
     Returns
     -------
-    A scalar: the mean (or summed) loss per target token.
+    A scalar: the mean (or summed) loss per target token. The shapes of the work depend only on the batch's shapes, and
+    nothing in it waits for the device. A label outside the scored ids (e.g. ``<unk>``) is scored too, its own logit one
+    more column of its row's softmax.
     """
     hidden = decoder_hidden_states(model, batch) if decoder_hidden is None else decoder_hidden
     labels = batch["labels"]
-    keep = labels != -100
-    hidden = hidden[keep]
-    flat_labels = labels[keep]
+    device = labels.device
+    flat_labels = labels.reshape(-1)
+    valid = flat_labels != -100
+    safe_labels = flat_labels.clamp(min=0)
     vocab_size = model.config.vocab_size
     if chunk_elements is None:
-        chunk_elements = default_chunk_elements(labels.device)
-    if labels.device.type == "cuda" and n_negatives > 0:
+        chunk_elements = default_chunk_elements(device)
+    if device.type == "cuda" and n_negatives > 0:
         # A multiple of 8 scored ids keeps the output-layer products on the aligned tensor-core kernels.
-        n_negatives += -(target_range[1] - target_range[0] + 1 + n_negatives) % 8
-    ids = candidate_ids(target_range, vocab_size, n_negatives, generator, device=labels.device)
-    logit_offset = None
-    if 0 < max_targets < target_range[1] - target_range[0]:
-        targets_ids, target_offset = sampled_targets(target_range, flat_labels, max_targets, generator)
-        others = ids[(ids < target_range[0]) | (ids >= target_range[1])]
-        ids = torch.cat([targets_ids, others])
-        logit_offset = torch.cat([target_offset, torch.zeros(len(others), device=labels.device)])
-    # Labels outside the scored set (e.g. <unk>) are scored too rather than silently dropped.
-    extra = flat_labels[~torch.isin(flat_labels, ids)].unique()
-    if len(extra):
-        ids = torch.cat([ids, extra])
-        if logit_offset is not None:
-            logit_offset = torch.cat([logit_offset, torch.zeros(len(extra), device=labels.device)])
-    position = torch.full((vocab_size,), -1, dtype=torch.long, device=labels.device)
-    position[ids] = torch.arange(len(ids), device=labels.device)
-    targets = position[flat_labels]
+        n_scored = 1 + min(target_range[1] - target_range[0], max(max_targets, flat_labels.numel()) if max_targets > 0 else math.inf)
+        n_negatives += -(n_scored + n_negatives) % 8
+    ids, logit_offset = scored_ids(target_range, vocab_size, labels, n_negatives, max_targets, generator)
+    position = torch.full((vocab_size,), -1, dtype=torch.long, device=device).scatter_(0, ids, torch.arange(len(ids), device=device))
+    targets = position[safe_labels]
+    outside = (targets < 0) & valid
     weight = output_weight(model, ids)
-    n_positions = hidden.shape[0]
+    label_weight = output_weight(model, safe_labels)
     rows = max(1, chunk_elements // max(1, len(ids)))
-    total = _ChunkedCrossEntropy.apply(hidden, weight, targets, float(label_smoothing), rows, logit_offset)
-    return total if reduction == "sum" else total / max(1, n_positions)
+    total = _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, label_weight, targets.clamp(min=0), valid.to(torch.float32),
+                                       outside, logit_offset, float(label_smoothing), rows)
+    return total if reduction == "sum" else total / valid.sum().clamp(min=1)
 
 
 def full_vocabulary_loss(model: T5ForConditionalGeneration, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
@@ -241,8 +280,6 @@ def downsample_sources(input_ids: torch.Tensor, attention_mask: torch.Tensor, co
     stay where they are. Returns the new ``(input_ids, attention_mask)`` (torch's global RNG).
     """
     rows = (input_ids[:, 0] == prefix_id) & (torch.rand(len(input_ids), device=input_ids.device) < probability)
-    if not rows.any():
-        return input_ids, attention_mask
     rate = min_rate + (1 - min_rate) * torch.rand(len(input_ids), 1, device=input_ids.device)
     thinned = torch.binomial(counts, rate.expand_as(counts))  # a count of 0 (prefix, </s>, padding) stays 0
     is_name = counts > 0
@@ -255,6 +292,9 @@ def downsample_sources(input_ids: torch.Tensor, attention_mask: torch.Tensor, co
     new_ids = torch.gather(input_ids, 1, order)
     dropped = torch.gather(is_name & (thinned == 0), 1, order) & rows[:, None]
     return new_ids, attention_mask * ~dropped
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 class TranslationLoss(nn.Module):
@@ -313,6 +353,14 @@ class TranslationLoss(nn.Module):
         self.last_parts: dict[str, torch.Tensor] = {}
         self.profile_head = ProfileHead(model.config.vocab_size, PROFILE_INPUTS * model.config.d_model) if self.profile_weight > 0 else None
 
+    def compile_step(self, mode: str = "default") -> None:
+        """Compile this module's forward, and so its backward, with ``torch.compile`` in ``mode`` (:data:`COMPILE_MODES`),
+        in place: the state dict keeps its keys. The step's shapes depend only on the batch's, so a new batch shape
+        compiles once more and then the sizes are kept symbolic."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"torch.compile mode {mode!r} is unknown; choose one of {', '.join(COMPILE_MODES)}")
+        self.compile(mode=mode)
+
     def forward(self, input_ids, attention_mask, labels, target_start, target_stop, profile_values=None, full_vocabulary: bool = False,
                 source_counts=None):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
@@ -333,7 +381,7 @@ class TranslationLoss(nn.Module):
         n_negatives = self.n_negatives if self.training else 0
         label_smoothing = self.label_smoothing if self.training else 0.0
         target_range = (int(target_start), int(target_stop))
-        encoder_hidden = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        encoder_hidden = encode(self.model, input_ids, attention_mask)
         decoder_hidden = decoder_hidden_states(self.model, batch, encoder_hidden)
         n_positions = (labels != -100).sum().clamp(min=1)  # a tensor: no wait for the device here
         sentence = restricted_lm_loss(self.model, batch, target_range, n_negatives, label_smoothing, decoder_hidden=decoder_hidden, reduction="sum",

@@ -61,17 +61,42 @@ def output_weight(model: T5ForConditionalGeneration, ids: torch.Tensor) -> torch
     return weight
 
 
+def prepared_mask(model: T5ForConditionalGeneration, mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """A padding mask ``[B, K]`` (1 = a token) in the 4-D form the model's attention takes as it is: ``[B, 1, 1, K]``, or
+    ``[B, 1, K, K]`` with ``causal`` (a decoder's self-attention).
+
+    Given a 2-D mask, transformers reads it back from the device to decide whether SDPA may skip it (a wait for the
+    device on every call); a prepared mask is used as it is. Boolean for SDPA, additive (0 or the dtype's minimum) for
+    eager attention, as transformers prepares them; other implementations get the 2-D mask.
+    """
+    implementation = model.config._attn_implementation
+    if implementation not in ("sdpa", "eager"):
+        return mask
+    keep = mask.bool()[:, None, None, :]
+    if causal:
+        length = mask.shape[1]
+        keep = keep & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    if implementation == "sdpa":
+        return keep
+    return torch.zeros(keep.shape, dtype=model.dtype, device=mask.device).masked_fill_(~keep, torch.finfo(model.dtype).min)
+
+
+def encode(model: T5ForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The encoder's last hidden states ``[B, S, d]`` of a batch of sources."""
+    return model.encoder(input_ids=input_ids, attention_mask=prepared_mask(model, attention_mask)).last_hidden_state
+
+
 def decoder_hidden_states(model: T5ForConditionalGeneration, batch: dict[str, torch.Tensor], encoder_hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Run encoder (unless ``encoder_hidden`` is given) and decoder (teacher forcing); return the last decoder hidden states ``[B, T, d]``."""
     labels = batch["labels"]
     decoder_input_ids = model._shift_right(labels)
     if encoder_hidden is None:
-        encoder_hidden = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        encoder_hidden = encode(model, batch["input_ids"], batch["attention_mask"])
     decoder_out = model.decoder(
         input_ids=decoder_input_ids,
-        attention_mask=(labels != -100).long(),
+        attention_mask=prepared_mask(model, labels != -100, causal=True),
         encoder_hidden_states=encoder_hidden,
-        encoder_attention_mask=batch["attention_mask"],
+        encoder_attention_mask=prepared_mask(model, batch["attention_mask"]),
         use_cache=False,
     )
     return decoder_out.last_hidden_state
@@ -141,7 +166,7 @@ def profile_features(model: T5ForConditionalGeneration, encoder_hidden: torch.Te
     out = model.decoder(
         input_ids=input_ids[:, :1],
         encoder_hidden_states=encoder_hidden,
-        encoder_attention_mask=attention_mask,
+        encoder_attention_mask=prepared_mask(model, attention_mask),
         use_cache=False,
     )
     mask = attention_mask[..., None].to(encoder_hidden.dtype)
@@ -173,6 +198,7 @@ def profile_scores(
     start, stop = target_range
     if head is not None:
         return head(profile_features(model, encoder_hidden, attention_mask, input_ids), target_range).float()
-    out = model.decoder(input_ids=input_ids[:, :1], encoder_hidden_states=encoder_hidden, encoder_attention_mask=attention_mask, use_cache=False)
+    out = model.decoder(input_ids=input_ids[:, :1], encoder_hidden_states=encoder_hidden, encoder_attention_mask=prepared_mask(model, attention_mask),
+                        use_cache=False)
     weight = output_weight(model, torch.arange(start, stop, device=encoder_hidden.device))
     return (out.last_hidden_state[:, 0] @ weight.T).float()
