@@ -86,7 +86,7 @@ def run_one(cfg: dict) -> dict:
     use_bf16 = device.type == "cuda" and cfg["bf16"]
 
     def step(batch):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         if use_bf16:
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
                 loss = loss_module(**batch, full_vocabulary=cfg["full_vocabulary"])

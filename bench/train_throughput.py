@@ -50,7 +50,7 @@ def measure(args: argparse.Namespace, size: str, full: bool) -> dict:
     for direction, name in ((0, "gex2atac"), (1, "atac2gex")):
         tokens, seconds = 0, 0.0
         for i, batch in enumerate(batches[direction]):
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()

@@ -19,6 +19,7 @@ import bench_build  # noqa: E402
 import bench_common  # noqa: E402
 import bench_growth  # noqa: E402
 import bench_predict  # noqa: E402
+import bench_step  # noqa: E402
 import bench_stream  # noqa: E402
 import bench_tokenize  # noqa: E402
 import bench_train  # noqa: E402
@@ -140,6 +141,20 @@ def test_bench_train_quick(tmp_path):
     assert run["profile"]["aten_ops_per_step"] > 100  # a tiny T5 step still dispatches hundreds of ops
     top = run["profile"]["top"]  # where a step's time goes: operators by self time, largest first
     assert top and all(a["self_ms"] >= b["self_ms"] for a, b in zip(top, top[1:], strict=False)) and any(r["op"] == "aten::mm" for r in top)
+
+
+def test_bench_step_quick(tmp_path):
+    figures = bench_step.main(["--quick", "--results_dir", str(tmp_path)])
+    run = _results(tmp_path, "step_cpu")["runs"][0]
+    assert run == figures["runs"][0] and run["shape"] == "tiny" and run["attn_implementation"] == "sdpa" and not run["torch_compile"]
+    assert run["timed_steps"] == 1 and run["seconds_per_step"] > 0 and all(x == x for x in run["losses"])  # finite, not nan
+    # Every operator the profiler saw is counted once; the top-level ones are a part of them.
+    assert run["aten_ops"] > run["top_level_ops"] > 100 and run["compiled_kernels"] == 0
+    batches = bench_step.synthetic_batches(3, 40, 500, (20, 9, 6))
+    gex_to_atac, atac_to_gex = batches
+    assert gex_to_atac["input_ids"].shape == (3, 20) and gex_to_atac["labels"].shape == (3, 9) and atac_to_gex["labels"].shape == (3, 6)
+    assert bool((gex_to_atac["input_ids"][:, 1:-1] < 45).all()) and bool((gex_to_atac["labels"][:, :-1] >= 45).all())
+    assert gex_to_atac["profile_values"].shape == (3, 500) and atac_to_gex["profile_values"].shape == (3, 40)
 
 
 def test_bench_predict_quick(tmp_path):

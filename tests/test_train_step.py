@@ -174,3 +174,43 @@ def test_a_few_training_steps_match_a_plain_reference_step():
             losses[path].append(float(loss.detach()))
     assert losses["training"][0] != losses["training"][-1]  # the weights moved
     assert losses["training"] == pytest.approx(losses["reference"], rel=1e-5)
+
+
+def test_gradient_clipping_matches_torch_clip_grad_norm():
+    from accelerate import Accelerator
+
+    from translator.loop import clip_gradients
+
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3, generator=g)) for _ in range(4)]
+    torch_params = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for scale, (a, b) in zip((3.0, 0.01, 1.0, 2.0), zip(ours, torch_params, strict=True), strict=True):
+        a.grad = torch.randn(5, 3, generator=g) * scale
+        b.grad = a.grad.clone()
+    norm = clip_gradients(Accelerator(cpu=True), ours, 1.0)
+    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(torch_params, 1.0))
+    assert float(norm) > 1  # the clip did scale
+    for a, b in zip(ours, torch_params, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_a_compiled_step_gives_the_eager_steps_losses():
+    """Two steps with --torch_compile (the loss module's forward and backward compiled) give the eager losses; dropout and
+    sampling off, so that both draw nothing at random."""
+    batches = [_batch(20), _batch(21)]
+    losses = {}
+    for compiled in (False, True):
+        module = TranslationLoss(_model(), 0, 0.1).train()
+        if compiled:
+            module.compile_step()
+        optimizer = make_optimizer(module, 1e-2, 0.01)
+        losses[compiled] = []
+        for batch in batches:
+            loss = module(**batch, target_start=ATAC[0], target_stop=ATAC[1])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[compiled].append(float(loss.detach()))
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        module.compile_step("fastest")

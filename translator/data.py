@@ -267,7 +267,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
 @dataclass
 class TranslationCollator:
-    """Pads a list of examples of one direction: ``input_ids``/``attention_mask`` with 0, ``labels`` with -100.
+    """Pads a list of examples of one direction: ``input_ids``/``attention_mask`` with 0, ``labels`` with -100; the target
+    names' id range is ``target_start`` / ``target_stop`` (Python ints).
 
     Examples that carry a ``profile`` also give ``profile_values`` ``[B, n_features]`` (dense, zeros elsewhere);
     GEX-source examples that carry ``source_counts`` give ``source_counts`` ``[B, source length]`` (each name's count
@@ -294,7 +295,7 @@ class TranslationCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "target_start": int(start),  # Python ints: reading the range never waits for the device
+            "target_start": int(start),  # ints, not tensors: reading the range on a GPU would wait for the device
             "target_stop": int(stop),
         }
         if all("profile" in ex for ex in examples):

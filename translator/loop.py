@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from .streaming import StreamingLoader
@@ -93,6 +94,25 @@ def resume(accelerator: Accelerator, run, n_batches: int, average: TailAverage |
     return state["completed_steps"], starting_epoch, resume_batches
 
 
+def clip_gradients(accelerator: Accelerator, parameters, max_norm: float) -> torch.Tensor | None:
+    """Scale the gradients down to a total 2-norm of at most ``max_norm``, as ``accelerator.clip_grad_norm_`` does; returns
+    the norm before clipping.
+
+    On one device and under DDP (every gradient whole on this process's device) three multi-tensor operators do it,
+    where torch's ``clip_grad_norm_`` also dispatches one conversion per parameter; FSDP, DeepSpeed and the others go
+    through accelerate.
+    """
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        return accelerator.clip_grad_norm_(parameters, max_norm)
+    accelerator.unscale_gradients()
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
+
 def train_step(accelerator: Accelerator, loss_module: torch.nn.Module, optimizer, scheduler, batch: dict) -> torch.Tensor:
     """One micro-batch: forward, backward and, at the end of a gradient accumulation, the clipped optimizer step.
 
@@ -102,7 +122,7 @@ def train_step(accelerator: Accelerator, loss_module: torch.nn.Module, optimizer
         loss = loss_module(**batch)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(loss_module.parameters(), 1.0)
+            clip_gradients(accelerator, loss_module.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()

@@ -196,7 +196,7 @@ class StreamingExamples(IterableDataset):
         ``max_target_length``, ``gex_target_order``, ``max_gex_target_length``, ``gex_target_min_value``,
         ``source_counts``).
 
-    Iterating yields dicts of tensors like :class:`translator.data.TranslationCollator` (use ``DataLoader(stream,
+    Iterating yields the batches of :class:`translator.data.TranslationCollator` (use ``DataLoader(stream,
     batch_size=None)``); ``len`` is the number of batches per epoch, the same on every process.
     """
 
