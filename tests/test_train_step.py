@@ -214,3 +214,23 @@ def test_a_compiled_step_gives_the_eager_steps_losses():
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
     with pytest.raises(ValueError, match="reduce-overhead"):
         module.compile_step("fastest")
+
+
+def test_linear_layers_reading_one_input_become_one_product():
+    """The compile pass joins bias-free linears of one input (a repeated pair shares its slice); outputs stay the same."""
+    from translator.compiled import LINEAR_TARGETS, JoinSharedInputLinears
+
+    def layers(x, y, wq, wk, wv, wo):
+        q, k, v, k_again = F.linear(x, wq), F.linear(x, wk), F.linear(x, wv), F.linear(x, wk)
+        return q.sum(-1) + k.sum(-1) * v.mean(-1) - k_again.sum(-1) + F.linear(y, wo).sum(-1)
+
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 6, generator=g), torch.randn(4, 8, generator=g),
+              torch.randn(3, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(7, 6, generator=g)]
+    traced = torch.fx.symbolic_trace(layers)
+    for node, value in zip([n for n in traced.graph.nodes if n.op == "placeholder"], inputs, strict=True):
+        node.meta["val"] = value
+    JoinSharedInputLinears()(traced.graph)
+    traced.recompile()
+    assert sum(n.op == "call_function" and n.target in LINEAR_TARGETS for n in traced.graph.nodes) == 2
+    torch.testing.assert_close(traced(*inputs), layers(*inputs))

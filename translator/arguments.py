@@ -15,8 +15,8 @@ from transformers import HfArgumentParser
 from dataset_builder.outputs import check_output, check_replaceable, folder_kind
 from tokenizer import DIRECTIONS
 
+from .compiled import COMPILE_MODES
 from .data import GEX_TARGET_ORDERS, check_gex_target_cap, check_gex_target_min_value
-from .loss import COMPILE_MODES
 from .model import MODEL_SHAPES
 from .profile_fit import RANK_GRID
 from .readout import SELECTION_REPEATS, check_selection_parts, check_selection_repeats

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import T5ForConditionalGeneration
 
+from .compiled import compile_options
 from .model import EOS_ID, PROFILE_INPUTS, ProfileHead, decoder_hidden_states, encode, output_weight, profile_scores
 
 DOWNSAMPLE_MIN_RATE = 0.2  # the count down-sampling augmentation keeps each UMI with a rate drawn in [this, 1)
@@ -294,9 +295,6 @@ def downsample_sources(input_ids: torch.Tensor, attention_mask: torch.Tensor, co
     return new_ids, attention_mask * ~dropped
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-
-
 class TranslationLoss(nn.Module):
     """Wraps the seq2seq model so the losses run inside ``forward`` (what DDP needs to sync gradients).
 
@@ -354,12 +352,11 @@ class TranslationLoss(nn.Module):
         self.profile_head = ProfileHead(model.config.vocab_size, PROFILE_INPUTS * model.config.d_model) if self.profile_weight > 0 else None
 
     def compile_step(self, mode: str = "default") -> None:
-        """Compile this module's forward, and so its backward, with ``torch.compile`` in ``mode`` (:data:`COMPILE_MODES`),
-        in place: the state dict keeps its keys. The step's shapes depend only on the batch's, so a new batch shape
-        compiles once more and then the sizes are kept symbolic."""
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"torch.compile mode {mode!r} is unknown; choose one of {', '.join(COMPILE_MODES)}")
-        self.compile(mode=mode)
+        """Compile this module's forward, and so its backward, with ``torch.compile`` in ``mode`` (one of
+        :data:`translator.compiled.COMPILE_MODES`), in place: the state dict keeps its keys. The linear layers that read
+        one input become one matrix product (:class:`translator.compiled.JoinSharedInputLinears`). The step's shapes depend
+        only on the batch's, so a new batch shape compiles once more and then the sizes are kept symbolic."""
+        self.compile(options=compile_options(mode))
 
     def forward(self, input_ids, attention_mask, labels, target_start, target_stop, profile_values=None, full_vocabulary: bool = False,
                 source_counts=None):
