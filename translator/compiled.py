@@ -15,6 +15,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # on a GPU these replay the compiled step as CUDA graphs
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 
 

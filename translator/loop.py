@@ -118,8 +118,14 @@ def train_step(accelerator: Accelerator, loss_module: torch.nn.Module, optimizer
 
     Returns the loss (a device tensor; nothing here waits for the device).
     """
+    unwrapped = accelerator.unwrap_model(loss_module)
+    cuda_graphs = getattr(unwrapped, "cuda_graphs", False)
+    if cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last replay's outputs may be overwritten
     with accelerator.accumulate(loss_module):
         loss = loss_module(**batch)
+        if cuda_graphs:  # copies that outlive the next replay, for the loop's logging
+            loss, unwrapped.last_parts = loss.clone(), {k: v.clone() for k, v in unwrapped.last_parts.items()}
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             clip_gradients(accelerator, loss_module.parameters(), 1.0)

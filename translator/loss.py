@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import T5ForConditionalGeneration
 
-from .compiled import compile_options
+from .compiled import CUDA_GRAPH_MODES, compile_options
 from .model import EOS_ID, PROFILE_INPUTS, ProfileHead, decoder_hidden_states, encode, output_weight, profile_scores
 
 DOWNSAMPLE_MIN_RATE = 0.2  # the count down-sampling augmentation keeps each UMI with a rate drawn in [this, 1)
@@ -331,6 +331,7 @@ class TranslationLoss(nn.Module):
     ):
         super().__init__()
         self.max_scored_targets = int(max_scored_targets)
+        self.cuda_graphs = False  # compiled with CUDA graphs (compile_step)
         self.model = model
         self.chunk_elements = chunk_elements  # logits held at once by the restricted loss (None: by device)
         self.n_negatives = n_negatives
@@ -355,8 +356,10 @@ class TranslationLoss(nn.Module):
         """Compile this module's forward, and so its backward, with ``torch.compile`` in ``mode`` (one of
         :data:`translator.compiled.COMPILE_MODES`), in place: the state dict keeps its keys. The linear layers that read
         one input become one matrix product (:class:`translator.compiled.JoinSharedInputLinears`). The step's shapes depend
-        only on the batch's, so a new batch shape compiles once more and then the sizes are kept symbolic."""
+        only on the batch's, so a new batch shape compiles once more and then the sizes are kept symbolic. With CUDA graphs
+        (``reduce-overhead``, ``max-autotune``) :attr:`cuda_graphs` is set: a replay overwrites the last one's outputs."""
         self.compile(options=compile_options(mode))
+        self.cuda_graphs = mode in CUDA_GRAPH_MODES
 
     def forward(self, input_ids, attention_mask, labels, target_start, target_stop, profile_values=None, full_vocabulary: bool = False,
                 source_counts=None):
