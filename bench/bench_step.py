@@ -71,20 +71,32 @@ def synthetic_batches(batch_size: int, n_genes: int, n_peaks: int, caps: tuple[i
     return batches
 
 
-def count_ops(prof, n_steps: int) -> dict:
-    """Per step: every ``aten::`` event, those not nested in another ``aten::`` event, and compiled kernels."""
-    aten = top = kernels = 0
+def count_ops(prof, n_steps: int, rows: int = 12) -> dict:
+    """Per step: every ``aten::`` event, those not nested in another ``aten::`` event, and compiled kernels; the most
+    frequent top-level operators, and the nested events by the top-level operator they run inside."""
+    from collections import Counter
+
+    aten = kernels = 0
+    top: Counter = Counter()
+    nested: Counter = Counter()
     for event in prof.events():
         name = event.name
         if name.startswith("aten::"):
             aten += 1
-            parent = event.cpu_parent
-            while parent is not None and not parent.name.startswith("aten::"):
+            outer, parent = None, event.cpu_parent
+            while parent is not None:
+                if parent.name.startswith("aten::"):
+                    outer = parent.name
                 parent = parent.cpu_parent
-            top += parent is None
+            if outer is None:
+                top[name] += 1
+            else:
+                nested[outer] += 1
         elif "cpp_fused" in name or name.startswith("triton_"):
             kernels += 1
-    return {"aten_ops": aten / n_steps, "top_level_ops": top / n_steps, "compiled_kernels": kernels / n_steps}
+    return {"aten_ops": aten / n_steps, "top_level_ops": sum(top.values()) / n_steps, "compiled_kernels": kernels / n_steps,
+            "top_level_by_op": {k: v / n_steps for k, v in top.most_common(rows)},
+            "nested_by_outer_op": {k: v / n_steps for k, v in nested.most_common(rows)}}
 
 
 def run_shape(shape: str, args: argparse.Namespace) -> dict:

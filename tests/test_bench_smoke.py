@@ -150,6 +150,8 @@ def test_bench_step_quick(tmp_path):
     assert run["timed_steps"] == 1 and run["seconds_per_step"] > 0 and all(x == x for x in run["losses"])  # finite, not nan
     # Every operator the profiler saw is counted once; the top-level ones are a part of them.
     assert run["aten_ops"] > run["top_level_ops"] > 100 and run["compiled_kernels"] == 0
+    assert 0 < sum(run["top_level_by_op"].values()) <= run["top_level_ops"] and "aten::mm" in run["top_level_by_op"]
+    assert 0 < sum(run["nested_by_outer_op"].values()) <= run["aten_ops"] - run["top_level_ops"]
     batches = bench_step.synthetic_batches(3, 40, 500, (20, 9, 6))
     gex_to_atac, atac_to_gex = batches
     assert gex_to_atac["input_ids"].shape == (3, 20) and gex_to_atac["labels"].shape == (3, 9) and atac_to_gex["labels"].shape == (3, 6)
