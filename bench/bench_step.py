@@ -73,7 +73,8 @@ def synthetic_batches(batch_size: int, n_genes: int, n_peaks: int, caps: tuple[i
 
 def count_ops(prof, n_steps: int, rows: int = 12) -> dict:
     """Per step: every ``aten::`` event, those not nested in another ``aten::`` event, and compiled kernels; the most
-    frequent top-level operators, and the nested events by the top-level operator they run inside."""
+    frequent top-level operators, the nested events by the top-level operator they run inside, and where the time goes
+    (each operator's share of the profiled self CPU time)."""
     from collections import Counter
 
     aten = kernels = 0
@@ -94,9 +95,13 @@ def count_ops(prof, n_steps: int, rows: int = 12) -> dict:
                 nested[outer] += 1
         elif "cpp_fused" in name or name.startswith("triton_"):
             kernels += 1
+    averages = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in averages) or 1.0
+    by_time = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
     return {"aten_ops": aten / n_steps, "top_level_ops": sum(top.values()) / n_steps, "compiled_kernels": kernels / n_steps,
             "top_level_by_op": {k: v / n_steps for k, v in top.most_common(rows)},
-            "nested_by_outer_op": {k: v / n_steps for k, v in nested.most_common(rows)}}
+            "nested_by_outer_op": {k: v / n_steps for k, v in nested.most_common(rows)},
+            "self_cpu_share_by_op": {e.key: round(e.self_cpu_time_total / total, 4) for e in by_time}}
 
 
 def run_shape(shape: str, args: argparse.Namespace) -> dict:

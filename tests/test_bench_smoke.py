@@ -152,6 +152,8 @@ def test_bench_step_quick(tmp_path):
     assert run["aten_ops"] > run["top_level_ops"] > 100 and run["compiled_kernels"] == 0
     assert 0 < sum(run["top_level_by_op"].values()) <= run["top_level_ops"] and "aten::mm" in run["top_level_by_op"]
     assert 0 < sum(run["nested_by_outer_op"].values()) <= run["aten_ops"] - run["top_level_ops"]
+    shares = list(run["self_cpu_share_by_op"].values())
+    assert 0 < sum(shares) <= 1.0001 and shares == sorted(shares, reverse=True)
     batches = bench_step.synthetic_batches(3, 40, 500, (20, 9, 6))
     gex_to_atac, atac_to_gex = batches
     assert gex_to_atac["input_ids"].shape == (3, 20) and gex_to_atac["labels"].shape == (3, 9) and atac_to_gex["labels"].shape == (3, 6)
