@@ -86,6 +86,67 @@ def test_a_blend_that_wins_rmse_by_losing_per_cell_pearson_is_refused():
     assert choice["pearson"] >= choice["mean_pearson"] and choice["rmse"] > rmse[lowest]
 
 
+def ranking_trap(seed: int = 0):
+    """Binary truth; a "kernel" that ranks each cell's features right but is off in scale, a "transformer" that knows each
+    cell's depth but ranks its features by the average profile, and the mean."""
+    rng = np.random.default_rng(seed)
+    n_cells, n_features = 300, 120
+    programs_ = rng.gamma(0.5, 1.0, (4, n_features))
+    label = rng.integers(0, 4, n_cells)
+    depth = rng.lognormal(0, 0.7, (n_cells, 1))
+    p = np.clip(0.08 * depth * programs_[label], 0, 1)
+    truth = (rng.random(p.shape) < p).astype(np.float64)
+    mean = truth.mean(0)
+    kernel = 0.3 * programs_[label] / programs_.mean()
+    transformer = depth * mean
+    return [transformer, kernel, mean], truth
+
+
+def test_a_blend_that_wins_rmse_by_ranking_peaks_worse_than_the_kernel_is_refused():
+    from translator.predictor import rank_scorer
+
+    parts, truth = ranking_trap()
+    stats = cell_stats(parts, truth)
+    ranks, n = rank_scorer([[p] for p in parts], [sp.csr_matrix(truth)], max_cells=1000)
+    assert n == len(truth)
+    plain = choose_weights(stats, simplex_grid(3), mean_part=2)
+    kernel_auroc = ranks(np.array([0.0, 1.0, 0.0]))["auroc"]
+    assert ranks(plain["weights"])["auroc"] < kernel_auroc  # the trap is real: RMSE alone picks a worse ranking
+    guarded = choose_weights(stats, simplex_grid(3), mean_part=2, references=(1, 2), rank_scores=ranks)
+    assert guarded["matches_references"]
+    for key in ("auroc", "ap"):
+        assert guarded["ranks"][key] >= guarded["reference_ranks"][key] - 1e-12
+    assert guarded["ranks"]["auroc"] >= kernel_auroc - 1e-12 and guarded["rmse"] >= plain["rmse"]
+
+
+def test_the_rank_scorer_reads_the_blend_of_evenly_spaced_cells_across_groups():
+    from translator.metrics_core import rowwise_auroc, rowwise_average_precision
+    from translator.predictor import rank_scorer
+
+    parts, truth = ranking_trap(seed=1)
+    groups = [slice(0, 100), slice(100, 300)]
+    by_group = [[p[g] for g in groups] for p in parts[:2]] + [[truth[g].mean(0) for g in groups]]  # a mean per group
+    ranks, n = rank_scorer(by_group, [sp.csr_matrix(truth[g]) for g in groups], max_cells=50)
+    rows = np.unique(np.linspace(0, 299, 50).round().astype(int))
+    assert n == len(rows)
+    w = np.array([0.2, 0.5, 0.3])
+    means = np.where(rows[:, None] < 100, truth[:100].mean(0), truth[100:].mean(0))
+    blend = w[0] * parts[0][rows] + w[1] * parts[1][rows] + w[2] * means
+    got = ranks(w)
+    np.testing.assert_allclose(got["auroc"], np.nanmean(rowwise_auroc(blend, truth[rows] > 0)), rtol=1e-5)
+    np.testing.assert_allclose(got["ap"], np.nanmean(rowwise_average_precision(blend, truth[rows] > 0)), rtol=1e-5)
+
+
+def test_a_blend_below_the_kernels_per_cell_pearson_is_refused():
+    parts, truth = ranking_trap(seed=2)
+    stats = cell_stats(parts, truth)
+    _, pearson = score_weights(stats, np.eye(3))
+    kernel_pearson = np.nanmean(pearson[:, 1])
+    assert choose_weights(stats, simplex_grid(3), mean_part=2)["pearson"] < kernel_pearson  # the trap is real
+    choice = choose_weights(stats, simplex_grid(3), mean_part=2, references=(1, 2))
+    assert choice["pearson"] >= kernel_pearson - 1e-12
+
+
 def test_the_weight_grid_is_the_simplex():
     grid = simplex_grid(3, 0.05)
     assert len(grid) == 231 and np.allclose(grid.sum(1), 1.0) and (grid >= 0).all()

@@ -12,9 +12,11 @@ The weights are chosen on held-out cells that none of the parts trained on: the 
 its calibration cross-fitted over parts of those cells; the kernel and the mean fitted on the train cells. With few
 validation cells (< :data:`FEW_CELLS`), the kernel's settings and its share against the mean are chosen by k-fold over
 the train and validation cells, and the validation cells choose only the transformer's share. Candidates are scored by
-RMSE; a candidate whose mean per-cell Pearson is below the mean's is refused (flattening every cell toward the mean is
-not a win); among those within one standard error of the best (paired over cells), the one with the most weight on the
-mean is kept. When that is the mean alone, the folder predicts the mean, and a warning says so. Shipped, the kernel
+RMSE; a candidate that scores a cell worse than the kernel or the mean alone does is refused: its mean per-cell Pearson,
+and for ATAC targets its mean per-cell AUROC and average precision, must reach the better of those two parts (flattening
+every cell toward the mean is not a win, nor is a lower RMSE bought with a worse ranking of a cell's peaks). When no
+candidate reaches both, only the mean's per-cell Pearson is required. Among the allowed candidates within one standard
+error of the best (paired over cells), the one with the most weight on the mean is kept. When that is the mean alone, the folder predicts the mean, and a warning says so. Shipped, the kernel
 and the mean are fitted again on the train and validation cells.
 
 ``readout.json`` records the weights and the held-out scores of each part under ``blend``; the arrays of the kernel and
@@ -51,6 +53,8 @@ TUNE_SHARE = 0.6  # of a direction's time left after the transformer's readings:
 MIN_FIT_CELLS = 200
 PROBE_FIT_CELLS = 300  # under a time budget, a kernel fit on this many cells times the first fold
 CALIBRATION_PARTS = 5  # the transformer's validation readings: its calibration fitted on the other parts of the cells
+RANK_CELLS = 300  # ATAC targets: the blend's per-cell AUROC and AP are read on at most this many held-out cells
+RANK_ENTRIES = 1 << 24  # ... and at most this many cells x features
 
 
 # -- choosing the weights -----------------------------------------------------------------------------------------------
@@ -138,8 +142,9 @@ def simplex_grid(n_parts: int, step: float = WEIGHT_STEP) -> np.ndarray:
     return np.array([[*c, n - sum(c)] for c in points], dtype=np.float64) / n
 
 
-def choose_weights(stats: CellStats, candidates: np.ndarray, mean_part: int) -> dict:
-    """Pick one weighting of the parts by held-out RMSE, refusing any that loses per-cell Pearson against the mean.
+def choose_weights(stats: CellStats, candidates: np.ndarray, mean_part: int, references: Sequence[int] | None = None,
+                   rank_scores: Callable[[np.ndarray], dict[str, float]] | None = None) -> dict:
+    """Pick one weighting of the parts by held-out RMSE, refusing any that ranks a cell's features worse than a reference part.
 
     Parameters
     ----------
@@ -149,6 +154,13 @@ def choose_weights(stats: CellStats, candidates: np.ndarray, mean_part: int) -> 
         ``[candidates, parts]`` weightings; the mean alone (weight 1 on ``mean_part``) is added when missing.
     mean_part
         The index of the per-feature mean among the parts.
+    references
+        The parts a candidate must match (the mean always among them): its mean per-cell Pearson, and each score of
+        ``rank_scores``, at least the best of these parts alone. When no candidate matches all of them, only the
+        mean's per-cell Pearson is required.
+    rank_scores
+        Optional: a weighting's mean per-cell rank scores (``{"auroc": ..., "ap": ...}`` for ATAC targets), asked
+        only of the candidates the choice reaches.
 
     Returns
     -------
@@ -157,28 +169,56 @@ def choose_weights(stats: CellStats, candidates: np.ndarray, mean_part: int) -> 
     the best RMSE, the chosen one has the most weight on the mean, then the lowest RMSE.
     """
     candidates = np.asarray(candidates, dtype=np.float64)
-    mean_only = np.zeros(candidates.shape[1])
-    mean_only[mean_part] = 1.0
+    n_parts = candidates.shape[1]
+    mean_only = np.eye(n_parts)[mean_part]
     if not np.any(np.all(np.isclose(candidates, mean_only), axis=1)):
         candidates = np.vstack([candidates, mean_only])
     mean_index = int(np.flatnonzero(np.all(np.isclose(candidates, mean_only), axis=1))[0])
-    squared, pearson = score_weights(stats, candidates)
+    references = sorted({mean_part, *(references or ())})
+    squared, pearson = score_weights(stats, np.vstack([candidates, np.eye(n_parts)[references]]))
+    squared, reference_pearson, pearson = squared[:, :len(candidates)], pearson[:, len(candidates):], pearson[:, :len(candidates)]
     n_cells = stats.n_cells
     rmse = np.sqrt(squared.sum(axis=0) / (n_cells * stats.n_features))
     scored = ~np.isnan(pearson[:, mean_index])
     mean_pearson = pearson[scored].mean(axis=0) if scored.any() else np.zeros(len(candidates))
-    allowed = mean_pearson >= mean_pearson[mean_index] - 1e-12
-    allowed[mean_index] = True
-    best = int(np.flatnonzero(allowed)[np.argmin(rmse[allowed])])
+    floor = reference_pearson[scored].mean(axis=0).max() if scored.any() else 0.0
+    beats_mean = mean_pearson >= mean_pearson[mean_index] - 1e-12
+    beats_mean[mean_index] = True
+    ranked: dict[int, dict[str, float]] = {}
+
+    def ranks(i: int) -> dict[str, float]:
+        if i not in ranked:
+            ranked[i] = rank_scores(candidates[i])
+        return ranked[i]
+
+    rank_floor = {}
+    if rank_scores is not None:
+        of_references = [rank_scores(np.eye(n_parts)[r]) for r in references]
+        rank_floor = {key: max(r[key] for r in of_references) for key in of_references[0]}
+
+    def matches(i: int) -> bool:
+        return all(ranks(i)[key] >= value - 1e-12 for key, value in rank_floor.items())
+
+    allowed = mean_pearson >= floor - 1e-12
+    by_rmse = [int(i) for i in np.argsort(rmse, kind="stable") if allowed[i]]
+    best = next((i for i in by_rmse if matches(i)), None)
+    guarded = best is not None
+    if not guarded:
+        allowed, matches = beats_mean, lambda i: True
+        best = int(np.flatnonzero(allowed)[np.argmin(rmse[allowed])])
     diff = squared - squared[:, [best]]
     excess = diff.mean(axis=0)
     se = diff.std(axis=0, ddof=1) / np.sqrt(n_cells) if n_cells > 1 else np.zeros(len(candidates))
     near = allowed & (excess <= se)
     order = np.lexsort((rmse, -candidates[:, mean_part]))
-    chosen = int(next(i for i in order if near[i]))
-    return {"weights": candidates[chosen], "rmse": float(rmse[chosen]), "pearson": float(mean_pearson[chosen]),
-            "best_weights": candidates[best], "best_rmse": float(rmse[best]),
-            "mean_rmse": float(rmse[mean_index]), "mean_pearson": float(mean_pearson[mean_index])}
+    chosen = int(next(i for i in order if near[i] and matches(i)))
+    out = {"weights": candidates[chosen], "rmse": float(rmse[chosen]), "pearson": float(mean_pearson[chosen]),
+           "best_weights": candidates[best], "best_rmse": float(rmse[best]),
+           "mean_rmse": float(rmse[mean_index]), "mean_pearson": float(mean_pearson[mean_index]), "matches_references": guarded}
+    if rank_scores is not None:
+        out["ranks"] = ranks(chosen)
+        out["reference_ranks"] = rank_floor
+    return out
 
 
 def scores_of(stats: CellStats, weights: np.ndarray) -> tuple[float, float]:
@@ -435,20 +475,33 @@ def _kfold_kernel(src: str, tgt: str, x: sp.csr_matrix, y: sp.csr_matrix, n_val:
     return settings, float(choice["weights"][0]), kernel_oof, mean_oof, record, first
 
 
-def _auroc(weights: np.ndarray, transformer: Sequence[np.ndarray], kernel: Sequence[np.ndarray], mean: Sequence[np.ndarray],
-           truth: Sequence[sp.csr_matrix]) -> dict[str, float]:
-    """Mean per-cell AUROC of the blend and of each part over the held-out cells (ATAC targets), a chunk of cells at a time."""
-    from .metrics_core import default_chunk_cells, iter_row_chunks, rowwise_auroc
+def rank_scorer(parts: Sequence[Sequence[np.ndarray]], truth: Sequence[sp.csr_matrix], max_cells: int = RANK_CELLS) -> tuple[Callable[[np.ndarray], dict[str, float]], int]:
+    """A function of a weighting of ``parts`` giving the blend's mean per-cell AUROC and average precision (ATAC targets)
+    on at most ``max_cells`` evenly spaced held-out cells (fewer for wide targets), and that number of cells.
 
-    values: dict[str, list] = {name: [] for name in ("blend", *PARTS)}
-    for t, k, m, y in zip(transformer, kernel, mean, truth, strict=True):
-        for rows in iter_row_chunks(y.shape[0], default_chunk_cells(y.shape[1])):
-            labels = y[rows].toarray() > 0
-            parts = {"transformer": t[rows], "kernel": k[rows], "mean": np.broadcast_to(m if np.ndim(m) == 1 else m[rows], labels.shape)}
-            parts["blend"] = sum(w * parts[name] for w, name in zip(weights, PARTS, strict=True))
-            for name, prediction in parts.items():
-                values[name].append(rowwise_auroc(prediction, labels))
-    return {name: float(np.nanmean(np.concatenate(v))) for name, v in values.items()}
+    ``parts``: per part, one matrix per held-out group (``[cells, features]``, or a ``[features]`` vector for every cell);
+    ``truth``: the groups' target matrices.
+    """
+    from .metrics_core import rowwise_auroc, rowwise_average_precision
+
+    bounds = np.cumsum([0, *(y.shape[0] for y in truth)])
+    n_features = truth[0].shape[1]
+    rows = _rows(int(bounds[-1]), min(max_cells, max(1, RANK_ENTRIES // max(n_features, 1))))
+    group = np.searchsorted(bounds, rows, side="right") - 1
+    stacked = np.empty((len(parts), len(rows), n_features), dtype=np.float32)
+    for j, matrices in enumerate(parts):
+        for g in np.unique(group):
+            mine = rows[group == g] - bounds[g]
+            values = matrices[g]
+            stacked[j, group == g] = np.broadcast_to(values, (len(mine), n_features)) if np.ndim(values) == 1 else values[mine]
+    labels = sp.vstack([truth[g][rows[group == g] - bounds[g]] for g in np.unique(group)]).toarray() > 0
+
+    def scores(weights: np.ndarray) -> dict[str, float]:
+        blend = np.tensordot(np.asarray(weights, dtype=np.float32), stacked, axes=1)
+        with np.errstate(invalid="ignore"):
+            return {"auroc": float(np.nanmean(rowwise_auroc(blend, labels))), "ap": float(np.nanmean(rowwise_average_precision(blend, labels)))}
+
+    return scores, len(rows)
 
 
 def held_out_cells(n_validation: int) -> int:
@@ -529,15 +582,22 @@ def fit_direction(held: Sequence[HeldOut], fit: Sequence[dict], direction: str, 
         selection = (f"kernel against mean by {kfold['folds']}-fold over {kfold['cells']} train and validation cells, "
                      f"the transformer's share (step {step:g}) on {n_val} held-out cells")
     stats = _merge([cell_stats([t, k, m], y) for t, k, m, y in zip(transformer, kernel_val, mean_val, y_val, strict=True)])
-    choice = choose_weights(stats, candidates, mean_part=2)
+    ranks, rank_cells = rank_scorer([transformer, kernel_val, mean_val], y_val) if tgt == "atac" else (None, 0)
+    choice = choose_weights(stats, candidates, mean_part=2, references=(1, 2), rank_scores=ranks)
     weights = {p: round(float(w), 10) for p, w in zip(PARTS, choice["weights"], strict=True)}
     alone = {"transformer": (1.0, 0.0, 0.0), "kernel": (0.0, 1.0, 0.0), "mean": (0.0, 0.0, 1.0)}
     scores = {name: scores_of(stats, np.array(w)) for name, w in alone.items()}
     scores["blend"] = (choice["rmse"], choice["pearson"])
     held_out = {"cells": int(n_val), "transformer_readings": readings, "selection": selection,
                 "rmse": {name: s[0] for name, s in scores.items()}, "pearson": {name: s[1] for name, s in scores.items()}}
-    if tgt == "atac":
-        held_out["auroc"] = _auroc(choice["weights"], transformer, kernel_val, mean_val, y_val)
+    if ranks is not None:
+        of_parts = {"blend": choice["ranks"], **{name: ranks(np.array(w)) for name, w in alone.items()}}
+        held_out["rank_cells"] = rank_cells
+        for key in ("auroc", "ap"):
+            held_out[key] = {name: s[key] for name, s in of_parts.items()}
+    if not choice["matches_references"]:
+        logger.info("%s: no weighting matched both the kernel and the mean alone on every per-cell score; chosen among those "
+                    "matching the mean's per-cell Pearson", direction)
     if len(held) > 1:
         held_out["pooled_from"] = [int(x.shape[0]) for x in x_val]
 
