@@ -38,6 +38,7 @@ from translator.finishing import (
     training_record,
     write_model_folder,
 )
+from translator.folds import remove_fold_models, train_fold_models, wants_folds
 from translator.loop import TrainingLoop, make_optimizer, plan_steps, release_ddp, resume
 from translator.loss import TranslationLoss
 from translator.model import cuda_tf32, make_config, make_model
@@ -267,8 +268,15 @@ def finish_folder(model_args: ModelArguments, data_args: DataArguments, run: Run
                                            budget, refit_choices, device)
     saved = training_record(model_args, data_args, run, **facts, job_seconds_before_finishing=round(budget.elapsed(), 1))
     write_model_folder(run.output_dir, model, tokenizer, meta, readout, saved, data_args.max_target_length, profile_head)
-    fit_blend(run.output_dir, data_args.dataset_dir, data_args.directions, run.per_device_eval_batch_size, run.seed, **held_out_cap,
-              max_seconds=budget.left() if budget.limited else None)
+    if run.blend:
+        pool = []
+        if wants_folds(len(splits["validation"]), run, data_args.streaming) and readout["calibration"]:
+            pool = train_fold_models(model_args, data_args, run, splits, facts["best_validation_step"] or facts["completed_steps"], readout, budget)
+        try:
+            fit_blend(run.output_dir, data_args.dataset_dir, data_args.directions, run.per_device_eval_batch_size, run.seed, pool=pool,
+                      **held_out_cap, max_seconds=budget.left() if budget.limited else None)
+        finally:
+            remove_fold_models(run.output_dir)
     evaluate_folder(run, data_args)
     from translator.card import render_model_card
 

@@ -60,11 +60,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="folder for the .h5mu files (outside the repository)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the simulation (another seed: another draw of every shape)")
     args = parser.parse_args()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.shapes:
-        print(write_shape(name, out))
+        print(write_shape(name, out, args.seed))
 
 
 if __name__ == "__main__":

@@ -99,5 +99,5 @@ def tiny_args(data: Path, tok: Path, out: Path, *extra: str) -> list[str]:
         "--dataset_dir", str(data), "--tokenizer_dir", str(tok), "--output_dir", str(out),
         "--model_size", "tiny", "--per_device_train_batch_size", "16", "--max_source_length", "96",
         "--max_target_length", "96", "--learning_rate", "3e-3", "--warmup_steps", "4", "--logging_steps", "5",
-        "--calibration_cells", "30", "--max_eval_cells", "40", "--evaluate", "false", *extra,
+        "--calibration_cells", "30", "--max_eval_cells", "40", "--evaluate", "false", "--blend_folds", "0", *extra,
     ]

@@ -101,6 +101,10 @@ class RunArguments:
     checkpointing_steps: int = field(default=200, metadata={"help": "checkpoint every N steps (0: none)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint folder, or `latest` in --output_dir"})
     logging_steps: int = field(default=20, metadata={"help": "log the train loss every N steps"})
+    blend: bool = field(default=True, metadata={"help": "ship the transformer's readout blended with a kernel regression on the source names and the per-feature mean, "
+                                                       "weights chosen on held-out cells (--no_blend: the readout alone)"})
+    blend_folds: int = field(default=5, metadata={"help": "with fewer than 100 validation cells, train this many fold models of the same recipe on the train and "
+                                                         "validation cells so that the blend is chosen on every one of them (0: off)"})
     evaluate: bool = field(default=True, metadata={"help": "run eval.py's evaluation on the test split at the end when available"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the model folder to --hub_model_id (token: HF_TOKEN or cached login)"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id, e.g. user/cell-translator"})
@@ -203,6 +207,8 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, run: RunArg
         raise ValueError(f"--training_share must be in (0, 1], got {run.training_share}")
     if not set(data_args.directions) <= set(DIRECTIONS) or not data_args.directions:
         raise ValueError(f"--directions {data_args.directions} must be a non-empty subset of {DIRECTIONS}")
+    if run.blend_folds < 0 or run.blend_folds == 1:
+        raise ValueError(f"--blend_folds must be 0 (off) or at least 2, got {run.blend_folds}")
     if run.push_to_hub and not run.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name")
     check_report_to(run.report_to)

@@ -10,7 +10,8 @@ Per direction the predicted matrix is ``w_t * transformer + w_k * kernel + w_m *
 
 The weights are chosen on held-out cells that none of the parts trained on: the transformer's validation cells, read with
 its calibration cross-fitted over parts of those cells; the kernel and the mean fitted on the train cells. With few
-validation cells (< :data:`FEW_CELLS`), the kernel's settings and its share against the mean are chosen by k-fold over
+validation cells (< :data:`FEW_CELLS`), ``train.py`` gives fold models (:mod:`translator.folds`) whose readings of
+every train and validation cell are pooled (``pool``); without them, the kernel's settings and its share against the mean are chosen by k-fold over
 the train and validation cells, and the validation cells choose only the transformer's share. Candidates are scored by
 RMSE; a candidate that scores a cell worse than the kernel or the mean alone does is refused: its mean per-cell Pearson,
 and for ATAC targets its mean per-cell AUROC and average precision, must reach the better of those two parts (flattening
