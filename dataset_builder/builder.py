@@ -34,6 +34,7 @@ from .outputs import META_FILE, check_output, check_replaceable
 from .plan import SPLITS, BuildPlan, TrainStats, content_digest, make_plan, train_stats
 from .readers import read_paired
 from .sentences import BINARY_THRESHOLD, NameTable, encode_atac, encode_gex, rank_genes
+from .stored import DEFAULT_CHUNK_CELLS, StoredCsr
 
 __all__ = [
     "BUILDER_VERSION",
@@ -96,8 +97,11 @@ class CellSentencesConfig(datasets.BuilderConfig):
     chunk_size: int = 512
 
 
-def _chunk_rows(matrix: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
-    """``matrix[rows]`` for increasing row indices; a run of consecutive rows is a view, not a copy."""
+def _chunk_rows(matrix: sp.csr_matrix | StoredCsr, rows: np.ndarray) -> sp.csr_matrix:
+    """``matrix[rows]`` for increasing row indices; a run of consecutive rows is a view, not a copy (a `StoredCsr`
+    reads them from its file)."""
+    if isinstance(matrix, StoredCsr):
+        return matrix[rows]
     first, last = int(rows[0]), int(rows[-1])
     if last - first + 1 != rows.size:
         return matrix[rows]
@@ -136,7 +140,7 @@ class CellSentencesBuilder(datasets.ArrowBasedBuilder):
             cfg = self.config
             paired = read_paired(
                 cfg.inputs, gex_modality=cfg.gex_modality, atac_modality=cfg.atac_modality, batch_key=cfg.batch_key,
-                cell_type_key=cfg.cell_type_key, counts_layer=cfg.counts_layer,
+                cell_type_key=cfg.cell_type_key, counts_layer=cfg.counts_layer, chunk_cells=DEFAULT_CHUNK_CELLS,
             )
             self._plan = make_plan(
                 paired,
@@ -343,6 +347,7 @@ def build_dataset(
     overwrite: bool = False,
     progress: bool = False,
     license: str | None = None,
+    input_chunk_cells: int | None = DEFAULT_CHUNK_CELLS,
 ) -> datasets.DatasetDict:
     """Read paired counts, write cell sentences and metadata to ``output_dir``.
 
@@ -371,6 +376,9 @@ def build_dataset(
     license
         Hub license id of the data, recorded in ``cell_sentences.json`` for the cards; default the one an input
         file records in ``uns['license']``, else none.
+    input_chunk_cells
+        Count matrices that a file stores as CSR stay in the file and are read in chunks of at most this many cells
+        (the records are the same), so memory does not grow with the number of cells; None reads them into memory.
 
     Returns
     -------
@@ -381,49 +389,56 @@ def build_dataset(
     check_dataset_output(inputs, output_dir, overwrite)
     if chunk_size <= 0:
         raise ValueError(f"--chunk_size must be positive, not {chunk_size}")
+    if input_chunk_cells is not None and input_chunk_cells <= 0:
+        raise ValueError(f"input_chunk_cells must be positive (or None), not {input_chunk_cells}")
     paired = read_paired(
         inputs, gex_modality=gex_modality, atac_modality=atac_modality, batch_key=batch_key,
-        cell_type_key=cell_type_key, counts_layer=counts_layer,
+        cell_type_key=cell_type_key, counts_layer=counts_layer, chunk_cells=input_chunk_cells,
     )
-    plan = make_plan(
-        paired,
-        test_batches=test_batches,
-        validation_batches=validation_batches,
-        gex_encoding=gex_encoding,
-        top_peaks=top_peaks,
-        no_validation=no_validation,
-    )
-    logger.info(
-        "paired %d cells (%d dropped: present in only one modality); splits %s by %s",
-        paired.n_cells,
-        paired.dropped_cells,
-        {k: int(v.size) for k, v in plan.rows.items()},
-        plan.split_by,
-    )
-    config = dict(
-        inputs=tuple(str(p) for p in inputs),
-        gex_modality=gex_modality,
-        atac_modality=atac_modality,
-        batch_key=batch_key,
-        cell_type_key=cell_type_key,
-        counts_layer=counts_layer,
-        test_batches=tuple(test_batches or ()),
-        validation_batches=tuple(validation_batches or ()),
-        no_validation=no_validation,
-        gex_encoding=gex_encoding,
-        top_peaks=top_peaks,
-        chunk_size=chunk_size,
-    )
-    from .hub import recorded_license
-
-    meta = _write_dataset(plan, config, output_dir, paired.n_cells if progress else None, overwrite, license or recorded_license(inputs))
-    empty = meta["empty_cells"]
-    if empty["gex"] or empty["atac"]:
-        logger.warning(
-            "kept all-zero cells with empty sentences: %d without GEX counts, %d without ATAC counts",
-            empty["gex"],
-            empty["atac"],
+    try:
+        plan = make_plan(
+            paired,
+            test_batches=test_batches,
+            validation_batches=validation_batches,
+            gex_encoding=gex_encoding,
+            top_peaks=top_peaks,
+            no_validation=no_validation,
         )
+        logger.info(
+            "paired %d cells (%d dropped: present in only one modality); splits %s by %s",
+            paired.n_cells,
+            paired.dropped_cells,
+            {k: int(v.size) for k, v in plan.rows.items()},
+            plan.split_by,
+        )
+        config = dict(
+            inputs=tuple(str(p) for p in inputs),
+            gex_modality=gex_modality,
+            atac_modality=atac_modality,
+            batch_key=batch_key,
+            cell_type_key=cell_type_key,
+            counts_layer=counts_layer,
+            test_batches=tuple(test_batches or ()),
+            validation_batches=tuple(validation_batches or ()),
+            no_validation=no_validation,
+            gex_encoding=gex_encoding,
+            top_peaks=top_peaks,
+            chunk_size=chunk_size,
+        )
+        from .hub import recorded_license
+
+        meta = _write_dataset(plan, config, output_dir, paired.n_cells if progress else None, overwrite, license or recorded_license(inputs))
+        empty = meta["empty_cells"]
+        if empty["gex"] or empty["atac"]:
+            logger.warning(
+                "kept all-zero cells with empty sentences: %d without GEX counts, %d without ATAC counts",
+                empty["gex"],
+                empty["atac"],
+            )
+    finally:
+        for matrix in (paired.gex, paired.atac):
+            if isinstance(matrix, StoredCsr):
+                matrix.close()
     return datasets.load_from_disk(str(output_dir))
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from .readers import PairedCounts
 from .sentences import GEX_ENCODINGS, GeneRanking, library_size_factors, rank_genes
+from .stored import StoredCsr, entry_slices
 
 __all__ = ["SPLITS", "BuildPlan", "TrainStats", "make_plan", "split_cells", "train_stats", "content_digest"]
 
@@ -114,7 +115,13 @@ def split_cells(
 
 
 def _accessible_counts(atac, rows: np.ndarray, n_peaks: int) -> np.ndarray:
-    """Cells of ``rows`` in which each peak is accessible (count > 0), in slices of entries (no row copy)."""
+    """Cells of ``rows`` in which each peak is accessible (count > 0), in slices of entries (no row copy); a `StoredCsr`
+    is read in chunks of its rows."""
+    if isinstance(atac, StoredCsr):
+        counts = np.zeros(n_peaks, dtype=np.int64)
+        for chunk in atac.row_chunks(rows):
+            counts += np.bincount(chunk.indices[chunk.data > 0], minlength=n_peaks)
+        return counts
     selected = np.zeros(atac.shape[0], dtype=bool)
     selected[rows] = True
     counts = np.zeros(n_peaks, dtype=np.int64)
@@ -279,7 +286,8 @@ def content_digest(plan: BuildPlan) -> str:
     """A digest of everything that determines the records (not file names): equal digests mean equal records.
 
     The matrices are hashed in their native arrays where those are already canonical (int32 column indices,
-    float32 counts), so no 64-bit copy of every entry is made; other dtypes are converted slice by slice.
+    float32 counts), so no 64-bit copy of every entry is made; other dtypes are converted slice by slice. A `StoredCsr`
+    is read chunk by chunk and hashed in the same slices, so its digest is the one of the same matrix in memory.
     """
     h = hashlib.sha256()  # twice blake2b's speed here (SHA instructions); the first 32 hex digits are kept
     paired = plan.paired
@@ -297,12 +305,11 @@ def content_digest(plan: BuildPlan) -> str:
     for matrix in (paired.gex, paired.atac):
         h.update(np.ascontiguousarray(matrix.indptr, dtype=np.int64))
         index_dtype = np.int32 if matrix.shape[1] < 2**31 else np.int64
-        for start in range(0, matrix.nnz, _DIGEST_SLICE):
+        for indices, values in entry_slices(matrix, _DIGEST_SLICE):
             # The same matrix hashes alike whatever dtypes its layout stored: column indices as int32 (they fit),
             # values as float32 where that is exact (counts are), else float64, each slice tagged with its width.
-            stop = start + _DIGEST_SLICE
-            h.update(np.ascontiguousarray(matrix.indices[start:stop], dtype=index_dtype))
-            _hash_values(h, matrix.data[start:stop])
+            h.update(np.ascontiguousarray(indices, dtype=index_dtype))
+            _hash_values(h, values)
     h.update(np.ascontiguousarray(plan.size_factors, dtype=np.float64))
     return h.hexdigest()[:32]
 

@@ -6,7 +6,8 @@ layouts as objects in memory (``AnnData``, ``MuData``), read with the same check
 Every reader returns a :class:`PairedCounts`: the cells present in both modalities (first file's order),
 CSR raw counts, gene names, and peak names normalized to ``chrN-start-end`` in genomic order.
 Matrices are read straight from HDF5 with ``anndata.io.read_elem`` and stay sparse; a CSC matrix is
-converted to CSR once.
+converted to CSR once. With ``chunk_cells`` (what a build uses), counts stored as CSR stay in the file as
+`StoredCsr`, checked and read chunk by chunk, so memory does not grow with the cells.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from anndata.utils import make_index_unique
 
 from .combined import split_csr_columns
 from .peaks import genomic_order, looks_like_peaks, normalize_peak_names
+from .stored import StoredCsr, entry_slices
 
 if TYPE_CHECKING:
     import anndata
@@ -63,7 +65,8 @@ class PairedCounts:
     cells
         Barcodes, shape ``[n_cells]``.
     gex, atac
-        CSR raw counts, cells x genes and cells x peaks (peaks in genomic order), canonical format.
+        CSR raw counts, cells x genes and cells x peaks (peaks in genomic order), canonical format: scipy CSR matrices,
+        or `StoredCsr` (read from the file by chunks of cells) when read with ``chunk_cells``.
     genes, peaks
         Feature names; peaks normalized to ``chrN-start-end`` and sorted genomically.
     obs
@@ -110,7 +113,7 @@ class Modality:
     cells, features
         Barcodes and feature names as read (10x gene symbols made unique).
     matrix
-        CSR counts, cells x features.
+        CSR counts, cells x features (a `StoredCsr` when read with ``chunk_cells``).
     obs
         ``batch`` / ``cell_type`` (strings) when the input has them.
     counts_source
@@ -322,12 +325,18 @@ def _obs_subset(obs: pd.DataFrame, size_factor_keys: Sequence[str]) -> tuple[pd.
 # ---------------------------------------------------------------------------------- validation
 
 
-def _check_values(matrix: sp.csr_matrix, path: Path, label: str, source: str, *, counts_required: bool) -> None:
-    """Refuse negative, NaN, infinite and (where counts are required) non-integer values."""
-    data = matrix.data
+def _check_values(matrix, path: Path, label: str, source: str, *, counts_required: bool) -> tuple[int, float, float | None]:
+    """Refuse negative, NaN, infinite and (where counts are required) non-integer values, in one pass over the entries
+    (a `StoredCsr` is read from its file chunk by chunk).
+
+    Returns
+    -------
+    nonzero, top, fractional
+        The number of non-zero values, the largest value and the first non-integer one (None when all are integers).
+    """
     where = f"{label} values ({source}) in {path}"
-    for start in range(0, data.size, _CHECK_SLICE):
-        part = data[start : start + _CHECK_SLICE]
+    nonzero, top, fractional = 0, 0.0, None
+    for _, part in entry_slices(matrix, _CHECK_SLICE):
         if not np.isfinite(part).all():
             raise ValueError(
                 f"{where} contain NaN or infinite entries: fix or remove those cells/features before building"
@@ -336,19 +345,24 @@ def _check_values(matrix: sp.csr_matrix, path: Path, label: str, source: str, *,
             raise ValueError(
                 f"{where} contain negative entries (min {part.min():g}): the builder needs raw counts >= 0"
             )
-        if counts_required and np.issubdtype(part.dtype, np.floating):
-            fractional = part != np.floor(part)
-            if fractional.any():
-                example = part[fractional][0]
-                if source == "X":
+        if fractional is None and np.issubdtype(part.dtype, np.floating):
+            hit = part != np.floor(part)
+            if hit.any():
+                fractional = float(part[hit][0])
+                if counts_required:
+                    if source == "X":
+                        raise ValueError(
+                            f"{where} are not integers (e.g. {fractional:g}): X looks normalized; the builder needs raw counts: "
+                            "name the layer that holds them with --counts_layer NAME (or store them in layers['counts'])"
+                        )
                     raise ValueError(
-                        f"{where} are not integers (e.g. {example:g}): X looks normalized; the builder needs raw counts: "
-                        "name the layer that holds them with --counts_layer NAME (or store them in layers['counts'])"
+                        f"{where} are not integers (e.g. {fractional:g}): {source} must hold raw counts; "
+                        "name the layer that does with --counts_layer NAME"
                     )
-                raise ValueError(
-                    f"{where} are not integers (e.g. {example:g}): {source} must hold raw counts; "
-                    "name the layer that does with --counts_layer NAME"
-                )
+        nonzero += int(np.count_nonzero(part))
+        if part.size:
+            top = max(top, float(part.max()))
+    return nonzero, top, fractional
 
 
 def _check_modality(mod: Modality) -> None:
@@ -376,27 +390,18 @@ def _check_modality(mod: Modality) -> None:
             f"duplicate {kind} names in {mod.path} (e.g. '{dup}'): every {kind} must be one token; "
             "make them unique (adata.var_names_make_unique()) or drop the repeats"
         )
-    _check_values(mod.matrix, mod.path, mod.label, mod.counts_source, counts_required=mod.label == "GEX")
-    if mod.matrix.count_nonzero() == 0:
+    nonzero, top, fractional = _check_values(mod.matrix, mod.path, mod.label, mod.counts_source, counts_required=mod.label == "GEX")
+    if nonzero == 0:
         raise ValueError(
             f"all cells are empty in the {mod.label} modality of {mod.path}: there are no counts to build sentences from"
         )
     if mod.label == "ATAC":
-        _note_binarization(mod)
+        _note_binarization(mod, top, fractional)
 
 
-def _note_binarization(mod: Modality) -> None:
-    """Log how ATAC values that are not 0/1 are read: a peak is accessible where its value is > 0."""
-    data = mod.matrix.data
-    top, fractional = 0.0, None
-    for start in range(0, data.size, _CHECK_SLICE):
-        part = data[start : start + _CHECK_SLICE]
-        if part.size:
-            top = max(top, float(part.max()))
-        if fractional is None and np.issubdtype(part.dtype, np.floating):
-            hit = part != np.floor(part)
-            if hit.any():
-                fractional = float(part[hit][0])
+def _note_binarization(mod: Modality, top: float, fractional: float | None) -> None:
+    """Log how ATAC values that are not 0/1 are read (``top``: the largest value, ``fractional``: the first non-integer
+    one): a peak is accessible where its value is > 0."""
     if top <= 1 and fractional is None:
         return
     kind = f"not integers (e.g. {fractional:g}; normalized?)" if fractional is not None else f"counts (max {top:g})"
@@ -410,10 +415,19 @@ def _note_binarization(mod: Modality) -> None:
 
 
 def _read_anndata_group(
-    group: h5py.Group, path: Path, where: str, counts_layer: str | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame, sp.csr_matrix, str]:
+    group: h5py.Group, path: Path, where: str, counts_layer: str | None = None, chunk_cells: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, sp.csr_matrix | StoredCsr, str]:
+    """obs, var, raw counts and their source of an AnnData group; ``chunk_cells``: counts stored as CSR stay in the file
+    (a `StoredCsr` read in chunks of that many cells)."""
     obs = _read(group, "obs", path)
     var = _read(group, "var", path)
+    csr = _csr_group(group, counts_layer) if chunk_cells else None
+    if csr is not None:
+        source = _counts_key(group, counts_layer)
+        shape = _stored_shape(csr)
+        if shape != (len(obs), len(var)):
+            raise ValueError(f"{where} in {path}: matrix shape {shape} does not match obs x var ({len(obs)} x {len(var)})")
+        return obs, var, StoredCsr(path, csr.name, shape, chunk_cells=chunk_cells), source
     counts, source = _anndata_counts(group, path, where, counts_layer)
     matrix = _to_csr(counts, path, f"{where} {source}")
     if matrix.shape != (len(obs), len(var)):
@@ -436,11 +450,20 @@ def _feature_labels(var: pd.DataFrame, path: Path) -> np.ndarray | None:
     return labels
 
 
-def _read_single_modality_h5ad(path: Path, counts_layer: str | None = None) -> Modality:
+def _stored_shape(element: h5py.Group) -> tuple[int, int]:
+    return tuple(int(x) for x in element.attrs.get("shape", (-1, -1)))
+
+
+def _modality_columns(is_modality: np.ndarray) -> np.ndarray:
+    """Each column's index among the modality's columns, -1 for the other modality's."""
+    return np.where(is_modality, np.cumsum(is_modality) - 1, -1)
+
+
+def _read_single_modality_h5ad(path: Path, counts_layer: str | None = None, chunk_cells: int | None = None) -> Modality:
     group: str | None = "/"
     try:
         with _open_h5(path) as f:
-            obs, var, matrix, source = _read_anndata_group(f, path, "AnnData", counts_layer)
+            obs, var, matrix, source = _read_anndata_group(f, path, "AnnData", counts_layer, chunk_cells)
     except _Unreadable as err:
         obs, var, counts, source = _read_with_anndata(path, err, counts_layer)
         matrix, group = _to_csr(counts, path, f"AnnData {source}"), None
@@ -525,9 +548,10 @@ def _without_feature_types(path: Path) -> ValueError:
     )
 
 
-def _read_combined_h5ad(path: Path, only: str | None = None, counts_layer: str | None = None) -> tuple[Modality, Modality]:
+def _read_combined_h5ad(path: Path, only: str | None = None, counts_layer: str | None = None,
+                        chunk_cells: int | None = None) -> tuple[Modality, Modality]:
     try:
-        return _read_combined_h5ad_elements(path, only, counts_layer)
+        return _read_combined_h5ad_elements(path, only, counts_layer, chunk_cells)
     except _Unreadable as err:
         obs, var, counts, source = _read_with_anndata(path, err, counts_layer)
     labels = _feature_labels(var, path)
@@ -539,7 +563,8 @@ def _read_combined_h5ad(path: Path, only: str | None = None, counts_layer: str |
     return mods
 
 
-def _read_combined_h5ad_elements(path: Path, only: str | None, counts_layer: str | None) -> tuple[Modality, Modality]:
+def _read_combined_h5ad_elements(path: Path, only: str | None, counts_layer: str | None,
+                                 chunk_cells: int | None = None) -> tuple[Modality, Modality]:
     with _open_h5(path) as f:
         obs = _read(f, "obs", path)
         var = _read(f, "var", path)
@@ -550,10 +575,14 @@ def _read_combined_h5ad_elements(path: Path, only: str | None, counts_layer: str
         if csr is not None:
             # CSR on disk: split it chunk by chunk of rows, never holding the combined matrix.
             source = _counts_key(f, counts_layer)
-            shape = tuple(int(x) for x in csr.attrs.get("shape", (-1, -1)))
+            shape = _stored_shape(csr)
             if shape != (len(obs), len(var)):
                 raise ValueError(f"{path}: matrix shape {shape} does not match obs x var ({len(obs)} x {len(var)})")
             is_gex = np.isin(labels, list(GEX_LABELS))
+            if chunk_cells:
+                gex, atac = (StoredCsr(path, csr.name, shape, columns=_modality_columns(mask), chunk_cells=chunk_cells)
+                             for mask in (is_gex, ~is_gex))
+                return _split_modalities(path, obs, var, gex, atac, source, is_gex)
             gex, atac = split_csr_columns(path, _read(csr, "indptr", path), csr["data"], csr["indices"], shape, is_gex, only)
             return _split_modalities(path, obs, var, gex, atac, source, is_gex)
         counts, source = _anndata_counts(f, path, "AnnData", counts_layer)
@@ -564,14 +593,15 @@ def _read_combined_h5ad_elements(path: Path, only: str | None, counts_layer: str
 
 
 def _read_h5mu(
-    path: Path, gex_modality: str, atac_modality: str, only: str | None = None, counts_layer: str | None = None
+    path: Path, gex_modality: str, atac_modality: str, only: str | None = None, counts_layer: str | None = None,
+    chunk_cells: int | None = None,
 ) -> list[Modality]:
     """The GEX and ATAC modalities of a ``.h5mu`` (``only``: just that one; the other may be absent)."""
     with _open_h5(path) as f:
         top_obs = _read(f, "obs", path) if "obs" in f else None
 
         def read(name: str, where: str) -> tuple:
-            return (*_read_anndata_group(f["mod"][name], path, where, counts_layer), f"/mod/{name}", None)
+            return (*_read_anndata_group(f["mod"][name], path, where, counts_layer, chunk_cells), f"/mod/{name}", None)
 
         return _mudata_modalities(path, int(f.attrs.get("axis", 0)), sorted(f["mod"].keys()), top_obs, read,
                                   gex_modality, atac_modality, only)
@@ -641,7 +671,7 @@ def _global_obs_columns(top_obs: pd.DataFrame, mods: list[Modality]) -> None:
                 mod.obs.attrs["batch_from"] = ("the MuData's global obs['batch']", "mdata")
 
 
-def _read_10x_h5(path: Path) -> tuple[Modality, Modality]:
+def _read_10x_h5(path: Path, chunk_cells: int | None = None) -> tuple[Modality, Modality]:
     with _open_h5(path) as f:
         try:
             m = f["matrix"]
@@ -672,7 +702,11 @@ def _read_10x_h5(path: Path) -> tuple[Modality, Modality]:
             )
         # The 10x matrix is features x cells in CSC, i.e. cells x features in CSR: split it chunk by chunk.
         is_gex = np.isin(labels, list(GEX_LABELS))
-        gex, atac = split_csr_columns(path, indptr, data, indices, (n_cells, n_features), is_gex)
+        if chunk_cells:
+            gex, atac = (StoredCsr(path, m.name, (n_cells, n_features), columns=_modality_columns(mask), chunk_cells=chunk_cells)
+                         for mask in (is_gex, ~is_gex))
+        else:
+            gex, atac = split_csr_columns(path, indptr, data, indices, (n_cells, n_features), is_gex)
     return _split_modalities(path, obs, var, gex, atac, "X", is_gex, kind="10x")
 
 
@@ -806,6 +840,20 @@ def _paired_rows(mod: Modality, rows: np.ndarray) -> sp.csr_matrix:
     return mod.matrix[rows]
 
 
+def _paired_matrix(mod: Modality, rows: np.ndarray, column_order: np.ndarray | None = None) -> sp.csr_matrix | StoredCsr:
+    """The paired cells' counts, columns renumbered by ``column_order`` (old -> new index), canonical: sorted, duplicates
+    summed, stored zeros dropped (they are not detections; row lengths then count detected features)."""
+    if isinstance(mod.matrix, StoredCsr):
+        return mod.matrix.paired(rows, column_order)
+    matrix = _paired_rows(mod, rows)
+    if column_order is not None:
+        matrix.indices = column_order[matrix.indices].astype(matrix.indices.dtype)
+        matrix.has_sorted_indices = False
+    matrix.sum_duplicates()
+    matrix.eliminate_zeros()
+    return matrix
+
+
 def _pair(
     first: Modality, second: Modality, batch_key: str | None = None, cell_type_key: str | None = None
 ) -> PairedCounts:
@@ -829,7 +877,6 @@ def _pair(
     gex, atac = (first, second) if first.label == "GEX" else (second, first)
     gex_rows, atac_rows = (first_rows, second_rows) if first.label == "GEX" else (second_rows, first_rows)
     obs = _paired_obs(shared, ((first, first_rows), (second, second_rows)), batch_key, cell_type_key)
-    gex_matrix, atac_matrix = _paired_rows(gex, gex_rows), _paired_rows(atac, atac_rows)
     peaks = normalize_peak_names(atac.features, atac.path)
     if pd.Index(peaks).has_duplicates:
         dup = pd.Index(peaks)[pd.Index(peaks).duplicated()][0]
@@ -837,14 +884,11 @@ def _pair(
             f"duplicate peak names in {atac.path} (e.g. '{dup}'): every peak must be one token; drop the repeats"
         )
     order = genomic_order(peaks)
+    inverse = None
     if not np.array_equal(order, np.arange(len(order))):
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
-        atac_matrix.indices = inverse[atac_matrix.indices].astype(atac_matrix.indices.dtype)
-        atac_matrix.has_sorted_indices = False
-    for matrix in (gex_matrix, atac_matrix):
-        matrix.sum_duplicates()
-        matrix.eliminate_zeros()  # stored zeros are not detections; row lengths now count detected features
+    gex_matrix, atac_matrix = _paired_matrix(gex, gex_rows), _paired_matrix(atac, atac_rows, inverse)
     size_factors = gex.size_factors[gex_rows] if gex.size_factors is not None else None
     sources = list(dict.fromkeys(p.name for p in (first.path, second.path)))
     peak_var = _feature_var(atac, peaks).iloc[order]
@@ -886,6 +930,7 @@ def read_paired(
     batch_key: str | None = None,
     cell_type_key: str | None = None,
     counts_layer: str | None = None,
+    chunk_cells: int | None = None,
 ) -> PairedCounts:
     """Read paired GEX + ATAC raw counts from one or two files, or from the same layouts as objects in memory.
 
@@ -902,6 +947,9 @@ def read_paired(
         ``obs`` columns read as ``batch`` (library / sample / donor) and ``cell_type``; default: those names, if present.
     counts_layer
         The layer holding raw counts when ``X`` is normalized; default: ``layers['counts']`` when present, else ``X``.
+    chunk_cells
+        Leave counts that a file stores as CSR in the file, checked and later read in chunks of this many cells
+        (``gex`` / ``atac`` are then `StoredCsr`), so memory does not grow with the cells; None: read them into memory.
 
     Returns
     -------
@@ -909,7 +957,7 @@ def read_paired(
         The cells present in both modalities, in the first input's order. Barcodes that differ only by one suffix per
         input (``AAAC-1_rna`` / ``AAAC-1_atac``) are paired without it.
     """
-    first, second = _read_layout(_inputs(inputs), None, gex_modality, atac_modality, counts_layer)
+    first, second = _read_layout(_inputs(inputs), None, gex_modality, atac_modality, counts_layer, chunk_cells)
     for mod in (first, second):
         _check_counts_layer(mod, counts_layer)
         _check_modality(mod)
@@ -952,10 +1000,12 @@ def _inputs(inputs) -> list:
     return [x if _is_anndata(x) or _is_mudata(x) else Path(x) for x in items]
 
 
-def _read_layout(items: list, only: str | None, gex_modality: str, atac_modality: str, counts_layer: str | None) -> list[Modality]:
-    """The modalities of one or two inputs (``only``: ``"GEX"`` or ``"ATAC"`` when one is enough), unchecked."""
+def _read_layout(items: list, only: str | None, gex_modality: str, atac_modality: str, counts_layer: str | None,
+                 chunk_cells: int | None = None) -> list[Modality]:
+    """The modalities of one or two inputs (``only``: ``"GEX"`` or ``"ATAC"`` when one is enough), unchecked;
+    ``chunk_cells``: see `read_paired`."""
     if len(items) == 2:
-        return [_read_single(x, counts_layer) for x in items]
+        return [_read_single(x, counts_layer, chunk_cells) for x in items]
     item = items[0]
     if _is_mudata(item):
         return _read_mudata(item, gex_modality, atac_modality, only=only, counts_layer=counts_layer)
@@ -970,23 +1020,23 @@ def _read_layout(items: list, only: str | None, gex_modality: str, atac_modality
         return [_single_modality(path, obs, var, matrix, source, None, adata=item)]
     kind = _layout(item)
     if kind == "h5mu":
-        return _read_h5mu(item, gex_modality, atac_modality, only=only, counts_layer=counts_layer)
+        return _read_h5mu(item, gex_modality, atac_modality, only=only, counts_layer=counts_layer, chunk_cells=chunk_cells)
     if kind == "10x":
-        return list(_read_10x_h5(item))
+        return list(_read_10x_h5(item, chunk_cells))
     found = _h5ad_feature_labels(item) if only is not None else set()
     if only is None or (found & GEX_LABELS and found & ATAC_LABELS):
         # Both modalities in one file: only the asked modality's entries are copied out (CSR on disk),
         # and the whole matrix is never read first as a single modality.
-        return list(_read_combined_h5ad(item, only=only, counts_layer=counts_layer))
-    return [_read_single_modality_h5ad(item, counts_layer)]
+        return list(_read_combined_h5ad(item, only=only, counts_layer=counts_layer, chunk_cells=chunk_cells))
+    return [_read_single_modality_h5ad(item, counts_layer, chunk_cells)]
 
 
-def _read_single(item, counts_layer: str | None) -> Modality:
+def _read_single(item, counts_layer: str | None, chunk_cells: int | None = None) -> Modality:
     """One modality of two inputs: an ``.h5ad`` file or an ``AnnData`` object."""
     if _is_anndata(item):
         path = _object_path(item)
         return _single_modality(path, *_object_elements(item, path, "AnnData", counts_layer), None, adata=item)
-    return _read_single_modality_h5ad(item, counts_layer)
+    return _read_single_modality_h5ad(item, counts_layer, chunk_cells)
 
 
 def _h5ad_feature_labels(path: Path) -> set[str]:

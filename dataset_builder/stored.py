@@ -1,0 +1,318 @@
+"""Count matrices left in their HDF5 file and read in chunks of cells, so that a build never holds a whole matrix.
+
+`StoredCsr` stands for a cells x features CSR matrix stored as ``data`` / ``indices`` / ``indptr`` datasets (an
+AnnData CSR element, a Cell Ranger ``matrix`` group): one modality's columns of it when the file holds both, and,
+once paired, the paired cells in order with their columns in output order, canonical (sorted column indices,
+duplicates summed, no stored zeros) exactly as the in-memory reader makes them. It offers what a build asks of a
+count matrix: ``shape``, ``indptr``, ``nnz``, row sums (``sum(axis=1)``) and rows (``matrix[rows]``, a scipy CSR).
+`entry_slices` walks the entries of either kind, a scipy CSR or a `StoredCsr`, in the same slices.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+from .combined import _check_csr, _row_chunks
+
+__all__ = ["StoredCsr", "entry_slices", "DEFAULT_CHUNK_CELLS"]
+
+DEFAULT_CHUNK_CELLS = 2048  # cells a scan reads at once (about 90 MB of entries at 10x Multiome's density)
+_READ_ENTRIES = 1 << 22  # and at most this many entries (32 MB of float32 values and int32 indices)
+# Wanted rows closer than this (in entries) are read in one slice with what lies between them: one read instead of
+# many small ones, at a bounded cost of unwanted entries.
+_GAP_ENTRIES = 1 << 14
+
+
+class _Handle:
+    """The file open for reading, once, shared by the matrices read from it (h5py serializes the reads of threads)."""
+
+    def __init__(self, path: Path, element: str):
+        self.path, self.element = path, element
+        self._lock = threading.Lock()
+        self._file: h5py.File | None = None
+        self.data = self.indices = None
+
+    def open(self) -> _Handle:
+        with self._lock:
+            if self._file is None:
+                self._file = h5py.File(self.path, "r")
+                group = self._file[self.element]
+                self.data, self.indices = group["data"], group["indices"]
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file, self.data, self.indices = None, None, None
+
+
+class StoredCsr:
+    """A cells x features CSR count matrix in an HDF5 file, read by rows.
+
+    Parameters
+    ----------
+    path
+        The HDF5 file.
+    element
+        The group holding ``data``, ``indices`` and ``indptr`` (``/X``, ``/layers/counts``, ``/mod/rna/X``, ``/matrix``).
+    shape
+        ``(cells, features)`` of the stored matrix.
+    columns
+        For a matrix holding two modalities: each stored column's index in this modality, -1 for the other's
+        (None: every column, as stored).
+    chunk_cells
+        Cells a scan reads at once.
+    """
+
+    def __init__(self, path: str | Path, element: str, shape: tuple[int, int], *, columns: np.ndarray | None = None,
+                 chunk_cells: int = DEFAULT_CHUNK_CELLS):
+        if chunk_cells <= 0:
+            raise ValueError(f"chunk_cells must be positive, not {chunk_cells}")
+        self.path, self.element, self.chunk_cells = Path(path), element, int(chunk_cells)
+        try:
+            with h5py.File(self.path, "r") as f:
+                group = f[element]
+                indptr = np.asarray(group["indptr"][()], dtype=np.int64)
+                nnz, n_indices, self.dtype = int(group["data"].shape[0]), int(group["indices"].shape[0]), group["data"].dtype
+        except (KeyError, OSError) as err:
+            raise ValueError(f"the count matrix in {self.path} could not be read ({type(err).__name__}: {err}): it may be truncated "
+                             "or damaged; re-download or re-write it") from None
+        _check_csr(self.path, indptr, nnz, n_indices, shape[0])
+        self._handle = _Handle(self.path, element)
+        self._file_indptr, self._file_columns = indptr, int(shape[1])
+        self._columns = None if columns is None else np.asarray(columns, dtype=np.int64)
+        n_columns = shape[1] if columns is None else int((self._columns >= 0).sum())
+        self._rows: np.ndarray | None = None  # the stored row of each row (a paired matrix); None: the stored rows
+        self._canonical = self._renumbered = False
+        self.shape = (int(shape[0]), int(n_columns))
+        self._indptr: np.ndarray | None = None
+        self._sums: np.ndarray | None = None
+        # Each stored row's entries and sum once canonical, noted while the checks read every row (see `entry_parts`):
+        # a paired matrix then knows its row pointers without reading the file again.
+        self._stored_counts: tuple[np.ndarray, np.ndarray] | None = None
+
+    def close(self) -> None:
+        """Close the file (it opens again on the next read)."""
+        self._handle.close()
+
+    def __repr__(self) -> str:
+        return f"StoredCsr({self.path.name}:{self.element}, shape={self.shape})"
+
+    # ------------------------------------------------------------------------------------------ pairing
+
+    def paired(self, rows: np.ndarray, column_order: np.ndarray | None = None) -> StoredCsr:
+        """The matrix of ``rows`` (in that order), columns renumbered by ``column_order`` (old index -> new index;
+        None: kept), canonical: what ``matrix[rows]`` with renumbered indices, ``sum_duplicates()`` and
+        ``eliminate_zeros()`` gives in memory."""
+        out = object.__new__(StoredCsr)
+        out.__dict__.update(self.__dict__)
+        rows = np.asarray(rows, dtype=np.int64)
+        out._rows = rows if self._rows is None else self._rows[rows]
+        if column_order is not None:
+            order = np.asarray(column_order, dtype=np.int64)
+            out._columns = order if self._columns is None else np.where(self._columns >= 0, order[np.maximum(self._columns, 0)], -1)
+            out._renumbered = True
+        out._canonical, out._indptr, out._sums = True, None, None
+        out.shape = (int(rows.size), self.shape[1])
+        return out
+
+    # ------------------------------------------------------------------------------------------ reading
+
+    def _stored_rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self._rows is None else self._rows[rows]
+
+    def _read_stored(self, stored: np.ndarray) -> sp.csr_matrix:
+        """Stored rows ``stored`` (increasing) as a CSR over the stored columns, entries as stored."""
+        indptr = self._file_indptr
+        starts, stops = indptr[stored], indptr[stored + 1]
+        lengths = stops - starts
+        # Spans of wanted rows read as one slice each: a new span where the gap to the previous row is large.
+        cut = np.flatnonzero(starts[1:] - stops[:-1] > _GAP_ENTRIES) + 1
+        first = np.concatenate(([0], cut))
+        last = np.concatenate((cut, [stored.size])) - 1
+        data_parts, index_parts = [], []
+        try:
+            handle = self._handle.open()
+            data, indices = handle.data, handle.indices
+            for a, b in zip(first.tolist(), last.tolist(), strict=True):
+                lo, hi = int(starts[a]), int(stops[b])
+                if hi <= lo:
+                    continue
+                values, index = data[lo:hi], indices[lo:hi]
+                if int(stops[b] - starts[a]) != int(lengths[a : b + 1].sum()):
+                    # Rows in between that are not wanted: keep only the wanted rows' entries.
+                    keep = _entry_positions(starts[a : b + 1] - lo, lengths[a : b + 1])
+                    values, index = values[keep], index[keep]
+                data_parts.append(values)
+                index_parts.append(index)
+        except Exception as err:  # h5py raises many types on a damaged file
+            raise ValueError(f"the count matrix in {self.path} could not be read ({type(err).__name__}: {err}): it may be truncated "
+                             "or damaged; re-download or re-write it") from None
+        values = np.concatenate(data_parts) if data_parts else np.zeros(0, self.dtype)
+        index = np.concatenate(index_parts).astype(np.int64) if index_parts else np.zeros(0, np.int64)
+        if index.size and (int(index.min()) < 0 or int(index.max()) >= self._file_columns):
+            raise ValueError(
+                f"the count matrix in {self.path} has column indices outside 0..{self._file_columns - 1}: it is damaged; re-write it"
+            )
+        out_indptr = np.zeros(stored.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=out_indptr[1:])
+        return sp.csr_matrix((values, index, out_indptr), shape=(stored.size, self._file_columns), copy=False)
+
+    def _select_columns(self, matrix: sp.csr_matrix) -> sp.csr_matrix:
+        """This modality's entries of ``matrix`` (stored columns), renumbered, in their order."""
+        if self._columns is None:
+            return matrix
+        index = self._columns[matrix.indices]
+        keep = index >= 0
+        kept_before = np.zeros(keep.size + 1, dtype=np.int64)
+        np.cumsum(keep, out=kept_before[1:])
+        return sp.csr_matrix((matrix.data[keep], index[keep], kept_before[matrix.indptr]), shape=(matrix.shape[0], self.shape[1]), copy=False)
+
+    def __getitem__(self, rows) -> sp.csr_matrix:
+        """Rows ``rows`` (an index array or a slice) as a scipy CSR."""
+        if isinstance(rows, slice):
+            rows = np.arange(self.shape[0])[rows]
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1:
+            raise TypeError("a StoredCsr is indexed by one array of rows")
+        stored = self._stored_rows(rows)
+        order = None
+        if stored.size > 1 and np.any(stored[1:] < stored[:-1]):
+            order = np.argsort(stored, kind="stable")
+            stored = stored[order]
+        matrix = self._select_columns(self._read_stored(stored))
+        if order is not None:
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(order.size)
+            matrix = matrix[inverse]
+        if self._canonical:
+            if self._renumbered:
+                matrix.has_sorted_indices = False  # as the in-memory reader marks renumbered peaks, so both sort alike
+            matrix.sum_duplicates()
+            matrix.eliminate_zeros()
+        return matrix
+
+    def row_chunks(self, rows: np.ndarray | None = None) -> Iterator[sp.csr_matrix]:
+        """``self[rows]`` (default: every row, in order) in consecutive chunks of at most ``chunk_cells`` cells and
+        about ``_READ_ENTRIES`` stored entries."""
+        rows = np.arange(self.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+        lengths = np.diff(self._file_indptr)[self._stored_rows(rows)]
+        bounds = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=bounds[1:])
+        for start, stop in _row_chunks(bounds, _READ_ENTRIES):
+            for lo in range(start, stop, self.chunk_cells):
+                yield self[rows[lo : min(lo + self.chunk_cells, stop)]]
+
+    def entry_parts(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(indices, data)`` of consecutive chunks of rows, in row order: as stored for a modality as read, canonical once paired.
+
+        Reading a modality as read to the end also notes each stored row's canonical entries and sum, which pairing
+        (a choice of rows; a renumbering of columns changes neither count) reuses.
+        """
+        noting = not self._canonical and self._rows is None
+        lengths, sums = [], []
+        for chunk in self.row_chunks():
+            yield chunk.indices, chunk.data
+            if noting:
+                canonical = chunk.copy()
+                canonical.sum_duplicates()
+                canonical.eliminate_zeros()
+                lengths.append(np.diff(canonical.indptr))
+                sums.append(np.asarray(canonical.sum(axis=1)).ravel())
+        if noting:
+            self._stored_counts = _joined(lengths, sums, self.dtype)
+
+    # ------------------------------------------------------------------------------------ per-row figures
+
+    def _scan(self, sums_needed: bool) -> None:
+        noted = self._stored_counts
+        if noted is not None and self._canonical:
+            rows = self._stored_rows(np.arange(self.shape[0]))
+            self._indptr = _pointers(noted[0][rows])
+            if not self._renumbered:  # renumbered columns add a row's values in another order
+                self._sums = noted[1][rows]
+            if self._sums is not None or not sums_needed:
+                return
+        lengths, sums = [], []
+        for chunk in self.row_chunks():
+            lengths.append(np.diff(chunk.indptr))
+            sums.append(np.asarray(chunk.sum(axis=1)).ravel())
+        lengths, self._sums = _joined(lengths, sums, self.dtype)
+        self._indptr = _pointers(lengths)
+
+    @property
+    def indptr(self) -> np.ndarray:
+        """Row pointers of the entries (int64), from one scan of the file (or what the checks noted)."""
+        if self._indptr is None:
+            self._scan(sums_needed=False)
+        return self._indptr
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    def sum(self, axis: int) -> np.ndarray:
+        """Row sums, ``[cells, 1]`` (``axis=1`` only), as scipy sums each row of the matrix in memory."""
+        if axis != 1:
+            raise ValueError("a StoredCsr sums rows only (axis=1)")
+        if self._sums is None:
+            self._scan(sums_needed=True)
+        return self._sums.reshape(-1, 1)
+
+
+def _joined(lengths: list[np.ndarray], sums: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
+    if not lengths:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=dtype)
+    return np.concatenate(lengths), np.concatenate(sums)
+
+
+def _pointers(lengths: np.ndarray) -> np.ndarray:
+    indptr = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    return indptr
+
+
+def _entry_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Positions ``starts[i] .. starts[i] + lengths[i] - 1`` of every row, concatenated."""
+    total = int(lengths.sum())
+    offsets = np.zeros(lengths.size, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, lengths)
+
+
+def entry_slices(matrix, step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(indices, data)`` of ``matrix``'s entries in row order, in slices of ``step`` entries (the last one shorter).
+
+    A scipy CSR is sliced; a `StoredCsr` is read chunk by chunk and cut at the same places, so any per-slice figure
+    (a digest, a first bad value) comes out the same either way.
+    """
+    if not isinstance(matrix, StoredCsr):
+        for start in range(0, matrix.data.size, step):
+            yield matrix.indices[start : start + step], matrix.data[start : start + step]
+        return
+    held_index: list[np.ndarray] = []
+    held_data: list[np.ndarray] = []
+    held = 0
+    for index, data in matrix.entry_parts():
+        if not data.size:
+            continue
+        held_index.append(index)
+        held_data.append(data)
+        held += data.size
+        if held < step:
+            continue
+        index, data = np.concatenate(held_index), np.concatenate(held_data)
+        start = 0
+        while held - start >= step:
+            yield index[start : start + step], data[start : start + step]
+            start += step
+        held_index, held_data, held = [index[start:]], [data[start:]], held - start
+    if held:
+        yield np.concatenate(held_index), np.concatenate(held_data)
