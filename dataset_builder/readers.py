@@ -580,8 +580,8 @@ def _read_combined_h5ad_elements(path: Path, only: str | None, counts_layer: str
                 raise ValueError(f"{path}: matrix shape {shape} does not match obs x var ({len(obs)} x {len(var)})")
             is_gex = np.isin(labels, list(GEX_LABELS))
             if chunk_cells:
-                gex, atac = (StoredCsr(path, csr.name, shape, columns=_modality_columns(mask), chunk_cells=chunk_cells)
-                             for mask in (is_gex, ~is_gex))
+                gex = StoredCsr(path, csr.name, shape, columns=_modality_columns(is_gex), chunk_cells=chunk_cells)
+                atac = gex.other_columns(_modality_columns(~is_gex))
                 return _split_modalities(path, obs, var, gex, atac, source, is_gex)
             gex, atac = split_csr_columns(path, _read(csr, "indptr", path), csr["data"], csr["indices"], shape, is_gex, only)
             return _split_modalities(path, obs, var, gex, atac, source, is_gex)
@@ -703,8 +703,8 @@ def _read_10x_h5(path: Path, chunk_cells: int | None = None) -> tuple[Modality, 
         # The 10x matrix is features x cells in CSC, i.e. cells x features in CSR: split it chunk by chunk.
         is_gex = np.isin(labels, list(GEX_LABELS))
         if chunk_cells:
-            gex, atac = (StoredCsr(path, m.name, (n_cells, n_features), columns=_modality_columns(mask), chunk_cells=chunk_cells)
-                         for mask in (is_gex, ~is_gex))
+            gex = StoredCsr(path, m.name, (n_cells, n_features), columns=_modality_columns(is_gex), chunk_cells=chunk_cells)
+            atac = gex.other_columns(_modality_columns(~is_gex))
         else:
             gex, atac = split_csr_columns(path, indptr, data, indices, (n_cells, n_features), is_gex)
     return _split_modalities(path, obs, var, gex, atac, "X", is_gex, kind="10x")

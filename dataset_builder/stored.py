@@ -11,6 +11,7 @@ count matrix: ``shape``, ``indptr``, ``nnz``, row sums (``sum(axis=1)``) and row
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,27 +31,44 @@ _GAP_ENTRIES = 1 << 14
 
 
 class _Handle:
-    """The file open for reading, once, shared by the matrices read from it (h5py serializes the reads of threads)."""
+    """The file open for reading, once, for the matrices read from it (h5py serializes the reads of threads anyway).
+
+    When both modalities of one stored matrix share it (``shared``), the last few reads are kept: the GEX and ATAC
+    columns of a chunk are made in two threads from the same stored rows, which are then read once.
+    """
+
+    _KEPT_READS = 4
 
     def __init__(self, path: Path, element: str):
         self.path, self.element = path, element
+        self.shared = False
         self._lock = threading.Lock()
         self._file: h5py.File | None = None
-        self.data = self.indices = None
+        self._reads: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
-    def open(self) -> _Handle:
+    def read(self, spans: list[tuple[int, int]], key: bytes) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``data`` and ``indices`` of each entry range of ``spans``; ``key`` names the read for a shared handle."""
         with self._lock:
+            kept = self._reads.get(key) if self.shared else None
+            if kept is not None:
+                return kept
             if self._file is None:
                 self._file = h5py.File(self.path, "r")
-                group = self._file[self.element]
-                self.data, self.indices = group["data"], group["indices"]
-        return self
+            group = self._file[self.element]
+            data, indices = group["data"], group["indices"]
+            out = [data[lo:hi] for lo, hi in spans], [indices[lo:hi] for lo, hi in spans]
+            if self.shared:
+                self._reads[key] = out
+                while len(self._reads) > self._KEPT_READS:
+                    self._reads.popitem(last=False)
+            return out
 
     def close(self) -> None:
         with self._lock:
+            self._reads.clear()
             if self._file is not None:
                 self._file.close()
-                self._file, self.data, self.indices = None, None, None
+                self._file = None
 
 
 class StoredCsr:
@@ -87,7 +105,8 @@ class StoredCsr:
         _check_csr(self.path, indptr, nnz, n_indices, shape[0])
         self._handle = _Handle(self.path, element)
         self._file_indptr, self._file_columns = indptr, int(shape[1])
-        self._columns = None if columns is None else np.asarray(columns, dtype=np.int64)
+        self._index_dtype = np.dtype(np.int32) if self._file_columns < 2**31 - 1 else np.dtype(np.int64)
+        self._columns = None if columns is None else np.asarray(columns, dtype=self._index_dtype)
         n_columns = shape[1] if columns is None else int((self._columns >= 0).sum())
         self._rows: np.ndarray | None = None  # the stored row of each row (a paired matrix); None: the stored rows
         self._canonical = self._renumbered = False
@@ -107,6 +126,17 @@ class StoredCsr:
 
     # ------------------------------------------------------------------------------------------ pairing
 
+    def other_columns(self, columns: np.ndarray) -> StoredCsr:
+        """The other modality's columns of the same stored matrix (``columns`` as in the constructor), reading the file
+        through the same handle, so that a chunk's stored rows are read once for both."""
+        out = object.__new__(StoredCsr)
+        out.__dict__.update(self.__dict__)
+        out._columns = np.asarray(columns, dtype=self._index_dtype)
+        out.shape = (self.shape[0], int((out._columns >= 0).sum()))
+        out._stored_counts = None
+        self._handle.shared = True
+        return out
+
     def paired(self, rows: np.ndarray, column_order: np.ndarray | None = None) -> StoredCsr:
         """The matrix of ``rows`` (in that order), columns renumbered by ``column_order`` (old index -> new index;
         None: kept), canonical: what ``matrix[rows]`` with renumbered indices, ``sum_duplicates()`` and
@@ -116,7 +146,7 @@ class StoredCsr:
         rows = np.asarray(rows, dtype=np.int64)
         out._rows = rows if self._rows is None else self._rows[rows]
         if column_order is not None:
-            order = np.asarray(column_order, dtype=np.int64)
+            order = np.asarray(column_order, dtype=self._index_dtype)
             out._columns = order if self._columns is None else np.where(self._columns >= 0, order[np.maximum(self._columns, 0)], -1)
             out._renumbered = True
         out._canonical, out._indptr, out._sums = True, None, None
@@ -130,6 +160,8 @@ class StoredCsr:
 
     def _read_stored(self, stored: np.ndarray) -> sp.csr_matrix:
         """Stored rows ``stored`` (increasing) as a CSR over the stored columns, entries as stored."""
+        if not stored.size:
+            return sp.csr_matrix((0, self._file_columns), dtype=self.dtype)
         indptr = self._file_indptr
         starts, stops = indptr[stored], indptr[stored + 1]
         lengths = stops - starts
@@ -137,31 +169,31 @@ class StoredCsr:
         cut = np.flatnonzero(starts[1:] - stops[:-1] > _GAP_ENTRIES) + 1
         first = np.concatenate(([0], cut))
         last = np.concatenate((cut, [stored.size])) - 1
-        data_parts, index_parts = [], []
+        spans = list(zip(starts[first].tolist(), stops[last].tolist(), strict=True))
         try:
-            handle = self._handle.open()
-            data, indices = handle.data, handle.indices
-            for a, b in zip(first.tolist(), last.tolist(), strict=True):
-                lo, hi = int(starts[a]), int(stops[b])
-                if hi <= lo:
-                    continue
-                values, index = data[lo:hi], indices[lo:hi]
-                if int(stops[b] - starts[a]) != int(lengths[a : b + 1].sum()):
-                    # Rows in between that are not wanted: keep only the wanted rows' entries.
-                    keep = _entry_positions(starts[a : b + 1] - lo, lengths[a : b + 1])
-                    values, index = values[keep], index[keep]
-                data_parts.append(values)
-                index_parts.append(index)
+            data_parts, index_parts = self._handle.read(spans, stored.tobytes())
         except Exception as err:  # h5py raises many types on a damaged file
             raise ValueError(f"the count matrix in {self.path} could not be read ({type(err).__name__}: {err}): it may be truncated "
                              "or damaged; re-download or re-write it") from None
-        values = np.concatenate(data_parts) if data_parts else np.zeros(0, self.dtype)
-        index = np.concatenate(index_parts).astype(np.int64) if index_parts else np.zeros(0, np.int64)
-        if index.size and (int(index.min()) < 0 or int(index.max()) >= self._file_columns):
+        if int(lengths.sum()) != sum(part.size for part in data_parts):
+            # Rows in between that are not wanted: keep only the wanted rows' entries.
+            data_parts, index_parts = list(data_parts), list(index_parts)
+            for n, (a, b) in enumerate(zip(first.tolist(), last.tolist(), strict=True)):
+                if int(stops[b] - starts[a]) != int(lengths[a : b + 1].sum()):
+                    keep = _entry_positions(starts[a : b + 1] - starts[a], lengths[a : b + 1])
+                    data_parts[n], index_parts[n] = data_parts[n][keep], index_parts[n][keep]
+        values = np.concatenate(data_parts) if len(data_parts) != 1 else data_parts[0]
+        index = np.concatenate(index_parts) if len(index_parts) != 1 else index_parts[0]
+        if not values.size:
+            values, index = np.zeros(0, self.dtype), np.zeros(0, self._index_dtype)
+        dtype = self._index_dtype if values.size < 2**31 - 1 else np.dtype(np.int64)
+        index = index.astype(dtype, copy=False)
+        if not self._canonical and index.size and (int(index.min()) < 0 or int(index.max()) >= self._file_columns):
+            # Checked on the first read of every row (the checks read the whole matrix before anything is paired).
             raise ValueError(
                 f"the count matrix in {self.path} has column indices outside 0..{self._file_columns - 1}: it is damaged; re-write it"
             )
-        out_indptr = np.zeros(stored.size + 1, dtype=np.int64)
+        out_indptr = np.zeros(stored.size + 1, dtype=dtype)
         np.cumsum(lengths, out=out_indptr[1:])
         return sp.csr_matrix((values, index, out_indptr), shape=(stored.size, self._file_columns), copy=False)
 
@@ -170,8 +202,8 @@ class StoredCsr:
         if self._columns is None:
             return matrix
         index = self._columns[matrix.indices]
-        keep = index >= 0
-        kept_before = np.zeros(keep.size + 1, dtype=np.int64)
+        keep = index >= 0  # a copy is made even when every entry is kept: a shared read is never changed
+        kept_before = np.zeros(keep.size + 1, dtype=matrix.indptr.dtype)
         np.cumsum(keep, out=kept_before[1:])
         return sp.csr_matrix((matrix.data[keep], index[keep], kept_before[matrix.indptr]), shape=(matrix.shape[0], self.shape[1]), copy=False)
 
