@@ -303,3 +303,19 @@ def test_gpu_t5small_script_smoke(tmp_path):
     missing = subprocess.run(["bash", str(script)], cwd=REPO, env={**env, "GPU_DIR": str(tmp_path / "nowhere")}, capture_output=True,
                              text=True, timeout=60)
     assert missing.returncode == 2 and "data.tgz is missing" in missing.stderr
+
+
+def test_random_batches_write_a_seeded_split_into_each_modality(tmp_path):
+    import mudata as md
+    import numpy as np
+    import random_batches
+
+    from dataset_builder.simulate import write_simulated
+
+    source = write_simulated(tmp_path / "sim.h5mu", n_cells=120, seed=0)
+    random_batches.main(["--input", str(source), "--output", str(tmp_path / "split.h5mu"), "--seed", "2"])
+    data = md.read_h5mu(tmp_path / "split.h5mu")
+    labels = np.asarray(data["rna"].obs["batch"])
+    assert (labels == np.asarray(data["atac"].obs["batch"])).all()
+    assert {name: int((labels == name).sum()) for name in ("train", "validation", "test")} == {"train": 96, "validation": 12, "test": 12}
+    assert (labels == random_batches.random_batches(120, 0.1, 0.1, seed=2)).all()

@@ -54,6 +54,19 @@ def test_rowwise_auroc_and_ap_equal_sklearn_with_ties():
             assert np.isnan(auroc[i]) and np.isnan(ap[i])
 
 
+def test_one_sort_gives_the_rowwise_auroc_and_ap_with_ties():
+    from translator.metrics_core import rowwise_auroc_ap, rowwise_average_precision
+
+    rng = np.random.default_rng(3)
+    for scores in (rng.random((40, 200)), rng.integers(0, 4, (40, 200)).astype(np.float32)):
+        labels = rng.random((40, 200)) < 0.15
+        labels[0], labels[1] = False, True  # a row with one class: NaN in both
+        auroc, ap = rowwise_auroc_ap(scores, labels)
+        np.testing.assert_allclose(auroc, rowwise_auroc(scores, labels), rtol=1e-12, equal_nan=True)
+        np.testing.assert_allclose(ap, rowwise_average_precision(scores, labels), rtol=1e-12, equal_nan=True)
+        assert np.isnan(auroc[:2]).all() and np.isnan(ap[:2]).all()
+
+
 def test_histogram_auroc_ap_exact_on_binned_scores_and_close_otherwise():
     pred, truth, _ = simulated_atac(seed=3)
     n_bins = 50

@@ -150,6 +150,34 @@ def rowwise_average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndar
     return ap
 
 
+def rowwise_auroc_ap(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rowwise_auroc` and :func:`rowwise_average_precision` of each row from one sort (ties as they handle them)."""
+    labels = np.asarray(labels, dtype=bool)
+    n_cells, n_features = scores.shape
+    order = np.argsort(-scores, axis=1)  # the order within a tie group does not matter: both read whole groups
+    s_sorted = np.take_along_axis(scores, order, axis=1)
+    y_sorted = np.take_along_axis(labels, order, axis=1)
+    positions = np.broadcast_to(np.arange(n_features), (n_cells, n_features))
+    is_end = np.ones_like(s_sorted, dtype=bool)
+    is_end[:, :-1] = s_sorted[:, :-1] != s_sorted[:, 1:]
+    is_start = np.ones_like(is_end)
+    is_start[:, 1:] = is_end[:, :-1]
+    end_index = np.minimum.accumulate(np.where(is_end, positions, n_features - 1)[:, ::-1], axis=1)[:, ::-1]
+    start_index = np.maximum.accumulate(np.where(is_start, positions, 0), axis=1)
+    n_pos = y_sorted.sum(axis=1, dtype=np.float64)
+    n_neg = n_features - n_pos
+    # Ascending average rank of a tie group spanning descending positions [start, end]: n - (start + end) / 2.
+    rank_sum = np.where(y_sorted, n_features - (start_index + end_index) / 2.0, 0.0).sum(axis=1)
+    tp = np.cumsum(y_sorted, axis=1, dtype=np.float64)
+    precision_at_end = np.take_along_axis(tp, end_index, axis=1) / (end_index + 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+        ap = np.where(y_sorted, precision_at_end, 0.0).sum(axis=1) / n_pos
+    single = (n_pos == 0) | (n_neg == 0)
+    auc[single], ap[single] = np.nan, np.nan
+    return auc, ap
+
+
 def histogram_auroc_ap(hist_pos: np.ndarray, hist_neg: np.ndarray) -> tuple[float, float]:
     """AUROC and average precision from per-class score histograms (bins in ascending score order).
 

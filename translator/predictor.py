@@ -56,6 +56,7 @@ PROBE_FIT_CELLS = 300  # under a time budget, a kernel fit on this many cells ti
 CALIBRATION_PARTS = 5  # the transformer's validation readings: its calibration fitted on the other parts of the cells
 RANK_CELLS = 300  # ATAC targets: the blend's per-cell AUROC and AP are read on at most this many held-out cells
 RANK_ENTRIES = 1 << 24  # ... and at most this many cells x features
+MAX_RANK_CHECKS = 30  # candidates whose rank scores one walk of the choice reads at most
 
 
 # -- choosing the weights -----------------------------------------------------------------------------------------------
@@ -185,24 +186,29 @@ def choose_weights(stats: CellStats, candidates: np.ndarray, mean_part: int, ref
     floor = reference_pearson[scored].mean(axis=0).max() if scored.any() else 0.0
     beats_mean = mean_pearson >= mean_pearson[mean_index] - 1e-12
     beats_mean[mean_index] = True
-    ranked: dict[int, dict[str, float]] = {}
+    ranked: dict[tuple, dict[str, float]] = {}
 
-    def ranks(i: int) -> dict[str, float]:
-        if i not in ranked:
-            ranked[i] = rank_scores(candidates[i])
-        return ranked[i]
+    def ranks(w: np.ndarray) -> dict[str, float]:
+        key = tuple(np.round(w, 10))
+        if key not in ranked:
+            ranked[key] = rank_scores(w)
+        return ranked[key]
 
     rank_floor = {}
     if rank_scores is not None:
-        of_references = [rank_scores(np.eye(n_parts)[r]) for r in references]
+        of_references = [ranks(np.eye(n_parts)[r]) for r in references]
         rank_floor = {key: max(r[key] for r in of_references) for key in of_references[0]}
 
     def matches(i: int) -> bool:
-        return all(ranks(i)[key] >= value - 1e-12 for key, value in rank_floor.items())
+        return all(ranks(candidates[i])[key] >= value - 1e-12 for key, value in rank_floor.items())
 
+    # Rank scores cost a sort of every held-out cell: at most MAX_RANK_CHECKS candidates are read per walk.
+    cap = MAX_RANK_CHECKS if rank_scores is not None else len(candidates)
     allowed = mean_pearson >= floor - 1e-12
     by_rmse = [int(i) for i in np.argsort(rmse, kind="stable") if allowed[i]]
-    best = next((i for i in by_rmse if matches(i)), None)
+    best = next((i for i in by_rmse[:cap] if matches(i)), None)
+    if best is None:  # the references alone, where they are candidates
+        best = next((i for i in by_rmse if np.count_nonzero(candidates[i]) == 1 and int(np.argmax(candidates[i])) in references and matches(i)), None)
     guarded = best is not None
     if not guarded:
         allowed, matches = beats_mean, lambda i: True
@@ -211,13 +217,13 @@ def choose_weights(stats: CellStats, candidates: np.ndarray, mean_part: int, ref
     excess = diff.mean(axis=0)
     se = diff.std(axis=0, ddof=1) / np.sqrt(n_cells) if n_cells > 1 else np.zeros(len(candidates))
     near = allowed & (excess <= se)
-    order = np.lexsort((rmse, -candidates[:, mean_part]))
-    chosen = int(next(i for i in order if near[i] and matches(i)))
+    order = [int(i) for i in np.lexsort((rmse, -candidates[:, mean_part])) if near[i]]
+    chosen = next((i for i in order[:cap] if i == best or matches(i)), best)
     out = {"weights": candidates[chosen], "rmse": float(rmse[chosen]), "pearson": float(mean_pearson[chosen]),
            "best_weights": candidates[best], "best_rmse": float(rmse[best]),
            "mean_rmse": float(rmse[mean_index]), "mean_pearson": float(mean_pearson[mean_index]), "matches_references": guarded}
     if rank_scores is not None:
-        out["ranks"] = ranks(chosen)
+        out["ranks"] = ranks(candidates[chosen])
         out["reference_ranks"] = rank_floor
     return out
 
@@ -483,7 +489,7 @@ def rank_scorer(parts: Sequence[Sequence[np.ndarray]], truth: Sequence[sp.csr_ma
     ``parts``: per part, one matrix per held-out group (``[cells, features]``, or a ``[features]`` vector for every cell);
     ``truth``: the groups' target matrices.
     """
-    from .metrics_core import rowwise_auroc, rowwise_average_precision
+    from .metrics_core import rowwise_auroc_ap
 
     bounds = np.cumsum([0, *(y.shape[0] for y in truth)])
     n_features = truth[0].shape[1]
@@ -499,8 +505,9 @@ def rank_scorer(parts: Sequence[Sequence[np.ndarray]], truth: Sequence[sp.csr_ma
 
     def scores(weights: np.ndarray) -> dict[str, float]:
         blend = np.tensordot(np.asarray(weights, dtype=np.float32), stacked, axes=1)
+        auroc, ap = rowwise_auroc_ap(blend, labels)
         with np.errstate(invalid="ignore"):
-            return {"auroc": float(np.nanmean(rowwise_auroc(blend, labels))), "ap": float(np.nanmean(rowwise_average_precision(blend, labels)))}
+            return {"auroc": float(np.nanmean(auroc)), "ap": float(np.nanmean(ap))}
 
     return scores, len(rows)
 
