@@ -396,6 +396,72 @@ def test_float32_profile_readout_equals_the_float64_design():
     np.testing.assert_array_equal(features["profile"], profile)  # the input is not modified
 
 
+def test_the_profile_step_uses_every_torch_thread_and_greedy_decoding_one(synthetic):
+    """The encoder and the profile step run on the caller's torch threads (they multiply [batch, length, d_model] and every
+    target feature); only the greedy decoding steps of a narrow model drop to one thread."""
+    splits, tokenizer, meta = synthetic
+    model = make_model(make_config("tiny", len(tokenizer)), seed=2).eval()
+    ranges = feature_token_ranges(tokenizer, n_genes=len(meta["genes"]))
+    ids = TranslationExamples(splits["validation"].select(range(4)), tokenizer).sources[:4]
+    seen = {"encoder": [], "decoder": []}
+    hooks = [getattr(model, part).register_forward_pre_hook(lambda *_, part=part: seen[part].append(torch.get_num_threads()))
+             for part in seen]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        decode_features(model, tokenizer, meta, ids, "gex2atac", ranges["atac"], 8, decode=False)
+        assert seen["encoder"] == [2] and seen["decoder"] == [2]  # the profile step: one decoder call
+        seen["decoder"].clear()
+        decode_features(model, tokenizer, meta, ids, "gex2atac", ranges["atac"], 8, decode=True)
+        assert seen["decoder"][0] == 2 and set(seen["decoder"][1:]) == {1}  # greedy steps of a 64-wide model: one thread
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("tiles", [None, (3, 7)])
+def test_the_readout_in_place_and_in_tiles_equals_the_copy(tiles, monkeypatch):
+    """Tiles of any size (edges included) give the same matrix; in place it overwrites the profile and nothing else."""
+    import translator.metrics_core as metrics_core
+
+    if tiles:
+        monkeypatch.setattr(metrics_core, "TILE_ROWS", tiles[0])
+        monkeypatch.setattr(metrics_core, "TILE_COLUMNS", tiles[1])
+    rng = np.random.default_rng(4)
+    n = 50
+    meta = {"train_stats": {"atac_mean": rng.uniform(1e-4, 0.5, n).tolist(), "gex_mean": rng.uniform(0, 2, n).tolist(),
+                            "gex_mean_detected": rng.uniform(0, 3, n).tolist()}}
+    profile = rng.normal(0, 3, (11, n)).astype(np.float32)
+    size = rng.integers(0, 600, 11).astype(np.float32)
+    for direction, params in (("gex2atac", {"aggregation": "profile_depth", "coef": [0.3, 2.5, -0.4, 0.9], "intercept": 0.2}),
+                              ("atac2gex", {"aggregation": "profile_depth", "coef": [0.9, 1.7, 0.3, 1.05, -0.6]}),
+                              ("gex2atac", {"aggregation": "profile", "coef": [0.9, 0.2], "intercept": -0.1})):
+        copied = apply_readout({"profile": profile, "source_length": size}, direction, meta, params)
+        mine = profile.copy()
+        features = {"profile": mine, "source_length": size}
+        got = apply_readout(features, direction, meta, params, in_place=True)
+        assert got is mine
+        np.testing.assert_array_equal(got, copied)
+        z = profile.astype(np.float64)
+        if params["aggregation"] == "profile_depth":
+            a, d, e, b, *rest = params["coef"]
+            u = z.mean(axis=1, keepdims=True)
+            mean = _logit_of(meta, "atac_mean") if direction == "gex2atac" else np.asarray(meta["train_stats"]["gex_mean"])
+            value = a * (z - u) + d * u + e * np.log1p(size)[:, None] + b * mean + params.get("intercept", rest[0] if rest else 0.0)
+        else:
+            a, b = params["coef"]
+            value = a * (z + _logit_of(meta, "atac_mean")) + b * _logit_of(meta, "atac_mean") + params["intercept"]
+        expected = 1 / (1 + np.exp(-value)) if direction == "gex2atac" else np.maximum(value, 0)
+        np.testing.assert_allclose(copied, expected, rtol=0, atol=2e-6)
+
+
+def _logit_of(meta: dict, key: str) -> np.ndarray:
+    p = np.clip(np.asarray(meta["train_stats"][key], dtype=np.float64), 1e-4, 1 - 1e-4)
+    return np.log(p) - np.log1p(-p)
+
+
 def test_reduced_rank_head_projects_the_train_scores_on_their_top_directions():
     from translator.profile_fit import reduce_rank
 

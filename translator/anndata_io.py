@@ -12,6 +12,7 @@ import importlib.metadata
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -360,20 +361,31 @@ def write_prediction_h5ad(path: str | os.PathLike, row_blocks, n_cells: int, cel
     rows_per_chunk = max(1, min(max(n_cells, 1), (4 << 20) // max(4 * n_features, 1)))  # ~4 MB HDF5 chunks of whole rows
     translations: list[str] = []
     with_text = False
-    with h5py.File(path, "w") as f:
+    with h5py.File(path, "w") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-h5ad") as writer:
         f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
         x = f.create_dataset("X", shape=(n_cells, n_features), dtype="float32", chunks=(rows_per_chunk, n_features) if n_cells and n_features else None)
         x.attrs["encoding-type"], x.attrs["encoding-version"] = "array", "0.2.0"
-        start = 0
+        start, pending = 0, None
+
+        def write(rows: slice, block: np.ndarray) -> None:
+            x[rows] = block
+
+        # A block is written while the next one is predicted (h5py lets go of the GIL while HDF5 writes): a full-size
+        # prediction is ~32 GB, whose writing alone would otherwise add minutes. At most two blocks are in memory.
         for matrix, sentences in row_blocks:
             stop = start + len(matrix)
             if stop > n_cells:
                 raise ValueError(f"the prediction blocks hold more than the {n_cells} input cells")
-            x[start:stop] = np.asarray(matrix, dtype=np.float32)
+            block = np.asarray(matrix, dtype=np.float32)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write, slice(start, stop), block)
             if sentences is not None:
                 with_text = True
                 translations.extend(sentences)
             start = stop
+        if pending is not None:
+            pending.result()
         if start != n_cells:
             raise ValueError(f"the prediction blocks hold {start} cells, not the {n_cells} input cells")
         write_elem(f, "obs", _prediction_obs(cells, translations if with_text else None))

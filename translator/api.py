@@ -198,11 +198,11 @@ class CellTranslator:
             self.model, self.tokenizer, self.meta, ids, direction, target_range, self.max_target_length, batch_size,
             decode=decode, profile_head=self.profile_head,
         )
-        matrix = apply_readout(features, direction, self.meta, params)
+        matrix = apply_readout(features, direction, self.meta, params, in_place=True)
         if self.members:  # an ensemble: the mean of every member's calibrated matrix (the sentences are this model's)
             matrix = np.mean([matrix, *(m._predict_ids(ids, direction, batch_size, need_sentences=False)[0] for m in self.members)], axis=0)
         if blend is not None:  # w_t * transformer + w_k * the kernel on the source's names + w_m * the per-feature mean
-            matrix = blend.combine(matrix, source_indicator(ids, self.ranges[SOURCE_MODALITY[direction]]))
+            matrix = blend.combine(matrix, source_indicator(ids, self.ranges[SOURCE_MODALITY[direction]]), in_place=True)
         sentences = [" ".join(self.tokenizer.convert_ids_to_tokens(seq)) for seq in sequences]
         return matrix, sentences
 

@@ -573,6 +573,21 @@ def iter_row_chunks(n_cells: int, chunk_cells: int) -> Iterable[slice]:
         yield slice(start, min(n_cells, start + chunk_cells))
 
 
+TILE_ROWS, TILE_COLUMNS = 64, 8192  # 2 MB of float32: a tile's passes stay in a core's cache
+
+
+def iter_tiles(n_cells: int, n_features: int, rows: int | None = None, columns: int | None = None) -> Iterable[tuple[slice, slice]]:
+    """``(row slice, column slice)`` tiles covering a ``n_cells x n_features`` matrix, row blocks outermost (default
+    :data:`TILE_ROWS` x :data:`TILE_COLUMNS`).
+
+    Several elementwise passes over one tile cost about one pass over memory, where the same passes over whole
+    ``[cells, features]`` arrays (116,490 peaks: 0.5 GB a 1,024-cell chunk) each read and write it all.
+    """
+    for row in iter_row_chunks(n_cells, rows or TILE_ROWS):
+        for column in iter_row_chunks(n_features, columns or TILE_COLUMNS):
+            yield row, column
+
+
 def compute_metrics(
     predictions: np.ndarray,
     references: np.ndarray | sp.spmatrix | sp.sparray,

@@ -248,15 +248,39 @@ class DirectionBlend:
     def needs_transformer(self) -> bool:
         return self.weights.get("transformer", 0.0) > 0
 
-    def combine(self, transformer: np.ndarray | None, source: sp.csr_matrix) -> np.ndarray:
-        """The blended matrix (float32) from the transformer's matrix and the source-name indicator of the same cells."""
-        out = np.zeros((source.shape[0], self._n_features(transformer)), dtype=np.float32)
-        if self.needs_transformer:
-            out += np.float32(self.weights["transformer"]) * transformer
-        if self.weights.get("kernel", 0.0) > 0:
-            out += np.float32(self.weights["kernel"]) * self.kernel.predict(source)
-        if self.weights.get("mean", 0.0) > 0:
-            out += (np.float32(self.weights["mean"]) * self.mean.astype(np.float32))[None, :]
+    def combine(self, transformer: np.ndarray | None, source: sp.csr_matrix, in_place: bool = False) -> np.ndarray:
+        """The blended matrix (float32) from the transformer's matrix and the source-name indicator of the same cells.
+
+        ``in_place``: written over ``transformer`` (a C-contiguous float32 array the caller no longer needs). The parts are
+        added tile by tile (:func:`translator.metrics_core.iter_tiles`): the kernel's values are made one tile at a time,
+        never as a whole ``[cells, features]`` array.
+        """
+        import torch
+
+        from .metrics_core import iter_tiles
+
+        use = {part: float(np.float32(self.weights.get(part, 0.0))) for part in PARTS}
+        shape = (source.shape[0], self._n_features(transformer))
+        if use["transformer"] > 0 and in_place and transformer.dtype == np.float32 and transformer.flags.c_contiguous and transformer.flags.writeable:
+            out, given = transformer, None
+        else:
+            out = np.empty(shape, dtype=np.float32)
+            given = torch.from_numpy(np.asarray(transformer, dtype=np.float32)) if use["transformer"] > 0 else None
+        latent = torch.from_numpy(self.kernel.latent(source).astype(np.float32)) if use["kernel"] > 0 else None
+        mean = torch.from_numpy(use["mean"] * self.mean.astype(np.float32)) if use["mean"] > 0 else None
+        matrix = torch.from_numpy(out)
+        for rows, columns in iter_tiles(*shape):
+            tile = matrix[rows, columns]
+            if given is not None:
+                tile.copy_(given[rows, columns])
+            if use["transformer"] > 0:
+                tile.mul_(use["transformer"])
+            else:
+                tile.zero_()
+            if latent is not None:
+                tile.add_(self.kernel.tile(latent[rows], columns), alpha=use["kernel"])
+            if mean is not None:
+                tile.add_(mean[columns])
         return out
 
     def _n_features(self, transformer: np.ndarray | None) -> int:

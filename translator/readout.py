@@ -118,17 +118,16 @@ def decode_features(
         return float(rank_value[min(step, len(rank_value) - 1)]) if len(rank_value) else 0.0
 
     device = next(model.parameters()).device
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        # A decoding step multiplies [batch, 1, d_model] matrices: for narrow models thread hand-offs cost more
-        # than they save (a 64-wide linear took 3.0 ms with 2 threads vs 0.035 ms with 1 on 2 busy cores).
-        torch.set_num_threads(max(1, min(threads, model.config.d_model // 256)))
-    try:
-        # Names in increasing id: ATAC targets (genomic order), and GEX targets of a model trained with --gex_target_order gene.
-        ordered = direction == "gex2atac" or meta.get("gex_target_order", "rank") == "gene"
-        return _decode_batches(model, source_ids, direction, target_range, max_new_tokens, batch_size, step_weight, device, decode, profile_head, ordered)
-    finally:
-        torch.set_num_threads(threads)
+    # Names in increasing id: ATAC targets (genomic order), and GEX targets of a model trained with --gex_target_order gene.
+    ordered = direction == "gex2atac" or meta.get("gex_target_order", "rank") == "gene"
+    return _decode_batches(model, source_ids, direction, target_range, max_new_tokens, batch_size, step_weight, device, decode, profile_head, ordered)
+
+
+def decoding_threads(model) -> int:
+    """Torch threads for greedy decoding on CPU: a step multiplies ``[batch, 1, d_model]`` matrices, and for narrow models
+    thread hand-offs cost more than they save (a 64-wide linear took 3.0 ms with 2 threads vs 0.035 ms with 1 on 2 busy
+    cores). The encoder and the profile step (``[batch, length, d_model]``, and every target feature) use every thread."""
+    return max(1, min(torch.get_num_threads(), model.config.d_model // 256))
 
 
 def pad_sources(source_ids: Sequence[np.ndarray], rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,21 +154,27 @@ def _decode_batches(model, source_ids, direction, target_range, max_new_tokens, 
         rows = order[begin : begin + batch_size]
         input_ids, mask = pad_sources(source_ids, rows)
         input_ids, mask = input_ids.to(device), mask.to(device)
-        with torch.no_grad():
+        with torch.inference_mode():
             model.eval()
             encoder_hidden = model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
             out["profile"][rows] = profile_scores(model, encoder_hidden, mask, input_ids, target_range, profile_head).cpu().numpy()
         if not decode:
             continue
-        result = constrained_decode(
-            model,
-            input_ids,
-            mask,
-            target_range,
-            ordered=ordered,
-            max_new_tokens=max_new_tokens,
-            step_weight=step_weight if direction == "atac2gex" else None,
-        )
+        threads = torch.get_num_threads()
+        if device.type == "cpu":
+            torch.set_num_threads(decoding_threads(model))
+        try:
+            result = constrained_decode(
+                model,
+                input_ids,
+                mask,
+                target_range,
+                ordered=ordered,
+                max_new_tokens=max_new_tokens,
+                step_weight=step_weight if direction == "atac2gex" else None,
+            )
+        finally:
+            torch.set_num_threads(threads)
         for key in keys:
             out[key][rows] = result.aggregates[key].float().cpu().numpy()
         for i, r in enumerate(rows):
@@ -237,62 +242,65 @@ def _gex_design(features: dict[str, np.ndarray], aggregation: str, meta: dict) -
 
 
 def _profile_readout(profile: np.ndarray, direction: str, meta: dict, params: dict, log_source_length: np.ndarray | None = None,
-                     features: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """The calibrated profile readout, in float32 and in place on one copy of ``profile``.
+                     features: dict[str, np.ndarray] | None = None, in_place: bool = False) -> np.ndarray:
+    """The calibrated profile readout, in float32, on one copy of ``profile`` (``in_place``: on ``profile`` itself).
 
     The same affine map as the design matrices of :func:`_atac_design` / :func:`_gex_design`, with the
     per-feature terms folded into one vector: ATAC ``sigmoid(a * z + ((a + b) * logit(mean) + intercept))``
     (``profile_depth``: ``sigmoid(a * z + ((d - a) * u + e * log(1 + n)) + (b * logit(mean) + intercept))``, ``u`` the
     row mean of ``z``, ``n`` the row's ``source_length``),
     GEX ``max(0, w0 * z + ((w0 + w1) * mean + w2))`` (``profile_depth``: ``max(0, a * z + ((d - a) * u + e * log(1 + n)) +
-    (b * mean + c))``). At 116,490 peaks the float64 design took ~8 ms a cell
-    and several [cells, features] temporaries; this takes one array and a few in-place passes.
+    (b * mean + c))``). At 116,490 peaks the float64 design took ~8 ms a cell and several [cells, features]
+    temporaries; this runs torch's (multithreaded) in-place passes over cache-sized tiles.
     """
-    x = np.array(profile, dtype=np.float32, copy=True)
-    if direction == "gex2atac":
-        mean_logit = _logit(_train_stat(features, meta, "atac_mean"))
-        if params["aggregation"] == "profile_depth":
-            a, d, e, b = params["coef"]
-            depth = x.mean(axis=1, dtype=np.float64)
-            offset = b * mean_logit + params["intercept"]
-            x *= np.float32(a)
-            x += ((d - a) * depth + e * log_source_length).astype(np.float32)[:, None]
-        else:
-            a, b = params["coef"]
-            offset = (a + b) * mean_logit + params["intercept"]
-            x *= np.float32(a)
-        x += offset.astype(np.float32)
-        with np.errstate(over="ignore"):  # exp(-z) overflows to inf for z < -88: the probability is then 0
-            np.negative(x, out=x)
-            np.exp(x, out=x)
-        x += np.float32(1.0)
-        return np.reciprocal(x, out=x)
-    mean = _train_stat(features, meta, "gex_mean")
+    from .metrics_core import iter_tiles
+
+    x = np.asarray(profile, dtype=np.float32)
+    if not (in_place and x is profile and x.flags.c_contiguous and x.flags.writeable):
+        x = np.array(profile, dtype=np.float32, copy=True, order="C")
+    atac = direction == "gex2atac"
+    mean = _logit(_train_stat(features, meta, "atac_mean")) if atac else _train_stat(features, meta, "gex_mean")
+    rows = None
     if params["aggregation"] == "profile_depth":
-        a, d, e, b, c = params["coef"]
+        scale, d, e, b, *rest = params["coef"]  # GEX: rest = [c]; ATAC: the intercept
         depth = x.mean(axis=1, dtype=np.float64)
-        offset = b * mean + c
-        x *= np.float32(a)
-        x += ((d - a) * depth + e * log_source_length).astype(np.float32)[:, None]
+        offset = b * mean + (params["intercept"] if atac else rest[0])
+        rows = torch.from_numpy(((d - scale) * depth + e * log_source_length).astype(np.float32))
+    elif atac:
+        scale, b = params["coef"]
+        offset = (scale + b) * mean + params["intercept"]
     else:
-        w0, w1, w2 = params["coef"]
-        offset = (w0 + w1) * mean + w2
-        x *= np.float32(w0)
-    x += offset.astype(np.float32)
-    return np.maximum(x, np.float32(0.0), out=x)
+        scale, w1, w2 = params["coef"]
+        offset = (scale + w1) * mean + w2
+    if offset.ndim == 1:
+        offset = offset[None, :]
+    columns = torch.from_numpy(np.ascontiguousarray(offset, dtype=np.float32))  # [1 or cells, features]
+    matrix = torch.from_numpy(x)
+    for r, c in iter_tiles(*x.shape):
+        tile = matrix[r, c]
+        tile.mul_(float(np.float32(scale)))
+        if rows is not None:
+            tile.add_(rows[r, None])
+        tile.add_(columns[r if columns.shape[0] > 1 else slice(None), c])
+        if atac:
+            tile.sigmoid_()
+        else:
+            tile.clamp_(min=0.0)
+    return x
 
 
-def apply_readout(features: dict[str, np.ndarray], direction: str, meta: dict, params: dict | None) -> np.ndarray:
+def apply_readout(features: dict[str, np.ndarray], direction: str, meta: dict, params: dict | None, in_place: bool = False) -> np.ndarray:
     """Turn decode aggregates into the prediction matrix (float32); ``params`` = one direction of ``readout.json``.
 
     Without ``params`` (an uncalibrated model) ATAC gives the noisy-or inclusion score and GEX the
-    expected value ``e_g``.
+    expected value ``e_g``. ``in_place``: the profile readout may overwrite ``features['profile']`` (the caller's
+    own features, read once) instead of a copy of it.
     """
     if params is None and "noisy_or" not in features:  # not decoded: the profile readout as trained
         params = {"aggregation": "profile", "coef": [1.0, 0.0], "intercept": 0.0} if direction == "gex2atac" else {"aggregation": "profile", "coef": [1.0, 0.0, 0.0]}
     if is_profile(params):
         size = _log_source_length(features) if params["aggregation"] == "profile_depth" else None
-        return _profile_readout(features["profile"], direction, meta, params, size, features)
+        return _profile_readout(features["profile"], direction, meta, params, size, features, in_place=in_place)
     if direction == "gex2atac":
         if params is None:
             return _inclusion(features, "noisy_or").astype(np.float32)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,6 +21,9 @@ from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.kernel_approximation import Nystroem
 
 from .metrics_core import default_chunk_cells, iter_row_chunks
+
+if TYPE_CHECKING:
+    import torch
 
 MODALITIES = ("gex", "atac")
 KRR_GRID = {"n_components": (32, 64), "gamma_scale": (0.1, 0.3, 1.0, 3.0), "alpha": (0.1, 1.0, 10.0, 100.0)}
@@ -279,6 +283,7 @@ class SourceKernel:
             raise ValueError(f"source kernel arrays lack {', '.join(missing)}")
         self.arrays = {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
         self.source, self.target, self.gamma, self.scale = source, target, float(gamma), float(scale)
+        self._expand = None
 
     @classmethod
     def from_baseline(cls, krr) -> SourceKernel:
@@ -293,8 +298,8 @@ class SourceKernel:
             arrays.update(inv_sd=emb.inv_sd, reducer_mean=emb.reducer.mean_)
         return cls(arrays, krr.source, krr.target, krr.mapper.gamma, krr.scale)
 
-    def predict(self, source: sp.csr_matrix) -> np.ndarray:
-        """Cells x target features (float32), clipped like the baseline ([0, 1] ATAC, >= 0 GEX)."""
+    def latent(self, source: sp.csr_matrix) -> np.ndarray:
+        """The regression's output in the target's PCA space, ``[cells, target components]`` (float64)."""
         a = self.arrays
         x = sp.csr_matrix(source, dtype=np.float64)
         if self.source == "atac":  # TF-IDF (l2 rows), as sklearn's TfidfTransformer
@@ -309,9 +314,32 @@ class SourceKernel:
         z = np.asarray(z) / self.scale
         d2 = (z**2).sum(1)[:, None] + (a["landmarks"] ** 2).sum(1)[None, :] - 2.0 * z @ a["landmarks"].T
         phi = np.exp(-self.gamma * np.maximum(d2, 0.0)) @ a["normalization"].T
-        values = (phi @ a["coef"]) @ a["target_components"] + a["target_mean"]
-        values = np.clip(values, 0.0, 1.0) if self.target == "atac" else np.maximum(values, 0.0)
-        return values.astype(np.float32)
+        return phi @ a["coef"]
+
+    def tile(self, latent: torch.Tensor, columns: slice) -> torch.Tensor:
+        """The prediction of target features ``columns`` (float32, clipped like the baseline) from :meth:`latent`'s rows
+        (a float32 tensor): the one place the kernel's ``[cells, features]`` values are made."""
+        import torch
+
+        if self._expand is None:  # float32 copies, features first: a tile's columns are contiguous rows
+            self._expand = (torch.from_numpy(np.ascontiguousarray(self.arrays["target_components"].T, dtype=np.float32)),
+                            torch.from_numpy(self.arrays["target_mean"].astype(np.float32)))
+        components, mean = self._expand
+        values = torch.addmm(mean[columns], latent, components[columns].T)
+        return values.clamp_(0.0, 1.0) if self.target == "atac" else values.clamp_(min=0.0)
+
+    def predict(self, source: sp.csr_matrix) -> np.ndarray:
+        """Cells x target features (float32), clipped like the baseline ([0, 1] ATAC, >= 0 GEX)."""
+        import torch
+
+        from .metrics_core import iter_tiles
+
+        latent = torch.from_numpy(self.latent(source).astype(np.float32))
+        out = np.empty((latent.shape[0], self.arrays["target_mean"].shape[0]), dtype=np.float32)
+        matrix = torch.from_numpy(out)
+        for rows, columns in iter_tiles(*out.shape):
+            matrix[rows, columns] = self.tile(latent[rows], columns)
+        return out
 
     def settings(self) -> dict:
         return {"source": self.source, "target": self.target, "gamma": self.gamma, "scale": self.scale,
