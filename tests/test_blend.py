@@ -296,3 +296,61 @@ def test_the_shipped_kernel_is_fitted_on_the_cells_the_time_left_allows():
     rows = _affordable_rows(5000, pace, time.perf_counter() + 4.0)
     assert 1500 <= len(rows) <= 2000 and np.all(np.diff(rows) > 0) and rows[0] == 0 and rows[-1] == 4999
     assert len(_affordable_rows(5000, pace, time.perf_counter() - 1.0)) == MIN_FIT_CELLS
+
+
+def _kernel_reference(kernel, source: sp.csr_matrix) -> np.ndarray:
+    """The kernel's prediction computed whole in float64, as its formula reads."""
+    a = kernel.arrays
+    x = source.toarray().astype(np.float64)
+    if kernel.source == "atac":
+        x = x * a["idf"]
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+        z = x @ a["reducer_components"].T
+    else:
+        z = (np.minimum(x * a["inv_sd"], 10.0) - a["reducer_mean"]) @ a["reducer_components"].T
+    z = z / kernel.scale
+    d2 = ((z[:, None, :] - a["landmarks"][None]) ** 2).sum(-1)
+    values = (np.exp(-kernel.gamma * d2) @ a["normalization"].T @ a["coef"]) @ a["target_components"] + a["target_mean"]
+    return np.clip(values, 0.0, 1.0) if kernel.target == "atac" else np.maximum(values, 0.0)
+
+
+@pytest.mark.parametrize("tiles", [None, (4, 9)])
+@pytest.mark.parametrize("source", ["gex", "atac"])
+def test_the_blend_and_its_kernel_in_tiles_equal_the_whole_float64_formula(source, tiles, monkeypatch):
+    """Made tile by tile in float32 (edges included), in place or not, the blend is its parts' formula to float32 rounding."""
+    import translator.metrics_core as metrics_core
+    from translator.predictor import DirectionBlend
+    from translator.source_kernel import SourceKernel
+
+    if tiles:
+        monkeypatch.setattr(metrics_core, "TILE_ROWS", tiles[0])
+        monkeypatch.setattr(metrics_core, "TILE_COLUMNS", tiles[1])
+    rng = np.random.default_rng(5)
+    n_cells, n_source, n_target, components, landmarks, target_components = 23, 40, 31, 6, 12, 5
+    arrays = {"reducer_components": rng.normal(size=(components, n_source)), "landmarks": rng.normal(size=(landmarks, components)),
+              "normalization": rng.normal(size=(landmarks, landmarks)) / landmarks, "coef": rng.normal(size=(landmarks, target_components)),
+              "target_components": rng.normal(size=(target_components, n_target)) * 0.2, "target_mean": rng.uniform(0.0, 0.6, n_target)}
+    if source == "atac":
+        arrays["idf"] = rng.uniform(1.0, 3.0, n_source)
+    else:
+        arrays.update(inv_sd=rng.uniform(0.5, 2.0, n_source), reducer_mean=rng.uniform(0.0, 0.3, n_source))
+    target = "gex" if source == "atac" else "atac"
+    kernel = SourceKernel(arrays, source, target, gamma=0.3, scale=1.7)
+    indicator = sp.csr_matrix((rng.random((n_cells, n_source)) < 0.3).astype(np.float32))
+    expected_kernel = _kernel_reference(kernel, indicator)
+    got = kernel.predict(indicator)
+    assert got.dtype == np.float32 and got.shape == (n_cells, n_target)
+    np.testing.assert_allclose(got, expected_kernel, rtol=1e-5, atol=1e-5)
+
+    transformer = rng.uniform(0.0, 1.0, (n_cells, n_target)).astype(np.float32)
+    mean = rng.uniform(0.0, 0.5, n_target).astype(np.float32)
+    blend = DirectionBlend({"transformer": 0.55, "kernel": 0.3, "mean": 0.15}, kernel, mean)
+    expected = 0.55 * transformer.astype(np.float64) + 0.3 * expected_kernel + 0.15 * mean
+    copied = blend.combine(transformer, indicator)
+    assert copied is not transformer and copied.dtype == np.float32
+    np.testing.assert_allclose(copied, expected, rtol=1e-5, atol=1e-5)
+    mine = transformer.copy()
+    assert blend.combine(mine, indicator, in_place=True) is mine
+    np.testing.assert_array_equal(mine, copied)
+    alone = DirectionBlend({"transformer": 0.0, "kernel": 0.7, "mean": 0.3}, kernel, mean).combine(None, indicator)
+    np.testing.assert_allclose(alone, 0.7 * expected_kernel + 0.3 * mean, rtol=1e-5, atol=1e-5)

@@ -156,7 +156,9 @@ def _decode_batches(model, source_ids, direction, target_range, max_new_tokens, 
         input_ids, mask = input_ids.to(device), mask.to(device)
         with torch.inference_mode():
             model.eval()
-            encoder_hidden = model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            # Sorted by length, most batches hold sources of one length: without padding, no mask is needed, and attention
+            # adds the relative position bias [1, heads, length, length] as it is instead of a [batch, ...] copy of it.
+            encoder_hidden = model.encoder(input_ids=input_ids, attention_mask=None if bool(mask.all()) else mask).last_hidden_state
             out["profile"][rows] = profile_scores(model, encoder_hidden, mask, input_ids, target_range, profile_head).cpu().numpy()
         if not decode:
             continue
