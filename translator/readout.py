@@ -159,7 +159,11 @@ def _decode_batches(model, source_ids, direction, target_range, max_new_tokens, 
             # Sorted by length, most batches hold sources of one length: without padding, no mask is needed, and attention
             # adds the relative position bias [1, heads, length, length] as it is instead of a [batch, ...] copy of it.
             encoder_hidden = model.encoder(input_ids=input_ids, attention_mask=None if bool(mask.all()) else mask).last_hidden_state
-            out["profile"][rows] = profile_scores(model, encoder_hidden, mask, input_ids, target_range, profile_head).cpu().numpy()
+            scores = profile_scores(model, encoder_hidden, mask, input_ids, target_range, profile_head).cpu().numpy()
+            if (np.diff(rows) == 1).all():
+                out["profile"][rows[0] : rows[-1] + 1] = scores  # sources of one length keep their order: one block copy
+            else:
+                out["profile"][rows] = scores
         if not decode:
             continue
         threads = torch.get_num_threads()
@@ -265,7 +269,7 @@ def _profile_readout(profile: np.ndarray, direction: str, meta: dict, params: di
     rows = None
     if params["aggregation"] == "profile_depth":
         scale, d, e, b, *rest = params["coef"]  # GEX: rest = [c]; ATAC: the intercept
-        depth = x.mean(axis=1, dtype=np.float64)
+        depth = torch.from_numpy(x).mean(dim=1, dtype=torch.float64).numpy()  # torch: on every thread
         offset = b * mean + (params["intercept"] if atac else rest[0])
         rows = torch.from_numpy(((d - scale) * depth + e * log_source_length).astype(np.float32))
     elif atac:
