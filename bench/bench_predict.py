@@ -10,6 +10,7 @@ Target: 2,000 cells/s GEX to ATAC on one H100 (``--device cuda``); the CPU figur
     python bench/bench_predict.py [--model OUT] [--cells 256] [--batch_size 64]
     python bench/bench_predict.py --device cuda --cells 4096 --batch_size 256
     python bench/bench_predict.py --quick
+    python bench/bench_predict.py --dataset DATASET --write_timing_model OUT   # random weights, the default recipe's shape
 """
 
 from __future__ import annotations
@@ -75,6 +76,52 @@ def _untrained_folder(dataset: Path, target: Path) -> Path:
     model = make_model(make_config("tiny", len(tok), max_length=64), seed=0)
     readout = {"max_source_length": 64, "max_target_length": 64}
     write_model_folder(target, model, tok, meta, readout, {"note": "untrained, bench smoke run"}, max_target_length=64)
+    return target
+
+
+def timing_folder(dataset: Path, target: Path, seed: int = 0) -> Path:
+    """A folder of the default recipe's shape with random weights, for timing ``predict.py`` at full size: the ``tiny`` T5
+    over ``dataset``'s names, a profile head, the ``profile_depth`` calibration of both directions, and the blend of all
+    three parts (transformer, a source kernel of 64 components and 1,000 landmarks, the mean), as ``train.py`` ships them.
+    Its predictions mean nothing; every part of the prediction path runs, at its real size."""
+    import json
+
+    import torch
+    from safetensors.numpy import save_file
+
+    from tokenizer import build_tokenizer
+    from translator.finishing import write_model_folder
+    from translator.model import ProfileHead, make_config, make_model
+
+    meta = json.loads((dataset / "cell_sentences.json").read_text())
+    tok = build_tokenizer(meta["genes"], meta["peaks"])
+    model = make_model(make_config("tiny", len(tok), max_length=512), seed=seed)
+    head = ProfileHead(len(tok), 3 * model.config.d_model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.5, generator=generator)
+        head.bias.normal_(0.0, 0.3, generator=generator)
+    rng = np.random.default_rng(seed)
+    readout = {"max_source_length": 512, "max_target_length": 128,
+               "calibration": {"gex2atac": {"aggregation": "profile_depth", "coef": [0.28, 0.09, 1.1, 0.91], "intercept": -5.68},
+                               "atac2gex": {"aggregation": "profile_depth", "coef": [0.9, 1.7, 0.3, 1.05, -0.6]}},
+               "blend": {}}
+    arrays = {}
+    n_genes, n_peaks = len(meta["genes"]), len(meta["peaks"])
+    for direction, (source, target_modality, n_source, n_target) in {"gex2atac": ("gex", "atac", n_genes, n_peaks),
+                                                                     "atac2gex": ("atac", "gex", n_peaks, n_genes)}.items():
+        kernel = {"reducer_components": rng.normal(size=(64, n_source)) / np.sqrt(n_source), "landmarks": rng.normal(size=(1000, 64)),
+                  "normalization": rng.normal(size=(1000, 1000)) / 1000, "coef": rng.normal(size=(1000, 64)) * 0.1,
+                  "target_components": rng.normal(size=(64, n_target)) * 0.01, "target_mean": rng.uniform(0.0, 0.3, n_target)}
+        kernel.update({"idf": rng.uniform(1.0, 3.0, n_source)} if source == "atac"
+                      else {"inv_sd": rng.uniform(0.5, 2.0, n_source), "reducer_mean": rng.uniform(0.0, 0.3, n_source)})
+        arrays.update({f"{direction}.kernel.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in kernel.items()})
+        arrays[f"{direction}.mean"] = rng.uniform(0.0, 0.3, n_target).astype(np.float32)
+        readout["blend"][direction] = {"weights": {"transformer": 0.5, "kernel": 0.3, "mean": 0.2}, "predicts_the_mean": False,
+                                       "kernel": {"source": source, "target": target_modality, "gamma": 0.05, "scale": 1.0}}
+    write_model_folder(target, model, tok, meta, readout, {"note": "random weights of the default recipe's shape, for timing only"}, 128,
+                       profile_head=head)
+    save_file(arrays, str(target / "blend.safetensors"))
     return target
 
 
@@ -180,6 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--train_steps", type=int, default=None, help="steps of the tiny model trained when --model is absent (default 100)")
     parser.add_argument("--skip_e2e", action="store_true", help="skip the predict.py subprocess runs")
+    parser.add_argument("--write_timing_model", type=Path, default=None,
+                        help="only write a random-weights folder of the default recipe's shape over --dataset's names (profile head, "
+                             "calibration, blend of all three parts) into this folder, for timing predict.py, and exit")
     parser.add_argument("--quick", action="store_true", help="smoke run: the simulated dataset, a 3-step tiny model, 8 cells")
     parser.add_argument("--results_dir", type=Path, default=None, help="where the JSON goes (default bench/results; --quick: a temp folder)")
     args = parser.parse_args(argv)
@@ -190,6 +240,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible to torch here; run on a GPU machine or use --device cpu")
+    if args.write_timing_model is not None:
+        if args.dataset is None:
+            raise ValueError("--write_timing_model needs --dataset (a built dataset whose names the folder uses)")
+        print(f"wrote {timing_folder(args.dataset, args.write_timing_model)}")
+        return {}
     cells = args.cells or (8 if args.quick else 256)
     import torch
 

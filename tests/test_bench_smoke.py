@@ -319,3 +319,22 @@ def test_random_batches_write_a_seeded_split_into_each_modality(tmp_path):
     assert (labels == np.asarray(data["atac"].obs["batch"])).all()
     assert {name: int((labels == name).sum()) for name in ("train", "validation", "test")} == {"train": 96, "validation": 12, "test": 12}
     assert (labels == random_batches.random_batches(120, 0.1, 0.1, seed=2)).all()
+
+
+def test_the_timing_model_of_bench_predict_runs_every_part_of_the_prediction(tmp_path):
+    """The random-weights folder has the default recipe's parts, and its prediction is the blend of all three of them."""
+    import numpy as np
+
+    from tests.translator_fixtures import make_dataset_and_tokenizer
+    from translator import CellTranslator
+
+    data, _ = make_dataset_and_tokenizer(tmp_path, n_cells=40, n_genes=30, n_peaks=90, seed=1)
+    bench_predict.main(["--dataset", str(data), "--write_timing_model", str(tmp_path / "timing")])
+    tr = CellTranslator.from_pretrained(tmp_path / "timing")
+    assert tr.profile_head is not None and tr.readout["calibration"]["gex2atac"]["aggregation"] == "profile_depth"
+    blend = tr.blend["gex2atac"]
+    assert blend.needs_transformer and blend.kernel is not None and blend.mean is not None
+    sentences = [" ".join(tr.meta["genes"][i:i + 5]) for i in range(4)]
+    matrix = tr.predict_matrix(sentences, "gex2atac")
+    assert matrix.shape == (4, len(tr.meta["peaks"])) and matrix.dtype == np.float32
+    assert np.isfinite(matrix).all() and (matrix >= 0).all() and (matrix <= 1).all() and matrix.std(axis=0).max() > 0
