@@ -341,9 +341,12 @@ def card_text(readout: dict) -> str:
     if not records:
         return ("The per-feature values are the transformer's calibrated readout alone: there were no held-out cells to check it "
                 "against the per-feature mean.")
+    pooled = next((r["held_out"]["pooled_from"] for r in records.values() if r["held_out"].get("pooled_from")), None)
+    where = (f"the train and validation cells, each read by one of {len(pooled)} fold models of the same recipe and scored against a kernel "
+             "and a mean, all fitted without it") if pooled else "validation cells that none of the parts was fitted on"
     lines = ["Per-feature values are `w_t * transformer + w_k * kernel + w_m * mean`: the transformer's calibrated readout, an RBF "
              "kernel ridge regression on the names of the source sentence, and the per-feature mean of the training cells. The weights "
-             "were chosen on validation cells that none of the parts was fitted on (`readout.json`, `blend`).", "",
+             f"were chosen on {where} (`readout.json`, `blend`).", "",
              "| direction | weights (transformer / kernel / mean) | held-out cells | RMSE: blend / mean / kernel / transformer "
              "| per-cell Pearson: blend / mean / kernel / transformer |", "|---|---|---|---|---|"]
     for direction, record in records.items():
