@@ -52,6 +52,7 @@ def test_few_validation_cells_choose_the_blend_on_every_cell_through_fold_models
     for direction, record in readout["blend"].items():
         assert sum(record["held_out"]["pooled_from"]) == n_cells == record["held_out"]["cells"], direction
     assert not any(".folds" in p.name for p in tmp_path.iterdir())
+    assert "each read by one of 2 fold models" in (out / "README.md").read_text()
 
 
 def test_blend_folds_of_one_is_refused(tmp_path):
