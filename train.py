@@ -269,10 +269,10 @@ def finish_folder(model_args: ModelArguments, data_args: DataArguments, run: Run
     saved = training_record(model_args, data_args, run, **facts, job_seconds_before_finishing=round(budget.elapsed(), 1))
     write_model_folder(run.output_dir, model, tokenizer, meta, readout, saved, data_args.max_target_length, profile_head)
     if run.blend:
-        pool = []
-        if wants_folds(len(splits["validation"]), run, data_args.streaming) and readout["calibration"]:
-            pool = train_fold_models(model_args, data_args, run, splits, facts["best_validation_step"] or facts["completed_steps"], readout, budget)
         try:
+            pool = []
+            if wants_folds(len(splits["validation"]), run, data_args.streaming) and readout["calibration"]:
+                pool = train_fold_models(model_args, data_args, run, splits, facts["best_validation_step"] or facts["completed_steps"], readout, budget)
             fit_blend(run.output_dir, data_args.dataset_dir, data_args.directions, run.per_device_eval_batch_size, run.seed, pool=pool,
                       **held_out_cap, max_seconds=budget.left() if budget.limited else None)
         finally:
