@@ -29,6 +29,7 @@ __all__ = [
     "encode_cells",
     "encode_gex",
     "encode_atac",
+    "gex_sentence_genes",
     "gex_sentences",
 ]
 
@@ -300,11 +301,18 @@ def gex_sentences(
     pa.Array
         One ``pa.string()`` sentence per cell.
     """
+    names = genes if isinstance(genes, NameTable) else NameTable(genes)
+    return join_names(names, *gex_sentence_genes(ranking, gex_encoding=gex_encoding, threshold=threshold, known=known))
+
+
+def gex_sentence_genes(ranking: GeneRanking, *, gex_encoding: str = "rank", threshold: float = BINARY_THRESHOLD,
+                       known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The genes of each cell's GEX sentence (:func:`gex_sentences`), as ``offsets`` and column ``index``: cell ``i``'s
+    sentence names ``index[offsets[i]:offsets[i + 1]]`` in order."""
     if gex_encoding not in GEX_ENCODINGS:
         raise ValueError(f"unknown gex_encoding '{gex_encoding}': use one of {GEX_ENCODINGS}")
-    names = genes if isinstance(genes, NameTable) else NameTable(genes)
     if gex_encoding == "rank" and known is None:
-        return join_names(names, ranking.offsets, ranking.index)
+        return ranking.offsets, ranking.index
     rows, index = ranking.rows, ranking.index
     keep = np.ones(index.size, dtype=bool) if known is None else np.asarray(known, dtype=bool)[index]
     if gex_encoding == "binary":
@@ -313,4 +321,4 @@ def gex_sentences(
     if gex_encoding == "binary":
         order = np.lexsort((index, rows))
         rows, index = rows[order], index[order]
-    return join_names(names, _offsets(rows, len(ranking.offsets) - 1), index)
+    return _offsets(rows, len(ranking.offsets) - 1), index

@@ -108,6 +108,23 @@ def test_output_mode_follows_the_umask_and_the_bar_shows_on_a_terminal(model_dir
     assert [p.name for p in tmp_path.iterdir()] == ["pred.h5ad"]
 
 
+def test_gene_token_ids_make_the_source_ids_of_their_sentences(model_dir):
+    """GEX sources given as their genes' token ids (predict_h5ad's path) are the ids encode_sources makes of the sentences:
+    prefix, the top-ranked names under the cap, </s>; an empty cell is prefix and </s>."""
+    from translator import CellTranslator
+
+    tr = CellTranslator.from_pretrained(model_dir)
+    tr.max_source_length = 6
+    genes = tr.meta["genes"]
+    cells = [genes[:9], [], genes[20:23], genes[5:9][::-1]]
+    offsets = np.cumsum([0, *(len(c) for c in cells)])
+    tokens = np.asarray(tr.tokenizer.convert_tokens_to_ids([g for c in cells for g in c]))
+    got = tr.gene_source_ids(offsets, tokens, "gex2atac")
+    expected = tr.encode_sources([" ".join(c) for c in cells], "gex2atac", allow_empty=True)
+    assert [x.tolist() for x in got] == [x.tolist() for x in expected]
+    assert [len(x) for x in got] == [6, 2, 5, 6] and tr.last_stats == {"cells": 4, "unknown_source_names": 0}
+
+
 @pytest.mark.parametrize("direction, source", [("gex2atac", TEST_MOD1), ("atac2gex", TEST_MOD2)])
 def test_chunked_h5ad_equals_the_in_memory_prediction(model_dir, tmp_path, direction, source):
     from translator import CellTranslator

@@ -169,9 +169,20 @@ def _check_found(found: int, total: int, kind: str, where: str, hint) -> None:
         logger.info("%s all %d of the model's %ss", have, total, kind)
 
 
-def _gex_sentences(mod, meta: dict, where: str, block: int = SENTENCE_BLOCK) -> tuple[Iterator[list[str]], dict]:
-    """GEX sentences ``block`` cells at a time (a generator), and the counts of what was mapped."""
-    from dataset_builder.sentences import BINARY_THRESHOLD, NameTable, gex_sentences, library_size_factors, rank_genes
+def _gex_sentences(mod, meta: dict, where: str, block: int = SENTENCE_BLOCK, gene_tokens=None) -> tuple[Iterator, dict]:
+    """GEX sentences ``block`` cells at a time (a generator), and the counts of what was mapped.
+
+    With ``gene_tokens`` (input gene names -> token ids), each block is instead ``(offsets, token ids)`` of the sentences'
+    genes in order (cell ``i``: ``ids[offsets[i]:offsets[i + 1]]``): the same names, never written out as text.
+    """
+    from dataset_builder.sentences import (
+        BINARY_THRESHOLD,
+        NameTable,
+        gex_sentence_genes,
+        gex_sentences,
+        library_size_factors,
+        rank_genes,
+    )
 
     names = pd.Index(np.asarray(mod.features, dtype=object).astype(str))
     model = pd.Index(meta["genes"])
@@ -184,11 +195,17 @@ def _gex_sentences(mod, meta: dict, where: str, block: int = SENTENCE_BLOCK) -> 
     name_array = NameTable(pa.array(names.tolist(), pa.string()))
     encoding, threshold = meta.get("gex_encoding", "rank"), float(meta.get("binary_threshold", BINARY_THRESHOLD))
 
-    def blocks() -> Iterator[list[str]]:
+    tokens = None if gene_tokens is None else np.asarray(gene_tokens(names.tolist()), dtype=np.int64)
+
+    def blocks() -> Iterator:
         for start in range(0, counts.shape[0], block):
             stop = min(start + block, counts.shape[0])
             ranking = rank_genes(counts[start:stop], size_factors[start:stop])
-            yield gex_sentences(ranking, name_array, gex_encoding=encoding, threshold=threshold, known=known).to_pylist()
+            if tokens is None:
+                yield gex_sentences(ranking, name_array, gex_encoding=encoding, threshold=threshold, known=known).to_pylist()
+            else:
+                offsets, index = gex_sentence_genes(ranking, gex_encoding=encoding, threshold=threshold, known=known)
+                yield np.asarray(offsets, dtype=np.int64), tokens[index]
 
     stats = {"source_features": len(names), "unknown_genes": int((~known).sum()), "model_features": len(model), "model_features_found": found}
     if stats["unknown_genes"]:
@@ -257,9 +274,10 @@ def source_cells(mod):
     return ad.AnnData(obs=obs, obsm=read_obsm(mod))
 
 
-def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int = SENTENCE_BLOCK, **modalities: str):
+def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int = SENTENCE_BLOCK, gene_tokens=None, **modalities: str):
     """Source sentences ``block`` cells at a time (a generator of lists), the source cells (:func:`source_cells`), the
-    counts and the cell count.
+    counts and the cell count. ``gene_tokens`` (GEX sources only; input gene names -> token ids): each block is
+    ``(offsets, token ids)`` of the sentences' genes instead of text (:func:`_gex_sentences`).
 
     Only the source matrix is held, never every cell's sentence (69,249 full-size cells' ATAC sentences would be
     6 G characters). ``stats['empty_cells']`` is complete once the generator is exhausted.
@@ -270,13 +288,15 @@ def source_sentence_blocks(adata_or_path, direction: str, meta: dict, block: int
     label = SOURCE_MODALITY[direction].upper()
     mod, cells = read_source(adata_or_path, direction, **modalities)
     where = str(mod.path)
-    make = _gex_sentences if label == "GEX" else _atac_sentences
-    blocks, stats = make(mod, meta, where, block)
+    if label == "GEX":
+        blocks, stats = _gex_sentences(mod, meta, where, block, gene_tokens)
+    else:
+        blocks, stats = _atac_sentences(mod, meta, where, block)
     stats["empty_cells"] = 0
 
-    def counted() -> Iterator[list[str]]:
+    def counted() -> Iterator:
         for sentences in blocks:
-            stats["empty_cells"] += sum(not s for s in sentences)
+            stats["empty_cells"] += int((np.diff(sentences[0]) == 0).sum()) if isinstance(sentences, tuple) else sum(not s for s in sentences)
             yield sentences
         if stats["empty_cells"]:
             logger.warning("%d cells have no %s feature known to the model; they are kept and predicted from an empty sentence", stats["empty_cells"], label)

@@ -22,6 +22,7 @@ import numpy as np
 from dataset_builder import META_FILE
 from tokenizer import (
     DIRECTIONS,
+    PREFIX,
     SOURCE_MODALITY,
     TARGET_MODALITY,
     check_same_features,
@@ -185,6 +186,24 @@ class CellTranslator:
             logger.warning("%d source names are not %s names of this model and were ignored", unknown, SOURCE_MODALITY[direction])
         return out
 
+    def gene_source_ids(self, offsets: np.ndarray, tokens: np.ndarray, direction: str = "gex2atac") -> list[np.ndarray]:
+        """:meth:`encode_sources` of GEX sentences given as their genes' token ids (cell ``i``: ``tokens[offsets[i]:offsets[i + 1]]``,
+        every one a gene of the model), vectorized: ``<prefix> top-ranked names </s>``, as :func:`translator.data.source_ids`."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        n = np.diff(offsets)
+        cap = max(0, self.max_source_length - 2)
+        position = np.arange(int(offsets[-1] - offsets[0])) - np.repeat(offsets[:-1] - offsets[0], n)
+        lengths = np.minimum(n, cap) + 2
+        ends = np.cumsum(lengths)
+        flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+        body = np.ones(flat.size, dtype=bool)
+        body[ends - lengths] = body[ends - 1] = False
+        flat[ends - lengths] = self.tokenizer.convert_tokens_to_ids(PREFIX[direction])
+        flat[ends - 1] = self.tokenizer.eos_token_id
+        flat[body] = np.asarray(tokens, dtype=np.int64)[offsets[0]:offsets[-1]][position < cap]
+        self.last_stats = {"cells": len(n), "unknown_source_names": 0}
+        return np.split(flat, ends[:-1])
+
     # -- prediction ------------------------------------------------------------------------
     def _predict_ids(self, ids: Sequence[np.ndarray], direction: str, batch_size: int, need_sentences: bool = True):
         blend = self.blend.get(direction)
@@ -256,10 +275,12 @@ class CellTranslator:
         self._check_direction(direction)
         if chunk_cells < 1:
             raise ValueError(f"--chunk_cells must be >= 1, got {chunk_cells}")
-        # Sentences are made chunk by chunk too: memory holds the source matrix and one chunk, not every sentence.
+        # Sentences are made chunk by chunk too: memory holds the source matrix and one chunk, not every sentence. GEX
+        # sentences come as their genes' token ids: the same names, without writing and splitting text.
+        gene_tokens = self.tokenizer.convert_tokens_to_ids if SOURCE_MODALITY[direction] == "gex" else None
         sentence_blocks, cells, stats, n_cells = source_sentence_blocks(
-            adata_or_path, direction, self.meta, block=chunk_cells, gex_modality=gex_modality, atac_modality=atac_modality,
-            counts_layer=counts_layer,
+            adata_or_path, direction, self.meta, block=chunk_cells, gene_tokens=gene_tokens, gex_modality=gex_modality,
+            atac_modality=atac_modality, counts_layer=counts_layer,
         )
         unknown = 0
 
@@ -267,10 +288,11 @@ class CellTranslator:
             nonlocal unknown
             with tqdm(total=n_cells, unit="cell", desc=f"predicting {direction}", disable=None if progress else True) as bar:
                 for sentences in sentence_blocks:
-                    out = self.predict_matrix(sentences, direction, batch_size, return_sentences=return_sentences)
+                    ids = self.gene_source_ids(*sentences, direction) if gene_tokens else self.encode_sources(sentences, direction, allow_empty=True)
                     unknown += self.last_stats["unknown_source_names"]
-                    bar.update(len(sentences))
-                    yield out if return_sentences else (out, None)
+                    matrix, translated = self._predict_ids(ids, direction, batch_size, need_sentences=return_sentences)
+                    bar.update(len(ids))
+                    yield matrix, translated if return_sentences else None
 
         def final_stats() -> dict:
             return {**stats, "cells": n_cells, "unknown_source_names": unknown}
