@@ -335,12 +335,17 @@ def test_repeated_partitions_average_the_cross_fitted_error_and_steady_the_choic
     log_size = np.log1p(size) - np.log1p(size).mean()
     truth = np.clip(gex_mean + pattern + 0.2 * log_size[:, None] + rng.normal(0, 0.3, (n_cells, 1)) + rng.normal(0, 0.3, pattern.shape), 0, None)
     features = {"profile": (pattern + rng.normal(0, 0.3, pattern.shape)).astype(np.float32), "source_length": size}
-    single = [_cross_fitted_rmse(features, truth, "atac2gex", meta, "profile", 5, seed, 10**6) for seed in range(3)]
-    assert _cross_fitted_rmse(features, truth, "atac2gex", meta, "profile", 5, 0, 10**6, repeats=3) == pytest.approx(np.sqrt(np.mean(np.square(single))), rel=1e-12)
+    def rmse(seed, repeats=1, names=("profile",)):
+        scores, done = _cross_fitted_rmse(features, truth, "atac2gex", meta, list(names), 5, seed, 10**6, repeats)
+        assert done == repeats
+        return scores
+
+    single = [rmse(seed)["profile"] for seed in range(3)]
+    assert rmse(0, repeats=3)["profile"] == pytest.approx(np.sqrt(np.mean(np.square(single))), rel=1e-12)
 
     def verdict(seed, repeats):
-        rmse = {a: _cross_fitted_rmse(features, truth, "atac2gex", meta, a, 5, seed, 10**6, repeats) for a in ("profile", "profile_depth")}
-        return rmse["profile_depth"] < rmse["profile"]
+        scores = rmse(seed, repeats, ("profile", "profile_depth"))
+        return scores["profile_depth"] < scores["profile"]
 
     reference = verdict(1000, 40)
     disagree = {repeats: sum(verdict(100 * seed, repeats) != reference for seed in range(20)) for repeats in (1, 5)}
@@ -709,3 +714,25 @@ def test_project_rank_is_reduce_ranks_candidate():
     for k in (0, 12, 40):  # none, or at least the scores' rank: unchanged
         same_w, same_b = project_rank(x_train, w, b, k)
         assert same_w is w and same_b is b
+
+
+def test_a_passed_deadline_averages_the_choice_over_one_partition_and_says_so():
+    """Under a time budget the readout's cross-fitted choice stops after the partitions it had time for (at least one);
+    without one, every partition is averaged, and a deadline that is not reached changes nothing."""
+    import time
+
+    rng = np.random.default_rng(7)
+    n_cells, n_peaks = 60, 40
+    meta = {"train_stats": {"atac_mean": rng.uniform(0.05, 0.3, n_peaks).tolist()}}
+    scores = rng.normal(0, 1.0, (n_cells, n_peaks)).astype(np.float32)
+    truth = sp.csr_matrix((rng.random((n_cells, n_peaks)) < 1 / (1 + np.exp(-scores))).astype(np.float32))
+    features = {"profile": scores, "source_length": rng.integers(20, 400, n_cells).astype(np.float32)}
+    full = fit_readout(features, truth, "gex2atac", meta, selection_repeats=3)
+    assert full["selection"] == "cross-fitted over 5 parts of the cells, averaged over 3 random partitions"
+    late = fit_readout(features, truth, "gex2atac", meta, selection_repeats=3, deadline=time.perf_counter() + 3600)
+    assert late == full
+    cut = fit_readout(features, truth, "gex2atac", meta, selection_repeats=3, deadline=time.perf_counter() - 1)
+    assert cut["selection"] == "cross-fitted over 5 parts of the cells (of 3: the time budget)"
+    one = fit_readout(features, truth, "gex2atac", meta, selection_repeats=1)
+    assert cut["validation_rmse_cross_fitted"] == one["validation_rmse_cross_fitted"]
+    assert cut["validation_rmse_cross_fitted"] != full["validation_rmse_cross_fitted"]

@@ -68,17 +68,17 @@ def refit_cell_cap(budget: Budget, n_inputs: int, n_target_features: Sequence[in
 
 
 def calibration_cell_cap(budget: Budget, model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int,
-                         max_target_length: int, batch_size: int, profile_head=None) -> int | None:
+                         max_target_length: int, batch_size: int, profile_head=None) -> tuple[int | None, float]:
     """Validation cells the calibration may decode to end within its share of what is left of ``budget`` (None: no limit),
-    from the time :func:`calibration_features` takes on a few cells."""
+    from the time :func:`calibration_features` takes on a few cells, and that time per cell (0.0 without a budget)."""
     if not budget.limited or not len(split):
-        return None
+        return None, 0.0
     probe = split.select(range(min(PROBE_CELLS, len(split))))
     started = time.perf_counter()
     calibration_features(model, tokenizer, meta, probe, directions, max_source_length, max_target_length, len(probe), batch_size, profile_head)
     per_cell = (time.perf_counter() - started) / len(probe)
     # The readout fits after the decoding take about half as long again; the blend then decodes the cells once more.
-    return max(MIN_CALIBRATION_CELLS, int(CALIBRATION_SHARE * max(0.0, budget.left()) / (2.5 * per_cell)))
+    return max(MIN_CALIBRATION_CELLS, int(CALIBRATION_SHARE * max(0.0, budget.left()) / (2.5 * per_cell))), per_cell
 
 
 def calibration_features(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int,
@@ -108,7 +108,7 @@ def calibration_features(model, tokenizer, meta: dict, split, directions: Sequen
 
 def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int, max_cells: int = 500, batch_size: int = 64, seed: int = 0, profile_head=None,
               aggregations: Sequence[str] = AGGREGATIONS, selection_parts: int = SELECTION_PARTS, selection_repeats: int = SELECTION_REPEATS,
-              pool: Sequence[dict] = ()) -> dict:
+              pool: Sequence[dict] = (), deadline: float | None = None) -> dict:
     """Fit the readout calibration of each direction on (up to ``max_cells`` evenly spaced) cells of ``split``, choosing among ``aggregations``
     (by RMSE cross-fitted over ``selection_parts`` parts of the cells, averaged over ``selection_repeats`` random partitions; 0 parts:
     in-sample, see :func:`translator.readout.fit_readout`).
@@ -117,6 +117,8 @@ def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], ma
     per model: the other folds of a cross-validation, each read by the fold model that did not train on it); each cell
     keeps the train statistics of the model that read it. The coefficients are then fitted on all of them together.
     ``split`` None: on ``pool`` alone (a model trained on every cell, whose fold models read the cells it trained on).
+    ``deadline`` (a ``time.perf_counter()`` value, a time budget): the choice's random partitions stop once it has passed
+    (:func:`translator.readout.fit_readout`).
     """
     import scipy.sparse as sp
 
@@ -132,7 +134,7 @@ def calibrate(model, tokenizer, meta: dict, split, directions: Sequence[str], ma
             features = {key: np.concatenate([np.asarray(f[key]) for f, _ in parts]) for key in features}
             truth = sp.vstack([t for _, t in parts]).tocsr()
         out[direction] = fit_readout(features, truth, direction, meta, seed=seed, aggregations=aggregations, selection_parts=selection_parts,
-                                     selection_repeats=selection_repeats)
+                                     selection_repeats=selection_repeats, deadline=deadline)
         if pool:
             out[direction]["pooled_cells"] = [int(t.shape[0]) for _, t in parts]
     return out
@@ -251,9 +253,14 @@ def finish_readout(model, profile_head, tokenizer, meta: dict, splits, validatio
                        "(calibrate it on fold models' readings: python -m translator.recalibrate --model OUT --dataset_dir DATA --pool MODEL DATASET_DIR ...)")
     elif data_args.calibration_cells > 0:
         calibration_cells = min(len(splits["validation"]), data_args.calibration_cells)
-        cap = calibration_cell_cap(budget, model, tokenizer, meta, splits["validation"], data_args.directions, *caps, run.per_device_eval_batch_size, profile_head)
+        window = CALIBRATION_SHARE * max(0.0, budget.left())
+        started = time.perf_counter()
+        cap, per_cell = calibration_cell_cap(budget, model, tokenizer, meta, splits["validation"], data_args.directions, *caps, run.per_device_eval_batch_size, profile_head)
+        deadline = None
         if cap is not None:
             held_out_cap = {"max_cells": min(cap, HELD_OUT_CELLS)}  # the blend decodes validation cells again: at most as many as the budget allows
+            # The readout's choice stops averaging partitions in time for the blend's second reading of its cells.
+            deadline = started + window - min(cap, HELD_OUT_CELLS, len(splits["validation"])) * per_cell
         if cap is not None and cap < calibration_cells:
             logger.info("--max_train_seconds: %.0f s left, the calibration and the blend decode %d of %d validation cells (the readout chosen on one partition)", budget.left(), cap, calibration_cells)
             calibration_cells = cap
@@ -262,8 +269,10 @@ def finish_readout(model, profile_head, tokenizer, meta: dict, splits, validatio
             selection_repeats = data_args.calibration_selection_repeats
         logger.info("calibrating the readout on %s validation cells", calibration_cells)
         calibration = calibrate(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, calibration_cells, run.per_device_eval_batch_size, run.seed, profile_head,
-                                selection_parts=data_args.calibration_selection_parts, selection_repeats=selection_repeats)
+                                selection_parts=data_args.calibration_selection_parts, selection_repeats=selection_repeats, deadline=deadline)
         for direction, params in calibration.items():
+            if "the time budget" in params["selection"]:
+                logger.info("--max_train_seconds: the %s readout chosen by RMSE %s", direction, params["selection"])
             cross = params.get("validation_rmse_cross_fitted")
             logger.info("%s readout: %s (chosen by %s validation RMSE: %s; per-feature mean %.6f)", direction, params["aggregation"],
                         "cross-fitted" if cross else "in-sample", ", ".join(f"{name} {value:.6f}" for name, value in (cross or params["validation_rmse"]).items()),

@@ -34,6 +34,7 @@ The fitted parameters live in ``readout.json`` in the model folder.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -445,25 +446,33 @@ def cross_fitted_readout(features: dict[str, np.ndarray], dense_truth: np.ndarra
         yield held, apply_readout({key: v[held] for key, v in features.items()}, direction, meta, params)
 
 
-def _cross_fitted_rmse(features: dict[str, np.ndarray], dense_truth: np.ndarray, direction: str, meta: dict, aggregation: str,
-                       parts: int, seed: int, max_entries: int, repeats: int = 1) -> float | None:
-    """RMSE of ``aggregation`` over all cells, each part predicted by the calibration fitted on the other parts.
+def _cross_fitted_rmse(features: dict[str, np.ndarray], dense_truth: np.ndarray, direction: str, meta: dict, aggregations: Sequence[str],
+                       parts: int, seed: int, max_entries: int, repeats: int = 1, deadline: float | None = None) -> tuple[dict[str, float] | None, int]:
+    """RMSE of each of ``aggregations`` over all cells, each part predicted by the calibration fitted on the other parts, and
+    the number of partitions it was averaged over.
 
     With ``repeats`` > 1 the squared errors are averaged over that many random partitions (seeds ``seed``,
     ``seed + 1``, ...): on 46 cells one partition's verdict between two readouts can be the reverse of most others'.
+    Every candidate is scored on the same partitions; with ``deadline`` (a ``time.perf_counter()`` value) no further
+    partition is begun once it has passed (at least one is). None: a part whose other parts' targets are all 0 or all 1.
     """
-    squared = 0.0
+    squared = dict.fromkeys(aggregations, 0.0)
+    done = 0
     for repeat in range(repeats):
-        for held, prediction in cross_fitted_readout(features, dense_truth, direction, meta, aggregation, parts, seed + repeat, max_entries):
-            if prediction is None:
-                return None
-            squared += float(np.sum((prediction - dense_truth[held]) ** 2))
-    return float(np.sqrt(squared / (dense_truth.size * repeats)))
+        if done and deadline is not None and time.perf_counter() > deadline:
+            break
+        for name in aggregations:
+            for held, prediction in cross_fitted_readout(features, dense_truth, direction, meta, name, parts, seed + repeat, max_entries):
+                if prediction is None:
+                    return None, done
+                squared[name] += float(np.sum((prediction - dense_truth[held]) ** 2))
+        done += 1
+    return {name: float(np.sqrt(value / (dense_truth.size * done))) for name, value in squared.items()}, done
 
 
 def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: str, meta: dict, seed: int = 0, max_entries: int = 2_000_000,
                 aggregations: Sequence[str] = AGGREGATIONS, selection_parts: int = SELECTION_PARTS,
-                selection_repeats: int = SELECTION_REPEATS) -> dict:
+                selection_repeats: int = SELECTION_REPEATS, deadline: float | None = None) -> dict:
     """Fit the calibration of one direction on validation cells; try each aggregation and keep the best.
 
     Parameters
@@ -485,6 +494,9 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
     selection_repeats
         The cross-fitted RMSE is averaged over this many random partitions (1: a single
         partition, whose verdict on 46 BMMC cells was the reverse of 9 in 10 other partitions').
+    deadline
+        A ``time.perf_counter()`` value (a time budget): no further random partition is begun once it has passed (at
+        least one is); ``selection`` says how many were averaged.
 
     Returns
     -------
@@ -507,13 +519,11 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
     if not candidates:
         raise ValueError("validation cells are all accessible or all closed; calibration needs both")
     n_cells = int(truth.shape[0])
-    cross_fitted = {}
+    cross_fitted, repeats = {}, 0
     if selection_parts >= 2 and len(candidates) > 1 and n_cells >= 2 * selection_parts:
-        cross_fitted = {name: _cross_fitted_rmse(features, dense_truth, direction, meta, name, selection_parts, seed, max_entries,
-                                                  selection_repeats)
-                        for name in candidates}
-        if any(v is None for v in cross_fitted.values()):  # a part with all targets 0 or 1: score in-sample instead
-            cross_fitted = {}
+        cross_fitted, repeats = _cross_fitted_rmse(features, dense_truth, direction, meta, list(candidates), selection_parts, seed, max_entries,
+                                                   selection_repeats, deadline)
+        cross_fitted = cross_fitted or {}  # a part with all targets 0 or 1: score in-sample instead
     if cross_fitted:
         best = candidates[min(cross_fitted, key=lambda name: (cross_fitted[name], candidates[name]["rmse"]))]
     else:
@@ -523,8 +533,9 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
     result["validation_rmse"] = {name: p["rmse"] for name, p in candidates.items()}
     if cross_fitted:
         result["validation_rmse_cross_fitted"] = cross_fitted
-    repeats = f", averaged over {selection_repeats} random partitions" if selection_repeats > 1 else ""
-    result["selection"] = f"cross-fitted over {selection_parts} parts of the cells{repeats}" if cross_fitted else "in-sample"
+    averaged = f", averaged over {repeats} random partitions" if repeats > 1 else ""
+    cut = f" (of {selection_repeats}: the time budget)" if cross_fitted and repeats < selection_repeats else ""
+    result["selection"] = f"cross-fitted over {selection_parts} parts of the cells{averaged}{cut}" if cross_fitted else "in-sample"
     result["validation_rmse_mean"] = _rmse(np.broadcast_to(mean, dense_truth.shape), truth)
     result["validation_rmse_uncalibrated"] = _rmse(apply_readout(features, direction, meta, None), truth)
     result["n_cells"] = n_cells
