@@ -27,6 +27,8 @@ from dataset_builder.cli import run_cli
 from dataset_builder.outputs import check_output, check_replaceable
 from tokenizer import DIRECTIONS
 
+PRECISIONS = ("auto", "float32", "bf16")  # translator.decode.PRECISIONS, named here so that parsing flags imports no transformers
+
 
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
@@ -47,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk_cells", type=int, default=1024, help="cells predicted and written at a time (bounds memory: one chunk of cells x features)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--device", default="auto", help="where the model runs: auto (a GPU when torch sees one), cpu, cuda[:N]")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="the encoder's precision: auto (bf16 on a CPU with hardware bf16 products, AMX or AVX512-BF16; float32 "
+                             "elsewhere), float32, bf16. The decoder step, the profile head and the readout stay float32")
     parser.add_argument("--allow_pickle", action="store_true", help="load pickle weights (pytorch_model.bin); they can run code: only for trusted folders")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> Path:
         stats = translator.predict_h5ad(inputs, args.direction, tmp, batch_size=args.batch_size, chunk_cells=args.chunk_cells,
                                         return_sentences=args.text, gex_modality=args.gex_modality,
                                         atac_modality=args.atac_modality, counts_layer=args.counts_layer,
-                                        progress=not args.no_progress)
+                                        progress=not args.no_progress, precision=args.precision)
         os.replace(tmp, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

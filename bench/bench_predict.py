@@ -142,7 +142,7 @@ def ensure_dataset(dataset: Path | None, quick: bool, workdir: Path) -> Path:
     return MOP_DATASET_CACHE
 
 
-def in_process(model: Path, dataset: Path, cells: int, batch_size: int, device: str) -> list[dict]:
+def in_process(model: Path, dataset: Path, cells: int, batch_size: int, device: str, precision: str = "auto") -> list[dict]:
     import datasets
     import torch
 
@@ -155,7 +155,7 @@ def in_process(model: Path, dataset: Path, cells: int, batch_size: int, device: 
     for direction, column in (("gex2atac", "gex_text"), ("atac2gex", "atac_text")):
         sentences = list(test.select(range(n))[column])
         source = np.array([len(s.split()) for s in sentences])
-        tr.predict_matrix(sentences[: min(4, n)], direction=direction, batch_size=batch_size)  # warm-up
+        tr.predict_matrix(sentences[: min(4, n)], direction=direction, batch_size=batch_size, precision=precision)  # warm-up
         # "matrix": what predict.py does without --text (the profile readout needs one decoder step);
         # "matrix+sentences": greedy decoding too (eval.py, predict.py --text).
         for mode in ("matrix", "matrix+sentences"):
@@ -165,13 +165,13 @@ def in_process(model: Path, dataset: Path, cells: int, batch_size: int, device: 
                 torch.cuda.reset_peak_memory_stats()
             load = common.load_average()
             t = time.perf_counter()
-            out = tr.predict_matrix(sentences, direction=direction, batch_size=batch_size, return_sentences=with_sentences)
+            out = tr.predict_matrix(sentences, direction=direction, batch_size=batch_size, return_sentences=with_sentences, precision=precision)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t
             matrix, translated = out if with_sentences else (out, None)
             row = {
-                "direction": direction, "mode": mode, "cells": n, "batch_size": batch_size, "device": device,
+                "direction": direction, "mode": mode, "cells": n, "batch_size": batch_size, "device": device, "precision": precision,
                 "seconds": round(seconds, 3), "cells_per_s": round(n / seconds, 2),
                 "mean_source_names": round(float(source.mean()), 1), "output_shape": list(matrix.shape), "load_average": load,
             }
@@ -190,7 +190,7 @@ def in_process(model: Path, dataset: Path, cells: int, batch_size: int, device: 
     return rows
 
 
-def end_to_end(model: Path, cells: int, batch_size: int, workdir: Path, quick: bool, dataset: Path) -> list[dict]:
+def end_to_end(model: Path, cells: int, batch_size: int, workdir: Path, quick: bool, dataset: Path, precision: str = "auto") -> list[dict]:
     """``python predict.py`` on the first ``cells`` cells of each MOp modality file (subprocess, peak RSS)."""
     import anndata as ad
 
@@ -207,7 +207,7 @@ def end_to_end(model: Path, cells: int, batch_size: int, workdir: Path, quick: b
             continue
         out = workdir / f"{direction}_output.h5ad"
         cmd = [sys.executable, str(common.REPO / "predict.py"), "--model", str(model), "--input", str(subset), "--direction", direction,
-               "--output", str(out), "--batch_size", str(batch_size), "--overwrite"]
+               "--output", str(out), "--batch_size", str(batch_size), "--overwrite", "--precision", precision]
         load = common.load_average()
         run = common.run_measured(cmd, cwd=common.REPO)
         written = ad.read_h5ad(out, backed="r")
@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--e2e_cells", type=int, default=None, help="cells for the predict.py run (default 256; --quick 8)")
     parser.add_argument("--batch_size", type=int, default=64, help="cells decoded together")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16"),
+                        help="the encoder's precision (predict.py --precision): auto is bf16 on a CPU with hardware bf16 products")
     parser.add_argument("--train_steps", type=int, default=None, help="steps of the tiny model trained when --model is absent (default 100)")
     parser.add_argument("--skip_e2e", action="store_true", help="skip the predict.py subprocess runs")
     parser.add_argument("--write_timing_model", type=Path, default=None,
@@ -248,15 +250,18 @@ def main(argv: list[str] | None = None) -> dict:
     cells = args.cells or (8 if args.quick else 256)
     import torch
 
-    figures: dict = {"device": args.device, "torch_threads": torch.get_num_threads(), "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS")}
+    from translator.decode import resolve_precision
+
+    figures: dict = {"device": args.device, "precision": args.precision, "precision_used": resolve_precision(args.precision, args.device),
+                     "torch_threads": torch.get_num_threads(), "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS")}
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         workdir = Path(tmp)
         dataset = ensure_dataset(args.dataset, args.quick, workdir)
         model, trained = ensure_model(args.model, dataset, args.train_steps or (3 if args.quick else 100), args.quick, workdir)
         figures.update({"model": str(model), "trained_here": trained, "dataset": str(dataset)})
-        figures["predict_matrix"] = in_process(model, dataset, cells, args.batch_size, args.device)
+        figures["predict_matrix"] = in_process(model, dataset, cells, args.batch_size, args.device, args.precision)
         if not args.skip_e2e and not args.quick:
-            figures["predict_py"] = end_to_end(model, args.e2e_cells or 256, args.batch_size, workdir, args.quick, dataset)
+            figures["predict_py"] = end_to_end(model, args.e2e_cells or 256, args.batch_size, workdir, args.quick, dataset, args.precision)
     if args.device.startswith("cuda"):
         figures["target_h100_gex2atac_cells_per_s"] = TARGET_H100_GEX2ATAC_CELLS_PER_S
     common.write_results(f"predict_{'cuda' if args.device.startswith('cuda') else 'cpu'}", figures, args.quick, args.results_dir)

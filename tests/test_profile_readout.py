@@ -415,10 +415,13 @@ def test_the_profile_step_uses_every_torch_thread_and_greedy_decoding_one(synthe
     torch.set_num_threads(2)
     try:
         decode_features(model, tokenizer, meta, ids, "gex2atac", ranges["atac"], 8, decode=False)
-        assert seen["encoder"] == [2] and seen["decoder"] == [2]  # the profile step: one decoder call
+        batches = len(seen["encoder"])
+        assert seen["encoder"] == [2] * batches and seen["decoder"] == [2] * batches  # the profile step: one decoder call a batch
+        seen["encoder"].clear()
         seen["decoder"].clear()
         decode_features(model, tokenizer, meta, ids, "gex2atac", ranges["atac"], 8, decode=True)
-        assert seen["decoder"][0] == 2 and set(seen["decoder"][1:]) == {1}  # greedy steps of a 64-wide model: one thread
+        # The profile step of each batch, then its greedy steps: a 64-wide model decodes on one thread.
+        assert seen["decoder"].count(2) == batches and seen["decoder"][0] == 2 and set(seen["decoder"]) == {1, 2}
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)
@@ -736,3 +739,40 @@ def test_a_passed_deadline_averages_the_choice_over_one_partition_and_says_so():
     one = fit_readout(features, truth, "gex2atac", meta, selection_repeats=1)
     assert cut["validation_rmse_cross_fitted"] == one["validation_rmse_cross_fitted"]
     assert cut["validation_rmse_cross_fitted"] != full["validation_rmse_cross_fitted"]
+
+
+def test_a_bf16_encoder_predicts_as_float32_does(synthetic, monkeypatch):
+    """The bf16 copy of the encoder moves a random tiny model's predictions by bf16 rounding only, in both directions,
+    through the profile scores and through greedy decoding; ``auto`` picks it on CPUs with hardware bf16 products."""
+    import predict
+    import translator.decode as decode
+    from translator import CellTranslator
+    from translator.decode import PRECISIONS, bf16_encoder, resolve_precision
+
+    splits, tokenizer, meta = synthetic
+    model = make_model(make_config("tiny", len(tokenizer), dropout_rate=0.0), seed=5).eval()
+    head = ProfileHead(len(tokenizer), 3 * model.config.d_model)
+    torch.nn.init.normal_(head.weight, std=1.0)
+    calibration = {"gex2atac": {"aggregation": "profile", "coef": [1.0, 0.0], "intercept": 0.0},
+                   "atac2gex": {"aggregation": "profile", "coef": [1.0, 0.0, 0.0]}}  # the profile readout as trained
+    translator = CellTranslator(model, tokenizer, meta, {"max_target_length": 8, "calibration": calibration}, head)
+    cells = splits["test"].select(range(24))
+    for direction, column in (("gex2atac", "gex_text"), ("atac2gex", "atac_text")):
+        exact, sentences = translator.predict_matrix(cells[column], direction, return_sentences=True, precision="float32")
+        low, _ = translator.predict_matrix(cells[column], direction, return_sentences=True, precision="bf16")
+        assert sentences and all(sentences)
+        centred = [m - m.mean(axis=1, keepdims=True) for m in (exact, low)]
+        pearson = (centred[0] * centred[1]).sum(1) / np.sqrt((centred[0] ** 2).sum(1) * (centred[1] ** 2).sum(1))
+        assert pearson.min() > 0.999, direction
+        assert np.sqrt(np.mean((low - exact) ** 2)) < 0.01 * exact.std(), direction
+        assert not np.array_equal(low, exact), direction  # the bf16 encoder did run
+    assert translator.encoder_for("bf16") is translator.encoder_for("bf16")  # one copy, made once
+    assert next(bf16_encoder(model).parameters()).dtype == torch.bfloat16 and model.shared.weight.dtype == torch.float32
+    monkeypatch.setattr(decode, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16" and resolve_precision("auto", "cuda") == "float32"
+    monkeypatch.setattr(decode, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "float32" and translator.encoder_for("auto") is None
+    with pytest.raises(ValueError, match="precision 'half' is unknown"):
+        translator.predict_matrix(cells["gex_text"], "gex2atac", precision="half")
+    assert predict.PRECISIONS == PRECISIONS and predict.parse_args(
+        ["--model", "m", "--input", "i.h5ad", "--direction", "gex2atac", "--output", "o.h5ad"]).precision == "auto"

@@ -31,6 +31,7 @@ from tokenizer import (
 )
 
 from .data import source_ids
+from .decode import bf16_encoder, resolve_precision
 from .model import PROFILE_HEAD_FILE, ProfileHead
 from .predictor import DirectionBlend, load_blend
 from .readout import READOUT_FILE, apply_readout, decode_features, is_profile
@@ -123,6 +124,7 @@ class CellTranslator:
         self.max_source_length = int(self.readout.get("max_source_length", 512))
         self.max_target_length = int(self.readout.get("max_target_length", 512))
         self.last_stats: dict[str, int] = {}
+        self._encoders: dict[tuple[str, str], object] = {}  # (precision, device) -> a lower-precision copy of the encoder
         self.name_or_path: str | None = None  # the folder or Hub id given to from_pretrained
 
     @classmethod
@@ -205,7 +207,20 @@ class CellTranslator:
         return np.split(flat, ends[:-1])
 
     # -- prediction ------------------------------------------------------------------------
-    def _predict_ids(self, ids: Sequence[np.ndarray], direction: str, batch_size: int, need_sentences: bool = True):
+    def encoder_for(self, precision: str = "auto"):
+        """The encoder that prediction runs at ``precision`` (:data:`translator.decode.PRECISIONS`): ``None`` for the model's own
+        float32 encoder, or a bf16 copy of it, made once (``auto``: bf16 on a CPU with hardware bf16 products)."""
+        device = next(self.model.parameters()).device
+        resolved = resolve_precision(precision, device)
+        if resolved == "float32":
+            return None
+        key = (resolved, str(device))
+        if key not in self._encoders:
+            self._encoders[key] = bf16_encoder(self.model)
+        return self._encoders[key]
+
+    def _predict_ids(self, ids: Sequence[np.ndarray], direction: str, batch_size: int, need_sentences: bool = True,
+                     precision: str = "auto", profile_out: np.ndarray | None = None):
         blend = self.blend.get(direction)
         if blend is not None and not blend.needs_transformer and not need_sentences:  # the kernel and the mean need no model
             return blend.combine(None, source_indicator(ids, self.ranges[SOURCE_MODALITY[direction]])), []
@@ -215,22 +230,26 @@ class CellTranslator:
         decode = need_sentences or not is_profile(params)
         features, sequences = decode_features(
             self.model, self.tokenizer, self.meta, ids, direction, target_range, self.max_target_length, batch_size,
-            decode=decode, profile_head=self.profile_head,
+            decode=decode, profile_head=self.profile_head, encoder=self.encoder_for(precision), profile_out=profile_out,
         )
         matrix = apply_readout(features, direction, self.meta, params, in_place=True)
         if self.members:  # an ensemble: the mean of every member's calibrated matrix (the sentences are this model's)
-            matrix = np.mean([matrix, *(m._predict_ids(ids, direction, batch_size, need_sentences=False)[0] for m in self.members)], axis=0)
+            matrix = np.mean([matrix, *(m._predict_ids(ids, direction, batch_size, False, precision)[0] for m in self.members)], axis=0)
         if blend is not None:  # w_t * transformer + w_k * the kernel on the source's names + w_m * the per-feature mean
             matrix = blend.combine(matrix, source_indicator(ids, self.ranges[SOURCE_MODALITY[direction]]), in_place=True)
         sentences = [" ".join(self.tokenizer.convert_ids_to_tokens(seq)) for seq in sequences]
         return matrix, sentences
 
-    def translate(self, sentences: Sequence[str], direction: str, batch_size: int = 64) -> list[str]:
+    def translate(self, sentences: Sequence[str], direction: str, batch_size: int = 64, precision: str = "auto") -> list[str]:
         """Translate source sentences into target sentences (constrained greedy decoding)."""
-        return self._predict_ids(self.encode_sources(sentences, direction), direction, batch_size)[1]
+        return self._predict_ids(self.encode_sources(sentences, direction), direction, batch_size, precision=precision)[1]
 
-    def predict_matrix(self, source_sentences: Sequence[str], direction: str, batch_size: int = 64, return_sentences: bool = False):
+    def predict_matrix(self, source_sentences: Sequence[str], direction: str, batch_size: int = 64, return_sentences: bool = False,
+                       precision: str = "auto"):
         """Predict every target feature of every cell.
+
+        ``precision``: the encoder's, ``float32``, ``bf16`` or ``auto`` (bf16 on a CPU with hardware bf16 products, AMX or
+        AVX512-BF16, float32 elsewhere); the decoder step, the profile head and the readout stay float32.
 
         Returns
         -------
@@ -238,14 +257,15 @@ class CellTranslator:
         expected log-norm expression (``atac2gex``); with ``return_sentences`` also the translations.
         """
         ids = self.encode_sources(source_sentences, direction, allow_empty=True)
-        matrix, sentences = self._predict_ids(ids, direction, batch_size, need_sentences=return_sentences)
+        matrix, sentences = self._predict_ids(ids, direction, batch_size, need_sentences=return_sentences, precision=precision)
         return (matrix, sentences) if return_sentences else matrix
 
     def predict_anndata(self, adata_or_path, direction: str, batch_size: int = 64, return_sentences: bool = False,
-                        gex_modality: str = "rna", atac_modality: str = "atac", counts_layer: str | None = None):
+                        gex_modality: str = "rna", atac_modality: str = "atac", counts_layer: str | None = None,
+                        precision: str = "auto"):
         """AnnData or MuData in (or a file in any layout ``dataset_builder`` reads), AnnData out: cells x the model's
         target features. ``gex_modality`` / ``atac_modality`` name the modalities of a MuData or ``.h5mu``;
-        ``counts_layer`` the layer of raw counts when ``X`` is normalized."""
+        ``counts_layer`` the layer of raw counts when ``X`` is normalized; ``precision`` as :meth:`predict_matrix`'s."""
         from .anndata_io import prediction_anndata, source_sentences_from_anndata
 
         self._check_direction(direction)
@@ -253,20 +273,21 @@ class CellTranslator:
             adata_or_path, direction, self.meta, gex_modality=gex_modality, atac_modality=atac_modality, counts_layer=counts_layer
         )
         # Sentences only when asked for: with the profile readout the matrix needs one decoder step, not greedy decoding.
-        out = self.predict_matrix(sentences, direction, batch_size, return_sentences=return_sentences)
+        out = self.predict_matrix(sentences, direction, batch_size, return_sentences=return_sentences, precision=precision)
         matrix, translated = out if return_sentences else (out, None)
         stats.update(self.last_stats)
         return prediction_anndata(matrix, cells, direction, self.meta, stats, translated if return_sentences else None, self.name_or_path)
 
     def predict_h5ad(self, adata_or_path, direction: str, output: str | os.PathLike, batch_size: int = 64, chunk_cells: int = 1024,
                      return_sentences: bool = False, gex_modality: str = "rna", atac_modality: str = "atac",
-                     counts_layer: str | None = None, progress: bool = False) -> dict:
+                     counts_layer: str | None = None, progress: bool = False, precision: str = "auto") -> dict:
         """Like ``predict_anndata(...).write_h5ad(output)``, but ``chunk_cells`` cells at a time.
 
         Memory holds the source matrix and one chunk of sentences and predictions, not every sentence nor the
         whole ``cells x features`` matrix (69,249 cells x 116,490 peaks would be 32 GB of float32). Returns the ``uns['cell_translation']``
         counts. Writes ``output`` in place: callers wanting all-or-nothing write to a temporary name first.
-        ``progress``: a tqdm bar over cells on stderr, shown only when stderr is a terminal.
+        ``progress``: a tqdm bar over cells on stderr, shown only when stderr is a terminal; ``precision`` as
+        :meth:`predict_matrix`'s.
         """
         from tqdm.auto import tqdm
 
@@ -275,6 +296,7 @@ class CellTranslator:
         self._check_direction(direction)
         if chunk_cells < 1:
             raise ValueError(f"--chunk_cells must be >= 1, got {chunk_cells}")
+        self.encoder_for(precision)  # an unknown precision fails before the input is read; the bf16 copy is made once
         # Sentences are made chunk by chunk too: memory holds the source matrix and one chunk, not every sentence. GEX
         # sentences come as their genes' token ids: the same names, without writing and splitting text.
         gene_tokens = self.tokenizer.convert_tokens_to_ids if SOURCE_MODALITY[direction] == "gex" else None
@@ -283,14 +305,21 @@ class CellTranslator:
             atac_modality=atac_modality, counts_layer=counts_layer,
         )
         unknown = 0
+        # Two [chunk, features] arrays take turns (the writer holds one block while the next is predicted): the profile
+        # scores, their readout and the blend are written over them in place, instead of over fresh pages every chunk,
+        # whose first touch cost about as much as the copy itself.
+        n_features = len(self.meta["peaks" if TARGET_MODALITY[direction] == "atac" else "genes"])
+        buffers: list[np.ndarray] = []
 
         def blocks():
             nonlocal unknown
             with tqdm(total=n_cells, unit="cell", desc=f"predicting {direction}", disable=None if progress else True) as bar:
-                for sentences in sentence_blocks:
+                for index, sentences in enumerate(sentence_blocks):
                     ids = self.gene_source_ids(*sentences, direction) if gene_tokens else self.encode_sources(sentences, direction, allow_empty=True)
                     unknown += self.last_stats["unknown_source_names"]
-                    matrix, translated = self._predict_ids(ids, direction, batch_size, need_sentences=return_sentences)
+                    if len(buffers) < 2:
+                        buffers.append(np.empty((min(chunk_cells, n_cells), n_features), dtype=np.float32))
+                    matrix, translated = self._predict_ids(ids, direction, batch_size, return_sentences, precision, buffers[index % 2])
                     bar.update(len(ids))
                     yield matrix, translated if return_sentences else None
 

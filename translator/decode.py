@@ -3,6 +3,7 @@ modality, never repeats one, and for ATAC keeps the genomic order (increasing to
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,38 @@ from .model import EOS_ID, PAD_ID, output_weight
 # 5.24 an unknown ``cache`` was silently ignored, which would decode without history). The cache object is filled in
 # place, so we pass it under the installed version's name and never read it back from the output.
 _CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(T5Stack.forward).parameters else "past_key_values"
+
+
+PRECISIONS = ("auto", "float32", "bf16")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX tiles or AVX512-BF16), where oneDNN runs bf16 products
+    several times faster than float32 ones; elsewhere bf16 on a CPU is emulated and slower."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # a torch without these probes
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``float32`` or ``bf16``: the encoder's precision for prediction on ``device``.
+
+    ``auto`` is ``bf16`` on a CPU with hardware bf16 products (:func:`cpu_has_fast_bf16`) and ``float32`` anywhere else.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cpu" and cpu_has_fast_bf16() else "float32"
+    return precision
+
+
+def bf16_encoder(model: T5ForConditionalGeneration) -> T5Stack:
+    """A bfloat16 copy of ``model``'s encoder (its own copy of the token embedding, so the decoder and the output layer keep
+    float32 weights). T5's layer norms compute their variance in float32; the hidden states it returns are bf16."""
+    encoder = copy.deepcopy(model.encoder).to(torch.bfloat16).eval()
+    encoder.requires_grad_(False)
+    return encoder
 
 
 @dataclass
@@ -39,6 +72,7 @@ def constrained_decode(
     step_weight: Callable[[int], float] | None = None,
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
+    encoder_hidden: torch.Tensor | None = None,
 ) -> DecodeResult:
     """Greedy (or sampled) decoding restricted to the target modality's names, with a key/value cache.
 
@@ -54,6 +88,8 @@ def constrained_decode(
     - ``sum``: ``sum_t p_t(k)`` (expected number of times k is named);
     - ``weighted``: ``sum_t p_t(k) * step_weight(t)`` (e.g. the mean value of the gene at rank t).
 
+    ``encoder_hidden``: the encoder's states of ``input_ids`` when the caller has them (they are not computed again).
+
     Returns
     -------
     :class:`DecodeResult` with the generated ids (without ``</s>``) and the aggregates ``[B, n_features]``.
@@ -63,7 +99,8 @@ def constrained_decode(
     n_features = stop - start
     batch_size = input_ids.shape[0]
     device = input_ids.device
-    encoder_hidden = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    if encoder_hidden is None:
+        encoder_hidden = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     ids = torch.cat([torch.tensor([EOS_ID], device=device), torch.arange(start, stop, device=device)])
     weight = output_weight(model, ids)
