@@ -776,3 +776,23 @@ def test_a_bf16_encoder_predicts_as_float32_does(synthetic, monkeypatch):
         translator.predict_matrix(cells["gex_text"], "gex2atac", precision="half")
     assert predict.PRECISIONS == PRECISIONS and predict.parse_args(
         ["--model", "m", "--input", "i.h5ad", "--direction", "gex2atac", "--output", "o.h5ad"]).precision == "auto"
+
+
+def test_the_longest_sources_are_encoded_without_padding(synthetic):
+    """Sources at the longest length are batched apart from shorter ones, so their attention needs no padding mask, and
+    a cell's profile scores do not depend on the batches."""
+    splits, tokenizer, meta = synthetic
+    model = make_model(make_config("tiny", len(tokenizer), dropout_rate=0.0), seed=3).eval()
+    ranges = feature_token_ranges(tokenizer, n_genes=len(meta["genes"]))
+    ids = list(TranslationExamples(splits["validation"].select(range(8)), tokenizer).sources[:8])
+    longest = max(len(x) for x in ids)
+    ids = [ids[int(np.argmax([len(x) for x in ids]))]] * 3 + [x for x in ids if len(x) < longest][:2]
+    masks = []
+    hook = model.encoder.register_forward_pre_hook(lambda _module, _args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
+    try:
+        batched, _ = decode_features(model, tokenizer, meta, ids, "gex2atac", ranges["atac"], 8, batch_size=8, decode=False)
+    finally:
+        hook.remove()
+    assert masks[0] is None and len(masks) == 2  # the three longest in one batch without a mask, the two shorter in another
+    alone, _ = decode_features(model, tokenizer, meta, ids, "gex2atac", ranges["atac"], 8, batch_size=1, decode=False)
+    np.testing.assert_allclose(batched["profile"], alone["profile"], atol=1e-5)
