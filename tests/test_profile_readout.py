@@ -794,5 +794,10 @@ def test_the_longest_sources_are_encoded_without_padding(synthetic):
     finally:
         hook.remove()
     assert masks[0] is None and len(masks) == 2  # the three longest in one batch without a mask, the two shorter in another
-    alone, _ = decode_features(model, tokenizer, meta, ids, "gex2atac", ranges["atac"], 8, batch_size=1, decode=False)
+    n_peaks = ranges["atac"][1] - ranges["atac"][0]
+    given = np.full((len(ids) + 2, n_peaks), np.nan, dtype=np.float32)  # a reused buffer: every row the cells need is written
+    alone, _ = decode_features(model, tokenizer, meta, ids, "gex2atac", ranges["atac"], 8, batch_size=1, decode=False, profile_out=given)
     np.testing.assert_allclose(batched["profile"], alone["profile"], atol=1e-5)
+    assert np.shares_memory(alone["profile"], given) and np.isnan(given[len(ids):]).all()
+    with pytest.raises(ValueError, match="profile_out must be"):
+        decode_features(model, tokenizer, meta, ids, "gex2atac", ranges["atac"], 8, decode=False, profile_out=given[:2])
