@@ -76,7 +76,7 @@ def translator_predictor(model: str | os.PathLike, batch_size: int = 64, allow_p
         translator.blend = {}
 
     def predict(sentences: Sequence[str], direction: str) -> tuple[np.ndarray, list[str]]:
-        return translator.predict_matrix(list(sentences), direction=direction, batch_size=batch_size, return_sentences=True)
+        return translator.predict_matrix(list(sentences), direction=direction, batch_size=batch_size, return_sentences=True, precision="float32")
 
     predict.readout = translator.readout
 

@@ -384,7 +384,7 @@ def _transformer_readings(held: Sequence[HeldOut], ids: Sequence[list[np.ndarray
     n = sum(len(x) for x in ids)
 
     def in_sample(how: str) -> tuple[list[np.ndarray], str]:
-        return [h.reader._predict_ids(x, direction, batch_size, need_sentences=False)[0] for h, x in zip(held, ids, strict=True)], how
+        return [h.reader._predict_ids(x, direction, batch_size, need_sentences=False, precision="float32")[0] for h, x in zip(held, ids, strict=True)], how
 
     if params is None:
         return in_sample("uncalibrated")
