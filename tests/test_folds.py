@@ -47,7 +47,7 @@ def test_few_validation_cells_choose_the_blend_on_every_cell_through_fold_models
     splits = datasets.load_from_disk(str(data))
     n_cells = len(splits["train"]) + len(splits["validation"])
     out = tmp_path / "model"
-    assert train.main(tiny_args(data, tok, out, "--max_steps", "3", "--checkpointing_steps", "0", "--blend_folds", "2")) == 0
+    assert train.main(tiny_args(data, tok, out, "--max_steps", "3", "--checkpointing_steps", "0", "--blend_folds", "2", blend=True)) == 0
     readout = json.loads((out / "readout.json").read_text())
     for direction, record in readout["blend"].items():
         assert sum(record["held_out"]["pooled_from"]) == n_cells == record["held_out"]["cells"], direction

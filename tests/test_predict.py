@@ -33,7 +33,7 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("bmmc_split")
     data, tok = build_real(root, shared_file(BMMC_COMBINED), test_batches=["s1d2"])
     out = root / "model"
-    assert train.main(tiny_args(data, tok, out, "--max_steps", "8", "--checkpointing_steps", "0")) == 0
+    assert train.main(tiny_args(data, tok, out, "--max_steps", "8", "--checkpointing_steps", "0", blend=True)) == 0  # predictions go through the blend
     return out
 
 

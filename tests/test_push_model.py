@@ -41,7 +41,8 @@ def pushed(tmp_path_factory):
     level = root_logger.level
     root_logger.addHandler(handler)
     root_logger.setLevel(logging.DEBUG)
-    argv = tiny_args(data, tok, out, "--max_steps", "4", "--checkpointing_steps", "2", "--push_to_hub", "--hub_model_id", "someone/tiny-translator")
+    argv = tiny_args(data, tok, out, "--max_steps", "4", "--checkpointing_steps", "2", "--push_to_hub", "--hub_model_id", "someone/tiny-translator",
+                      blend=True)
     try:
         with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(logs), contextlib.redirect_stderr(logs):
             hub = LocalHub(root / "hub").install(monkeypatch)

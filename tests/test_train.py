@@ -59,7 +59,7 @@ def test_tiny_model_learns_and_the_folder_loads_offline(bmmc, tmp_path):
     from translator import CellTranslator
 
     out = tmp_path / "model"
-    _train(tiny_args(*bmmc, out, "--max_steps", "40", "--eval_steps", "10", "--checkpointing_steps", "0"))
+    _train(tiny_args(*bmmc, out, "--max_steps", "40", "--eval_steps", "10", "--checkpointing_steps", "0", blend=True))
     args = json.loads((out / "training_args.json").read_text())
     losses = [h["validation_loss"] for h in args["validation_history"]]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.1

@@ -93,11 +93,16 @@ def build_real(root: Path, input_file: Path, **kwargs) -> tuple[Path, Path]:
     return root / "data", root / "tok"
 
 
-def tiny_args(data: Path, tok: Path, out: Path, *extra: str) -> list[str]:
-    """train.py arguments of a fast tiny run."""
+def tiny_args(data: Path, tok: Path, out: Path, *extra: str, blend: bool = False) -> list[str]:
+    """train.py arguments of a fast tiny run.
+
+    The blend's kernel tuning takes most of a tiny run's time (minutes on the real files), so it is off unless ``blend``:
+    the tests that check what the blend ships, or that predict through it, ask for it.
+    """
     return [
         "--dataset_dir", str(data), "--tokenizer_dir", str(tok), "--output_dir", str(out),
         "--model_size", "tiny", "--per_device_train_batch_size", "16", "--max_source_length", "96",
         "--max_target_length", "96", "--learning_rate", "3e-3", "--warmup_steps", "4", "--logging_steps", "5",
-        "--calibration_cells", "30", "--max_eval_cells", "40", "--evaluate", "false", "--blend_folds", "0", *extra,
+        "--calibration_cells", "30", "--max_eval_cells", "40", "--evaluate", "false", "--blend_folds", "0",
+        *(() if blend else ("--no_blend",)), *extra,
     ]
