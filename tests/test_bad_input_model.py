@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
     data, tok = make_dataset_and_tokenizer(root, **SMALL)
     other = make_dataset(root / "other_data", n_cells=60, n_genes=24, n_peaks=30)  # another vocabulary
     model = root / "model"
-    assert train.main(_tiny(data, tok, model)) == 0
+    assert train.main(_tiny(data, tok, model, blend=True)) == 0  # the shipped predictor, blend included
     meta = json.loads((model / "cell_sentences.json").read_text())
     rng = np.random.default_rng(0)
     gex = ad.AnnData(X=sp.csr_matrix(rng.poisson(2.0, size=(6, len(meta["genes"]))).astype(np.float32)),
@@ -49,9 +49,9 @@ def setup(tmp_path_factory):
     return {"data": data, "tok": tok, "model": model, "other": other, "gex": gex, "atac": atac, "root": root}
 
 
-def _tiny(data: Path, tok: Path, out: Path, *extra: str) -> list[str]:
+def _tiny(data: Path, tok: Path, out: Path, *extra: str, blend: bool = False) -> list[str]:
     return tiny_args(data, tok, out, "--max_steps", "2", "--checkpointing_steps", "0", "--calibration_cells", "8",
-                     "--max_eval_cells", "8", *extra)
+                     "--max_eval_cells", "8", *extra, blend=blend)
 
 
 def _cli(main, argv: list[str], capsys) -> tuple[int, list[str]]:
