@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (a fresh clone elsewhere lacks ../shared/data)")
     return SHARED_DATA
+
+
+def run_in_process(cli: Callable[[list[str]], int], argv: list[str], capsys: pytest.CaptureFixture) -> subprocess.CompletedProcess:
+    """What ``python -m MODULE ARGV`` would give (exit code, stderr) for a command whose ``cli(argv)`` this process runs:
+    the same one-line errors without a new interpreter importing torch (argparse's exits included)."""
+    capsys.readouterr()
+    try:
+        code = cli(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code
+    return subprocess.CompletedProcess(argv, code, "", capsys.readouterr().err)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, shared_file
+from tests.conftest import REPO, run_in_process, shared_file
 from tests.test_train import ENV
 from tests.translator_fixtures import BMMC_COMBINED, tiny_args
 
@@ -105,28 +105,35 @@ def test_the_final_model_takes_its_refit_settings_from_the_fold_models_and_is_ca
         assert results["directions"][direction]["model"]["rmse"] > 0
 
 
-def test_bad_final_model_flags_get_one_line_errors(folds, tmp_path):
+def test_bad_final_model_flags_get_one_line_errors(folds, tmp_path, capsys, monkeypatch):
+    """train.py's and the builder's command lines run in this process (tests/test_train.py and tests/test_dataset_builder.py
+    run them as commands)."""
+    import train
+    from dataset_builder.__main__ import main as build
+
+    def train_cli(argv: list[str]) -> int:
+        monkeypatch.setattr(sys, "argv", ["train.py", *argv])  # cli() reads --debug from the command line
+        return train.cli()
+
     cases = [
         (["--profile_choices_from", str(tmp_path / "missing")], "--profile_choices_from"),
         (["--profile_choices_from", str(folds["models"][0]), "--no_profile_refit"], "--profile_choices_from"),
     ]
     for extra, flag in cases:
         out = tmp_path / "out"
-        result = subprocess.run([sys.executable, "train.py", *tiny_args(folds["all"], folds["tok"], out, "--max_steps", "2", *extra)],
-                                cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        result = run_in_process(train_cli, tiny_args(folds["all"], folds["tok"], out, "--max_steps", "2", *extra), capsys)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], result.stderr[-2000:]
         assert not out.exists()
     for extra, flag in [(["--test_batches", "s1d2", "--validation_batches", "s1d1_f0", "--no_validation"], "--no_validation"),
                         (["--no_validation"], "--no_validation")]:
-        result = subprocess.run([sys.executable, "-m", "dataset_builder", "--input", str(folds["root"] / "folds.h5ad"),
-                                 "--output_dir", str(tmp_path / "ds"), *extra], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        result = run_in_process(build, ["--input", str(folds["root"] / "folds.h5ad"), "--output_dir", str(tmp_path / "ds"), *extra], capsys)
         lines = [line for line in result.stderr.strip().splitlines() if "error:" in line or "Traceback" in line]  # logs may come first
         assert result.returncode == 2 and len(lines) == 1 and flag in lines[0], result.stderr[-2000:]
         assert not (tmp_path / "ds").exists()
 
 
-def test_an_ensemble_folder_averages_its_members_calibrated_matrices(folds, tmp_path, monkeypatch):
+def test_an_ensemble_folder_averages_its_members_calibrated_matrices(folds, tmp_path, monkeypatch, capsys):
     """``python -m translator.ensemble``: the top model plus members, each with the top's calibration; the mean of their matrices."""
     import shutil
 
@@ -179,8 +186,10 @@ def test_an_ensemble_folder_averages_its_members_calibrated_matrices(folds, tmp_
         (["--model", str(uncalibrated), "--members", str(m1), "--output_dir", str(tmp_path / "bad")], "--model"),
         (["--model", str(m0), "--members", str(m1), "--output_dir", str(out)], "--output_dir"),
     ]
-    for args, flag in cases:
-        result = subprocess.run([sys.executable, "-m", "translator.ensemble", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    from translator.ensemble import cli as ensemble_cli
+
+    for args, flag in cases:  # the command itself ran above; its refusals run in this process
+        result = run_in_process(ensemble_cli, args, capsys)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], result.stderr[-2000:]
     assert not (tmp_path / "bad").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -229,7 +238,7 @@ def test_the_source_kernel_predicts_what_svd_krr_predicts():
     assert source_indicator(ids, (7, 12)).toarray().tolist() == [[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 1]]
 
 
-def test_a_stacked_folder_blends_its_matrix_with_the_source_kernel_and_the_mean(folds, tmp_path):
+def test_a_stacked_folder_blends_its_matrix_with_the_source_kernel_and_the_mean(folds, tmp_path, capsys):
     """``python -m translator.stack --pool``: weights chosen on fold models' held-out readings; at predict time
     ``w_t * model + w_k * kernel + w_m * mean``, the kernel and the mean fitted on the folder's cells."""
     import shutil
@@ -280,10 +289,11 @@ def test_a_stacked_folder_blends_its_matrix_with_the_source_kernel_and_the_mean(
     uncalibrated = tmp_path / "uncalibrated"
     shutil.copytree(m0, uncalibrated)
     (uncalibrated / "readout.json").write_text(json.dumps({**json.loads((m0 / "readout.json").read_text()), "calibration": {}}))
+    from translator.stack import cli as stack_cli
+
     for args, flag in [([], "--pool"), (["--weight_step", "0.3", *pool], "--weight_step"), (["--pool", str(tmp_path / "missing"), str(folds["data"][0])], "--pool"),
                        (["--model", str(uncalibrated), *pool], "--model")]:
-        result = subprocess.run([sys.executable, "-m", "translator.stack", "--model", str(out), "--dataset_dir", str(folds["all"]), *args],
-                                cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        result = run_in_process(stack_cli, ["--model", str(out), "--dataset_dir", str(folds["all"]), *args], capsys)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], result.stderr[-2000:]
     assert (out / "readout.json").read_bytes() == before and not [p for p in out.iterdir() if p.name.startswith(".")]
