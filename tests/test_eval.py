@@ -251,7 +251,7 @@ def test_tiny_trained_model_end_to_end(dataset_dir, tmp_path):
     subprocess.run(
         [sys.executable, "train.py", "--model_size", "tiny", "--max_steps", "2", "--dataset_dir", str(dataset_dir),
          "--output_dir", str(model_dir), "--tokenizer_dir", str(tokenizer_dir), "--no_evaluate", "--max_source_length", "32", "--max_target_length", "32",
-         "--calibration_cells", "8", "--max_eval_cells", "8", "--eval_steps", "0", "--blend_folds", "0"],
+         "--calibration_cells", "8", "--max_eval_cells", "8", "--eval_steps", "0", "--blend_folds", "0", "--no_blend"],
         cwd=REPO, check=True, capture_output=True,
     )
     out = tmp_path / "eval"
