@@ -14,7 +14,7 @@ from transformers import get_linear_schedule_with_warmup
 from tests.conftest import REPO
 from translator.finishing import refit_cell_cap
 from translator.model import make_config
-from translator.profile_fit import CHOICE_CHUNKS, fit_profile_rows, refit_cost
+from translator.profile_fit import CHOICE_CHUNKS, fit_profile_rows, refit_cost, refit_solves
 from translator.training import (
     BestWeights,
     Budget,
@@ -93,9 +93,11 @@ def test_a_budget_counts_from_its_start_and_none_means_no_limit():
     budget = Budget(100.0, started=0.0)
     assert budget.limited and budget.left() < 0  # perf_counter has long passed 100 s since its origin 0
     assert refit_cell_cap(Budget(0), 12, [500]) is None
-    # A spent budget still lets the refit use a few cells; a long one, many.
-    assert refit_cell_cap(Budget(1e-3), 12, [500]) == 50
+    # A spent budget keeps the trained head (0: even the refit's solves on a few cells would overrun); a long one, many cells.
+    assert refit_cell_cap(Budget(1e-3), 12, [500]) == 0
     assert refit_cell_cap(Budget(1e6), 12, [500]) > 10_000
+    assert refit_cell_cap(Budget(1e-3), 192, [36505, 13431]) == 0
+    assert refit_cell_cap(Budget(1e9), 192, [36505, 13431]) > 10**6
 
 
 def test_the_memory_estimate_grows_with_vocabulary_and_batch_and_refuses_in_one_line():
@@ -140,6 +142,8 @@ def test_many_features_choose_the_l2_on_a_sample_of_chunks_and_fit_the_rest_with
     assert torch.count_nonzero(w) == w.numel()  # every row fitted
     assert refit_cost(10, n_features, len(grid), chunk) == 10 * (CHOICE_CHUNKS * chunk * len(grid) + n_features)
     assert refit_cost(10, 2 * chunk, len(grid), chunk) == 10 * 2 * chunk * len(grid)
+    assert refit_solves(n_features, len(grid), chunk) == CHOICE_CHUNKS * len(grid) + n_features // chunk
+    assert refit_solves(2 * chunk, len(grid), chunk) == 2 * len(grid)
 
 
 def test_the_shipped_config_is_the_default_recipe_and_flags_override_it(tmp_path):

@@ -53,18 +53,24 @@ PROBE_CELLS = 8
 
 
 def refit_cell_cap(budget: Budget, n_inputs: int, n_target_features: Sequence[int], device: torch.device | str = "cpu") -> int | None:
-    """Train cells the head refit may use to end within its share of what is left of ``budget`` (None: no limit).
+    """Train cells the head refit may use to end within its share of what is left of ``budget`` (None: no limit; 0: its
+    solves do not fit even on few cells, and the trained head is kept).
 
     The refit's time is about proportional to cells x features solved (:func:`translator.profile_fit.refit_cost`, summed over
-    the directions' target modalities), at the pace of a small solve timed here.
+    the directions' target modalities), at the pace of a small solve timed here; and each of its solves
+    (:func:`translator.profile_fit.refit_solves`, over twice the small one's features) costs at least that small solve twice.
     """
-    from .profile_fit import refit_cost, seconds_per_entry
+    from .profile_fit import PACE_CELLS, PACE_FEATURES, refit_cost, refit_solves, seconds_per_entry
 
     if not budget.limited:
         return None
+    share = REFIT_SHARE * max(0.0, budget.left())
     pace = seconds_per_entry(n_inputs, device=device)
+    solves = sum(refit_solves(n) for n in n_target_features)
+    if solves * 2 * pace * PACE_CELLS * PACE_FEATURES > share:
+        return 0
     per_cell = sum(refit_cost(1, n) for n in n_target_features)
-    return max(MIN_REFIT_CELLS, int(REFIT_SHARE * max(0.0, budget.left()) / max(pace * per_cell, 1e-12)))
+    return max(MIN_REFIT_CELLS, int(share / max(pace * per_cell, 1e-12)))
 
 
 def calibration_cell_cap(budget: Budget, model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int,
@@ -246,8 +252,11 @@ def finish_readout(model, profile_head, tokenizer, meta: dict, splits, validatio
     if profile_head is not None and model_args.profile_refit and (len(validation) or refit_choices):
         targets = [len(meta["peaks" if d == "gex2atac" else "genes"]) for d in data_args.directions]
         refit_cells = refit_cell_cap(budget, profile_head.weight.shape[1], targets, device)
-        refit = refit_head(model, profile_head, tokenizer, meta, splits["train"], validation, train_examples, eval_examples, run.per_device_eval_batch_size,
-                           model_args.profile_ranks, refit_choices, refit_cells)
+        if refit_cells == 0:
+            logger.warning("--max_train_seconds: %.0f s left, too little for the head refit; the trained profile head is kept", budget.left())
+        else:
+            refit = refit_head(model, profile_head, tokenizer, meta, splits["train"], validation, train_examples, eval_examples,
+                               run.per_device_eval_batch_size, model_args.profile_ranks, refit_choices, refit_cells)
     if not len(splits["validation"]):
         logger.warning("the validation split is empty: no validation loss, and the readout stays uncalibrated "
                        "(calibrate it on fold models' readings: python -m translator.recalibrate --model OUT --dataset_dir DATA --pool MODEL DATASET_DIR ...)")

@@ -44,6 +44,15 @@ def refit_cost(n_cells: int, n_features: int, n_l2: int = len(L2_GRID), chunk_fe
     return n_cells * (CHOICE_CHUNKS * chunk_features * n_l2 + n_features)
 
 
+def refit_solves(n_features: int, n_l2: int = len(L2_GRID), chunk_features: int = 2048) -> int:
+    """Solves of :func:`fit_profile_rows` (one per chunk of features and penalty tried): each costs at least a few
+    optimizer steps, however few the cells."""
+    chunks = -(-n_features // chunk_features)
+    if chunks <= CHOICE_CHUNKS or n_l2 == 1:
+        return chunks * n_l2
+    return CHOICE_CHUNKS * n_l2 + chunks
+
+
 @torch.no_grad()
 def profile_states(model, sources: Sequence[np.ndarray], batch_size: int = 64) -> torch.Tensor:
     """What the profile head reads for each source (:func:`translator.model.profile_features`), float32 on the CPU."""
@@ -131,8 +140,11 @@ def _full_fp32(device: torch.device):
             restore()
 
 
-def seconds_per_entry(n_inputs: int, binary: bool = True, device: torch.device | str = "cpu", n_cells: int = 256, n_features: int = 1024,
-                      iterations: int = 25) -> float:
+PACE_CELLS, PACE_FEATURES = 256, 1024  # the solve :func:`seconds_per_entry` times
+
+
+def seconds_per_entry(n_inputs: int, binary: bool = True, device: torch.device | str = "cpu", n_cells: int = PACE_CELLS,
+                      n_features: int = PACE_FEATURES, iterations: int = 25) -> float:
     """Seconds one refit solve takes per cell-feature entry on ``device``, timed on a small random problem of that shape
     (what a time budget sizes the refit by, with :func:`refit_cost`)."""
     import time
