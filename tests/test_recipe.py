@@ -159,3 +159,23 @@ def test_the_shipped_config_is_the_default_recipe_and_flags_override_it(tmp_path
         train.parse_args([str(bad)])
     with pytest.raises(FileNotFoundError, match="config file .*missing.yaml not found"):
         train.parse_args([str(tmp_path / "missing.yaml")])
+
+
+def test_a_refit_whose_solves_would_overrun_its_deadline_stops_after_the_first():
+    """The refit counts its solves against its deadline: one that has passed stops it after the first solve (the caller
+    keeps the trained rows); without one every solve runs."""
+    import time
+
+    from translator.profile_fit import RefitOverBudget, SolvePace
+
+    rng = np.random.default_rng(3)
+    x_train, x_val = (torch.from_numpy(rng.normal(size=(n, 8)).astype(np.float32)) for n in (40, 20))
+    y_train, y_val = (sp.csr_matrix((rng.random((n, 30)) < 0.2).astype(np.float32)) for n in (40, 20))
+    offset, grid = torch.full((30,), -1.0), (1e-1, 1e-2, 1e-3)
+    late = SolvePace(time.perf_counter() - 1.0, refit_solves(30, len(grid)))
+    with pytest.raises(RefitOverBudget, match="2 of 3 solves left"):
+        fit_profile_rows(x_train, y_train, x_val, y_val, offset, True, grid, pace=late)
+    assert late.done == 1
+    free = SolvePace(None, refit_solves(30, len(grid)))
+    fit_profile_rows(x_train, y_train, x_val, y_val, offset, True, grid, pace=free)
+    assert free.done == 3

@@ -211,9 +211,10 @@ def read_refit_choices(folders: list[str], meta: dict, directions: list[str]) ->
 
 
 def refit_head(model, profile_head, tokenizer, meta, train_split, validation, train_examples, eval_examples, batch_size: int, ranks=(),
-               choices: dict | None = None, max_cells: int | None = None) -> dict:
+               choices: dict | None = None, max_cells: int | None = None, deadline: float | None = None) -> dict:
     """Closed-form refit of the profile head on the train split (``translator.profile_fit``); L2 chosen on validation, or given
-    (``choices``, then validation may be empty). ``max_cells``: at most this many train cells, evenly spaced (a time budget)."""
+    (``choices``, then validation may be empty). ``max_cells``: at most this many train cells, evenly spaced (a time budget);
+    ``deadline``: a direction whose solves would end after it keeps its trained rows."""
     from .profile_fit import refit_profile_head
 
     started = time.perf_counter()
@@ -234,7 +235,7 @@ def refit_head(model, profile_head, tokenizer, meta, train_split, validation, tr
         truths[direction] = (truth_train[target][cells], truth_val[target])
         target_ranges[direction] = ranges[target]
     reports = refit_profile_head(model, profile_head, sources, truths, target_ranges, profile_offsets(tokenizer, meta), batch_size=batch_size,
-                                 ranks=ranks, choices=choices)
+                                 ranks=ranks, choices=choices, deadline=deadline)
     for report in reports.values():
         report["seconds"] = round(time.perf_counter() - started, 1)
     return reports
@@ -251,12 +252,13 @@ def finish_readout(model, profile_head, tokenizer, meta: dict, splits, validatio
     calibration, refit, held_out_cap = {}, {}, {}
     if profile_head is not None and model_args.profile_refit and (len(validation) or refit_choices):
         targets = [len(meta["peaks" if d == "gex2atac" else "genes"]) for d in data_args.directions]
+        refit_by = time.perf_counter() + REFIT_SHARE * max(0.0, budget.left()) if budget.limited else None
         refit_cells = refit_cell_cap(budget, profile_head.weight.shape[1], targets, device)
         if refit_cells == 0:
             logger.warning("--max_train_seconds: %.0f s left, too little for the head refit; the trained profile head is kept", budget.left())
         else:
             refit = refit_head(model, profile_head, tokenizer, meta, splits["train"], validation, train_examples, eval_examples,
-                               run.per_device_eval_batch_size, model_args.profile_ranks, refit_choices, refit_cells)
+                               run.per_device_eval_batch_size, model_args.profile_ranks, refit_choices, refit_cells, refit_by)
     if not len(splits["validation"]):
         logger.warning("the validation split is empty: no validation loss, and the readout stays uncalibrated "
                        "(calibrate it on fold models' readings: python -m translator.recalibrate --model OUT --dataset_dir DATA --pool MODEL DATASET_DIR ...)")

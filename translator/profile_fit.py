@@ -19,6 +19,7 @@ linear map of the same shape), and ``K`` (or no projection) is chosen by the sam
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -42,6 +43,27 @@ def refit_cost(n_cells: int, n_features: int, n_l2: int = len(L2_GRID), chunk_fe
     if chunks <= CHOICE_CHUNKS or n_l2 == 1:
         return n_cells * n_features * n_l2
     return n_cells * (CHOICE_CHUNKS * chunk_features * n_l2 + n_features)
+
+
+class RefitOverBudget(RuntimeError):
+    """The solves left would end after the refit's deadline (at the pace of those done)."""
+
+
+class SolvePace:
+    """Counts a refit's solves against a deadline (a ``time.perf_counter()`` value): after each solve, raises
+    :class:`RefitOverBudget` when the solves left, at the mean pace so far, would end after it."""
+
+    def __init__(self, deadline: float | None, total: int):
+        self.deadline, self.total, self.done = deadline, int(total), 0
+        self.started = time.perf_counter()
+
+    def solved(self) -> None:
+        self.done += 1
+        if self.deadline is None or self.done >= self.total:
+            return
+        now = time.perf_counter()
+        if now + (now - self.started) / self.done * (self.total - self.done) > self.deadline:
+            raise RefitOverBudget(f"{self.total - self.done} of {self.total} solves left at {(now - self.started) / self.done:.2f} s each")
 
 
 def refit_solves(n_features: int, n_l2: int = len(L2_GRID), chunk_features: int = 2048) -> int:
@@ -110,6 +132,7 @@ def fit_profile_rows(
     iterations: int = 25,
     chunk_features: int = 2048,
     device: torch.device | str | None = None,
+    pace: SolvePace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Fit head rows ``W [features, d]`` and biases ``b [features]`` for one target modality.
 
@@ -118,7 +141,8 @@ def fit_profile_rows(
     ``max(offset + xW' + b, 0)`` (GEX) is kept. With more than :data:`CHOICE_CHUNKS` chunks of
     features (tens of thousands of peaks), the penalties are tried on that many evenly spaced chunks and
     the other chunks are fitted with the chosen one alone (one solve each instead of one per penalty). The solves run on ``device`` (default: ``x_train``'s;
-    a GPU's products in full fp32, TF32 off) and the result comes back on the CPU.
+    a GPU's products in full fp32, TF32 off) and the result comes back on the CPU. ``pace``: counts the solves against a
+    deadline (:class:`SolvePace`, which raises :class:`RefitOverBudget`).
 
     Returns
     -------
@@ -126,7 +150,8 @@ def fit_profile_rows(
     """
     device = torch.device(device) if device is not None else x_train.device
     with _full_fp32(device):
-        return _fit_profile_rows(x_train.to(device), y_train, x_val.to(device), y_val, offset.to(device), binary, l2_grid, iterations, chunk_features)
+        return _fit_profile_rows(x_train.to(device), y_train, x_val.to(device), y_val, offset.to(device), binary, l2_grid, iterations, chunk_features,
+                                 pace)
 
 
 @contextmanager
@@ -162,16 +187,16 @@ def seconds_per_entry(n_inputs: int, binary: bool = True, device: torch.device |
         return (time.perf_counter() - started) / (n_cells * n_features)
 
 
-def _fit_profile_rows(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features):
+def _fit_profile_rows(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features, pace=None):
     n_features = y_train.shape[1]
     starts = list(range(0, n_features, chunk_features))
     if len(starts) <= CHOICE_CHUNKS or len(l2_grid) == 1:
-        return _fit_chunks(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features, starts)
+        return _fit_chunks(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features, starts, pace)
     chosen = set(np.linspace(0, len(starts) - 1, CHOICE_CHUNKS).round().astype(int).tolist())
     sample = [starts[i] for i in sorted(chosen)]
     rest = [starts[i] for i in range(len(starts)) if i not in chosen]
-    w_s, b_s, report = _fit_chunks(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features, sample)
-    w_r, b_r, _ = _fit_chunks(x_train, y_train, x_val, y_val, offset, binary, (report["l2"],), iterations, chunk_features, rest)
+    w_s, b_s, report = _fit_chunks(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features, sample, pace)
+    w_r, b_r, _ = _fit_chunks(x_train, y_train, x_val, y_val, offset, binary, (report["l2"],), iterations, chunk_features, rest, pace)
     w, b = torch.zeros(n_features, x_train.shape[1]), torch.zeros(n_features)
     for starts_part, w_part, b_part in ((sample, w_s, b_s), (rest, w_r, b_r)):
         cols = np.concatenate([np.arange(s, min(n_features, s + chunk_features)) for s in starts_part])
@@ -180,7 +205,7 @@ def _fit_profile_rows(x_train, y_train, x_val, y_val, offset, binary, l2_grid, i
     return w, b, report
 
 
-def _fit_chunks(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features, starts):
+def _fit_chunks(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterations, chunk_features, starts, pace=None):
     """Fit the feature chunks beginning at ``starts`` along the warm-started L2 path; the rows of the L2 with the lowest
     validation RMSE over these chunks, with the report of the choice."""
     device = x_train.device
@@ -206,6 +231,8 @@ def _fit_chunks(x_train, y_train, x_val, y_val, offset, binary, l2_grid, iterati
             sse[l2] += float(((yv - _predict(x_val, w, b, off, binary)) ** 2).sum())
             solutions[l2][0].append(w.cpu())
             solutions[l2][1].append(b.cpu())
+            if pace is not None:
+                pace.solved()
     n_entries = max(1, x_val.shape[0] * n_cols)
     rmse = {l2: float(np.sqrt(v / n_entries)) for l2, v in sse.items()}
     best = min(rmse, key=rmse.get)
@@ -333,6 +360,7 @@ def refit_profile_head(
     batch_size: int = 64,
     ranks: Sequence[int] = (),
     choices: dict[str, dict] | None = None,
+    deadline: float | None = None,
 ) -> dict:
     """Refit the head rows of each direction's target modality in place.
 
@@ -351,6 +379,9 @@ def refit_profile_head(
     choices
         ``{direction: {"l2": ..., "rank": ...}}`` made beforehand (:func:`pooled_choice`): that direction is refitted with
         that L2 and reduced to that rank (0: not reduced), nothing is chosen, and its validation sources may be empty.
+    deadline
+        A ``time.perf_counter()`` value (a time budget): a direction whose solves would end after it, at the pace of its
+        first ones, keeps its trained rows (a warning says so; no report).
 
     Returns
     -------
@@ -363,9 +394,14 @@ def refit_profile_head(
         x_train = profile_states(model, train_ids, batch_size)
         x_val = profile_states(model, val_ids, batch_size)
         chosen = (choices or {}).get(direction)
-        w, b, report = fit_profile_rows(x_train, truths[direction][0], x_val, truths[direction][1], offset.float(), binary,
-                                        (chosen["l2"],) if chosen else l2_grid,
-                                        device=next(model.parameters()).device)  # the model's GPU, when it has one
+        grid = (chosen["l2"],) if chosen else l2_grid
+        try:
+            w, b, report = fit_profile_rows(x_train, truths[direction][0], x_val, truths[direction][1], offset.float(), binary, grid,
+                                            device=next(model.parameters()).device,  # the model's GPU, when it has one
+                                            pace=SolvePace(deadline, refit_solves(stop - start, len(grid))))
+        except RefitOverBudget as err:
+            logger.warning("%s profile head refit would overrun --max_train_seconds (%s): the trained rows are kept", direction, err)
+            continue
         if chosen:
             w, b = project_rank(x_train, w, b, int(chosen["rank"]))
             report.update(chosen_beforehand=chosen, reduced_rank={"rank": int(chosen["rank"])})
