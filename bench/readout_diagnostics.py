@@ -34,15 +34,15 @@
 
 Usage::
 
-    python bench/readout_diagnostics.py kernel --model mop_P5400c6d2 --dataset_dir mop10k
-    python bench/readout_diagnostics.py centre --model mop_P5400c6d2 --dataset_dir mop10k
-    python bench/readout_diagnostics.py bootstrap --model bmmc_S50 --dataset_dir bmmc
-    python bench/readout_diagnostics.py ensemble --model mop_P5400c6d2 --members mop_P5400c6d2s7 --dataset_dir mop10k
-    python bench/readout_diagnostics.py sampled --model mop_P5400c6d2ls1sd1 --dataset_dir mop10k --samples 8
-    python bench/readout_diagnostics.py crossfit --model m_S50r_0 --dataset_dir f0 --arms profile profile,profile_depth \
-        --output_dir crossfit_S50r_0     # writes crossfit_S50r_0/<arm>/eval_results.json
+    python bench/readout_diagnostics.py kernel --model models/mop --dataset_dir data/mop
+    python bench/readout_diagnostics.py centre --model models/mop --dataset_dir data/mop
+    python bench/readout_diagnostics.py bootstrap --model models/bmmc --dataset_dir data/bmmc
+    python bench/readout_diagnostics.py ensemble --model models/mop --members models/mop_seed7 --dataset_dir data/mop
+    python bench/readout_diagnostics.py sampled --model models/mop --dataset_dir data/mop --samples 8
+    python bench/readout_diagnostics.py crossfit --model m_0 --dataset_dir f0 --arms profile profile,profile_depth \
+        --output_dir crossfit_0     # writes crossfit_0/<arm>/eval_results.json
     python bench/readout_diagnostics.py foldpool --model m_0 --dataset_dir f0 --members m_1 m_2 m_3 m_4 \
-        --member_dataset_dirs f1 f2 f3 f4 --dataset_name bmmc_starter --output_dir foldpool_m
+        --member_dataset_dirs f1 f2 f3 f4 --dataset_name bmmc --output_dir foldpool_m
 
 Each writes ``bench/results/readout_<command>[_<tag>].json`` (``--results_dir`` to change the folder).
 """

@@ -1,9 +1,8 @@
 """Assemble an ensemble folder: one model folder whose predictions are the mean of several models' calibrated matrices.
 
-With a few hundred training cells (BMMC's one training donor) a single model's residual over the per-feature mean is
-noisy; the cross-validation fold models, each trained on four fifths of the cells, together have seen every cell, and
-the mean of their calibrated matrices (with the model trained on every cell) predicted the held-out fold better than
-any one of them in nested cross-validation (docs/results/cv/bmmc_starter_nested_ensembles.json). This writes such a folder:
+With a few hundred training cells a single model's residual over the per-feature mean is noisy; cross-validation fold
+models, each trained on four fifths of the cells, together have seen every cell, and the mean of their calibrated
+matrices averages that noise out. This writes such a folder:
 
 - the top level is ``--model`` as it is (a complete ``train.py`` folder: it still loads with ``AutoModelForSeq2SeqLM`` /
   ``AutoTokenizer``, and ``CellTranslator.translate`` writes its sentences);
@@ -15,7 +14,7 @@ any one of them in nested cross-validation (docs/results/cv/bmmc_starter_nested_
 
 Usage::
 
-    python -m translator.ensemble --model bmmc_all --members m_0 m_1 m_2 m_3 m_4 --output_dir bmmc_ensemble \
+    python -m translator.ensemble --model model_all --members m_0 m_1 m_2 m_3 m_4 --output_dir model_ensemble \
         [--push_to_hub --hub_model_id USER/NAME]
 """
 

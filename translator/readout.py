@@ -19,8 +19,8 @@ Calibration, fitted on the validation split, never discards what the per-feature
   and the rest ``z_k - u`` (which peaks), each with its own weight, and adds the size of the source
   sentence ``n`` (the genes the model read), which the head's pooled (length-free) states do not carry:
   ``sigmoid(a * (z_k - u) + d * u + e * log(1 + n) + b * logit(mean_k) + c)``. With little training data the
-  head's residual is too small in depth and too loud in its per-peak pattern (BMMC folds without ``n``: ``d``
-  1.6-7, ``a`` 0-0.8), and one weight for both either loses the depth (RMSE) or re-ranks a cell's peaks worse
+  head's residual is too small in depth and too loud in its per-peak pattern (fitted without ``n``, ``d`` lands well
+  above 1 and ``a`` below 1), and one weight for both either loses the depth (RMSE) or re-ranks a cell's peaks worse
   than the mean does (per-cell Pearson, AUROC, AP); ``a = 0`` ranks every cell's peaks as the mean does;
 - GEX: ``value = w1 * e_g + w2 * s_g * mean_detected_g + w3 * mean_g + w4`` (least squares, clipped at 0;
   ``value = w1 * r_g + w3 * mean_g + w4`` for ``profile``; ``profile_depth`` the same split as for ATAC,
@@ -353,7 +353,7 @@ def check_aggregations(names: Sequence[str], what: str = "") -> None:
 
 
 SELECTION_PARTS = 5  # fit_readout picks an aggregation by its RMSE on cells each fit did not see, over this many parts
-SELECTION_REPEATS = 10  # ... averaged over this many random partitions (one partition of 46 BMMC cells flipped the choice)
+SELECTION_REPEATS = 10  # ... averaged over this many random partitions (on a few dozen cells one partition can flip the choice)
 
 
 def check_selection_parts(parts: int, flag: str) -> None:
@@ -509,11 +509,11 @@ def fit_readout(features: dict[str, np.ndarray], truth: sp.spmatrix, direction: 
         With two or more candidates and at least twice this many cells, the kept aggregation is the one with the
         lowest RMSE *cross-fitted* over this many parts of the cells (each part predicted by the calibration fitted on
         the others), so that a readout with more coefficients is not kept for fitting the very cells it is scored on
-        (BMMC folds: GEX ``profile_depth`` lowers the in-sample RMSE and raises the cross-fitted one). Its coefficients
+        (GEX ``profile_depth`` can lower the in-sample RMSE and raise the cross-fitted one). Its coefficients
         are then fitted on all the cells. ``0`` (or too few cells): the lowest in-sample RMSE.
     selection_repeats
         The cross-fitted RMSE is averaged over this many random partitions (1: a single
-        partition, whose verdict on 46 BMMC cells was the reverse of 9 in 10 other partitions').
+        partition, whose verdict on a few dozen cells can be the reverse of most other partitions').
     deadline
         A ``time.perf_counter()`` value (a time budget): no further random partition is begun once it has passed (at
         least one is); ``selection`` says how many were averaged.

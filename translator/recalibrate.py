@@ -12,12 +12,11 @@ is replaced in one move.
 ``DATASET_DIR`` as its ``MODEL`` reads them, beside the folder's own (none, when ``--dataset_dir`` was built with
 ``--no_validation``: a final model trained on every cell, calibrated on its fold models' readings of the cells they did not train on). Made for cross-validation fold models: fold 0's
 model calibrated on every fold, each fold read by the model that did not train on it (each cell keeps the per-feature
-train statistics of the model that read it). With one training donor of 221 cells (BMMC) that is 221 calibration cells
-instead of 46 (docs/results/cv/bmmc_starter_foldpool.json).
+train statistics of the model that read it): with 5 folds, every training cell calibrates instead of one fifth of them.
 
 Usage::
 
-    python -m translator.recalibrate --model mop_P5400c6d2ls1 --dataset_dir mop10k
+    python -m translator.recalibrate --model models/mop --dataset_dir data/mop
     python -m translator.recalibrate --model m_0 --dataset_dir f0 --pool m_1 f1 --pool m_2 f2 --pool m_3 f3 --pool m_4 f4
 """
 

@@ -8,7 +8,7 @@ as ``translator.recalibrate --pool``), each against a kernel and mean fitted on 
 
 Usage::
 
-    python -m translator.stack --model bmmc_ens --dataset_dir all --pool m_0 f0 --pool m_1 f1 --pool m_2 f2 --pool m_3 f3 --pool m_4 f4
+    python -m translator.stack --model model_ensemble --dataset_dir all --pool m_0 f0 --pool m_1 f1 --pool m_2 f2 --pool m_3 f3 --pool m_4 f4
 """
 
 from __future__ import annotations
