@@ -19,9 +19,9 @@ Calibration, fitted on the validation split, never discards what the per-feature
   and the rest ``z_k - u`` (which peaks), each with its own weight, and adds the size of the source
   sentence ``n`` (the genes the model read), which the head's pooled (length-free) states do not carry:
   ``sigmoid(a * (z_k - u) + d * u + e * log(1 + n) + b * logit(mean_k) + c)``. With little training data the
-  head's residual is too small in depth and too loud in its per-peak pattern (fitted without ``n``, ``d`` lands well
-  above 1 and ``a`` below 1), and one weight for both either loses the depth (RMSE) or re-ranks a cell's peaks worse
-  than the mean does (per-cell Pearson, AUROC, AP); ``a = 0`` ranks every cell's peaks as the mean does;
+  head's residual is too small in depth and too loud in its per-peak pattern (fitted without ``n`` on a few
+  hundred cells, ``d`` came out well above 1 and ``a`` below 1), and one weight for both either loses the depth
+  (RMSE) or re-ranks a cell's peaks worse than the mean does (per-cell Pearson, AUROC, AP); ``a = 0`` ranks every cell's peaks as the mean does;
 - GEX: ``value = w1 * e_g + w2 * s_g * mean_detected_g + w3 * mean_g + w4`` (least squares, clipped at 0;
   ``value = w1 * r_g + w3 * mean_g + w4`` for ``profile``; ``profile_depth`` the same split as for ATAC,
   ``value = a * (z_g - u) + d * u + e * log(1 + n) + b * mean_g + c``, ``n`` the accessible peaks the model read:
