@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from tests.conftest import REPO
-from translator.finishing import refit_cell_cap
+from translator.finishing import MIN_CALIBRATION_CELLS, calibration_cell_cap, refit_cell_cap, refit_seconds
 from translator.model import make_config
 from translator.profile_fit import CHOICE_CHUNKS, fit_profile_rows, refit_cost, refit_solves
 from translator.training import (
@@ -92,12 +93,23 @@ def test_a_budget_counts_from_its_start_and_none_means_no_limit():
     assert not Budget(0).limited and Budget(0).left() == math.inf
     budget = Budget(100.0, started=0.0)
     assert budget.limited and budget.left() < 0  # perf_counter has long passed 100 s since its origin 0
-    assert refit_cell_cap(Budget(0), 12, [500]) is None
+    assert refit_cell_cap(None, 12, [500]) is None
     # A spent budget keeps the trained head (0: even the refit's solves on a few cells would overrun); a long one, many cells.
-    assert refit_cell_cap(Budget(1e-3), 12, [500]) == 0
-    assert refit_cell_cap(Budget(1e6), 12, [500]) > 10_000
-    assert refit_cell_cap(Budget(1e-3), 192, [36505, 13431]) == 0
-    assert refit_cell_cap(Budget(1e9), 192, [36505, 13431]) > 10**6
+    assert refit_cell_cap(1e-3, 12, [500]) == 0
+    assert refit_cell_cap(1e6, 12, [500]) > 10_000
+    assert refit_cell_cap(1e-3, 192, [36505, 13431]) == 0
+    assert refit_cell_cap(1e9, 192, [36505, 13431]) > 10**6
+
+
+def test_the_refit_gets_what_is_left_after_the_calibration_and_the_blend_need():
+    # 700 s left, a calibration of 500 cells at 0.05 s a cell and a blend reading 900 of them again: the refit gets the rest.
+    seconds = refit_seconds(700.0, 0.05, 500, 900)
+    assert seconds == pytest.approx(0.85 * 700 - 0.05 * (750 + 900))
+    assert refit_seconds(700.0, 0.0, 500, 900) > seconds > refit_seconds(700.0, 0.1, 500, 900)
+    assert refit_seconds(10.0, 1.0, 500, 900) == 0.0  # nothing left: the refit gets nothing
+    # The calibration then decodes as many cells as its share of what is left allows, never fewer than a few.
+    assert calibration_cell_cap(0.0, 0.05) == MIN_CALIBRATION_CELLS
+    assert calibration_cell_cap(600.0, 0.05) > calibration_cell_cap(300.0, 0.05) > calibration_cell_cap(300.0, 0.1)
 
 
 def test_the_memory_estimate_grows_with_vocabulary_and_batch_and_refuses_in_one_line():
@@ -162,10 +174,8 @@ def test_the_shipped_config_is_the_default_recipe_and_flags_override_it(tmp_path
 
 
 def test_a_refit_whose_solves_would_overrun_its_deadline_stops_after_the_first():
-    """The refit counts its solves against its deadline: one that has passed stops it after the first solve (the caller
-    keeps the trained rows); without one every solve runs."""
-    import time
-
+    """The refit counts its solves against its deadline: one that has passed stops it after the first solve; without one
+    every solve runs."""
     from translator.profile_fit import RefitOverBudget, SolvePace
 
     rng = np.random.default_rng(3)
@@ -179,3 +189,54 @@ def test_a_refit_whose_solves_would_overrun_its_deadline_stops_after_the_first()
     free = SolvePace(None, refit_solves(30, len(grid)))
     fit_profile_rows(x_train, y_train, x_val, y_val, offset, True, grid, pace=free)
     assert free.done == 3
+
+
+def test_a_refit_that_would_overrun_starts_again_on_fewer_cells_or_keeps_the_trained_rows(monkeypatch):
+    """When the first solve's pace says the refit would end after its deadline, the refit starts again on as many evenly
+    spaced train cells as fit at that pace; when too few would, the direction keeps its trained rows."""
+    from translator import profile_fit
+    from translator.model import ProfileHead
+    from translator.profile_fit import MIN_REFIT_CELLS, RefitOverBudget, refit_profile_head
+
+    rng = np.random.default_rng(5)
+    n_train, n_val, d, n_peaks = 400, 40, 6, 20
+    states = {n: torch.from_numpy(rng.normal(size=(n, d)).astype(np.float32)) for n in (n_train, n_val)}
+    monkeypatch.setattr(profile_fit, "profile_states", lambda model, ids, batch_size=64: states[len(ids)])
+    truth = {n: sp.csr_matrix((rng.random((n, n_peaks)) < 0.3).astype(np.float32)) for n in (n_train, n_val)}
+    sources = {"gex2atac": ([np.zeros(1)] * n_train, [np.zeros(1)] * n_val)}
+    offsets = {0: (torch.full((n_peaks,), -1.0), True)}
+    model = torch.nn.Linear(1, 1)
+    assert RefitOverBudget("", 2.0, 10).cells_within(1000, 10.0) == 400  # 10 s fit a fifth of 20 s of solves, at 0.8 of that
+    assert RefitOverBudget("", 0.0, 0).cells_within(1000, 10.0) == 0
+
+    def pace_that_overruns(cells_within: int):
+        """A SolvePace whose first count raises with a pace at which ``cells_within`` of the train cells fit; later ones count freely."""
+        made = []
+
+        class Pace(profile_fit.SolvePace):
+            def __init__(self, deadline, total):
+                super().__init__(None, total)
+                made.append(self)
+
+            def solved(self):
+                super().solved()
+                if len(made) == 1:
+                    per_solve = 0.8 * 100.0 * n_train / (cells_within * self.total)
+                    raise RefitOverBudget("over", per_solve, self.total)
+
+        return Pace, made
+
+    Pace, made = pace_that_overruns(120)
+    monkeypatch.setattr(profile_fit, "SolvePace", Pace)
+    head = ProfileHead(n_peaks, d)
+    reports = refit_profile_head(model, head, sources, {"gex2atac": (truth[n_train], truth[n_val])}, {"gex2atac": (0, n_peaks)}, offsets,
+                                 l2_grid=(1e-2, 1e-3), deadline=time.perf_counter() + 100.0)
+    assert len(made) == 2 and reports["gex2atac"]["train_cells"] in (119, 120)
+    assert torch.count_nonzero(head.weight) > 0
+
+    Pace, made = pace_that_overruns(MIN_REFIT_CELLS // 2)
+    monkeypatch.setattr(profile_fit, "SolvePace", Pace)
+    head = ProfileHead(n_peaks, d)
+    reports = refit_profile_head(model, head, sources, {"gex2atac": (truth[n_train], truth[n_val])}, {"gex2atac": (0, n_peaks)}, offsets,
+                                 l2_grid=(1e-2, 1e-3), deadline=time.perf_counter() + 100.0)
+    assert reports == {} and len(made) == 1 and torch.count_nonzero(head.weight) == 0

@@ -44,28 +44,29 @@ from .training import Budget
 logger = logging.getLogger("train")
 
 
-REFIT_SHARE = 0.5  # of the budget left after training: the head refit; the calibration gets most of the rest
+FINISH_SHARE = 0.15  # of the budget left after training, kept beyond the estimated calibration: the blend's kernel, the folder, a margin
 CALIBRATION_SHARE = 0.6  # of the budget left after the refit: the calibration and the blend's second reading of its cells
 # (the rest: the blend's kernel and the model folder)
-MIN_REFIT_CELLS = 50
 MIN_CALIBRATION_CELLS = 20
 PROBE_CELLS = 8
+PACE_MARGIN = 1.5  # a refit solve on many cells runs slower per entry than the small one timed; the cell cap allows for it
 
 
-def refit_cell_cap(budget: Budget, n_inputs: int, n_target_features: Sequence[int], device: torch.device | str = "cpu") -> int | None:
-    """Train cells the head refit may use to end within its share of what is left of ``budget`` (None: no limit; 0: its
-    solves do not fit even on few cells, and the trained head is kept).
+def refit_cell_cap(seconds: float | None, n_inputs: int, n_target_features: Sequence[int], device: torch.device | str = "cpu") -> int | None:
+    """Train cells the head refit may use to end within ``seconds`` (None: no limit, and None back; 0: its solves do not
+    fit even on few cells, and the trained head is kept).
 
     The refit's time is about proportional to cells x features solved (:func:`translator.profile_fit.refit_cost`, summed over
-    the directions' target modalities), at the pace of a small solve timed here; and each of its solves
-    (:func:`translator.profile_fit.refit_solves`, over twice the small one's features) costs at least that small solve twice.
+    the directions' target modalities), at the pace of a small solve timed here (times :data:`PACE_MARGIN`); and each of
+    its solves (:func:`translator.profile_fit.refit_solves`, over twice the small one's features) costs at least that
+    small solve twice.
     """
-    from .profile_fit import PACE_CELLS, PACE_FEATURES, refit_cost, refit_solves, seconds_per_entry
+    from .profile_fit import MIN_REFIT_CELLS, PACE_CELLS, PACE_FEATURES, refit_cost, refit_solves, seconds_per_entry
 
-    if not budget.limited:
+    if seconds is None:
         return None
-    share = REFIT_SHARE * max(0.0, budget.left())
-    pace = seconds_per_entry(n_inputs, device=device)
+    share = max(0.0, seconds)
+    pace = PACE_MARGIN * seconds_per_entry(n_inputs, device=device)
     solves = sum(refit_solves(n) for n in n_target_features)
     if solves * 2 * pace * PACE_CELLS * PACE_FEATURES > share:
         return 0
@@ -73,18 +74,28 @@ def refit_cell_cap(budget: Budget, n_inputs: int, n_target_features: Sequence[in
     return max(MIN_REFIT_CELLS, int(share / max(pace * per_cell, 1e-12)))
 
 
-def calibration_cell_cap(budget: Budget, model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int,
-                         max_target_length: int, batch_size: int, profile_head=None) -> tuple[int | None, float]:
-    """Validation cells the calibration may decode to end within its share of what is left of ``budget`` (None: no limit),
-    from the time :func:`calibration_features` takes on a few cells, and that time per cell (0.0 without a budget)."""
-    if not budget.limited or not len(split):
-        return None, 0.0
+def refit_seconds(left: float, calibration_per_cell: float, calibration_cells: int, held_out_cells: int) -> float:
+    """What the head refit may use of the ``left`` seconds of a time budget: all but the calibration's estimated time
+    (its ``calibration_cells`` decoded and a readout chosen on one partition of them, 1.5 decodings' worth), the blend's
+    second reading of its ``held_out_cells``, and :data:`FINISH_SHARE` of ``left``."""
+    calibration = calibration_per_cell * (1.5 * calibration_cells + held_out_cells)
+    return max(0.0, (1 - FINISH_SHARE) * left - calibration)
+
+
+def calibration_pace(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int,
+                     batch_size: int, profile_head=None) -> float:
+    """Seconds :func:`calibration_features` takes per cell of ``split``, timed on a few of its cells."""
     probe = split.select(range(min(PROBE_CELLS, len(split))))
     started = time.perf_counter()
     calibration_features(model, tokenizer, meta, probe, directions, max_source_length, max_target_length, len(probe), batch_size, profile_head)
-    per_cell = (time.perf_counter() - started) / len(probe)
-    # The readout fits after the decoding take about half as long again; the blend then decodes the cells once more.
-    return max(MIN_CALIBRATION_CELLS, int(CALIBRATION_SHARE * max(0.0, budget.left()) / (2.5 * per_cell))), per_cell
+    return (time.perf_counter() - started) / max(1, len(probe))
+
+
+def calibration_cell_cap(seconds: float, per_cell: float) -> int:
+    """Validation cells the calibration may decode to end within :data:`CALIBRATION_SHARE` of ``seconds``, at
+    ``per_cell`` (:func:`calibration_pace`): the readout's fits after the decoding take about half as long again, and the
+    blend then decodes the cells once more."""
+    return max(MIN_CALIBRATION_CELLS, int(CALIBRATION_SHARE * max(0.0, seconds) / (2.5 * max(per_cell, 1e-12))))
 
 
 def calibration_features(model, tokenizer, meta: dict, split, directions: Sequence[str], max_source_length: int, max_target_length: int,
@@ -250,29 +261,33 @@ def finish_readout(model, profile_head, tokenizer, meta: dict, splits, validatio
     """
     caps = (data_args.max_source_length, data_args.max_target_length)
     calibration, refit, held_out_cap = {}, {}, {}
+    n_validation = len(splits["validation"])
+    calibration_cells = min(n_validation, data_args.calibration_cells) if data_args.calibration_cells > 0 else 0
+    per_cell = 0.0  # seconds the calibration takes per validation cell, timed before the refit so that the refit leaves it its time
+    if budget.limited and calibration_cells:
+        per_cell = calibration_pace(model, tokenizer, meta, splits["validation"], data_args.directions, *caps, run.per_device_eval_batch_size, profile_head)
     if profile_head is not None and model_args.profile_refit and (len(validation) or refit_choices):
         targets = [len(meta["peaks" if d == "gex2atac" else "genes"]) for d in data_args.directions]
-        refit_by = time.perf_counter() + REFIT_SHARE * max(0.0, budget.left()) if budget.limited else None
-        refit_cells = refit_cell_cap(budget, profile_head.weight.shape[1], targets, device)
+        seconds = refit_seconds(budget.left(), per_cell, calibration_cells, min(n_validation, HELD_OUT_CELLS)) if budget.limited else None
+        refit_cells = refit_cell_cap(seconds, profile_head.weight.shape[1], targets, device)
         if refit_cells == 0:
             logger.warning("--max_train_seconds: %.0f s left, too little for the head refit; the trained profile head is kept", budget.left())
         else:
             refit = refit_head(model, profile_head, tokenizer, meta, splits["train"], validation, train_examples, eval_examples,
-                               run.per_device_eval_batch_size, model_args.profile_ranks, refit_choices, refit_cells, refit_by)
-    if not len(splits["validation"]):
+                               run.per_device_eval_batch_size, model_args.profile_ranks, refit_choices, refit_cells,
+                               time.perf_counter() + seconds if seconds is not None else None)
+    if not n_validation:
         logger.warning("the validation split is empty: no validation loss, and the readout stays uncalibrated "
                        "(calibrate it on fold models' readings: python -m translator.recalibrate --model OUT --dataset_dir DATA --pool MODEL DATASET_DIR ...)")
-    elif data_args.calibration_cells > 0:
-        calibration_cells = min(len(splits["validation"]), data_args.calibration_cells)
-        window = CALIBRATION_SHARE * max(0.0, budget.left())
-        started = time.perf_counter()
-        cap, per_cell = calibration_cell_cap(budget, model, tokenizer, meta, splits["validation"], data_args.directions, *caps, run.per_device_eval_batch_size, profile_head)
+    elif calibration_cells:
+        started, window = time.perf_counter(), CALIBRATION_SHARE * max(0.0, budget.left())
         deadline = None
-        if cap is not None:
+        if budget.limited:
+            cap = calibration_cell_cap(budget.left(), per_cell)
             held_out_cap = {"max_cells": min(cap, HELD_OUT_CELLS)}  # the blend decodes validation cells again: at most as many as the budget allows
             # The readout's choice stops averaging partitions in time for the blend's second reading of its cells.
-            deadline = started + window - min(cap, HELD_OUT_CELLS, len(splits["validation"])) * per_cell
-        if cap is not None and cap < calibration_cells:
+            deadline = started + window - min(cap, HELD_OUT_CELLS, n_validation) * per_cell
+        if budget.limited and cap < calibration_cells:
             logger.info("--max_train_seconds: %.0f s left, the calibration and the blend decode %d of %d validation cells (the readout chosen on one partition)", budget.left(), cap, calibration_cells)
             calibration_cells = cap
             selection_repeats = 1  # one partition: the readout's cross-fitted choice costs a tenth

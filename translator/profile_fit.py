@@ -45,8 +45,23 @@ def refit_cost(n_cells: int, n_features: int, n_l2: int = len(L2_GRID), chunk_fe
     return n_cells * (CHOICE_CHUNKS * chunk_features * n_l2 + n_features)
 
 
+MIN_REFIT_CELLS = 50  # a refit cut to fit a time budget uses at least this many train cells, or none
+
+
 class RefitOverBudget(RuntimeError):
-    """The solves left would end after the refit's deadline (at the pace of those done)."""
+    """The solves left would end after the refit's deadline (at the pace of those done): ``seconds_per_solve`` is that
+    pace, ``total`` the refit's solves."""
+
+    def __init__(self, message: str, seconds_per_solve: float = 0.0, total: int = 0):
+        super().__init__(message)
+        self.seconds_per_solve, self.total = seconds_per_solve, total
+
+    def cells_within(self, n_cells: int, seconds: float, margin: float = 0.8) -> int:
+        """Train cells a new refit may use so that all its solves end within ``seconds`` (a solve's time is about
+        proportional to its cells), at ``margin`` of that estimate."""
+        if self.seconds_per_solve <= 0 or self.total <= 0:
+            return 0
+        return int(n_cells * margin * max(0.0, seconds) / (self.seconds_per_solve * self.total))
 
 
 class SolvePace:
@@ -63,7 +78,8 @@ class SolvePace:
             return
         now = time.perf_counter()
         if now + (now - self.started) / self.done * (self.total - self.done) > self.deadline:
-            raise RefitOverBudget(f"{self.total - self.done} of {self.total} solves left at {(now - self.started) / self.done:.2f} s each")
+            per_solve = (now - self.started) / self.done
+            raise RefitOverBudget(f"{self.total - self.done} of {self.total} solves left at {per_solve:.2f} s each", per_solve, self.total)
 
 
 def refit_solves(n_features: int, n_l2: int = len(L2_GRID), chunk_features: int = 2048) -> int:
@@ -381,7 +397,8 @@ def refit_profile_head(
         that L2 and reduced to that rank (0: not reduced), nothing is chosen, and its validation sources may be empty.
     deadline
         A ``time.perf_counter()`` value (a time budget): a direction whose solves would end after it, at the pace of its
-        first ones, keeps its trained rows (a warning says so; no report).
+        first ones, starts again on as many evenly spaced train cells as that pace says fit (at least
+        :data:`MIN_REFIT_CELLS`); if even those would overrun, it keeps its trained rows (a warning says so; no report).
 
     Returns
     -------
@@ -395,13 +412,27 @@ def refit_profile_head(
         x_val = profile_states(model, val_ids, batch_size)
         chosen = (choices or {}).get(direction)
         grid = (chosen["l2"],) if chosen else l2_grid
+        y_train = truths[direction][0]
+        solves = refit_solves(stop - start, len(grid))
+        device = next(model.parameters()).device  # the model's GPU, when it has one
         try:
-            w, b, report = fit_profile_rows(x_train, truths[direction][0], x_val, truths[direction][1], offset.float(), binary, grid,
-                                            device=next(model.parameters()).device,  # the model's GPU, when it has one
-                                            pace=SolvePace(deadline, refit_solves(stop - start, len(grid))))
+            w, b, report = fit_profile_rows(x_train, y_train, x_val, truths[direction][1], offset.float(), binary, grid, device=device,
+                                            pace=SolvePace(deadline, solves))
         except RefitOverBudget as err:
-            logger.warning("%s profile head refit would overrun --max_train_seconds (%s): the trained rows are kept", direction, err)
-            continue
+            n_cells = err.cells_within(x_train.shape[0], deadline - time.perf_counter())
+            if n_cells < MIN_REFIT_CELLS:
+                logger.warning("%s profile head refit would overrun --max_train_seconds (%s): the trained rows are kept", direction, err)
+                continue
+            rows = np.unique(np.linspace(0, x_train.shape[0] - 1, n_cells).round().astype(np.int64))
+            logger.info("%s profile head refit on %d of %d train cells, to end within --max_train_seconds (%s)", direction, len(rows),
+                        x_train.shape[0], err)
+            x_train, y_train = x_train[torch.from_numpy(rows)], y_train[rows]
+            try:
+                w, b, report = fit_profile_rows(x_train, y_train, x_val, truths[direction][1], offset.float(), binary, grid, device=device,
+                                                pace=SolvePace(deadline, solves))
+            except RefitOverBudget as again:
+                logger.warning("%s profile head refit would overrun --max_train_seconds (%s): the trained rows are kept", direction, again)
+                continue
         if chosen:
             w, b = project_rank(x_train, w, b, int(chosen["rank"]))
             report.update(chosen_beforehand=chosen, reduced_rank={"rank": int(chosen["rank"])})
