@@ -298,6 +298,29 @@ def test_the_shipped_kernel_is_fitted_on_the_cells_the_time_left_allows():
     assert len(_affordable_rows(5000, pace, time.perf_counter() - 1.0)) == MIN_FIT_CELLS
 
 
+def test_a_kernel_that_cannot_be_refitted_on_as_many_cells_as_it_was_scored_with_ships_as_tuned():
+    """The blend's weights were chosen on the tuned kernel's held-out predictions: a refit on fewer cells (a short time
+    budget) would ship a weaker kernel than the one scored, so that kernel ships as tuned; with time, the refit uses
+    every fit cell."""
+    import time
+
+    from translator.predictor import MIN_FIT_CELLS, shipped_kernel
+    from translator.source_kernel import SvdKrrBaseline
+
+    x, y = kernel_data(n_cells=2 * MIN_FIT_CELLS + 60)
+    grid = {"n_components": (4, 8), "gamma_scale": (0.3, 1.0), "alpha": (1.0,)}
+    n_tune = MIN_FIT_CELLS + 40
+    tuned, _ = SvdKrrBaseline.tune("gex", "gex", (x[:n_tune], y[:n_tune]), (x[n_tune:], y[n_tune:]), grid=grid, max_landmarks=50)
+    settings = (4, 0.3, 1.0)
+    expected = np.vstack(list(SvdKrrBaseline.tune("gex", "gex", (x[:n_tune], y[:n_tune]), (x[n_tune:], y[n_tune:]), grid=grid,
+                                                  max_landmarks=50)[0].use(settings).predict_chunks(x[n_tune:])))
+    late = shipped_kernel(tuned, settings, x, y, grid, 50, 0, deadline=time.perf_counter() - 1.0)  # a refit could use MIN_FIT_CELLS
+    assert late is tuned and late.embedding_cells == n_tune
+    np.testing.assert_allclose(np.vstack(list(late.predict_chunks(x[n_tune:]))), expected, rtol=1e-6, atol=1e-7)
+    free = shipped_kernel(tuned, settings, x, y, grid, 50, 0)
+    assert free is not tuned and free.embedding_cells == x.shape[0] and (free.n_components, free.gamma_scale, free.alpha) == settings
+
+
 def _kernel_reference(kernel, source: sp.csr_matrix) -> np.ndarray:
     """The kernel's prediction computed whole in float64, as its formula reads."""
     a = kernel.arrays

@@ -441,6 +441,7 @@ def _pooled_settings(src: str, tgt: str, folds: Sequence[tuple], grid: dict, max
                 pace = _probe_pace(src, tgt, x_fit, y_fit, grid, max_landmarks, seed)
             rows = _affordable_rows(x_fit.shape[0], pace, share)
             if rows is not None:
+                logger.info("time budget: the kernel is tuned on %d of %d cells", len(rows), x_fit.shape[0])
                 x_fit, y_fit = x_fit[rows], y_fit[rows]
         model, trials = SvdKrrBaseline.tune(src, tgt, (x_fit, y_fit), (x_held, y_held), grid=grid, max_landmarks=max_landmarks, seed=seed, deadline=share)
         pace = model.seconds_per_cell
@@ -552,10 +553,7 @@ def _affordable_rows(n: int, pace: float | None, deadline: float | None) -> np.n
     if deadline is None or pace is None:
         return None
     cap = max(MIN_FIT_CELLS, int(max(0.0, deadline - time.perf_counter()) / max(pace, 1e-12)))
-    if cap >= n:
-        return None
-    logger.info("time budget: the kernel is fitted on %d of %d cells", cap, n)
-    return _rows(n, cap)
+    return None if cap >= n else _rows(n, cap)
 
 
 def _rows(n: int, cap: int) -> np.ndarray:
@@ -642,15 +640,29 @@ def fit_direction(held: Sequence[HeldOut], fit: Sequence[dict], direction: str, 
     mean = np.asarray(y_fit.mean(axis=0), dtype=np.float32).ravel()
     kernel, kernel_record = None, None
     if weights["kernel"] > 0:
-        rows = _affordable_rows(x_fit.shape[0], tuned.seconds_per_cell, deadline)
-        x_fit, y_fit = (x_fit, y_fit) if rows is None else (x_fit[rows], y_fit[rows])
-        kernel = SourceKernel.from_baseline(_refit_kernel(src, tgt, settings, x_fit, y_fit, grid, max_landmarks, seed))
-        kernel_record = {**kernel.settings(), "gamma_scale": settings[1], "alpha": settings[2], "fit_cells": int(x_fit.shape[0])}
+        fitted = shipped_kernel(tuned, settings, x_fit, y_fit, grid, max_landmarks, seed, deadline)
+        kernel = SourceKernel.from_baseline(fitted)
+        kernel_record = {**kernel.settings(), "gamma_scale": settings[1], "alpha": settings[2], "fit_cells": int(fitted.embedding_cells)}
     record = {"weights": weights, "held_out": held_out, "kernel": kernel_record, "mean_fit_cells": int(y_fit.shape[0]),
               "predicts_the_mean": weights["mean"] == 1.0}
     if kfold:
         record["kernel_against_mean"] = kfold
     return record, DirectionBlend(weights, kernel, mean if weights["mean"] > 0 else None)
+
+
+def shipped_kernel(tuned, settings: tuple, x_fit: sp.csr_matrix, y_fit: sp.csr_matrix, grid: dict, max_landmarks: int, seed: int,
+                   deadline: float | None = None):
+    """The kernel the folder ships: ``settings`` fitted again on the fit cells, on as many of them as ``deadline`` allows
+    at the pace the tuning measured; when that is fewer cells than the ``tuned`` kernel (the one whose held-out
+    predictions chose the blend's weights) was fitted on, that kernel itself, as it was scored."""
+    rows = _affordable_rows(x_fit.shape[0], tuned.seconds_per_cell, deadline)
+    if rows is not None and len(rows) < tuned.embedding_cells:
+        logger.info("time budget: the kernel is shipped as tuned on %d cells (a refit could use %d of %d)", tuned.embedding_cells, len(rows), x_fit.shape[0])
+        return tuned.use(settings)
+    if rows is not None:
+        logger.info("time budget: the kernel is fitted on %d of %d cells", len(rows), x_fit.shape[0])
+        x_fit, y_fit = x_fit[rows], y_fit[rows]
+    return _refit_kernel(tuned.source, tuned.target, settings, x_fit, y_fit, grid, max_landmarks, seed)
 
 
 def _held_out(folder: Path, dataset_dir, pool: Sequence[tuple], calibration: dict, max_cells: int, max_train_cells: int) -> list[HeldOut]:
