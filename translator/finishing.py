@@ -39,6 +39,7 @@ from .readout import (
     with_row_stats,
 )
 from .serving import write_serving_files
+from .streaming import sample_rows
 from .training import Budget
 
 logger = logging.getLogger("train")
@@ -107,7 +108,7 @@ def calibration_features(model, tokenizer, meta: dict, split, directions: Sequen
     with its own train split) can be pooled into one calibration.
     """
     n = len(split)
-    rows = np.unique(np.linspace(0, n - 1, min(n, max_cells)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    rows = sample_rows(n, max_cells)
     cells = split.select(rows.tolist())
     truth = truth_matrices(cells, meta)
     ranges = feature_token_ranges(tokenizer, n_genes=len(meta["genes"]))
@@ -237,7 +238,7 @@ def refit_head(model, profile_head, tokenizer, meta, train_split, validation, tr
         val_rows = np.flatnonzero(np.asarray(eval_examples.directions) == code)
         cells = np.arange(len(rows))
         if max_cells is not None and len(rows) > max_cells:
-            cells = np.unique(np.linspace(0, len(rows) - 1, max_cells).round().astype(np.int64))
+            cells = sample_rows(len(rows), max_cells)
             logger.info("%s head refit on %d of %d train cells (--max_train_seconds)", direction, len(cells), len(rows))
         if not len(rows) or not (len(val_rows) or (choices and direction in choices)):
             continue

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 import torch
 
 from .model import PROFILE_INPUTS, ProfileHead, cuda_tf32, profile_features
+from .streaming import sample_rows
 
 logger = logging.getLogger(__name__)
 
@@ -415,24 +416,23 @@ def refit_profile_head(
         y_train = truths[direction][0]
         solves = refit_solves(stop - start, len(grid))
         device = next(model.parameters()).device  # the model's GPU, when it has one
-        try:
-            w, b, report = fit_profile_rows(x_train, y_train, x_val, truths[direction][1], offset.float(), binary, grid, device=device,
-                                            pace=SolvePace(deadline, solves))
-        except RefitOverBudget as err:
-            n_cells = err.cells_within(x_train.shape[0], deadline - time.perf_counter())
-            if n_cells < MIN_REFIT_CELLS:
-                logger.warning("%s profile head refit would overrun --max_train_seconds (%s): the trained rows are kept", direction, err)
-                continue
-            rows = np.unique(np.linspace(0, x_train.shape[0] - 1, n_cells).round().astype(np.int64))
-            logger.info("%s profile head refit on %d of %d train cells, to end within --max_train_seconds (%s)", direction, len(rows),
-                        x_train.shape[0], err)
-            x_train, y_train = x_train[torch.from_numpy(rows)], y_train[rows]
+        w = None
+        for attempt in range(2):  # the second on fewer cells, when the first one's pace says it would overrun
             try:
                 w, b, report = fit_profile_rows(x_train, y_train, x_val, truths[direction][1], offset.float(), binary, grid, device=device,
                                                 pace=SolvePace(deadline, solves))
-            except RefitOverBudget as again:
-                logger.warning("%s profile head refit would overrun --max_train_seconds (%s): the trained rows are kept", direction, again)
-                continue
+                break
+            except RefitOverBudget as err:
+                n_cells = err.cells_within(x_train.shape[0], deadline - time.perf_counter())
+                if attempt or n_cells < MIN_REFIT_CELLS:
+                    logger.warning("%s profile head refit would overrun --max_train_seconds (%s): the trained rows are kept", direction, err)
+                    break
+                rows = sample_rows(x_train.shape[0], n_cells)
+                logger.info("%s profile head refit on %d of %d train cells, to end within --max_train_seconds (%s)", direction, len(rows),
+                            x_train.shape[0], err)
+                x_train, y_train = x_train[torch.from_numpy(rows)], y_train[rows]
+        if w is None:
+            continue
         if chosen:
             w, b = project_rank(x_train, w, b, int(chosen["rank"]))
             report.update(chosen_beforehand=chosen, reduced_rank={"rank": int(chosen["rank"])})
