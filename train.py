@@ -29,6 +29,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from torch.utils.data import DataLoader
 
 from dataset_builder.cli import run_cli
+from dataset_builder.records import load_splits
 from tokenizer import PREFIX, check_vocabulary, load_tokenizer, read_meta
 from translator.arguments import DataArguments, ModelArguments, RunArguments, check_args, demo_arguments, parse_args
 from translator.data import LengthGroupedBatchSampler, TranslationCollator, TranslationExamples
@@ -44,7 +45,7 @@ from translator.loss import TranslationLoss
 from translator.model import cuda_tf32, make_config, make_model
 from translator.predictor import fit_blend
 from translator.readout import profile_offsets
-from translator.streaming import ArrowSplit, StreamingExamples, StreamingLoader, sample_rows
+from translator.streaming import StreamingExamples, StreamingLoader, open_split, sample_rows
 from translator.training import (
     BestWeights,
     Budget,
@@ -78,7 +79,14 @@ def read_inputs(model_args: ModelArguments, data_args: DataArguments) -> tuple[d
         raise ValueError(f"--gex_source_downsample needs rank-order GEX sentences of every detected gene, and dataset {data_args.dataset_dir} "
                          f"has gex_encoding {meta.get('gex_encoding')!r}; build the dataset with --gex_encoding rank or drop the flag")
     refit_choices = read_refit_choices(model_args.profile_choices_from, meta, data_args.directions) if model_args.profile_choices_from else None
-    splits = datasets.load_from_disk(data_args.dataset_dir)
+    if data_args.streaming:
+        # The train split stays in its files; the train cells held in memory (the embeddings' LSI, the head refit) are an
+        # evenly spaced sample of it.
+        splits = load_splits(data_args.dataset_dir, ("validation", "test"))
+        train = open_split(data_args.dataset_dir, "train")
+        splits["train"] = train.dataset(sample_rows(len(train), data_args.streaming_sample_cells))
+    else:
+        splits = load_splits(data_args.dataset_dir)
     if "validation" not in splits:  # a dataset pushed without its empty validation split and saved back to disk
         splits["validation"] = splits["train"].select([])
     return meta, tokenizer, refit_choices, splits
@@ -121,7 +129,7 @@ def make_loaders(splits, tokenizer, data_args: DataArguments, model_args: ModelA
 
 def stream_loader(data_args: DataArguments, model_args: ModelArguments, run: RunArguments, tokenizer, accelerator: Accelerator) -> StreamingLoader:
     """``--streaming``: this process's share of the train split, streamed from its Arrow files as length-grouped batches."""
-    stream = StreamingExamples(ArrowSplit.from_dataset_dir(data_args.dataset_dir, "train"), tokenizer, run.per_device_train_batch_size, run.seed,
+    stream = StreamingExamples(open_split(data_args.dataset_dir, "train"), tokenizer, run.per_device_train_batch_size, run.seed,
                                accelerator.process_index, accelerator.num_processes, data_args.directions, max_source_length=data_args.max_source_length,
                                max_target_length=data_args.max_target_length, gex_target_order=data_args.gex_target_order,
                                max_gex_target_length=data_args.max_gex_target_length, gex_target_min_value=data_args.gex_target_min_value,
@@ -168,10 +176,7 @@ def train(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
     if run.cpu_threads > 0:
         torch.set_num_threads(run.cpu_threads)
 
-    # Data. With --streaming each process streams its share of the train split; the train cells held in memory (the
-    # embeddings' LSI, the head refit) are then an evenly spaced sample of it.
-    if data_args.streaming:
-        splits = {**splits, "train": splits["train"].select(sample_rows(len(splits["train"]), data_args.streaming_sample_cells))}
+    # Data. With --streaming each process streams its share of the train split (``splits["train"]`` holds a sample of it).
     train_examples, eval_examples, validation, train_loader, eval_loader = make_loaders(splits, tokenizer, data_args, model_args, run, accelerator.num_processes)
     if data_args.streaming:
         train_loader = stream_loader(data_args, model_args, run, tokenizer, accelerator)

@@ -148,6 +148,7 @@ def bench_cli_build(input_path: Path, out: Path, extra: list[str], n_cells: int)
         "load_average_before": load_before,
         "load_average_after": common.load_average(),
         "wall_seconds": round(run["seconds"], 2),
+        "cpu_seconds": run["cpu_seconds"],
         "python_startup_and_import_seconds": round(startup, 2),
         "build_seconds": round(build, 2),
         "cells": n_cells,

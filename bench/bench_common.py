@@ -70,7 +70,7 @@ TIME_BIN = Path("/usr/bin/time")
 
 
 def run_measured(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike | None = None) -> dict:
-    """Run ``cmd`` in a fresh process; return wall seconds, its peak RSS (MB), exit code and output tail.
+    """Run ``cmd`` in a fresh process; return wall seconds, CPU seconds (user + system), its peak RSS (MB) and output tail.
 
     Peak RSS comes from GNU ``/usr/bin/time -f %M``. Reading ``ru_maxrss`` of our own child with
     ``wait4`` is wrong here: Linux folds the RSS high-water mark of the forking (big) benchmark process
@@ -81,7 +81,7 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike
     fd, rss_file = tempfile.mkstemp(prefix="bench_rss_", suffix=".txt")
     os.close(fd)
     use_time = TIME_BIN.exists()
-    full = [str(TIME_BIN), "-f", "%M", "-o", rss_file, *cmd] if use_time else cmd
+    full = [str(TIME_BIN), "-f", "%M %U %S", "-o", rss_file, *cmd] if use_time else cmd
     t = time.perf_counter()
     proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True)
     assert proc.stdout is not None
@@ -90,13 +90,16 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike
     seconds = time.perf_counter() - t
     code = os.waitstatus_to_exitcode(status)
     try:
-        lines = Path(rss_file).read_text().split()
-        peak_kb = int(lines[-1]) if use_time and lines and lines[-1].isdigit() else usage.ru_maxrss
+        fields = (Path(rss_file).read_text().strip().splitlines() or [""])[-1].split()
+        measured = use_time and len(fields) == 3 and fields[0].isdigit()
+        peak_kb = int(fields[0]) if measured else usage.ru_maxrss
+        cpu = float(fields[1]) + float(fields[2]) if measured else usage.ru_utime + usage.ru_stime
     finally:
         os.unlink(rss_file)
     if code != 0:
         raise RuntimeError(f"command failed ({code}): {' '.join(cmd)}\n{output[-3000:]}")
-    return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "peak_rss_inherited": not use_time, "output_tail": output[-2000:]}
+    return {"seconds": seconds, "cpu_seconds": round(cpu, 2), "peak_rss_mb": peak_kb / 1024, "peak_rss_inherited": not use_time,
+            "output_tail": output[-2000:]}
 
 
 def _repo_relative(path: str) -> str:

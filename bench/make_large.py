@@ -45,6 +45,7 @@ class LargeSpec:
     seed: int = 0
     with_x: bool = True
     chunk_cells: int = 2_000
+    compression: str | None = None  # an h5py filter for the CSR arrays ("gzip", "lzf"), with byte shuffling
 
     @classmethod
     def quick(cls) -> LargeSpec:
@@ -105,13 +106,14 @@ def _chunk(spec, rng, gene_p, peak_p, n):
     return indptr, cols, counts, x, size_factor
 
 
-def _create_csr(group: h5py.Group, name: str, shape: tuple[int, int]) -> h5py.Group:
+def _create_csr(group: h5py.Group, name: str, shape: tuple[int, int], compression: str | None = None) -> h5py.Group:
     csr = group.create_group(name)
+    filters = {"compression": compression, "shuffle": True} if compression else {}
     csr.attrs["encoding-type"] = "csr_matrix"
     csr.attrs["encoding-version"] = "0.1.0"
     csr.attrs["shape"] = np.array(shape, dtype=np.int64)
-    csr.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
-    csr.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
+    csr.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,), **filters)
+    csr.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,), **filters)
     csr.create_dataset("indptr", shape=(shape[0] + 1,), dtype=np.int64)
     return csr
 
@@ -156,8 +158,8 @@ def write_large(path: str | os.PathLike = DEFAULT_OUTPUT, spec: LargeSpec = Larg
             layers = f.create_group("layers")
             layers.attrs["encoding-type"] = "dict"
             layers.attrs["encoding-version"] = "0.1.0"
-            counts_csr = _create_csr(layers, "counts", shape)
-            x_csr = _create_csr(f, "X", shape) if spec.with_x else None
+            counts_csr = _create_csr(layers, "counts", shape, spec.compression)
+            x_csr = _create_csr(f, "X", shape, spec.compression) if spec.with_x else None
             indptr = np.zeros(spec.n_cells + 1, dtype=np.int64)
             for start in range(0, spec.n_cells, spec.chunk_cells):
                 n = min(spec.chunk_cells, spec.n_cells - start)
@@ -209,11 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the .h5ad (keep it out of the repository)")
     parser.add_argument("--n_cells", type=int, default=None, help="number of cells (default 69,249; --quick 1,200)")
     parser.add_argument("--no_x", action="store_true", help="write only layers['counts'], no X (halves size and time)")
+    parser.add_argument("--compression", choices=["gzip", "lzf"], default=None, help="compress the count arrays (smaller, slower to read)")
     parser.add_argument("--quick", action="store_true", help="a tiny file for the smoke test")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even when a matching cached file exists")
     args = parser.parse_args(argv)
     spec = LargeSpec.quick() if args.quick else LargeSpec()
-    changes = {"with_x": not args.no_x}
+    changes = {"with_x": not args.no_x, "compression": args.compression}
     if args.n_cells is not None:
         if args.n_cells < 2:
             raise ValueError(f"--n_cells {args.n_cells}: needs at least 2 cells")

@@ -4,8 +4,8 @@
 a `BuilderConfig` dataclass, `_info`, `_split_generators`, and `_generate_tables` yielding whole
 `pyarrow` tables, one per chunk of cells. `datasets` 4+ no longer runs loading scripts, so
 `build_dataset` instantiates and runs it, then moves its Arrow shards into the `save_to_disk` folder layout
-(records are written once) and writes `cell_sentences.json`, atomically (temporary folder beside the output,
-then rename). The train statistics of the metadata come from the rankings made while writing train.
+(records are written once), or writes the records as zstd Parquet shards (``file_format="parquet"``), and writes
+`cell_sentences.json`, atomically (temporary folder beside the output, then rename). The train statistics of the metadata come from the rankings made while writing train.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import datasets
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 from datasets.builder import Key
 from datasets.table import InMemoryTable
@@ -33,6 +34,7 @@ from datasets.utils.py_utils import asdict
 from .outputs import META_FILE, check_output, check_replaceable
 from .plan import SPLITS, BuildPlan, TrainStats, content_digest, make_plan, train_stats
 from .readers import read_paired
+from .records import FILE_FORMATS, load_splits
 from .sentences import BINARY_THRESHOLD, NameTable, encode_atac, encode_gex, rank_genes
 from .stored import DEFAULT_CHUNK_CELLS, StoredCsr
 
@@ -47,6 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BUILDER_VERSION = "1.0.0"
+PARQUET_SHARD_BYTES = 256 << 20  # a Parquet shard is closed once its file reaches this size
 _PREFETCH_CHUNKS = 2  # chunks made ahead of the writer (512 cells each: ~65 MB of records at full size)
 
 
@@ -348,7 +351,9 @@ def build_dataset(
     progress: bool = False,
     license: str | None = None,
     input_chunk_cells: int | None = DEFAULT_CHUNK_CELLS,
-) -> datasets.DatasetDict:
+    file_format: str = "arrow",
+    load: bool = True,
+) -> datasets.DatasetDict | dict:
     """Read paired counts, write cell sentences and metadata to ``output_dir``.
 
     Parameters
@@ -379,14 +384,24 @@ def build_dataset(
     input_chunk_cells
         Count matrices that a file stores as CSR stay in the file and are read in chunks of at most this many cells
         (the records are the same), so memory does not grow with the number of cells; None reads them into memory.
+    file_format
+        ``"arrow"``: each split a ``Dataset.save_to_disk`` folder (memory-mapped by ``datasets.load_from_disk``).
+        ``"parquet"``: each split as zstd-compressed Parquet shards ``split/data-XXXXX-of-NNNNN.parquet``, one row group
+        per chunk of cells, about a third of the Arrow size; ``train.py --streaming`` reads them directly, the other
+        commands through ``datasets.load_dataset("parquet")`` (:func:`dataset_builder.records.load_splits`).
+    load
+        Return the saved dataset loaded back; ``False`` returns the folder's metadata instead (``cell_sentences.json``,
+        whose ``splits`` gives the cells a split), which loads nothing (loading Parquet splits copies them to the cache).
 
     Returns
     -------
-    datasets.DatasetDict
-        The saved dataset, loaded back from ``output_dir``.
+    datasets.DatasetDict or dict
+        The saved dataset, loaded back from ``output_dir`` (with ``load=False``, its metadata).
     """
     output_dir = Path(output_dir)
     check_dataset_output(inputs, output_dir, overwrite)
+    if file_format not in FILE_FORMATS:
+        raise ValueError(f"--file_format must be one of {FILE_FORMATS}, not {file_format!r}")
     if chunk_size <= 0:
         raise ValueError(f"--chunk_size must be positive, not {chunk_size}")
     if input_chunk_cells is not None and input_chunk_cells <= 0:
@@ -427,7 +442,8 @@ def build_dataset(
         )
         from .hub import recorded_license
 
-        meta = _write_dataset(plan, config, output_dir, paired.n_cells if progress else None, overwrite, license or recorded_license(inputs))
+        meta = _write_dataset(plan, config, output_dir, paired.n_cells if progress else None, overwrite, license or recorded_license(inputs),
+                              file_format)
         empty = meta["empty_cells"]
         if empty["gex"] or empty["atac"]:
             logger.warning(
@@ -439,13 +455,42 @@ def build_dataset(
         for matrix in (paired.gex, paired.atac):
             if isinstance(matrix, StoredCsr):
                 matrix.close()
-    return datasets.load_from_disk(str(output_dir))
+    return load_splits(output_dir) if load else meta
 
 
-def _write_dataset(plan: BuildPlan, config: dict, output_dir: Path, progress_cells: int | None, overwrite: bool, license: str | None) -> dict:
+def _write_parquet(builder: CellSentencesBuilder, plan: BuildPlan, folder: Path) -> None:
+    """Every split's records as zstd Parquet shards of about `PARQUET_SHARD_BYTES` (``split/data-XXXXX-of-NNNNN.parquet``),
+    one row group per chunk of cells; an empty split is one file with the columns and no rows."""
+    builder.info.features = features_for(plan.paired.obs.columns)
+    schema = builder.info.features.arrow_schema
+    folder.mkdir(parents=True)
+    for split in SPLITS:
+        (folder / split).mkdir()
+        paths, writer = [], None
+        try:
+            for _, table in builder._generate_tables(split):
+                if writer is None or paths[-1].stat().st_size >= PARQUET_SHARD_BYTES:
+                    if writer is not None:
+                        writer.close()
+                    paths.append(folder / split / f"part-{len(paths):05d}.parquet")
+                    writer = pq.ParquetWriter(paths[-1], schema, compression="zstd")
+                writer.write_table(table, row_group_size=max(len(table), 1))
+            if writer is None:
+                paths.append(folder / split / "part-00000.parquet")
+                writer = pq.ParquetWriter(paths[-1], schema, compression="zstd")
+        finally:
+            if writer is not None:
+                writer.close()
+        for i, path in enumerate(paths):
+            path.rename(path.with_name(f"data-{i:05d}-of-{len(paths):05d}.parquet"))
+    (folder / datasets.config.DATASETDICT_JSON_FILENAME).write_text(json.dumps({"splits": list(SPLITS)}))
+
+
+def _write_dataset(plan: BuildPlan, config: dict, output_dir: Path, progress_cells: int | None, overwrite: bool, license: str | None,
+                   file_format: str = "arrow") -> dict:
     """Make the records of ``plan`` (``config``: the builder's settings) in a work folder beside ``output_dir``, save them
-    with their metadata and publish them as ``output_dir``; return the metadata. ``progress_cells``: show a bar over
-    that many cells."""
+    with their metadata in ``file_format`` and publish them as ``output_dir``; return the metadata. ``progress_cells``:
+    show a bar over that many cells."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     bar = None
@@ -462,16 +507,20 @@ def _write_dataset(plan: BuildPlan, config: dict, output_dir: Path, progress_cel
         )
         was_enabled = datasets.utils.logging.is_progress_bar_enabled()
         datasets.utils.logging.disable_progress_bar()
+        staged = work / "dataset"
         try:
-            builder.download_and_prepare()
-            digest = digest_future.result()
-            dataset = datasets.DatasetDict({split: _as_split(builder, plan, split, digest) for split in SPLITS})
-            staged = work / "dataset"
-            _save_dataset_dict(dataset, staged)
+            if file_format == "parquet":
+                _write_parquet(builder, plan, staged)
+                digest = digest_future.result()
+            else:
+                builder.download_and_prepare()
+                digest = digest_future.result()
+                dataset = datasets.DatasetDict({split: _as_split(builder, plan, split, digest) for split in SPLITS})
+                _save_dataset_dict(dataset, staged)
+                del dataset
         finally:
             if was_enabled:
                 datasets.utils.logging.enable_progress_bar()
-        del dataset
         meta = _metadata(plan, digest, builder.train_stats)
         meta["license"] = license
         (staged / META_FILE).write_text(json.dumps(meta) + "\n")

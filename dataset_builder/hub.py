@@ -206,7 +206,9 @@ def push_dataset_to_hub(dataset_dir: str | Path, repo_id: str, token: str | None
     if "/" not in repo_id:
         raise ValueError(f"--hub_dataset_id '{repo_id}' must look like 'user/name'")
     meta = json.loads(meta_path.read_text())
-    loaded = datasets.load_from_disk(str(dataset_dir))
+    from .records import load_splits
+
+    loaded = load_splits(dataset_dir)
     dataset = datasets.DatasetDict({name: split for name, split in loaded.items() if len(split)})
     for name in sorted(set(loaded) - set(dataset)):
         logger.info("split '%s' has no cells: not pushed", name)

@@ -6,6 +6,7 @@ a split's truth here (:func:`truth_matrices`, or a whole split of a dataset fold
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .outputs import META_FILE
 from .plan import SPLITS
 from .sentences import BINARY_THRESHOLD, GEX_ENCODINGS, GeneRanking, gex_sentences
 
-__all__ = ["arrow_table", "gex_ranking", "gex_matrix", "sentence_matrix", "truth_matrices", "load_metadata", "subsample_indices",
+__all__ = ["FILE_FORMATS", "split_files", "load_splits", "arrow_table", "gex_ranking", "gex_matrix", "sentence_matrix", "truth_matrices", "load_metadata", "subsample_indices",
            "load_split_matrices", "source_sentences"]
 
 
@@ -102,17 +103,64 @@ def load_metadata(dataset_dir: str | Path) -> dict:
     return read_meta(dataset_dir)
 
 
-def _load_split(dataset_dir: Path, split: str):
-    import datasets
+FILE_FORMATS = ("arrow", "parquet")
 
+
+def split_files(dataset_dir: str | Path, split: str) -> tuple[str, list[Path]]:
+    """The file format (``"arrow"`` or ``"parquet"``) and the record files, in row order, of one split of a dataset folder.
+
+    An ``arrow`` split is a ``Dataset.save_to_disk`` folder (``DIR/split/state.json`` lists its Arrow stream files); a
+    ``parquet`` split is ``DIR/split/data-XXXXX-of-NNNNN.parquet`` (``python -m dataset_builder --file_format parquet``).
+    """
+    folder = Path(dataset_dir) / split
+    state = folder / "state.json"
+    if state.is_file():
+        return "arrow", [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    parquet = sorted(folder.glob("*.parquet"))
+    if parquet:
+        return "parquet", parquet
+    raise FileNotFoundError(f"{dataset_dir} has no {split} split (no {state} and no Parquet files in {folder}); give a folder written by "
+                            "`python -m dataset_builder`")
+
+
+def load_splits(dataset_dir: str | Path, splits: Sequence[str] | None = None):
+    """A dataset folder's splits as a ``datasets.DatasetDict`` (``splits``: only these), whether stored as Arrow or Parquet.
+
+    Arrow folders open memory-mapped (``datasets.load_from_disk``); Parquet splits load through ``datasets.load_dataset
+    ("parquet")``, which keeps an Arrow copy in the ``datasets`` cache. An empty split is an empty table of the same columns.
+    """
+    import datasets
+    import pyarrow.parquet as pq
+
+    dataset_dir = Path(dataset_dir)
+    wanted = list(SPLITS if splits is None else splits)
+    names = json.loads((dataset_dir / "dataset_dict.json").read_text())["splits"] if (dataset_dir / "dataset_dict.json").is_file() else []
+    if not names:
+        raise FileNotFoundError(f"{dataset_dir} is not a dataset folder (no dataset_dict.json); build it with `python -m dataset_builder`")
+    wanted = [s for s in wanted if s in names]
+    formats = {split: split_files(dataset_dir, split) for split in wanted}
+    if all(kind == "arrow" for kind, _ in formats.values()):
+        loaded = datasets.load_from_disk(str(dataset_dir))
+        return datasets.DatasetDict({split: loaded[split] for split in wanted})
+    out = {}
+    for split, (kind, files) in formats.items():
+        if kind == "arrow":
+            out[split] = datasets.load_from_disk(str(dataset_dir / split))
+        elif sum(pq.ParquetFile(f).metadata.num_rows for f in files):
+            out[split] = datasets.load_dataset("parquet", data_files={split: [str(f) for f in files]}, split=split)
+        else:
+            schema = pq.read_schema(files[0])
+            out[split] = datasets.Dataset(datasets.table.InMemoryTable(schema.empty_table()), info=datasets.DatasetInfo(
+                features=datasets.Features.from_arrow_schema(schema)), split=datasets.Split(split))
+    return datasets.DatasetDict(out)
+
+
+def _load_split(dataset_dir: Path, split: str):
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    try:
-        dsd = datasets.load_from_disk(str(dataset_dir))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{dataset_dir} is not a saved DatasetDict ({err}); build it with dataset_builder") from err
+    dsd = load_splits(dataset_dir, [split])
     if split not in dsd:
-        raise ValueError(f"{dataset_dir} has no split {split!r} (it has {sorted(dsd)})")
+        raise ValueError(f"{dataset_dir} has no split {split!r}")
     return dsd[split]
 
 

@@ -115,11 +115,14 @@ def test_bench_growth_quick(tmp_path):
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
 
 
-def test_bench_stream_quick(tmp_path):
-    bench_stream.main(["--quick", "--workdir", str(tmp_path / "work"), "--results_dir", str(tmp_path)])
-    data = _results(tmp_path, "stream_scale")
+@pytest.mark.parametrize("file_format, compression", [("arrow", None), ("parquet", "gzip")])
+def test_bench_stream_quick(tmp_path, file_format, compression):
+    bench_stream.main(["--quick", "--workdir", str(tmp_path / "work"), "--results_dir", str(tmp_path), "--file_format", file_format,
+                       *(["--compression", compression] if compression else [])])
+    data = _results(tmp_path, "stream_scale" if file_format == "arrow" else f"stream_scale_{file_format}")
     (row,) = data["sizes"]
-    assert row["cells"] == 300 and 0 < row["train_cells"] < 300
+    assert data["spec"]["compression"] == compression and row["file_format"] == file_format and row["dataset_bytes"] > 0
+    assert row["cells"] == 300 and 0 < row["train_cells"] < 300 and row["build_cpu_seconds"] > 0
     assert row["stream_examples"] == 2 * row["train_cells"] and row["stream_batches"] >= row["stream_examples"] / 32
     assert row["stream_tokens"] > row["stream_examples"] and row["stream_peak_rss_mb"] > 0 and row["build_peak_rss_mb"] > 0
     assert not any((tmp_path / "work").iterdir())  # inputs and datasets deleted after the size

@@ -16,7 +16,7 @@ import torch
 from tests.translator_fixtures import make_dataset_and_tokenizer
 from tokenizer import load_tokenizer
 from translator.data import TranslationExamples
-from translator.streaming import ArrowSplit, StreamingExamples, batch_sizes
+from translator.streaming import StreamingExamples, batch_sizes, open_split
 
 CAPS = {"max_source_length": 24, "max_target_length": 16}
 
@@ -43,7 +43,7 @@ def split_files(tmp_path_factory):
 def _stream(split_files, **kwargs) -> StreamingExamples:
     folder, _, tokenizer = split_files
     settings = {"batch_size": 8, "seed": 3, "group_factor": 2, "read_cells": 5, **CAPS, **kwargs}
-    return StreamingExamples(ArrowSplit.from_dataset_dir(folder, "train"), tokenizer, **settings)
+    return StreamingExamples(open_split(folder, "train"), tokenizer, **settings)
 
 
 def _examples(batch: dict) -> list[tuple[int, ...]]:
@@ -67,7 +67,7 @@ def test_arrow_split_reads_rows_in_any_order_across_files_and_record_batches(spl
     import datasets
 
     folder, data, _ = split_files
-    split = ArrowSplit.from_dataset_dir(folder, "train")
+    split = open_split(folder, "train")
     reference = datasets.load_from_disk(str(data))["train"]
     assert len(split) == len(reference) == 80 and len(split.batch_offset) == 5 + 1 + 7  # 30 rows, 1 row, 49 rows in 7-row batches
     rows = np.array([79, 0, 30, 29, 31, 6, 7, 30, 50])
@@ -144,7 +144,7 @@ def test_batch_sizes_fill_every_batch_and_hold_every_cell():
 
 def test_refusals_name_the_fix(split_files, tmp_path):
     with pytest.raises(FileNotFoundError, match="has no train split"):
-        ArrowSplit.from_dataset_dir(tmp_path, "train")
+        open_split(tmp_path, "train")
     with pytest.raises(ValueError, match="raise --per_device_train_batch_size or use fewer processes"):
         _stream(split_files, batch_size=1, world_size=3)  # 80 cells: shares of 27, 27, 26 cannot all give 27 batches of one cell
     state = _stream(split_files, world_size=2).state_dict()
@@ -166,7 +166,7 @@ def _gloo_rank(rank: int, world_size: int, port: int, folder: str, tokenizer_dir
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        stream = StreamingExamples(ArrowSplit.from_dataset_dir(folder, "train"), load_tokenizer(tokenizer_dir), 8, seed=3, rank=rank,
+        stream = StreamingExamples(open_split(folder, "train"), load_tokenizer(tokenizer_dir), 8, seed=3, rank=rank,
                                    world_size=world_size, group_factor=2, **CAPS)
         examples = []
         for batch in stream:

@@ -739,9 +739,7 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
     cells. The folder changes only at the end: ``blend.safetensors``, ``readout.json``, then the card's section on the
     shipped predictor (``README.md``, when the folder has one).
     """
-    import datasets
-
-    from dataset_builder.records import load_split_matrices
+    from dataset_builder.records import load_split_matrices, load_splits
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
     from .readout import READOUT_FILE
@@ -754,7 +752,7 @@ def fit_blend(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, dire
     readout = json.loads(readout_path.read_text())
     meta = read_meta(folder)
     check_vocabulary(load_tokenizer(folder), read_meta(dataset_dir), what=f"--dataset_dir {dataset_dir}")
-    splits = datasets.load_from_disk(str(dataset_dir))
+    splits = load_splits(dataset_dir)
     has_validation = "validation" in splits and len(splits["validation"]) > 0
     if pool and not readout.get("calibration"):
         raise ValueError(f"--model {folder} has no readout calibration to read the pool with; calibrate it first (python -m translator.recalibrate)")

@@ -41,8 +41,7 @@ logger = logging.getLogger("recalibrate")
 def check_pool(pool: Sequence[tuple[str | os.PathLike, str | os.PathLike]], meta: dict) -> list:
     """Check ``--pool MODEL DATASET_DIR`` entries against the folder's ``meta`` (one line naming the entry when one is unfit);
     return ``[(MODEL, DATASET_DIR's validation split)]``."""
-    import datasets
-
+    from dataset_builder.records import load_splits
     from tokenizer import check_same_features, check_vocabulary, load_tokenizer, read_meta
 
     from .readout import READOUT_FILE
@@ -55,7 +54,7 @@ def check_pool(pool: Sequence[tuple[str | os.PathLike, str | os.PathLike]], meta
         pool_meta = read_meta(pool_model)
         check_same_features(meta, pool_meta, what, reference="--model's", fix="pool only models of the same dataset (cross-validation folds)")
         check_vocabulary(load_tokenizer(pool_model), read_meta(pool_data), what=what)
-        pool_split = datasets.load_from_disk(str(pool_data))
+        pool_split = load_splits(pool_data)
         if "validation" not in pool_split or not len(pool_split["validation"]):
             raise ValueError(f"{what}: {pool_data} has no validation cells to fit on")
         out.append((pool_model, pool_split["validation"]))
@@ -76,8 +75,7 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     ``pool``: ``(model folder, dataset folder)`` pairs whose validation cells, as that model reads them, are fitted on too
     (see the module docstring); every pair must name the same genes and peaks as ``model_dir``.
     """
-    import datasets
-
+    from dataset_builder.records import load_splits
     from tokenizer import check_vocabulary, load_tokenizer, read_meta
 
     from .api import CellTranslator
@@ -111,7 +109,7 @@ def recalibrate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, ca
     check_selection_repeats(repeats, "--selection_repeats")
     # Every check before the weights load (their progress bar would precede the one error line).
     check_vocabulary(load_tokenizer(folder), read_meta(dataset_dir), what=f"--dataset_dir {dataset_dir}")
-    splits = datasets.load_from_disk(str(dataset_dir))
+    splits = load_splits(dataset_dir)
     own_cells = len(splits["validation"]) if "validation" in splits else 0
     if not own_cells and not pool:
         raise ValueError(f"--dataset_dir {dataset_dir} has no validation cells; the calibration is fitted on them (or on --pool MODEL DATASET_DIR)")

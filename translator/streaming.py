@@ -1,7 +1,8 @@
-"""Training examples streamed from a split's Arrow files: only the cells of one window are ever in memory.
+"""Training examples streamed from a split's record files: only the cells of one window are ever in memory.
 
 The in-memory path (:class:`translator.data.TranslationExamples` over a whole split) holds every cell's token ids;
-this one reads a split's Arrow stream files (the ``save_to_disk`` layout that ``python -m dataset_builder`` writes)
+this one reads a split's files (the Arrow stream files of the ``save_to_disk`` layout that ``python -m dataset_builder``
+writes, or the Parquet shards of its ``--file_format parquet``)
 a window of cells at a time, tokenizes them on the fly and yields collated batches. Use it for splits larger than
 memory and for many processes or machines.
 
@@ -27,7 +28,6 @@ per-node shares may differ by whole batches, on which DDP ranks wait for each ot
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,6 +41,7 @@ from accelerate.state import GradientState
 from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dataset_builder.records import split_files
 from tokenizer import DIRECTIONS
 
 from .data import TranslationCollator, TranslationExamples
@@ -50,8 +51,56 @@ LIST_COLUMNS = ("gex_index", "gex_value")
 READ_CELLS = 256
 
 
-class ArrowSplit:
-    """Rows of one split's Arrow stream files, read by row index; a file is memory-mapped only while it is read.
+class SplitFiles:
+    """Rows of one split's record files, read by row index; a subclass indexes its files' record batches (``batch_file``,
+    ``batch_start``) and reads one of them (:meth:`_read_batch`)."""
+
+    files: list[Path]
+    schema: pa.Schema
+    batch_file: np.ndarray
+    batch_start: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.batch_start[-1])
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.schema.names)
+
+    def _read_batch(self, b: int, columns: list[str], sources: dict) -> pa.Table:
+        """Record batch ``b`` of the split, only ``columns``; ``sources``: the files opened so far, closed by :meth:`read`."""
+        raise NotImplementedError
+
+    def read(self, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
+        """Rows ``rows`` (indices into the split, any order) of ``columns``, as a table in that order, copied out of the files."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row indices must be in [0, {len(self)})")
+        order = np.argsort(rows, kind="stable")  # read each record batch once, in file order
+        batch_of = np.searchsorted(self.batch_start, rows[order], side="right") - 1
+        pieces, sources = [], {}
+        try:
+            for b in np.unique(batch_of):
+                batch = self._read_batch(int(b), list(columns), sources)
+                pieces.append(batch.take(pa.array(rows[order][batch_of == b] - self.batch_start[b])))
+            schema = pa.schema([self.schema.field(name) for name in columns])
+            table = pa.concat_tables(pieces).cast(schema) if pieces else schema.empty_table()
+            # take() copied the rows out of the maps: closing them unmaps the pages read, so they leave the RSS.
+            return table.take(pa.array(np.argsort(order, kind="stable")))
+        finally:
+            for source in sources.values():
+                source.close()
+
+    def dataset(self, rows: np.ndarray):
+        """Rows ``rows`` of every column as an in-memory ``datasets.Dataset`` (e.g. an evenly spaced sample of the split)."""
+        import datasets
+
+        table = self.read(rows, self.column_names)
+        return datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(table.schema)))
+
+
+class ArrowSplit(SplitFiles):
+    """Rows of one split's Arrow stream files (the ``save_to_disk`` layout); a file is memory-mapped only while it is read.
 
     Parameters
     ----------
@@ -90,46 +139,64 @@ class ArrowSplit:
         self.batch_offset = np.asarray(offsets, dtype=np.int64)
         self.batch_start = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
 
-    @classmethod
-    def from_dataset_dir(cls, dataset_dir: str | Path, split: str = "train") -> ArrowSplit:
-        """The split ``split`` of a dataset folder from ``python -m dataset_builder`` (``DIR/split/state.json`` lists its files)."""
-        state = Path(dataset_dir) / split / "state.json"
-        if not state.exists():
-            raise FileNotFoundError(f"--dataset_dir {dataset_dir} has no {split} split ({state} is missing); give a folder written by `python -m dataset_builder`")
-        files = [Path(dataset_dir) / split / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
-        return cls(files)
+    def _read_batch(self, b: int, columns: list[str], sources: dict) -> pa.Table:
+        file = int(self.batch_file[b])
+        if file not in sources:
+            sources[file] = pa.memory_map(str(self.files[file]))
+        source = sources[file]
+        source.seek(int(self.batch_offset[b]))
+        return pa.Table.from_batches([pa.ipc.read_record_batch(pa.ipc.read_message(source), self.schema).select(columns)])
 
-    def __len__(self) -> int:
-        return int(self.batch_start[-1])
 
-    @property
-    def column_names(self) -> list[str]:
-        return list(self.schema.names)
+class ParquetSplit(SplitFiles):
+    """Rows of one split's Parquet files, read by row group (``python -m dataset_builder --file_format parquet`` writes
+    one row group per chunk of cells); opening reads only the files' footers.
 
-    def read(self, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
-        """Rows ``rows`` (indices into the split, any order) of ``columns``, as a table in that order, copied out of the files."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
-            raise IndexError(f"row indices must be in [0, {len(self)})")
-        order = np.argsort(rows, kind="stable")  # read each record batch once, in file order
-        batch_of = np.searchsorted(self.batch_start, rows[order], side="right") - 1
-        pieces, sources = [], {}
-        try:
-            for b in np.unique(batch_of):
-                file = int(self.batch_file[b])
-                if file not in sources:
-                    sources[file] = pa.memory_map(str(self.files[file]))
-                source = sources[file]
-                source.seek(int(self.batch_offset[b]))
-                batch = pa.ipc.read_record_batch(pa.ipc.read_message(source), self.schema).select(list(columns))
-                pieces.append(batch.take(pa.array(rows[order][batch_of == b] - self.batch_start[b])))
-            schema = pa.schema([self.schema.field(name) for name in columns])
-            table = pa.Table.from_batches(pieces, schema=schema)
-            # take() copied the rows out of the maps: closing them unmaps the pages read, so they leave the RSS.
-            return table.take(pa.array(np.argsort(order, kind="stable")))
-        finally:
-            for source in sources.values():
-                source.close()
+    Parameters
+    ----------
+    files
+        The split's Parquet files in row order (``data-00000-of-0000N.parquet``).
+    """
+
+    def __init__(self, files: Sequence[str | Path]):
+        import pyarrow.parquet as pq
+
+        if not files:
+            raise ValueError("a Parquet split needs at least one file")
+        self.files = [Path(f) for f in files]
+        self.schema = None
+        file_of, groups, lengths = [], [], []
+        for i, path in enumerate(self.files):
+            try:
+                parquet = pq.ParquetFile(path)
+            except (OSError, pa.ArrowInvalid) as err:
+                raise ValueError(f"{path} is not a Parquet file ({err}); give a dataset folder written by `python -m dataset_builder`") from None
+            schema = parquet.schema_arrow
+            if self.schema is not None and not schema.equals(self.schema):
+                raise ValueError(f"{path}: its columns differ from those of {self.files[0]}; rebuild the dataset with `python -m dataset_builder`")
+            self.schema = schema
+            for g in range(parquet.metadata.num_row_groups):
+                file_of.append(i)
+                groups.append(g)
+                lengths.append(parquet.metadata.row_group(g).num_rows)
+        self.batch_file = np.asarray(file_of, dtype=np.int64)
+        self.batch_group = np.asarray(groups, dtype=np.int64)
+        self.batch_start = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+    def _read_batch(self, b: int, columns: list[str], sources: dict) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        file = int(self.batch_file[b])
+        if file not in sources:
+            sources[file] = pq.ParquetFile(self.files[file])
+        return sources[file].read_row_group(int(self.batch_group[b]), columns=columns)
+
+
+def open_split(dataset_dir: str | Path, split: str = "train") -> SplitFiles:
+    """The split ``split`` of a dataset folder from ``python -m dataset_builder``: its Arrow stream files (``DIR/split/state.json``
+    lists them) or its Parquet files (``--file_format parquet``)."""
+    kind, files = split_files(dataset_dir, split)
+    return ArrowSplit(files) if kind == "arrow" else ParquetSplit(files)
 
 
 def table_columns(table: pa.Table) -> dict[str, list]:
@@ -167,12 +234,12 @@ def batch_sizes(n_cells: int, n_batches: int, batch_size: int) -> np.ndarray:
 
 
 class StreamingExamples(IterableDataset):
-    """Collated training batches of one process's share of a split, streamed from its Arrow files.
+    """Collated training batches of one process's share of a split, streamed from its files.
 
     Parameters
     ----------
     split
-        The split's files (:class:`ArrowSplit`, e.g. ``ArrowSplit.from_dataset_dir(DIR, "train")``).
+        The split's files (:class:`ArrowSplit` or :class:`ParquetSplit`, e.g. ``open_split(DIR, "train")``).
     tokenizer
         The project tokenizer.
     batch_size
@@ -200,7 +267,7 @@ class StreamingExamples(IterableDataset):
     batch_size=None)``); ``len`` is the number of batches per epoch, the same on every process.
     """
 
-    def __init__(self, split: ArrowSplit, tokenizer, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+    def __init__(self, split: SplitFiles, tokenizer, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  directions: Sequence[str] = DIRECTIONS, group_factor: int = 50, block_cells: int = 64, read_cells: int = READ_CELLS, shuffle: bool = True,
                  **example_args):
         if min(batch_size, group_factor, block_cells, read_cells) < 1:
