@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 BUILDER_VERSION = "1.0.0"
 PARQUET_SHARD_BYTES = 256 << 20  # a Parquet shard is closed once its file reaches this size
+# Parquet row groups are read whole: one the size of the streamed reader's blocks of contiguous cells
+# (``translator.streaming.StreamingExamples(block_cells=64)``) decodes every cell once per epoch.
+PARQUET_ROW_GROUP_CELLS = 64
 _PREFETCH_CHUNKS = 2  # chunks made ahead of the writer (512 cells each: ~65 MB of records at full size)
 
 
@@ -386,8 +389,8 @@ def build_dataset(
         (the records are the same), so memory does not grow with the number of cells; None reads them into memory.
     file_format
         ``"arrow"``: each split a ``Dataset.save_to_disk`` folder (memory-mapped by ``datasets.load_from_disk``).
-        ``"parquet"``: each split as zstd-compressed Parquet shards ``split/data-XXXXX-of-NNNNN.parquet``, one row group
-        per chunk of cells, about a third of the Arrow size; ``train.py --streaming`` reads them directly, the other
+        ``"parquet"``: each split as zstd-compressed Parquet shards ``split/data-XXXXX-of-NNNNN.parquet`` in row groups
+        of 64 cells, about a third of the Arrow size; ``train.py --streaming`` reads them directly, the other
         commands through ``datasets.load_dataset("parquet")`` (:func:`dataset_builder.records.load_splits`).
     load
         Return the saved dataset loaded back; ``False`` returns the folder's metadata instead (``cell_sentences.json``,
@@ -459,8 +462,8 @@ def build_dataset(
 
 
 def _write_parquet(builder: CellSentencesBuilder, plan: BuildPlan, folder: Path) -> None:
-    """Every split's records as zstd Parquet shards of about `PARQUET_SHARD_BYTES` (``split/data-XXXXX-of-NNNNN.parquet``),
-    one row group per chunk of cells; an empty split is one file with the columns and no rows."""
+    """Every split's records as zstd Parquet shards of about `PARQUET_SHARD_BYTES` (``split/data-XXXXX-of-NNNNN.parquet``)
+    in row groups of `PARQUET_ROW_GROUP_CELLS` cells; an empty split is one file with the columns and no rows."""
     builder.info.features = features_for(plan.paired.obs.columns)
     schema = builder.info.features.arrow_schema
     folder.mkdir(parents=True)
@@ -474,7 +477,7 @@ def _write_parquet(builder: CellSentencesBuilder, plan: BuildPlan, folder: Path)
                         writer.close()
                     paths.append(folder / split / f"part-{len(paths):05d}.parquet")
                     writer = pq.ParquetWriter(paths[-1], schema, compression="zstd")
-                writer.write_table(table, row_group_size=max(len(table), 1))
+                writer.write_table(table, row_group_size=PARQUET_ROW_GROUP_CELLS)
             if writer is None:
                 paths.append(folder / split / "part-00000.parquet")
                 writer = pq.ParquetWriter(paths[-1], schema, compression="zstd")

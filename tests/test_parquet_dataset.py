@@ -19,7 +19,7 @@ from dataset_builder.simulate import SIMULATED_TEST_BATCHES, SIMULATED_VALIDATIO
 from tokenizer import build_from_dataset, load_tokenizer
 from translator.streaming import ArrowSplit, ParquetSplit, StreamingExamples, open_split
 
-SPLITS = {"test_batches": list(SIMULATED_TEST_BATCHES), "validation_batches": list(SIMULATED_VALIDATION_BATCHES), "chunk_size": 64}
+SPLITS = {"test_batches": list(SIMULATED_TEST_BATCHES), "validation_batches": list(SIMULATED_VALIDATION_BATCHES), "chunk_size": 128}
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,11 @@ def test_a_parquet_build_holds_the_records_and_metadata_of_the_arrow_build(folde
     assert meta == json.loads((parquet / "cell_sentences.json").read_text())
     kind, files = split_files(parquet, "train")
     n_rows = meta["splits"]["train"]
-    assert kind == "parquet" and len(files) == -(-n_rows // 64) > 1  # a shard a chunk of 64 cells (the shard size is patched to 1 byte)
+    assert kind == "parquet" and len(files) == -(-n_rows // 128) > 1  # a shard a chunk of 128 cells (the shard size is patched to 1 byte)
+    assert open_split(parquet, "train").batch_start.tolist() == list(range(0, n_rows, 64)) + [n_rows]  # row groups of 64 cells
     assert [f.name for f in files] == [f"data-{i:05d}-of-{len(files):05d}.parquet" for i in range(len(files))]
     first = pq.ParquetFile(files[0]).metadata
-    assert first.num_row_groups == 1 and first.num_rows == 64 and first.row_group(0).column(0).compression == "ZSTD"
+    assert first.num_row_groups == 2 and first.num_rows == 128 and first.row_group(0).column(0).compression == "ZSTD"
     loaded_arrow, loaded_parquet = load_splits(arrow), load_splits(parquet)
     assert list(loaded_parquet) == list(loaded_arrow) == ["train", "validation", "test"]
     for split in loaded_arrow:

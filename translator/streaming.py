@@ -149,8 +149,8 @@ class ArrowSplit(SplitFiles):
 
 
 class ParquetSplit(SplitFiles):
-    """Rows of one split's Parquet files, read by row group (``python -m dataset_builder --file_format parquet`` writes
-    one row group per chunk of cells); opening reads only the files' footers.
+    """Rows of one split's Parquet files, read by whole row groups (``python -m dataset_builder --file_format parquet``
+    writes row groups of 64 cells, the streamed blocks); opening reads only the files' footers, once.
 
     Parameters
     ----------
@@ -165,10 +165,11 @@ class ParquetSplit(SplitFiles):
             raise ValueError("a Parquet split needs at least one file")
         self.files = [Path(f) for f in files]
         self.schema = None
-        file_of, groups, lengths = [], [], []
+        file_of, groups, lengths, self.metadata = [], [], [], []
         for i, path in enumerate(self.files):
             try:
                 parquet = pq.ParquetFile(path)
+                self.metadata.append(parquet.metadata)
             except (OSError, pa.ArrowInvalid) as err:
                 raise ValueError(f"{path} is not a Parquet file ({err}); give a dataset folder written by `python -m dataset_builder`") from None
             schema = parquet.schema_arrow
@@ -188,7 +189,7 @@ class ParquetSplit(SplitFiles):
 
         file = int(self.batch_file[b])
         if file not in sources:
-            sources[file] = pq.ParquetFile(self.files[file])
+            sources[file] = pq.ParquetFile(self.files[file], metadata=self.metadata[file])
         return sources[file].read_row_group(int(self.batch_group[b]), columns=columns)
 
 
