@@ -254,9 +254,11 @@ class StreamingExamples(IterableDataset):
     group_factor
         Batches per direction in a window: the cells shuffled, length-sorted and batched together.
     block_cells
-        Contiguous rows read together; the epoch's order shuffles blocks, each window shuffles its cells.
+        Contiguous rows read together; the epoch's order shuffles blocks, each window shuffles its cells. A Parquet
+        split's row groups are this size (``dataset_builder --file_format parquet`` writes 64).
     read_cells
-        Cells read and tokenized at a time while a window is built (a chunk's text is freed once tokenized).
+        Cells turned into Python strings and tokenized at a time while a window is built (the window's cells are
+        read from the files in one call; its text is freed once tokenized).
     shuffle
         False: the split's row order, batches in window order (still length-grouped).
     **example_args
@@ -357,12 +359,15 @@ class StreamingExamples(IterableDataset):
             skip = 0
 
     def _window(self, rows: np.ndarray, sizes: np.ndarray, window: int) -> tuple[list[TranslationExamples], list[list[tuple[int, int]]]]:
-        """One window's examples, built ``read_cells`` cells at a time, and its batches as ``(chunk, example)`` pairs, in the order they are yielded."""
+        """One window's examples, built ``read_cells`` cells at a time, and its batches as ``(chunk, example)`` pairs, in the order they are yielded.
+
+        The window's cells are read in one call, so each record batch (a Parquet row group is decoded whole) is read once."""
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, window])
         if self.shuffle:
             rows = rows[rng.permutation(len(rows))]
-        parts = [TranslationExamples(table_columns(self.split.read(rows[i : i + self.read_cells], self.columns)), self.tokenizer, self.directions,
-                                     **self.example_args) for i in range(0, len(rows), self.read_cells)]
+        table = self.split.read(rows, self.columns)
+        parts = [TranslationExamples(table_columns(table.slice(i, self.read_cells)), self.tokenizer, self.directions, **self.example_args)
+                 for i in range(0, len(rows), self.read_cells)]
         part = np.concatenate([np.full(len(p), k) for k, p in enumerate(parts)])
         local = np.concatenate([np.arange(len(p)) for p in parts])
         lengths = np.concatenate([p.lengths for p in parts])
