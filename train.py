@@ -128,7 +128,7 @@ def make_loaders(splits, tokenizer, data_args: DataArguments, model_args: ModelA
 
 
 def stream_loader(data_args: DataArguments, model_args: ModelArguments, run: RunArguments, tokenizer, accelerator: Accelerator) -> StreamingLoader:
-    """``--streaming``: this process's share of the train split, streamed from its Arrow files as length-grouped batches."""
+    """``--streaming``: this process's share of the train split, streamed from its Arrow or Parquet files as length-grouped batches."""
     stream = StreamingExamples(open_split(data_args.dataset_dir, "train"), tokenizer, run.per_device_train_batch_size, run.seed,
                                accelerator.process_index, accelerator.num_processes, data_args.directions, max_source_length=data_args.max_source_length,
                                max_target_length=data_args.max_target_length, gex_target_order=data_args.gex_target_order,

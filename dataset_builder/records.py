@@ -138,12 +138,9 @@ def load_splits(dataset_dir: str | Path, splits: Sequence[str] | None = None):
     if not names:
         raise FileNotFoundError(f"{dataset_dir} is not a dataset folder (no dataset_dict.json); build it with `python -m dataset_builder`")
     wanted = [s for s in wanted if s in names]
-    formats = {split: split_files(dataset_dir, split) for split in wanted}
-    if all(kind == "arrow" for kind, _ in formats.values()):
-        loaded = datasets.load_from_disk(str(dataset_dir))
-        return datasets.DatasetDict({split: loaded[split] for split in wanted})
     out = {}
-    for split, (kind, files) in formats.items():
+    for split in wanted:
+        kind, files = split_files(dataset_dir, split)
         if kind == "arrow":
             out[split] = datasets.load_from_disk(str(dataset_dir / split))
         elif sum(pq.ParquetFile(f).metadata.num_rows for f in files):
