@@ -29,7 +29,7 @@ from anndata.utils import make_index_unique
 
 from .combined import split_csr_columns
 from .peaks import genomic_order, looks_like_peaks, normalize_peak_names
-from .stored import StoredCsr, entry_slices
+from .stored import StoredCsr, entry_slices_of
 
 if TYPE_CHECKING:
     import anndata
@@ -325,18 +325,17 @@ def _obs_subset(obs: pd.DataFrame, size_factor_keys: Sequence[str]) -> tuple[pd.
 # ---------------------------------------------------------------------------------- validation
 
 
-def _check_values(matrix, path: Path, label: str, source: str, *, counts_required: bool) -> tuple[int, float, float | None]:
-    """Refuse negative, NaN, infinite and (where counts are required) non-integer values, in one pass over the entries
-    (a `StoredCsr` is read from its file chunk by chunk).
+class _ValueCheck:
+    """Refuse negative, NaN, infinite and (where counts are required) non-integer values of one modality, given its
+    entries part by part; noting the number of non-zero values, the largest value and the first non-integer one."""
 
-    Returns
-    -------
-    nonzero, top, fractional
-        The number of non-zero values, the largest value and the first non-integer one (None when all are integers).
-    """
-    where = f"{label} values ({source}) in {path}"
-    nonzero, top, fractional = 0, 0.0, None
-    for _, part in entry_slices(matrix, _CHECK_SLICE):
+    def __init__(self, mod: Modality):
+        self.where = f"{mod.label} values ({mod.counts_source}) in {mod.path}"
+        self.source, self.counts_required = mod.counts_source, mod.label == "GEX"
+        self.nonzero, self.top, self.fractional = 0, 0.0, None
+
+    def add(self, part: np.ndarray) -> None:
+        where = self.where
         if not np.isfinite(part).all():
             raise ValueError(
                 f"{where} contain NaN or infinite entries: fix or remove those cells/features before building"
@@ -345,27 +344,26 @@ def _check_values(matrix, path: Path, label: str, source: str, *, counts_require
             raise ValueError(
                 f"{where} contain negative entries (min {part.min():g}): the builder needs raw counts >= 0"
             )
-        if fractional is None and np.issubdtype(part.dtype, np.floating):
+        if self.fractional is None and np.issubdtype(part.dtype, np.floating):
             hit = part != np.floor(part)
             if hit.any():
-                fractional = float(part[hit][0])
-                if counts_required:
-                    if source == "X":
+                self.fractional = fractional = float(part[hit][0])
+                if self.counts_required:
+                    if self.source == "X":
                         raise ValueError(
                             f"{where} are not integers (e.g. {fractional:g}): X looks normalized; the builder needs raw counts: "
                             "name the layer that holds them with --counts_layer NAME (or store them in layers['counts'])"
                         )
                     raise ValueError(
-                        f"{where} are not integers (e.g. {fractional:g}): {source} must hold raw counts; "
+                        f"{where} are not integers (e.g. {fractional:g}): {self.source} must hold raw counts; "
                         "name the layer that does with --counts_layer NAME"
                     )
-        nonzero += int(np.count_nonzero(part))
+        self.nonzero += int(np.count_nonzero(part))
         if part.size:
-            top = max(top, float(part.max()))
-    return nonzero, top, fractional
+            self.top = max(self.top, float(part.max()))
 
 
-def _check_modality(mod: Modality) -> None:
+def _check_names(mod: Modality) -> None:
     kind = "gene" if mod.label == "GEX" else "peak"
     if len(mod.features) == 0:
         raise ValueError(f"the {mod.label} modality in {mod.path} has zero features: give a file with {kind}s in var")
@@ -390,13 +388,20 @@ def _check_modality(mod: Modality) -> None:
             f"duplicate {kind} names in {mod.path} (e.g. '{dup}'): every {kind} must be one token; "
             "make them unique (adata.var_names_make_unique()) or drop the repeats"
         )
-    nonzero, top, fractional = _check_values(mod.matrix, mod.path, mod.label, mod.counts_source, counts_required=mod.label == "GEX")
-    if nonzero == 0:
-        raise ValueError(
-            f"all cells are empty in the {mod.label} modality of {mod.path}: there are no counts to build sentences from"
-        )
-    if mod.label == "ATAC":
-        _note_binarization(mod, top, fractional)
+
+
+def _check_values(mods: Sequence[Modality]) -> None:
+    """Check the values of every modality in one pass over their entries (one read of a file that holds both)."""
+    checks = [_ValueCheck(mod) for mod in mods]
+    for which, _, part in entry_slices_of([mod.matrix for mod in mods], _CHECK_SLICE):
+        checks[which].add(part)
+    for mod, check in zip(mods, checks, strict=True):
+        if check.nonzero == 0:
+            raise ValueError(
+                f"all cells are empty in the {mod.label} modality of {mod.path}: there are no counts to build sentences from"
+            )
+        if mod.label == "ATAC":
+            _note_binarization(mod, check.top, check.fractional)
 
 
 def _note_binarization(mod: Modality, top: float, fractional: float | None) -> None:
@@ -960,7 +965,8 @@ def read_paired(
     first, second = _read_layout(_inputs(inputs), None, gex_modality, atac_modality, counts_layer, chunk_cells)
     for mod in (first, second):
         _check_counts_layer(mod, counts_layer)
-        _check_modality(mod)
+        _check_names(mod)
+    _check_values((first, second))
     paired = _pair(first, second, batch_key, cell_type_key)
     _check_batch_labels(paired, (first, second), batch_key)
     gex_path = first.path if first.label == "GEX" else second.path
@@ -1107,7 +1113,8 @@ def read_modality(
         raise ValueError(f"{names} holds {found}, not the {label} modality this direction needs")
     mod = chosen[0]
     _check_counts_layer(mod, counts_layer)
-    _check_modality(mod)
+    _check_names(mod)
+    _check_values((mod,))
     return mod
 
 

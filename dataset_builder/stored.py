@@ -5,14 +5,16 @@ AnnData CSR element, a Cell Ranger ``matrix`` group): one modality's columns of 
 once paired, the paired cells in order with their columns in output order, canonical (sorted column indices,
 duplicates summed, no stored zeros) exactly as the in-memory reader makes them. It offers what a build asks of a
 count matrix: ``shape``, ``indptr``, ``nnz``, row sums (``sum(axis=1)``) and rows (``matrix[rows]``, a scipy CSR).
-`entry_slices` walks the entries of either kind, a scipy CSR or a `StoredCsr`, in the same slices.
+`entry_slices` walks the entries of either kind, a scipy CSR or a `StoredCsr`, in the same slices;
+`entry_slices_of` walks several matrices at once, reading a combined file once for both modalities.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import h5py
@@ -21,7 +23,7 @@ import scipy.sparse as sp
 
 from .combined import _check_csr, _row_chunks
 
-__all__ = ["StoredCsr", "entry_slices", "DEFAULT_CHUNK_CELLS"]
+__all__ = ["StoredCsr", "entry_slices", "entry_slices_of", "DEFAULT_CHUNK_CELLS"]
 
 DEFAULT_CHUNK_CELLS = 2048  # cells a scan reads at once (about 90 MB of entries at 10x Multiome's density)
 _READ_ENTRIES = 1 << 22  # and at most this many entries (32 MB of float32 values and int32 indices)
@@ -325,26 +327,59 @@ def entry_slices(matrix, step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     A scipy CSR is sliced; a `StoredCsr` is read chunk by chunk and cut at the same places, so any per-slice figure
     (a digest, a first bad value) comes out the same either way.
     """
-    if not isinstance(matrix, StoredCsr):
-        for start in range(0, matrix.data.size, step):
-            yield matrix.indices[start : start + step], matrix.data[start : start + step]
-        return
-    held_index: list[np.ndarray] = []
-    held_data: list[np.ndarray] = []
-    held = 0
-    for index, data in matrix.entry_parts():
+    for _, indices, data in entry_slices_of([matrix], step):
+        yield indices, data
+
+
+def entry_slices_of(matrices: Sequence, step: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(i, indices, data)``: the `entry_slices` of every matrix ``matrices[i]``, each in its order.
+
+    The `StoredCsr` among them are read chunk by chunk in step, so that the modalities of one stored matrix (a combined
+    file) take each chunk of rows from one read of the file (see `StoredCsr.other_columns`); the others come first.
+    """
+    stored = [i for i, matrix in enumerate(matrices) if isinstance(matrix, StoredCsr)]
+    for i, matrix in enumerate(matrices):
+        if i not in stored:
+            for start in range(0, matrix.data.size, step):
+                yield i, matrix.indices[start : start + step], matrix.data[start : start + step]
+    slicers = {i: _Slicer(step) for i in stored}
+    for parts in itertools.zip_longest(*(matrices[i].entry_parts() for i in stored)):
+        for i, part in zip(stored, parts, strict=True):
+            if part is not None:
+                for indices, data in slicers[i].add(*part):
+                    yield i, indices, data
+    for i in stored:
+        for indices, data in slicers[i].rest():
+            yield i, indices, data
+
+
+class _Slicer:
+    """Entries given in parts of any size, handed back in slices of ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self._index: list[np.ndarray] = []
+        self._data: list[np.ndarray] = []
+        self._held = 0
+
+    def add(self, index: np.ndarray, data: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The full slices that ``index`` / ``data`` complete; the rest is held for the next part."""
         if not data.size:
-            continue
-        held_index.append(index)
-        held_data.append(data)
-        held += data.size
-        if held < step:
-            continue
-        index, data = np.concatenate(held_index), np.concatenate(held_data)
+            return
+        self._index.append(index)
+        self._data.append(data)
+        self._held += data.size
+        if self._held < self.step:
+            return
+        index, data = np.concatenate(self._index), np.concatenate(self._data)
         start = 0
-        while held - start >= step:
-            yield index[start : start + step], data[start : start + step]
-            start += step
-        held_index, held_data, held = [index[start:]], [data[start:]], held - start
-    if held:
-        yield np.concatenate(held_index), np.concatenate(held_data)
+        while self._held - start >= self.step:
+            yield index[start : start + self.step], data[start : start + self.step]
+            start += self.step
+        self._index, self._data, self._held = [index[start:]], [data[start:]], self._held - start
+
+    def rest(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The last, shorter slice (if any entries are held)."""
+        if self._held:
+            yield np.concatenate(self._index), np.concatenate(self._data)
+

@@ -3,7 +3,8 @@
 Every layout a file can store CSR counts in (two h5ad files, a combined h5ad, a MuData h5mu, a Cell Ranger h5) is
 read both ways and compared entry by entry; whole builds are compared record by record, fingerprint and metadata,
 for chunks of one cell up to more than the file, chunks that cut batches in the middle included; the bad values
-are refused with the same line either way; and no read of the file takes more cells than a chunk.
+are refused with the same line either way; no read of the file takes more cells than a chunk; and the checks and
+the digest read a file that holds both modalities once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import scipy.sparse as sp
 import dataset_builder.stored as stored
 from dataset_builder import build_dataset
 from dataset_builder.outputs import META_FILE
+from dataset_builder.plan import content_digest, make_plan
 from dataset_builder.readers import read_paired
 from dataset_builder.simulate import simulate_paired, write_simulated
 from dataset_builder.stored import StoredCsr, entry_slices
@@ -170,3 +172,24 @@ def test_a_build_never_reads_more_cells_at_once_than_a_chunk(tmp_path, monkeypat
     reads.clear()
     build_dataset(inputs, tmp_path / "small", chunk_size=16, input_chunk_cells=25)
     assert max(reads) == 16 and min(reads) < 16  # the scans' reads are bounded by entries too
+
+
+def test_the_checks_and_the_digest_read_a_combined_file_once_for_both_modalities(tmp_path, monkeypatch):
+    inputs = _combined(tmp_path)
+    entries: list[int] = []
+    original = stored._Handle.read
+
+    def counting(self, spans, key):
+        if not (self.shared and key in self._reads):  # served from the file, not from the last reads kept
+            entries.append(sum(hi - lo for lo, hi in spans))
+        return original(self, spans, key)
+
+    monkeypatch.setattr(stored._Handle, "read", counting)
+    paired = read_paired(inputs, chunk_cells=25)
+    stored_entries = paired.gex._file_indptr[-1]
+    assert sum(entries) == stored_entries  # every stored entry once, for both modalities' checks
+    plan = make_plan(paired)
+    entries.clear()
+    digest = content_digest(plan)
+    assert sum(entries) == stored_entries
+    assert digest == content_digest(make_plan(read_paired(inputs)))  # the same digest as the counts in memory
