@@ -36,7 +36,7 @@ from .plan import SPLITS, BuildPlan, TrainStats, content_digest, make_plan, trai
 from .readers import read_paired
 from .records import FILE_FORMATS, load_splits
 from .sentences import BINARY_THRESHOLD, NameTable, encode_atac, encode_gex, rank_genes
-from .stored import DEFAULT_CHUNK_CELLS, StoredCsr
+from .stored import DEFAULT_CHUNK_CELLS, StoredCsr, release_free_memory
 
 __all__ = [
     "BUILDER_VERSION",
@@ -422,6 +422,7 @@ def build_dataset(
             top_peaks=top_peaks,
             no_validation=no_validation,
         )
+        release_free_memory()  # what the passes over the counts (checks, plan) freed, before the records' threads start
         logger.info(
             "paired %d cells (%d dropped: present in only one modality); splits %s by %s",
             paired.n_cells,

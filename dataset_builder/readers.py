@@ -53,7 +53,7 @@ GEX_LABELS = frozenset({"GEX", "Gene Expression"})
 ATAC_LABELS = frozenset({"ATAC", "Peaks"})
 OBS_COLUMNS = ("batch", "cell_type")
 # Integer and finiteness checks walk the value array in slices so memory stays bounded.
-_CHECK_SLICE = 1 << 24
+_CHECK_SLICE = 1 << 22
 
 
 @dataclass

@@ -11,6 +11,7 @@ count matrix: ``shape``, ``indptr``, ``nnz``, row sums (``sum(axis=1)``) and row
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import threading
 from collections import OrderedDict
@@ -23,7 +24,7 @@ import scipy.sparse as sp
 
 from .combined import _check_csr, _row_chunks
 
-__all__ = ["StoredCsr", "entry_slices", "entry_slices_of", "DEFAULT_CHUNK_CELLS"]
+__all__ = ["StoredCsr", "entry_slices", "entry_slices_of", "release_free_memory", "DEFAULT_CHUNK_CELLS"]
 
 DEFAULT_CHUNK_CELLS = 2048  # cells a scan reads at once (about 90 MB of entries at 10x Multiome's density)
 _READ_ENTRIES = 1 << 22  # and at most this many entries (32 MB of float32 values and int32 indices)
@@ -383,3 +384,19 @@ class _Slicer:
         if self._held:
             yield np.concatenate(self._index), np.concatenate(self._data)
 
+
+
+def release_free_memory() -> bool:
+    """Give the memory that the C allocator holds free back to the system (glibc's ``malloc_trim``; elsewhere nothing);
+    True where that was done.
+
+    A pass over a large file frees a buffer per chunk, and glibc keeps much of that memory, fragmented, as part of the
+    process: at a million cells more than a gigabyte after the checks. The records' worker threads allocate from other
+    arenas and would not reuse it.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):
+        return False
+    trim(0)
+    return True
