@@ -340,7 +340,7 @@ def entry_slices_of(matrices: Sequence, step: int) -> Iterator[tuple[int, np.nda
     """
     stored = [i for i, matrix in enumerate(matrices) if isinstance(matrix, StoredCsr)]
     for i, matrix in enumerate(matrices):
-        if i not in stored:
+        if not isinstance(matrix, StoredCsr):
             for start in range(0, matrix.data.size, step):
                 yield i, matrix.indices[start : start + step], matrix.data[start : start + step]
     slicers = {i: _Slicer(step) for i in stored}
@@ -385,10 +385,8 @@ class _Slicer:
             yield np.concatenate(self._index), np.concatenate(self._data)
 
 
-
-def release_free_memory() -> bool:
-    """Give the memory that the C allocator holds free back to the system (glibc's ``malloc_trim``; elsewhere nothing);
-    True where that was done.
+def release_free_memory() -> None:
+    """Give the memory that the C allocator holds free back to the system (glibc's ``malloc_trim``; elsewhere nothing).
 
     A pass over a large file frees a buffer per chunk, and glibc keeps much of that memory, fragmented, as part of the
     process: at a million cells more than a gigabyte after the checks. The records' worker threads allocate from other
@@ -397,6 +395,5 @@ def release_free_memory() -> bool:
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError, TypeError):
-        return False
+        return
     trim(0)
-    return True
