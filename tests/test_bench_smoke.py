@@ -308,6 +308,62 @@ def test_gpu_t5small_script_smoke(tmp_path):
     assert missing.returncode == 2 and "data.tgz is missing" in missing.stderr
 
 
+def test_gpu_speed_script_smoke(tmp_path):
+    """bench/gpu/speed.sh end to end on CPU (SMOKE=1: every part at toy sizes) from a staged data.tgz: what comes back."""
+    import os
+    import subprocess
+    import tarfile
+
+    from tests.translator_fixtures import make_dataset_and_tokenizer
+
+    data, tok = make_dataset_and_tokenizer(tmp_path / "src", n_cells=90, n_genes=20, n_peaks=30)
+    large = tmp_path / "large.h5ad"
+    make_large.main(["--quick", "--n_cells", "300", "--no_x", "--output", str(large)])
+    names = tmp_path / "large_ds"
+    from dataset_builder import build_dataset
+
+    build_dataset([large], names, test_batches=["s4d1", "s4d8", "s4d9"], validation_batches=["s3d7"])
+    stage = tmp_path / "gpu"
+    stage.mkdir()
+    with tarfile.open(stage / "data.tgz", "w:gz") as archive:
+        archive.add(data, arcname="mop")
+        archive.add(tok, arcname="mop_tok")
+        archive.add(names / "cell_sentences.json", arcname="large/cell_sentences.json")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "WORK": str(tmp_path / "work"), "GPU_DIR": str(stage), "SMOKE": "1"}
+    script = REPO / "bench" / "gpu" / "speed.sh"
+    done = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all done" in done.stdout, done.stdout
+    # the compiled step is left out on a CPU (SMOKE_COMPILE=1 runs it: minutes of compilation)
+    assert {"step_eager.json", "predict.json", "stability.json", "compare.json", "env.log", "logs.tgz"} == {p.name for p in out.iterdir()}
+    eager = json.loads((out / "step_eager.json").read_text())["runs"][0]
+    assert eager["mixed_precision"] == "bf16" and eager["tokens_per_s"] > 0 and eager["top_level_ops"] > 100
+    predicted = json.loads((out / "predict.json").read_text())["runs"]
+    for run in predicted.values():
+        assert run["completed"] and run["cells"] == 64 and run["cells_per_s"] > 0 and run["features"] == 12_000
+    stability = json.loads((out / "stability.json").read_text())
+    assert set(stability) == {"bf16", "fp32", "fp32_seed2"}
+    for run in stability.values():
+        assert run["completed_steps"] == 4 and not run["nan_in_log"] and run["validation_history"] and run["logged_losses_finite"] is True
+    assert [(stability[k]["mixed_precision"], stability[k]["tf32"], stability[k]["seed"]) for k in ("bf16", "fp32", "fp32_seed2")] == [
+        ("bf16", False, 42), ("no", True, 42), ("no", True, 2)]
+    compared = json.loads((out / "compare.json").read_text())
+    assert compared["split"] == "validation" and compared["reference"].endswith("fp32") and set(compared["models"]) == {"bf16", "fp32_seed2"}
+    for by_model in compared["directions"].values():
+        assert set(by_model) == {"bf16", "fp32_seed2"}
+        for rows in by_model.values():
+            assert {"rmse", "pearson_cell"} <= set(rows)
+            for row in rows.values():
+                low, high = row["interval_95"]
+                assert row["difference"] == pytest.approx(row["model"] - row["reference"])
+                assert low <= high and row["verdict"] == ("tied" if low <= 0 <= high else "differ")
+    with tarfile.open(out / "logs.tgz") as archive:
+        logs = {Path(name).name for name in archive.getnames()}
+    assert {"train_bf16.log", "train_fp32.log", "train_fp32_seed2.log", "predict_default.log", "predict_profile_top.txt", "step_eager.log"} <= logs
+
+
 def test_random_batches_write_a_seeded_split_into_each_modality(tmp_path):
     import mudata as md
     import numpy as np

@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Stage what bench/gpu/t5small_mop.sh needs on a lent GPU machine, which reaches no package registry:
-# wheels of the packages its image lacks (cp312, manylinux x86-64) and the built MOp datasets and tokenizers.
-# Run here, from the repository root, with the datasets already built (docs/results.md, MOp section):
-#   bash bench/gpu/prepare.sh .dev/mop10k .dev/mop10k_tok
+# Stage what bench/gpu/t5small_mop.sh and bench/gpu/speed.sh need on a lent GPU machine, which reaches no package
+# registry: wheels of the packages its image lacks (cp312, manylinux x86-64), the built MOp dataset and its tokenizer,
+# and (for speed.sh's prediction part) the feature names of a dataset built from bench/make_large.py's file.
+# Run here, from the repository root, with the datasets already built:
+#   python -m dataset_builder --input ../shared/data/mop_snareseq/mop_snare.h5mu --output_dir /tmp/gpu/mop \
+#       --test_batches 09G 09H --validation_batches 09I
+#   python -m tokenizer --dataset /tmp/gpu/mop --output_dir /tmp/gpu/mop_tok
+#   python bench/make_large.py --n_cells 20000 --no_x --output /tmp/gpu/large20k.h5ad
+#   python -m dataset_builder --input /tmp/gpu/large20k.h5ad --output_dir /tmp/gpu/large --test_batches s4d1 s4d8 s4d9 \
+#       --validation_batches s3d7
+#   bash bench/gpu/prepare.sh /tmp/gpu/mop /tmp/gpu/mop_tok /tmp/gpu/large
 # Writes .gpu/ (ignored by .gitignore) and prints its size; the device tool carries at most 64 MiB.
+# make_large.py's feature names depend only on its seed, so the names staged fit the file speed.sh writes there.
 set -euo pipefail
-DATA=${1:?usage: prepare.sh DATASET_DIR TOKENIZER_DIR}
-TOK=${2:?usage: prepare.sh DATASET_DIR TOKENIZER_DIR}
-for d in "$DATA" "$TOK"; do [ -d "$d" ] || { echo "prepare.sh: $d is not a folder; build it first (docs/results.md, MOp commands)" >&2; exit 2; }; done
+USAGE="usage: prepare.sh DATASET_DIR TOKENIZER_DIR [LARGE_DATASET_DIR]"
+DATA=${1:?$USAGE}
+TOK=${2:?$USAGE}
+LARGE=${3:-}
+for d in "$DATA" "$TOK" ${LARGE:+"$LARGE"}; do [ -d "$d" ] || { echo "prepare.sh: $d is not a folder; build it first (the commands above)" >&2; exit 2; }; done
 rm -rf .gpu.partial && mkdir -p .gpu.partial/whl
 # The image holds torch, accelerate, tokenizers, huggingface-hub, pandas, pyarrow, scipy, scikit-learn, h5py, matplotlib
 # (KINDS.md); these are missing or older there (regex and fsspec pinned: transformers and datasets check them at import). Versions: the ones the test suite runs with here.
@@ -19,6 +29,10 @@ python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .gpu.partial/whl $PKGS
 # the Arrow records compress ~3x (37 MB -> 12 MB for mop10k with its tokenizer)
 mkdir -p .gpu.partial/stage && cp -r "$DATA" .gpu.partial/stage/mop && cp -r "$TOK" .gpu.partial/stage/mop_tok
-tar czf .gpu.partial/data.tgz -C .gpu.partial/stage mop mop_tok && rm -rf .gpu.partial/stage
+PARTS="mop mop_tok"
+if [ -n "$LARGE" ]; then  # only the names: bench_predict.py --write_timing_model reads the folder's cell_sentences.json
+  mkdir -p .gpu.partial/stage/large && cp "$LARGE/cell_sentences.json" .gpu.partial/stage/large/ && PARTS="$PARTS large"
+fi
+tar czf .gpu.partial/data.tgz -C .gpu.partial/stage $PARTS && rm -rf .gpu.partial/stage
 rm -rf .gpu && mv .gpu.partial .gpu
 du -sh .gpu/whl .gpu/data.tgz && du -sh .gpu
