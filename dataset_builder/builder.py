@@ -180,7 +180,10 @@ class CellSentencesBuilder(datasets.ArrowBasedBuilder):
             return encode_gex(gex, plan.size_factors[chunk], genes, gex_encoding=plan.gex_encoding, ranking=ranking)
 
         def atac_columns(chunk: np.ndarray) -> dict[str, pa.Array]:
-            return encode_atac(_chunk_rows(plan.paired.atac, chunk), peaks, peak_map=plan.peak_map)
+            atac = _chunk_rows(plan.paired.atac, chunk)
+            if stats is not None:
+                stats.add_atac(atac)  # the per-peak train counts, where the plan did not need them earlier
+            return encode_atac(atac, peaks, peak_map=plan.peak_map)
 
         # Each chunk's GEX and ATAC columns are made in two worker threads while this thread hands the finished
         # chunks, in order, to the writer: the sorts, gathers and file writes release the GIL, so they overlap.

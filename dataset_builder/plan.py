@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 
 from .readers import PairedCounts
 from .sentences import GEX_ENCODINGS, GeneRanking, library_size_factors, rank_genes
@@ -42,7 +43,7 @@ class BuildPlan:
     top_peaks: int | None = None
     peak_map: np.ndarray | None = None
     peaks: list[str] = field(default_factory=list)
-    peak_train_counts: np.ndarray | None = None
+    peak_train_counts: np.ndarray | None = None  # None: counted while the train records are written (`TrainStats.add_atac`)
     test_batches: list[str] = field(default_factory=list)
     validation_batches: list[str] = field(default_factory=list)
 
@@ -157,10 +158,11 @@ def make_plan(
         size_factors, sf_source = paired.size_factors, "obs:size_factors"
     else:
         size_factors, sf_source = library_size_factors(paired.gex), "library_size / median_library_size"
-    counts = _accessible_counts(paired.atac, rows["train"], len(paired.peaks))
-    peak_map, peaks = None, list(paired.peaks)
+    peak_map, peaks, counts = None, list(paired.peaks), None
     if top_peaks is not None and top_peaks < len(paired.peaks):
-        # Most often accessible first, ties in genomic order; then kept in genomic order.
+        # Most often accessible first, ties in genomic order; then kept in genomic order. Without this choice the counts
+        # are taken from the train cells' ATAC rows as their records are written: one read of the file fewer.
+        counts = _accessible_counts(paired.atac, rows["train"], len(paired.peaks))
         kept = np.sort(np.lexsort((np.arange(counts.size), -counts))[:top_peaks])
         peak_map = np.full(len(paired.peaks), -1, dtype=np.int64)
         peak_map[kept] = np.arange(kept.size)
@@ -183,12 +185,14 @@ def make_plan(
 
 
 class TrainStats:
-    """Accumulates the train statistics from the gene rankings of consecutive train cells.
+    """Accumulates the train statistics from the gene rankings and ATAC rows of consecutive train cells.
 
     The builder ranks every train cell once to write its records; feeding those rankings here (in train
     row order, any chunking) gives exactly what `train_stats` computes by ranking the train cells itself:
     the sums are taken over the same blocks of ``_STATS_CHUNK`` cells, entry by entry in the same order,
-    so the floating-point results are bit-identical.
+    so the floating-point results are bit-identical. Where the plan has no per-peak train counts (no
+    ``--top_peaks`` choice needed them), the train cells' ATAC rows are fed too (`add_atac`, any chunking and
+    order: the counts are integers).
     """
 
     def __init__(self, plan: BuildPlan):
@@ -201,11 +205,27 @@ class TrainStats:
         self._rank_sum, self._rank_n = np.zeros(0), np.zeros(0)
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (index, value, positions)
         self._pending_rows = 0
+        self._peak_counts = None if plan.peak_train_counts is not None else np.zeros(len(plan.peaks), dtype=np.int64)
+        self.atac_seen = 0
+
+    @property
+    def needs_atac(self) -> bool:
+        """Whether the train cells' ATAC rows must be added (the plan has no per-peak train counts)."""
+        return self._peak_counts is not None
 
     @property
     def complete(self) -> bool:
-        """Whether every train cell has been added."""
-        return self.seen == self.n_rows
+        """Whether every train cell has been added (its ATAC row too where `needs_atac`)."""
+        return self.seen == self.n_rows and (not self.needs_atac or self.atac_seen == self.n_rows)
+
+    def add_atac(self, atac: sp.csr_matrix) -> None:
+        """Add the ATAC rows of train cells (the plan's peaks as columns): the cells where each peak is accessible."""
+        if not self.needs_atac:
+            return
+        if self.atac_seen + atac.shape[0] > self.n_rows:
+            raise ValueError(f"TrainStats got {self.atac_seen + atac.shape[0]} train ATAC rows, but the plan has {self.n_rows}")
+        self._peak_counts += np.bincount(atac.indices[atac.data > 0], minlength=self._peak_counts.size)
+        self.atac_seen += atac.shape[0]
 
     def add(self, ranking: GeneRanking) -> None:
         """Add the ranking of the next ``len(ranking.offsets) - 1`` train cells (in train row order)."""
@@ -223,7 +243,7 @@ class TrainStats:
             if self._pending_rows == _STATS_CHUNK:
                 self._flush()
         self.seen += n
-        if self.complete:
+        if self.seen == self.n_rows:
             self._flush()
 
     def _flush(self) -> None:
@@ -258,7 +278,7 @@ class TrainStats:
             "gex_mean": (value_sum / n_train).tolist(),
             "gex_detect_rate": (detected / n_train).tolist(),
             "gex_mean_detected": np.divide(value_sum, detected, out=np.zeros(n_genes), where=detected > 0).tolist(),
-            "atac_mean": (self.plan.peak_train_counts / n_train).tolist(),
+            "atac_mean": ((self._peak_counts if self.needs_atac else self.plan.peak_train_counts) / n_train).tolist(),
             "rank_value": np.divide(rank_sum, rank_n, out=np.zeros(rank_sum.size), where=rank_n > 0).tolist(),
         }
 
@@ -279,6 +299,8 @@ def train_stats(plan: BuildPlan) -> dict[str, list[float]]:
     for start in range(0, rows.size, _STATS_CHUNK):
         chunk = rows[start : start + _STATS_CHUNK]
         stats.add(rank_genes(paired.gex[chunk], plan.size_factors[chunk]))
+        if stats.needs_atac:
+            stats.add_atac(paired.atac[chunk])
     return stats.result()
 
 

@@ -152,12 +152,25 @@ def test_train_stats_from_any_chunking_are_bit_identical():
     plan = make_plan(paired)
     expected = train_stats(plan)
     rows = plan.rows["train"]
+    # The plan leaves the per-peak train counts to the records (no --top_peaks choice needs them first).
+    assert plan.peak_train_counts is None and TrainStats(plan).needs_atac
+    accessible = (paired.atac[rows] > 0).sum(axis=0).A1
+    assert expected["atac_mean"] == (accessible / rows.size).tolist()
     for chunk in (1, 7, 64, rows.size):
         stats = TrainStats(plan)
         for start in range(0, rows.size, chunk):
             part = rows[start : start + chunk]
             stats.add(rank_genes(paired.gex[part], plan.size_factors[part]))
+            assert not stats.complete
+            stats.add_atac(paired.atac[part])
         assert stats.complete and stats.result() == expected
+    with pytest.raises(ValueError, match="train ATAC rows"):
+        stats.add_atac(paired.atac[rows[:1]])
+    # With --top_peaks the plan counts them itself (it needs them to choose), and the same means come out.
+    top = make_plan(paired, top_peaks=len(paired.peaks) - 3)
+    assert top.peak_train_counts is not None and not TrainStats(top).needs_atac
+    kept = {name: i for i, name in enumerate(paired.peaks)}
+    assert train_stats(top)["atac_mean"] == [accessible[kept[name]] / rows.size for name in top.peaks]
 
 
 def test_saved_folder_equals_save_to_disk(tmp_path):
