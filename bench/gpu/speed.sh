@@ -23,7 +23,7 @@ WORK=${WORK:-/tmp/speed}
 GPU_DIR=${GPU_DIR:-.gpu}
 PARTS=${PARTS:-step predict stability}
 BUDGET=${BUDGET:-540}; PREDICT_CELLS=${PREDICT_CELLS:-20000}; STEPS=${STEPS:-3000}; BATCH=${BATCH:-256}
-DEVICE=${DEVICE:-cuda}; SHAPE=t5-small; STEP_ARGS=""; LARGE_ARGS=""; TRAIN_ARGS="--cpu_threads 8"; BOOT=2000
+DEVICE=${DEVICE:-cuda}; SHAPE=t5-small; STEP_ARGS=""; LARGE_ARGS=""; TRAIN_ARGS="--cpu_threads 5"; BOOT=2000
 if [ "${SMOKE:-0}" = 1 ]; then
   DEVICE=cpu; SHAPE=tiny; PREDICT_CELLS=${PREDICT_CELLS_SMOKE:-64}; STEPS=4; BATCH=4; BOOT=50
   STEP_ARGS="--quick"; LARGE_ARGS="--quick"; TRAIN_ARGS="--cpu_threads 1 --calibration_cells 15 --max_eval_cells 15 --calibration_selection_repeats 1"
