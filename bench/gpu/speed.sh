@@ -129,7 +129,7 @@ PY
 
 part_stability() {
   local budget; budget=$(left)
-  local job=$(( budget - 80 ))  # the rest: the comparison
+  local job=$(( budget - 130 ))  # the rest: the comparison
   [ "$job" -lt 60 ] && { echo "stability: skipped, $budget s of the budget left"; return 124; }
   local common=(python3 train.py --dataset_dir "$WORK/mop" --tokenizer_dir "$WORK/mop_tok" --max_steps "$STEPS" --early_stopping_patience 0
                 --no_evaluate --no_blend --checkpointing_steps 0 --max_train_seconds "$job" --training_share 0.85 $TRAIN_ARGS)
@@ -145,7 +145,7 @@ part_stability() {
   echo "stability: train rc bf16 $rc_bf16, fp32 $rc_fp32, fp32 seed 2 $rc_seed2 after $(( $(date +%s) - s )) s"
   if [ $rc_bf16 = 0 ] && [ $rc_fp32 = 0 ]; then
     local others=("$WORK/bf16"); [ $rc_seed2 = 0 ] && others+=("$WORK/fp32_seed2")
-    run compare 75 python3 bench/compare_models.py --model "${others[@]}" --reference "$WORK/fp32" --dataset_dir "$WORK/mop" \
+    run compare 120 python3 bench/compare_models.py --model "${others[@]}" --reference "$WORK/fp32" --dataset_dir "$WORK/mop" \
       --split validation --bootstrap "$BOOT" --device "$DEVICE" --output "$WORK/results/compare.json"
   fi
   python3 - "$WORK" > "$L/stability_summary.log" 2>&1 <<'PY'
