@@ -77,7 +77,8 @@ part_step() {
     fi
     run step_$tag $limit python3 bench/bench_step.py --device "$DEVICE" --mixed_precision bf16 --shapes "$SHAPE" --batch_size "$BATCH" \
       "$@" $STEP_ARGS --tag $tag --results_dir "$WORK/results"
-    if [ $? != 0 ] && [ $tag = compiled ]; then  # CUDA graphs failed: compiled without them
+    local rc=$?
+    if [ $rc != 0 ] && [ $rc != 124 ] && [ $rc != 137 ] && [ $tag = compiled ]; then  # CUDA graphs failed (not slow): compiled without them
       run step_compiled_default 180 python3 bench/bench_step.py --device "$DEVICE" --mixed_precision bf16 --shapes "$SHAPE" \
         --batch_size "$BATCH" --steps 20 --warmup_steps 4 --torch_compile $STEP_ARGS --tag $tag --results_dir "$WORK/results"
     fi
