@@ -341,6 +341,7 @@ def test_gpu_speed_script_smoke(tmp_path):
     eager = json.loads((out / "step_eager.json").read_text())["runs"][0]
     assert eager["mixed_precision"] == "bf16" and eager["tokens_per_s"] > 0 and eager["top_level_ops"] > 100
     predicted = json.loads((out / "predict.json").read_text())["runs"]
+    assert set(predicted) == {"predict_default", "predict_b512", "predict_b512_bf16"}
     for run in predicted.values():
         assert run["completed"] and run["cells"] == 64 and run["cells_per_s"] > 0 and run["features"] == 12_000
     stability = json.loads((out / "stability.json").read_text())

@@ -5,7 +5,7 @@
 #              train tokens/s, MFU, operators and kernels a step
 #   predict    predict.py, GEX to ATAC, on PREDICT_CELLS full-size simulated cells (bench/make_large.py) with the default
 #              recipe's model shape and readout (bench_predict.py --write_timing_model), h5ad in, h5ad out: the default
-#              flags, then larger batches; a cProfile of the second run
+#              flags, then larger batches, then those with a bf16 encoder; a cProfile of the larger batches
 #   stability  the default recipe on MOp for STEPS steps in bf16, in fp32 with TF32, and in fp32 with TF32 from another
 #              seed, side by side on the GPU; then the validation metrics of bf16 and of the other seed against fp32, with
 #              a paired bootstrap (bench/compare_models.py): bf16 is within noise where it differs from fp32 no more than
@@ -96,13 +96,14 @@ part_predict() {
   local timer=(); [ -x /usr/bin/time ] && timer=(/usr/bin/time -v)  # peak RSS where GNU time is installed
   run predict_default 120 "${timer[@]}" "${base[@]}"
   run predict_b512 120 "${timer[@]}" "${base[@]}" --batch_size 512 --chunk_cells 4096
+  run predict_b512_bf16 120 "${timer[@]}" "${base[@]}" --batch_size 512 --chunk_cells 4096 --precision bf16
   run predict_profile 120 python3 -m cProfile -o "$WORK/predict.prof" "${base[@]:1}" --batch_size 512 --chunk_cells 4096
   python3 - "$WORK" "$PREDICT_CELLS" > "$L/predict_summary.log" 2>&1 <<'PY'
 import json, pstats, re, sys
 from pathlib import Path
 work, cells = Path(sys.argv[1]), int(sys.argv[2])
 rows = {}
-for name in ("predict_default", "predict_b512"):
+for name in ("predict_default", "predict_b512", "predict_b512_bf16"):
     log = work / "logs" / f"{name}.log"
     text = log.read_text() if log.exists() else ""
     done = re.search(r"exit status (\d+), wall seconds ([\d.]+)", text)
