@@ -17,6 +17,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 MOP_H5MU = Path(os.environ.get("CELL_SENTENCES_SHARED_DATA", REPO.parent / "shared" / "data")) / "mop_snareseq" / "mop_snare.h5mu"
+H100_BF16_DENSE_TFLOPS = 989.0  # the peak of model FLOPs utilisation: H100 SXM, bf16, dense
 LIBRARIES = ("numpy", "scipy", "h5py", "anndata", "mudata", "pyarrow", "datasets", "tokenizers", "transformers", "torch", "accelerate")
 
 if str(REPO) not in sys.path:

@@ -13,8 +13,8 @@ them (``aten_ops``, nested ones included, as the profiler lists them) and those 
 rather than from inside another operator (``top_level_ops``). With ``--torch_compile`` the compiled graphs' own kernels
 count too (``compiled_kernels``). On a GPU (``--device cuda``) the profiler also counts the kernels that ran on the
 device (``device_kernels``) and the launches the host asked for (``kernel_launches``: kernel launches plus CUDA graph
-replays), and the step's model FLOPs utilisation is reported as ``bench_train.py`` counts it: 6 x parameters x tokens
-(the encoder's on source tokens; the decoder's and the scored output rows' on target tokens) over ``--peak_tflops``.
+replays), and the step's model FLOPs utilisation over ``--peak_tflops`` (:func:`step_flops`: every weight product of the
+step, and the older count of ``bench_train.py``).
 
     python bench/bench_step.py                              # tiny (batch 32) and t5-small (batch 8), CPU
     python bench/bench_step.py --shapes t5-small --torch_compile
@@ -40,7 +40,6 @@ GENES_PER_CELL, PEAKS_PER_CELL = 1_500, 4_000
 N_SPECIAL = 5  # <pad> </s> <unk> <gex2atac> <atac2gex>
 GEX_PREFIX, ATAC_PREFIX = 3, 4
 DEFAULT_BATCH = {"tiny": 32, "small": 32, "t5-small": 8}
-H100_BF16_DENSE_TFLOPS = 989.0
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
 
@@ -257,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--mixed_precision", default="no", choices=("no", "bf16", "fp16"), help="accelerate's mixed precision (train.py --mixed_precision)")
     parser.add_argument("--tf32", action="store_true", help="TF32 matrix products in fp32 (train.py --tf32)")
-    parser.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="device peak for the MFU (H100 SXM bf16 dense: 989)")
+    parser.add_argument("--peak_tflops", type=float, default=common.H100_BF16_DENSE_TFLOPS, help="device peak for the MFU (H100 SXM bf16 dense: 989)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default=None, help="suffix of the result name: results/step_DEVICE_TAG.json")

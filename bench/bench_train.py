@@ -34,8 +34,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as common  # noqa: E402
 
-H100_BF16_DENSE_TFLOPS = 989.0
-
 
 def load_split(dataset: Path | None, quick: bool, n_cells: int | None):
     """(split with gex_text/atac_text, genes, peaks): a dataset's train split, or 64 MOp cells for --quick."""
@@ -208,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n_cells", type=int, default=None, help="use only the first N train cells")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no_bf16", action="store_true", help="fp32 on cuda")
-    parser.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="device peak for MFU (H100 SXM bf16 dense: 989)")
+    parser.add_argument("--peak_tflops", type=float, default=common.H100_BF16_DENSE_TFLOPS, help="device peak for MFU (H100 SXM bf16 dense: 989)")
     parser.add_argument("--skip_ablations", action="store_true", help="only the default setting per shape")
     parser.add_argument("--ablations_for", nargs="+", default=None, help="shapes that also run the ablations (default: all)")
     parser.add_argument("--profile", type=int, default=0, help="after the timed steps, profile this many more steps of each default setting (torch profiler)")

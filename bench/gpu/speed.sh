@@ -57,10 +57,10 @@ run() {
   local budget; budget=$(left)
   [ "$limit" -gt "$budget" ] && limit=$budget
   if [ "$limit" -lt 10 ]; then echo "$name: skipped, $budget s of the budget left"; return 124; fi
-  local s; s=$(date +%s.%N)
+  local s; s=$(date +%s%N)
   timeout --kill-after=5 "$limit" "$@" > "$L/$name.log" 2>&1
   local rc=$?
-  local wall; wall=$(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 2))" "$s" "$(date +%s.%N)")
+  local ms=$(( ($(date +%s%N) - s) / 1000000 )); local wall=$(( ms / 1000 )).$(printf %03d $(( ms % 1000 )))
   echo "exit status $rc, wall seconds $wall" >> "$L/$name.log"
   echo "$name: rc $rc after $wall s (limit $limit s)"; tail -3 "$L/$name.log" | head -2
   return $rc
