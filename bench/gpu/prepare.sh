@@ -3,7 +3,7 @@
 # registry: wheels of the packages its image lacks (cp312, manylinux x86-64), the built MOp dataset and its tokenizer,
 # and (for speed.sh's prediction part) the feature names of a dataset built from bench/make_large.py's file.
 # Run here, from the repository root, in the environment the test suite uses:
-#   bash bench/gpu/prepare.sh --build            # builds the three folders below under /tmp/gpu (about 3 minutes), then stages
+#   bash bench/gpu/prepare.sh --build            # builds the three folders below under /tmp/gpu, then stages (about a minute)
 #   bash bench/gpu/prepare.sh DATASET_DIR TOKENIZER_DIR [LARGE_DATASET_DIR]   # stages folders built beforehand
 # --build runs (MOp from ../shared/data, with docs/results.md's splits and every peak):
 #   python -m dataset_builder --input ../shared/data/mop_snareseq/mop_snare.h5mu --output_dir /tmp/gpu/mop \

@@ -28,16 +28,9 @@ if [ "${SMOKE:-0}" = 1 ]; then
   DEVICE=cpu; SHAPE=tiny; PREDICT_CELLS=${PREDICT_CELLS_SMOKE:-64}; STEPS=4; BATCH=4; BOOT=50
   STEP_ARGS="--quick"; LARGE_ARGS="--quick"; TRAIN_ARGS="--cpu_threads 1 --calibration_cells 15 --max_eval_cells 15 --calibration_selection_repeats 1"
 fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
-[ -f "$GPU_DIR/data.tgz" ] || { echo "speed.sh: $GPU_DIR/data.tgz is missing; run bench/gpu/prepare.sh here first and carry .gpu" >&2; exit 2; }
-if ls "$GPU_DIR"/whl/*.whl > /dev/null 2>&1 && [ "${SMOKE:-0}" != 1 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$GPU_DIR"/whl/*.whl || exit 3
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+SCRIPT=speed.sh; . "$(dirname "$0")/staged.sh"
 rm -rf "$WORK" && mkdir -p "$WORK/logs" "$WORK/results" && tar xzf "$GPU_DIR/data.tgz" -C "$WORK" || exit 4
 L=$WORK/logs
 collect() {  # whatever exists comes back, also after a timeout

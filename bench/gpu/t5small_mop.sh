@@ -20,14 +20,7 @@ STEPS=${STEPS:-1000}; BATCH=${BATCH:-128}; LR=${LR:-5e-4}; WARMUP=${WARMUP:-100}
 TRAIN_SECONDS=${TRAIN_SECONDS:-240}; EVAL_BATCH=${EVAL_BATCH:-128}
 GPU_DIR=${GPU_DIR:-.gpu}; REPEATS=${REPEATS:-1}; SHAPE=${SHAPE:-t5-small}; THREADS=${THREADS:-16}; EVAL_CELLS=${EVAL_CELLS:-841}
 if [ "${SMOKE:-0}" = 1 ]; then STEPS=4; BATCH=8; WARMUP=1; SHAPE=tiny; REPEATS=2; THREADS=1; EVAL_CELLS=${EVAL_CELLS_SMOKE:-8}; EVAL_BATCH=8; fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-[ -f "$GPU_DIR/data.tgz" ] || { echo "t5small_mop.sh: $GPU_DIR/data.tgz is missing; run bench/gpu/prepare.sh here first and carry .gpu" >&2; exit 2; }
-if ls "$GPU_DIR"/whl/*.whl > /dev/null 2>&1 && [ "${SMOKE:-0}" != 1 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$GPU_DIR"/whl/*.whl || exit 3
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+SCRIPT=t5small_mop.sh; . "$(dirname "$0")/staged.sh"
 rm -rf "$WORK" && mkdir -p "$WORK" && tar xzf "$GPU_DIR/data.tgz" -C "$WORK" || exit 4
 M=$WORK/model_$SHAPE
 collect() {  # whatever exists comes back, also after a timeout
